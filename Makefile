@@ -1,0 +1,92 @@
+# odmr - On-Demand Mail Relay server and client.
+#   make                 build everything (installs missing build packages)
+#   make check           build and run all tests; last line "N passed, N failed"
+#   make check SANITIZE=1  the same with ASan + UBSan
+#   make bench           benchmarks against Postfix / fetchmail in one run
+#   make run             demo provider on loopback (see README.md)
+#   make install PREFIX=/usr/local DESTDIR=
+
+PREFIX     ?= /usr/local
+SBINDIR    ?= $(PREFIX)/sbin
+BINDIR     ?= $(PREFIX)/bin
+MANDIR     ?= $(PREFIX)/share/man
+SYSCONFDIR ?= $(PREFIX)/etc
+DOCDIR     ?= $(PREFIX)/share/doc/odmr
+
+CC      ?= cc
+B       := build
+WARN    := -Wall -Wextra -Werror -Wshadow -Wformat=2 -Wstrict-prototypes \
+           -Wmissing-prototypes -Wvla -Wpointer-arith
+STD     := -std=c11 -D_DEFAULT_SOURCE -D_XOPEN_SOURCE=700
+DEFS    := -DSYSCONFDIR='"$(SYSCONFDIR)"'
+ifeq ($(SANITIZE),1)
+OPT     := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer \
+           -fno-sanitize-recover=undefined
+LDSAN   := -fsanitize=address,undefined
+B       := build-san
+else
+OPT     := -O2 -g -D_FORTIFY_SOURCE=2
+endif
+HARDEN  := -fstack-protector-strong -fPIE
+CFLAGS  += $(STD) $(WARN) $(OPT) $(HARDEN) $(DEFS)
+LDFLAGS += -pie -Wl,-z,relro,-z,now $(LDSAN)
+LIBS_SSL  := -lssl -lcrypto
+LIBS_SASL := -lsasl2
+LIBS_GDBM := -lgdbm
+
+COMMON_SRC := $(wildcard common/*.c)
+SERVER_LIB_SRC := server/conf.c server/envelope.c server/queue.c server/accounts.c
+ODMRD_SRC  := $(filter-out server/odmrctl.c $(SERVER_LIB_SRC),$(wildcard server/*.c))
+CLIENT_SRC := $(wildcard client/*.c)
+UNIT_SRC   := $(wildcard tests/unit/test_*.c)
+
+obj = $(patsubst %.c,$(B)/obj/%.o,$(1))
+COMMON_OBJ := $(call obj,$(COMMON_SRC))
+SERVER_LIB_OBJ := $(call obj,$(SERVER_LIB_SRC))
+PROGRAMS := $(B)/odmrd $(B)/odmrctl $(B)/odmr-fetch
+UNIT_BIN := $(patsubst tests/unit/%.c,$(B)/tests/%,$(UNIT_SRC))
+
+.PHONY: all deps check bench run install clean test-deps
+all: deps $(PROGRAMS)
+
+deps:
+	@sh tools/deps.sh build
+
+test-deps:
+	@sh tools/deps.sh test
+
+$(B)/obj/%.o: %.c | deps
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(B)/odmrd: $(call obj,$(ODMRD_SRC)) $(SERVER_LIB_OBJ) $(COMMON_OBJ)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_SASL) $(LIBS_SSL) $(LIBS_GDBM)
+
+$(B)/odmrctl: $(call obj,server/odmrctl.c) $(SERVER_LIB_OBJ) $(COMMON_OBJ)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_SASL) $(LIBS_SSL) $(LIBS_GDBM)
+
+$(B)/odmr-fetch: $(call obj,$(CLIENT_SRC)) $(COMMON_OBJ)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_SASL) $(LIBS_SSL)
+
+$(B)/tests/%: tests/unit/%.c $(SERVER_LIB_OBJ) $(COMMON_OBJ)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_SASL) $(LIBS_SSL) $(LIBS_GDBM)
+
+check: all test-deps $(UNIT_BIN)
+	@python3 tests/run.py --build $(B)
+
+bench: all test-deps
+	@python3 tests/bench.py --build $(B)
+
+run: all
+	@sh tools/run-demo.sh $(B)
+
+install: all
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(BINDIR)
+	install -m 755 $(B)/odmrd $(B)/odmrctl $(DESTDIR)$(SBINDIR)/
+	install -m 755 $(B)/odmr-fetch $(DESTDIR)$(BINDIR)/
+
+clean:
+	rm -rf build build-san
+
+-include $(shell find $(B) -name '*.d' 2>/dev/null)

@@ -1,0 +1,86 @@
+/* io.h - buffered line I/O over a plain or TLS socket.
+ *
+ * Every read and write waits at most io->timeout_ms for progress; every
+ * line has a caller-supplied maximum.  Replies written with io_write/io_printf
+ * are buffered and flushed automatically before the next read that would
+ * block, which is exactly what RFC 2920 (PIPELINING) asks of a server and
+ * keeps small command/reply exchanges to one packet. */
+#ifndef ODMR_IO_H
+#define ODMR_IO_H
+
+#include <stdbool.h>
+
+#include "util.h"
+#include <stddef.h>
+#include <sys/types.h>
+
+#include <openssl/ssl.h>
+
+#define IO_BUFSIZE 16384
+
+enum io_status {
+    IO_OK = 0,
+    IO_EOF = -1,      /* peer closed the connection */
+    IO_TIMEOUT = -2,  /* no progress within timeout_ms */
+    IO_ERROR = -3,    /* socket or TLS error */
+    IO_TOOLONG = -4,  /* line longer than the caller's maximum */
+};
+
+struct io {
+    int fd;
+    SSL *ssl;
+    int timeout_ms;
+    enum io_status status;   /* last failure, IO_OK otherwise */
+    char rbuf[IO_BUFSIZE];
+    size_t rpos, rlen;
+    char wbuf[IO_BUFSIZE];
+    size_t wlen;
+    unsigned long long bytes_in, bytes_out;
+    /* Optional trace hook (-d / -vv): called with each line read/written. */
+    void (*trace)(void *ctx, bool out, const char *data, size_t len);
+    void *trace_ctx;
+};
+
+/* Takes ownership of fd and makes it non-blocking. */
+void io_init(struct io *io, int fd, int timeout_ms);
+/* Shuts TLS down (best effort) and closes the socket. */
+void io_close(struct io *io);
+
+/* Reads one line terminated by LF.  The terminator (CRLF or LF) is removed
+ * and *bare_lf set when the line ended in LF without CR.  On a line longer
+ * than max-1, the rest of it is consumed and IO_TOOLONG returned.
+ * Returns the line length (>= 0) or an io_status (< 0). */
+long io_getline(struct io *io, char *buf, size_t max, bool *bare_lf);
+
+/* Reads up to max bytes but stops after the first LF: a "line segment".
+ * *complete tells whether the segment ends with LF.  Used for message data,
+ * where lines may be arbitrarily long and must be streamed.  Returns the
+ * number of bytes (> 0) or an io_status (< 0). */
+long io_getseg(struct io *io, char *buf, size_t max, bool *complete);
+
+/* Bytes already read from the socket but not yet consumed by the caller.
+ * A server must refuse STARTTLS when this is not zero (plaintext command
+ * injection). */
+size_t io_pending(const struct io *io);
+
+bool io_write(struct io *io, const void *data, size_t len);
+bool io_puts(struct io *io, const char *s);
+bool io_printf(struct io *io, const char *fmt, ...)
+    PRINTF_LIKE(2, 3);
+bool io_flush(struct io *io);
+
+/* STARTTLS. The server side needs an SSL_CTX from tls_server_ctx(); the
+ * client verifies the certificate chain and, when host is not NULL, that
+ * the certificate names host. err receives a one-line reason on failure. */
+bool io_starttls_server(struct io *io, SSL_CTX *ctx, char *err, size_t n);
+bool io_starttls_client(struct io *io, SSL_CTX *ctx, const char *host,
+                        char *err, size_t n);
+/* "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)", or "" */
+void io_tls_info(const struct io *io, char *buf, size_t n);
+
+/* TLS 1.2 minimum contexts. Return NULL with a reason in err. */
+SSL_CTX *tls_server_ctx(const char *cert_file, const char *key_file,
+                        char *err, size_t n);
+SSL_CTX *tls_client_ctx(const char *ca_file, char *err, size_t n);
+
+#endif

@@ -1,0 +1,59 @@
+/* conf.h - odmrd.conf (SPEC 3.1): every key, its default and validation.
+ * Shared by odmrd and odmrctl (which needs spool_dir and accounts_db). */
+#ifndef ODMR_CONF_H
+#define ODMR_CONF_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <limits.h>
+
+#ifndef SYSCONFDIR
+#define SYSCONFDIR "/etc"
+#endif
+#define ODMRD_CONF_DEFAULT SYSCONFDIR "/odmr/odmrd.conf"
+
+#define LISTEN_MAX 8
+
+struct listen_addr {
+    bool is_unix;
+    char host[256];        /* "0.0.0.0", "::" or a unix socket path */
+    char port[8];
+};
+
+struct odmrd_conf {
+    char path[PATH_MAX];
+    char hostname[256];
+    struct listen_addr odmr_listen[LISTEN_MAX];
+    size_t n_odmr_listen;
+    struct listen_addr smtp_listen[LISTEN_MAX];
+    size_t n_smtp_listen;
+    struct listen_addr lmtp_listen[LISTEN_MAX];
+    size_t n_lmtp_listen;
+    char spool_dir[PATH_MAX];
+    char accounts_db[PATH_MAX];
+    char tls_cert_file[PATH_MAX];
+    char tls_key_file[PATH_MAX];
+    bool require_tls;
+    char sasl_mechanisms[512];
+    uint64_t max_message_size;
+    unsigned long max_recipients;
+    uint64_t domain_quota;
+    long queue_lifetime;
+    char bounce_relay_host[256];
+    char bounce_relay_port[8];
+    unsigned long max_connections;
+    unsigned long max_connections_per_ip;
+    long timeout;
+    char user[64];
+    char pid_file[PATH_MAX];
+};
+
+/* Fills defaults, then reads path.  Every problem is passed to report()
+ * as "file:line: message" (or "file: message").  Returns the number of
+ * problems (0 = usable). */
+int conf_load(struct odmrd_conf *c, const char *path,
+              void (*report)(void *ctx, const char *msg), void *ctx);
+void conf_defaults(struct odmrd_conf *c);
+
+#endif

@@ -1,0 +1,97 @@
+/* queue.h - the durable per-domain filesystem queue.
+ *
+ * Layout under spool_dir:
+ *   tmp/                    files being written; never part of the queue
+ *   q/<domain>/<id>.m       message data (RFC 5322 text, CRLF lines, no
+ *                           dot-stuffing); one inode hard-linked into every
+ *                           domain the message is for
+ *   q/<domain>/<id>.e       envelope (envelope.h); its presence is what
+ *                           makes the message queued
+ *   q/<domain>/.lock        flock()ed by the session dequeuing the domain;
+ *                           the kernel drops the lock when that process dies
+ *
+ * Commit order: data written and fsynced in tmp/, linked into each domain,
+ * each envelope written to tmp/, fsynced, renamed to q/<domain>/<id>.e, the
+ * domain directory fsynced.  Only then is 250 said.  A crash at any point
+ * leaves either a committed message or invisible leftovers (tmp files, .m
+ * without .e) that queue_cleanup() removes.  Removal deletes .e first.
+ *
+ * Looking at one domain touches only that domain's directory, so the cost
+ * of an ATRN does not depend on how much other mail is queued. */
+#ifndef ODMR_QUEUE_H
+#define ODMR_QUEUE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <limits.h>
+
+#include "envelope.h"
+
+struct queue {
+    char spool[PATH_MAX];
+};
+
+/* Creates tmp/ and q/ when missing (mode 0700). false + err on failure. */
+bool queue_open(struct queue *q, const char *spool_dir, char *err, size_t n);
+
+/* A new, unique, sortable queue id (uppercase hex: time, usec, pid). */
+void queue_new_id(char *id, size_t n);
+
+/* --- incoming messages --- */
+struct queue_in {
+    char id[QID_MAX];
+    char tmp_path[PATH_MAX];
+    int fd;
+    uint64_t size;
+    int error;                 /* first errno seen while writing, 0 if none */
+    size_t blen;
+    char buf[65536];
+};
+
+/* Starts a new message in tmp/.  false + errno on failure. */
+bool queue_in_begin(struct queue *q, struct queue_in *in);
+/* Buffered write; remembers the first error instead of failing loudly so a
+ * DATA phase can read to its end and then reply 452. */
+void queue_in_write(struct queue_in *in, const void *data, size_t len);
+/* Commits one envelope per domain (each env->domain, already set; their id,
+ * size and arrival are filled in here).  Returns 0 or an errno value; on
+ * failure nothing of the message stays queued. */
+int queue_in_commit(struct queue *q, struct queue_in *in,
+                    struct envelope **envs, size_t nenv);
+/* Discards an uncommitted message. */
+void queue_in_abort(struct queue_in *in);
+
+/* --- inspection and dequeue --- */
+/* Calls fn for every domain directory that exists (sorted). */
+int queue_domains(struct queue *q,
+                  int (*fn)(void *ctx, const char *domain), void *ctx);
+/* Calls fn for every committed message id of the domain, oldest first.
+ * Returns the number of ids or -1 (errno set). */
+int queue_ids(struct queue *q, const char *domain,
+              int (*fn)(void *ctx, const char *id), void *ctx);
+/* Bytes (data sizes) and messages queued for the domain. */
+bool queue_usage(struct queue *q, const char *domain, uint64_t *bytes,
+                 unsigned long *count);
+bool queue_load(struct queue *q, const char *domain, const char *id,
+                struct envelope *e, char *err, size_t n);
+/* Opens the data file read-only; -1 on failure. */
+int queue_open_data(struct queue *q, const char *domain, const char *id);
+/* Rewrites the envelope atomically (tmp + rename + fsync). */
+bool queue_update(struct queue *q, const struct envelope *e);
+/* Removes a message from a domain (envelope first, then data). */
+bool queue_remove(struct queue *q, const char *domain, const char *id);
+/* Finds which domain(s) hold id; calls fn for each. */
+int queue_find(struct queue *q, const char *id,
+               int (*fn)(void *ctx, const char *domain), void *ctx);
+
+/* Exclusive, non-blocking lock of a domain for dequeueing.  Returns the
+ * lock fd (>= 0), -2 when another process holds it, -1 on error.
+ * Close the fd to release it. */
+int queue_lock_domain(struct queue *q, const char *domain);
+
+/* Removes stale tmp/ files and data files without an envelope older than
+ * max_age seconds. */
+void queue_cleanup(struct queue *q, long max_age);
+
+#endif

@@ -1,0 +1,48 @@
+#!/bin/sh
+# Installs the Debian packages odmr needs when they are missing.
+#   tools/deps.sh build   - compilers' libraries (OpenSSL, Cyrus SASL, GDBM)
+#   tools/deps.sh test    - plus the real mail software the tests talk to
+# Postfix is installed without configuring or starting the system instance:
+# tests and benchmarks run private instances of their own.
+set -eu
+what=${1:-build}
+
+need=""
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
+for p in libssl-dev libsasl2-dev libsasl2-modules libgdbm-dev make gcc; do
+    have_pkg "$p" || need="$need $p"
+done
+if [ "$what" = test ]; then
+    for p in swaks fetchmail postfix sasl2-bin python3 openssl groff-base; do
+        have_pkg "$p" || need="$need $p"
+    done
+fi
+[ -z "$need" ] && exit 0
+
+echo "deps: installing$need" >&2
+SUDO=""
+if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+        echo "deps: missing packages:$need (run as root or install them)" >&2
+        exit 1
+    fi
+fi
+export DEBIAN_FRONTEND=noninteractive
+case "$need" in
+*postfix*)
+    echo "postfix postfix/main_mailer_type select No configuration" |
+        $SUDO debconf-set-selections
+    # Keep the package's maintainer scripts from starting the system
+    # instance; our tests start private ones.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+        $SUDO chmod 755 /usr/sbin/policy-rc.d
+        remove_policy=1
+    fi
+    ;;
+esac
+$SUDO apt-get update -qq
+# shellcheck disable=SC2086
+$SUDO apt-get install -y -qq --no-install-recommends $need >&2
+[ "${remove_policy:-0}" = 1 ] && $SUDO rm -f /usr/sbin/policy-rc.d
+exit 0
