@@ -1,0 +1,293 @@
+/* conf.c - odmrd.conf keys, defaults and validation (SPEC 3.1). */
+#include "conf.h"
+
+#include <ctype.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "../common/addr.h"
+#include "../common/config.h"
+#include "../common/util.h"
+
+void conf_defaults(struct odmrd_conf *c)
+{
+    memset(c, 0, sizeof *c);
+    system_fqdn(c->hostname, sizeof c->hostname);
+    str_copy(c->spool_dir, "/var/spool/odmr", sizeof c->spool_dir);
+    str_copy(c->accounts_db, "/var/lib/odmr/accounts.db", sizeof c->accounts_db);
+    str_copy(c->sasl_mechanisms, "SCRAM-SHA-256 SCRAM-SHA-1 CRAM-MD5 PLAIN LOGIN",
+             sizeof c->sasl_mechanisms);
+    c->max_message_size = 52428800;
+    c->max_recipients = 1000;
+    c->queue_lifetime = 5 * 86400;
+    c->max_connections = 500;
+    c->max_connections_per_ip = 20;
+    c->timeout = 300;
+    static const struct listen_addr odmr[] = {{false, "0.0.0.0", "366"},
+                                              {false, "::", "366"}};
+    static const struct listen_addr smtp[] = {{false, "0.0.0.0", "25"},
+                                              {false, "::", "25"}};
+    memcpy(c->odmr_listen, odmr, sizeof odmr);
+    c->n_odmr_listen = 2;
+    memcpy(c->smtp_listen, smtp, sizeof smtp);
+    c->n_smtp_listen = 2;
+}
+
+static bool valid_port(const char *p)
+{
+    unsigned long v;
+    return parse_ulong(p, 65535, &v) && v > 0;
+}
+
+/* One "ADDR:PORT", "[V6]:PORT" or (when unix_ok) "unix:/path". */
+static bool parse_one_listen(const char *w, bool unix_ok, struct listen_addr *a,
+                             char *err, size_t n)
+{
+    memset(a, 0, sizeof *a);
+    if (strncmp(w, "unix:", 5) == 0) {
+        if (!unix_ok || w[5] != '/' || strlen(w + 5) >= 108) {
+            snprintf(err, n, "\"%s\": unix sockets need an absolute path "
+                     "(LMTP only)", w);
+            return false;
+        }
+        a->is_unix = true;
+        return str_copy(a->host, w + 5, sizeof a->host);
+    }
+    const char *colon;
+    if (w[0] == '[') {
+        const char *close = strchr(w, ']');
+        if (!close || close[1] != ':' || (size_t)(close - w - 1) >= sizeof a->host) {
+            snprintf(err, n, "\"%s\": expected [IPV6]:PORT", w);
+            return false;
+        }
+        memcpy(a->host, w + 1, (size_t)(close - w - 1));
+        colon = close + 1;
+    } else {
+        colon = strrchr(w, ':');
+        if (!colon || colon == w || (size_t)(colon - w) >= sizeof a->host) {
+            snprintf(err, n, "\"%s\": expected ADDR:PORT", w);
+            return false;
+        }
+        memcpy(a->host, w, (size_t)(colon - w));
+    }
+    if (!valid_port(colon + 1) || !str_copy(a->port, colon + 1, sizeof a->port)) {
+        snprintf(err, n, "\"%s\": bad port", w);
+        return false;
+    }
+    return true;
+}
+
+static bool parse_listen(const char *value, bool unix_ok,
+                         struct listen_addr *list, size_t *count, char *err,
+                         size_t n)
+{
+    char buf[CFG_LINE_MAX];
+    str_copy(buf, value, sizeof buf);
+    *count = 0;
+    char *save = NULL;
+    for (char *w = strtok_r(buf, " \t,", &save); w;
+         w = strtok_r(NULL, " \t,", &save)) {
+        if (*count == LISTEN_MAX) {
+            snprintf(err, n, "at most %d addresses", LISTEN_MAX);
+            return false;
+        }
+        if (!parse_one_listen(w, unix_ok, &list[*count], err, n))
+            return false;
+        (*count)++;
+    }
+    return true;
+}
+
+static bool parse_hostport(const char *value, char *host, size_t hn, char *port,
+                           size_t pn, char *err, size_t n)
+{
+    struct listen_addr a;
+    if (!*value) {
+        host[0] = port[0] = '\0';
+        return true;
+    }
+    if (!parse_one_listen(value, false, &a, err, n))
+        return false;
+    return str_copy(host, a.host, hn) && str_copy(port, a.port, pn);
+}
+
+static bool set_path(char *dst, size_t n, const char *value, char *err,
+                     size_t en, bool may_be_empty)
+{
+    if (!*value && may_be_empty) {
+        dst[0] = '\0';
+        return true;
+    }
+    if (value[0] != '/') {
+        snprintf(err, en, "\"%s\": must be an absolute path", value);
+        return false;
+    }
+    if (!str_copy(dst, value, n)) {
+        snprintf(err, en, "path too long");
+        return false;
+    }
+    return true;
+}
+
+static bool valid_mechanisms(const char *v, char *err, size_t n)
+{
+    for (const char *p = v; *p; p++) {
+        if (!isupper((unsigned char)*p) && !isdigit((unsigned char)*p) &&
+            !strchr("-_ ", *p)) {
+            snprintf(err, n, "mechanism names are upper-case letters, digits, "
+                     "'-' and '_', separated by spaces");
+            return false;
+        }
+    }
+    if (strstr(v, "ANONYMOUS")) {
+        snprintf(err, n, "ANONYMOUS is never offered");
+        return false;
+    }
+    return true;
+}
+
+static bool size_key(const char *v, uint64_t *out, char *err, size_t n)
+{
+    if (!parse_size(v, out)) {
+        snprintf(err, n, "\"%s\": expected a size like 52428800, 50M or 1G", v);
+        return false;
+    }
+    return true;
+}
+
+static bool duration_key(const char *v, long *out, char *err, size_t n)
+{
+    if (!parse_duration(v, out) || *out == 0) {
+        snprintf(err, n, "\"%s\": expected a duration like 300s, 5m, 2h, 5d", v);
+        return false;
+    }
+    return true;
+}
+
+static bool count_key(const char *v, unsigned long *out, char *err, size_t n)
+{
+    if (!parse_ulong(v, 1000000, out) || *out == 0) {
+        snprintf(err, n, "\"%s\": expected a number from 1 to 1000000", v);
+        return false;
+    }
+    return true;
+}
+
+static int conf_key(void *ctx, const char *k, const char *v, char *err, size_t n)
+{
+    struct odmrd_conf *c = ctx;
+    bool ok;
+    if (!strcmp(k, "hostname")) {
+        ok = addr_valid_domain(v, false) && str_copy(c->hostname, v, sizeof c->hostname);
+        if (!ok)
+            snprintf(err, n, "\"%s\": not a valid host name", v);
+    } else if (!strcmp(k, "odmr_listen"))
+        ok = parse_listen(v, false, c->odmr_listen, &c->n_odmr_listen, err, n);
+    else if (!strcmp(k, "smtp_listen"))
+        ok = parse_listen(v, false, c->smtp_listen, &c->n_smtp_listen, err, n);
+    else if (!strcmp(k, "lmtp_listen"))
+        ok = parse_listen(v, true, c->lmtp_listen, &c->n_lmtp_listen, err, n);
+    else if (!strcmp(k, "spool_dir"))
+        ok = set_path(c->spool_dir, sizeof c->spool_dir, v, err, n, false);
+    else if (!strcmp(k, "accounts_db"))
+        ok = set_path(c->accounts_db, sizeof c->accounts_db, v, err, n, false);
+    else if (!strcmp(k, "tls_cert_file"))
+        ok = set_path(c->tls_cert_file, sizeof c->tls_cert_file, v, err, n, true);
+    else if (!strcmp(k, "tls_key_file"))
+        ok = set_path(c->tls_key_file, sizeof c->tls_key_file, v, err, n, true);
+    else if (!strcmp(k, "require_tls")) {
+        ok = parse_bool(v, &c->require_tls);
+        if (!ok)
+            snprintf(err, n, "\"%s\": expected yes or no", v);
+    } else if (!strcmp(k, "sasl_mechanisms"))
+        ok = valid_mechanisms(v, err, n) &&
+             str_copy(c->sasl_mechanisms, v, sizeof c->sasl_mechanisms);
+    else if (!strcmp(k, "max_message_size"))
+        ok = size_key(v, &c->max_message_size, err, n);
+    else if (!strcmp(k, "max_recipients"))
+        ok = count_key(v, &c->max_recipients, err, n);
+    else if (!strcmp(k, "domain_quota"))
+        ok = size_key(v, &c->domain_quota, err, n);
+    else if (!strcmp(k, "queue_lifetime"))
+        ok = duration_key(v, &c->queue_lifetime, err, n);
+    else if (!strcmp(k, "bounce_relay"))
+        ok = parse_hostport(v, c->bounce_relay_host, sizeof c->bounce_relay_host,
+                            c->bounce_relay_port, sizeof c->bounce_relay_port,
+                            err, n);
+    else if (!strcmp(k, "max_connections"))
+        ok = count_key(v, &c->max_connections, err, n);
+    else if (!strcmp(k, "max_connections_per_ip"))
+        ok = count_key(v, &c->max_connections_per_ip, err, n);
+    else if (!strcmp(k, "timeout"))
+        ok = duration_key(v, &c->timeout, err, n);
+    else if (!strcmp(k, "user"))
+        ok = str_copy(c->user, v, sizeof c->user);
+    else if (!strcmp(k, "pid_file"))
+        ok = set_path(c->pid_file, sizeof c->pid_file, v, err, n, true);
+    else {
+        snprintf(err, n, "unknown key");
+        return -1;
+    }
+    return ok ? 0 : -1;
+}
+
+struct report_ctx {
+    void (*report)(void *ctx, const char *msg);
+    void *ctx;
+    struct odmrd_conf *conf;
+};
+
+static void forward_report(void *ctx, const char *msg)
+{
+    struct report_ctx *r = ctx;
+    r->report(r->ctx, msg);
+}
+
+static int forward_key(void *ctx, const char *k, const char *v, char *err,
+                       size_t n)
+{
+    struct report_ctx *r = ctx;
+    return conf_key(r->conf, k, v, err, n);
+}
+
+/* Checks that need the whole file: keys that only make sense together. */
+static int conf_check(const struct odmrd_conf *c,
+                      void (*report)(void *ctx, const char *msg), void *ctx)
+{
+    char msg[PATH_MAX + 128];
+    int problems = 0;
+    if (!!c->tls_cert_file[0] != !!c->tls_key_file[0]) {
+        snprintf(msg, sizeof msg, "%s: tls_cert_file and tls_key_file go "
+                 "together", c->path);
+        report(ctx, msg);
+        problems++;
+    }
+    if (c->require_tls && !c->tls_cert_file[0]) {
+        snprintf(msg, sizeof msg, "%s: require_tls = yes needs tls_cert_file "
+                 "and tls_key_file", c->path);
+        report(ctx, msg);
+        problems++;
+    }
+    if (c->n_odmr_listen + c->n_smtp_listen + c->n_lmtp_listen == 0) {
+        snprintf(msg, sizeof msg, "%s: no listeners configured", c->path);
+        report(ctx, msg);
+        problems++;
+    }
+    return problems;
+}
+
+int conf_load(struct odmrd_conf *c, const char *path,
+              void (*report)(void *ctx, const char *msg), void *ctx)
+{
+    conf_defaults(c);
+    str_copy(c->path, path, sizeof c->path);
+    struct report_ctx r = {report, ctx, c};
+    char err[PATH_MAX + 128];
+    int problems = cfg_parse_file(path, forward_key, forward_report, &r, err,
+                                  sizeof err);
+    if (problems < 0) {
+        report(ctx, err);
+        return 1;
+    }
+    return problems + conf_check(c, report, ctx);
+}

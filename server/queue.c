@@ -1,0 +1,501 @@
+/* queue.c - the durable per-domain filesystem queue (layout in queue.h). */
+#include "queue.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include "../common/util.h"
+
+/* Queue ids and domain keys become file names: refuse anything that could
+ * climb out of the spool or hide as a dot file. */
+static bool safe_name(const char *s)
+{
+    if (!*s || *s == '.' || strlen(s) > ADDR_DOMAIN_MAX)
+        return false;
+    for (; *s; s++)
+        if (*s == '/' || (unsigned char)*s < 33 || (unsigned char)*s > 126)
+            return false;
+    return true;
+}
+
+static bool qpath(char *buf, const struct queue *q, const char *domain,
+                  const char *id, const char *suffix)
+{
+    if (!safe_name(domain) || (id && !safe_name(id)))
+        return false;
+    if (id)
+        return str_fmt(buf, PATH_MAX, "%s/q/%s/%s%s", q->spool, domain, id, suffix);
+    return str_fmt(buf, PATH_MAX, "%s/q/%s%s", q->spool, domain, suffix);
+}
+
+static bool make_dir(const char *path)
+{
+    return mkdir(path, 0700) == 0 || errno == EEXIST;
+}
+
+bool queue_open(struct queue *q, const char *spool_dir, char *err, size_t n)
+{
+    char path[PATH_MAX];
+    if (!str_copy(q->spool, spool_dir, sizeof q->spool)) {
+        snprintf(err, n, "%s: path too long", spool_dir);
+        return false;
+    }
+    const char *subs[] = {"", "/tmp", "/q"};
+    for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++) {
+        if (!str_fmt(path, sizeof path, "%s%s", spool_dir, subs[i]) ||
+            !make_dir(path)) {
+            snprintf(err, n, "%s: %s", path, strerror(errno));
+            return false;
+        }
+    }
+    return true;
+}
+
+void queue_new_id(char *id, size_t n)
+{
+    /* Time first so that ids sort in arrival order; the pid makes them
+     * unique across processes, the bump below within one process. */
+    static struct timeval last;
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    if (tv.tv_sec < last.tv_sec ||
+        (tv.tv_sec == last.tv_sec && tv.tv_usec <= last.tv_usec)) {
+        tv = last;
+        if (++tv.tv_usec >= 1000000) {
+            tv.tv_usec = 0;
+            tv.tv_sec++;
+        }
+    }
+    last = tv;
+    snprintf(id, n, "%08llX%05lX%lX", (unsigned long long)tv.tv_sec,
+             (unsigned long)tv.tv_usec, (unsigned long)getpid());
+}
+
+/* ---------------------------------------------------------------- in */
+
+bool queue_in_begin(struct queue *q, struct queue_in *in)
+{
+    in->fd = -1;
+    in->size = 0;
+    in->error = 0;
+    in->blen = 0;
+    queue_new_id(in->id, sizeof in->id);
+    if (!str_fmt(in->tmp_path, sizeof in->tmp_path, "%s/tmp/%s.m", q->spool,
+                 in->id)) {
+        errno = ENAMETOOLONG;
+        return false;
+    }
+    in->fd = open(in->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    return in->fd >= 0;
+}
+
+static void in_flush(struct queue_in *in)
+{
+    if (in->blen && !in->error && !write_all(in->fd, in->buf, in->blen))
+        in->error = errno ? errno : EIO;
+    in->blen = 0;
+}
+
+void queue_in_write(struct queue_in *in, const void *data, size_t len)
+{
+    in->size += len;
+    if (in->error)
+        return;
+    if (in->blen + len > sizeof in->buf)
+        in_flush(in);
+    if (len >= sizeof in->buf) {
+        if (!in->error && !write_all(in->fd, data, len))
+            in->error = errno ? errno : EIO;
+        return;
+    }
+    memcpy(in->buf + in->blen, data, len);
+    in->blen += len;
+}
+
+void queue_in_abort(struct queue_in *in)
+{
+    if (in->fd >= 0)
+        close(in->fd);
+    in->fd = -1;
+    if (in->tmp_path[0])
+        unlink(in->tmp_path);
+    in->tmp_path[0] = '\0';
+}
+
+/* Writes env to a temporary file, syncs it and renames it to final. */
+static int write_envelope_file(const char *tmp, const char *final,
+                               const struct envelope *e)
+{
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return errno;
+    FILE *f = fdopen(fd, "w");
+    if (!f) {
+        int err = errno;
+        close(fd);
+        unlink(tmp);
+        return err;
+    }
+    bool ok = envelope_write(f, e) && fflush(f) == 0 && fsync(fd) == 0;
+    int err = ok ? 0 : (errno ? errno : EIO);
+    if (fclose(f) != 0 && ok) {
+        ok = false;
+        err = errno ? errno : EIO;
+    }
+    if (ok && rename(tmp, final) != 0) {
+        ok = false;
+        err = errno;
+    }
+    if (!ok)
+        unlink(tmp);
+    return err;
+}
+
+static int ensure_domain_dir(struct queue *q, const char *domain)
+{
+    char dir[PATH_MAX], top[PATH_MAX];
+    if (!qpath(dir, q, domain, NULL, ""))
+        return EINVAL;
+    if (mkdir(dir, 0700) == 0) {
+        /* A new directory entry must be durable before mail relies on it. */
+        str_fmt(top, sizeof top, "%s/q", q->spool);
+        if (!fsync_dir(top))
+            return errno;
+        return 0;
+    }
+    return errno == EEXIST ? 0 : errno;
+}
+
+/* Links the data and commits the envelope of one domain. */
+static int commit_domain(struct queue *q, struct queue_in *in,
+                         const struct envelope *e)
+{
+    char data[PATH_MAX], env[PATH_MAX], tmp[PATH_MAX], dir[PATH_MAX];
+    int err = ensure_domain_dir(q, e->domain);
+    if (err)
+        return err;
+    if (!qpath(data, q, e->domain, in->id, ".m") ||
+        !qpath(env, q, e->domain, in->id, ".e") ||
+        !qpath(dir, q, e->domain, NULL, "") ||
+        !str_fmt(tmp, sizeof tmp, "%s/tmp/%s.%s.e", q->spool, in->id, e->domain))
+        return ENAMETOOLONG;
+    if (link(in->tmp_path, data) != 0)
+        return errno;
+    err = write_envelope_file(tmp, env, e);
+    if (!err && !fsync_dir(dir))
+        err = errno;
+    if (err) {
+        unlink(env);
+        unlink(data);
+    }
+    return err;
+}
+
+int queue_in_commit(struct queue *q, struct queue_in *in,
+                    struct envelope **envs, size_t nenv)
+{
+    in_flush(in);
+    int err = in->error;
+    if (!err && fsync(in->fd) != 0)
+        err = errno;
+    if (close(in->fd) != 0 && !err)
+        err = errno;
+    in->fd = -1;
+    time_t now = time(NULL);
+    size_t done = 0;
+    for (; !err && done < nenv; done++) {
+        struct envelope *e = envs[done];
+        str_copy(e->id, in->id, sizeof e->id);
+        e->size = in->size;
+        if (!e->arrival)
+            e->arrival = now;
+        err = commit_domain(q, in, e);
+    }
+    if (err) {
+        /* All or nothing: take back the domains already committed. */
+        for (size_t i = 0; i + 1 < done; i++)
+            queue_remove(q, envs[i]->domain, in->id);
+    }
+    unlink(in->tmp_path);
+    in->tmp_path[0] = '\0';
+    return err;
+}
+
+/* ------------------------------------------------------------ inspect */
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Sorted names in dir that end in suffix (suffix stripped), or all
+ * non-dot entries when suffix is NULL. Caller frees. */
+static char **list_dir(const char *dir, const char *suffix, size_t *count)
+{
+    DIR *d = opendir(dir);
+    *count = 0;
+    if (!d)
+        return NULL;
+    size_t cap = 64, n = 0;
+    char **names = malloc(cap * sizeof *names);
+    struct dirent *de;
+    while (names && (de = readdir(d)) != NULL) {
+        if (de->d_name[0] == '.')
+            continue;
+        size_t len = strlen(de->d_name), sl = suffix ? strlen(suffix) : 0;
+        if (suffix && (len <= sl || strcmp(de->d_name + len - sl, suffix)))
+            continue;
+        if (n == cap) {
+            char **more = realloc(names, (cap *= 2) * sizeof *names);
+            if (!more)
+                break;
+            names = more;
+        }
+        names[n] = strndup(de->d_name, len - sl);
+        if (names[n])
+            n++;
+    }
+    closedir(d);
+    if (names)
+        qsort(names, n, sizeof *names, cmp_str);
+    *count = n;
+    return names;
+}
+
+static void free_list(char **names, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(names[i]);
+    free(names);
+}
+
+int queue_domains(struct queue *q, int (*fn)(void *ctx, const char *domain),
+                  void *ctx)
+{
+    char dir[PATH_MAX];
+    size_t n;
+    str_fmt(dir, sizeof dir, "%s/q", q->spool);
+    char **names = list_dir(dir, NULL, &n);
+    if (!names)
+        return -1;
+    int r = 0;
+    for (size_t i = 0; i < n && r == 0; i++)
+        r = fn(ctx, names[i]);
+    free_list(names, n);
+    return r;
+}
+
+int queue_ids(struct queue *q, const char *domain,
+              int (*fn)(void *ctx, const char *id), void *ctx)
+{
+    char dir[PATH_MAX];
+    size_t n;
+    if (!qpath(dir, q, domain, NULL, "")) {
+        errno = EINVAL;
+        return -1;
+    }
+    char **names = list_dir(dir, ".e", &n);
+    if (!names)
+        return errno == ENOENT ? 0 : -1;
+    int r = 0;
+    size_t i = 0;
+    for (; i < n && r == 0; i++)
+        r = fn(ctx, names[i]);
+    free_list(names, n);
+    return r < 0 ? -1 : (int)i;
+}
+
+struct usage_ctx {
+    struct queue *q;
+    const char *domain;
+    uint64_t bytes;
+    unsigned long count;
+};
+
+static int add_usage(void *ctx, const char *id)
+{
+    struct usage_ctx *u = ctx;
+    char path[PATH_MAX];
+    struct stat st;
+    if (qpath(path, u->q, u->domain, id, ".m") && stat(path, &st) == 0)
+        u->bytes += (uint64_t)st.st_size;
+    u->count++;
+    return 0;
+}
+
+bool queue_usage(struct queue *q, const char *domain, uint64_t *bytes,
+                 unsigned long *count)
+{
+    struct usage_ctx u = {q, domain, 0, 0};
+    if (queue_ids(q, domain, add_usage, &u) < 0)
+        return false;
+    *bytes = u.bytes;
+    *count = u.count;
+    return true;
+}
+
+bool queue_load(struct queue *q, const char *domain, const char *id,
+                struct envelope *e, char *err, size_t n)
+{
+    char path[PATH_MAX];
+    if (!qpath(path, q, domain, id, ".e")) {
+        snprintf(err, n, "bad queue id or domain");
+        return false;
+    }
+    FILE *f = fopen(path, "re");
+    if (!f) {
+        snprintf(err, n, "%s: %s", path, strerror(errno));
+        return false;
+    }
+    bool ok = envelope_read(f, e, err, n);
+    fclose(f);
+    return ok;
+}
+
+int queue_open_data(struct queue *q, const char *domain, const char *id)
+{
+    char path[PATH_MAX];
+    if (!qpath(path, q, domain, id, ".m")) {
+        errno = EINVAL;
+        return -1;
+    }
+    return open(path, O_RDONLY | O_CLOEXEC);
+}
+
+bool queue_update(struct queue *q, const struct envelope *e)
+{
+    char env[PATH_MAX], tmp[PATH_MAX], dir[PATH_MAX];
+    if (!qpath(env, q, e->domain, e->id, ".e") ||
+        !qpath(dir, q, e->domain, NULL, "") ||
+        !str_fmt(tmp, sizeof tmp, "%s/tmp/%s.%s.%ld.u", q->spool, e->id,
+                 e->domain, (long)getpid()))
+        return false;
+    int err = write_envelope_file(tmp, env, e);
+    if (!err && !fsync_dir(dir))
+        err = errno;
+    errno = err;
+    return err == 0;
+}
+
+bool queue_remove(struct queue *q, const char *domain, const char *id)
+{
+    char env[PATH_MAX], data[PATH_MAX], dir[PATH_MAX];
+    if (!qpath(env, q, domain, id, ".e") || !qpath(data, q, domain, id, ".m") ||
+        !qpath(dir, q, domain, NULL, "")) {
+        errno = EINVAL;
+        return false;
+    }
+    /* Envelope first: once it is gone the message is no longer queued; a
+     * data file left by a crash here is garbage for queue_cleanup(). */
+    if (unlink(env) != 0)
+        return false;
+    unlink(data);
+    fsync_dir(dir);
+    return true;
+}
+
+struct find_ctx {
+    struct queue *q;
+    const char *id;
+    int (*fn)(void *ctx, const char *domain);
+    void *ctx;
+    int found;
+};
+
+static int find_in_domain(void *ctx, const char *domain)
+{
+    struct find_ctx *f = ctx;
+    char path[PATH_MAX];
+    if (qpath(path, f->q, domain, f->id, ".e") && access(path, F_OK) == 0) {
+        f->found++;
+        return f->fn(f->ctx, domain);
+    }
+    return 0;
+}
+
+int queue_find(struct queue *q, const char *id,
+               int (*fn)(void *ctx, const char *domain), void *ctx)
+{
+    if (!safe_name(id))
+        return 0;
+    struct find_ctx f = {q, id, fn, ctx, 0};
+    if (queue_domains(q, find_in_domain, &f) < 0)
+        return -1;
+    return f.found;
+}
+
+int queue_lock_domain(struct queue *q, const char *domain)
+{
+    char path[PATH_MAX];
+    if (ensure_domain_dir(q, domain) != 0 || !qpath(path, q, domain, NULL, "/.lock"))
+        return -1;
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return -1;
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        int err = errno;
+        close(fd);
+        errno = err;
+        return err == EWOULDBLOCK ? -2 : -1;
+    }
+    return fd;
+}
+
+/* ------------------------------------------------------------ cleanup */
+
+static bool older_than(const char *path, time_t limit)
+{
+    struct stat st;
+    return lstat(path, &st) == 0 && st.st_mtime < limit;
+}
+
+static void clean_tmp(struct queue *q, time_t limit)
+{
+    char dir[PATH_MAX], path[PATH_MAX];
+    size_t n;
+    str_fmt(dir, sizeof dir, "%s/tmp", q->spool);
+    char **names = list_dir(dir, NULL, &n);
+    for (size_t i = 0; names && i < n; i++)
+        if (str_fmt(path, sizeof path, "%s/%s", dir, names[i]) &&
+            older_than(path, limit))
+            unlink(path);
+    free_list(names, n);
+}
+
+struct clean_ctx {
+    struct queue *q;
+    time_t limit;
+};
+
+static int clean_domain(void *ctx, const char *domain)
+{
+    struct clean_ctx *c = ctx;
+    char dir[PATH_MAX], data[PATH_MAX], env[PATH_MAX];
+    size_t n;
+    if (!qpath(dir, c->q, domain, NULL, ""))
+        return 0;
+    char **ids = list_dir(dir, ".m", &n);
+    for (size_t i = 0; ids && i < n; i++) {
+        if (qpath(data, c->q, domain, ids[i], ".m") &&
+            qpath(env, c->q, domain, ids[i], ".e") && access(env, F_OK) != 0 &&
+            errno == ENOENT && older_than(data, c->limit))
+            unlink(data);
+    }
+    free_list(ids, n);
+    return 0;
+}
+
+void queue_cleanup(struct queue *q, long max_age)
+{
+    struct clean_ctx c = {q, time(NULL) - max_age};
+    clean_tmp(q, c.limit);
+    queue_domains(q, clean_domain, &c);
+}
