@@ -1,0 +1,604 @@
+/* odmrd.c - the server daemon: listeners, process management, signals.
+ *
+ * Process model (docs/architecture.md): the master binds every listener,
+ * drops privileges and then forks one child per accepted connection, like
+ * Postfix's smtpd.  A session that crashes or is killed takes nothing else
+ * with it, its domain lock (flock) dies with it, and the master stays
+ * small: it only accepts, counts connections and reaps children. */
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <netdb.h>
+#include <poll.h>
+#include <pwd.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <unistd.h>
+
+#include "../common/io.h"
+#include "../common/log.h"
+#include "../common/util.h"
+#include "conf.h"
+#include "queue.h"
+#include "session.h"
+
+#define EX_OK_ 0
+#define EX_USAGE_ 64
+#define EX_OSERR_ 71
+#define EX_CONFIG_ 78
+#define MAX_LISTENERS (3 * LISTEN_MAX * 2)
+#define SHUTDOWN_WAIT_S 30      /* bounded wait for running transactions */
+#define MAINT_INTERVAL_S 300    /* queue cleanup */
+#define STALE_TMP_AGE_S 3600
+
+enum service { SVC_ODMR, SVC_SMTP, SVC_LMTP };
+
+struct listener {
+    int fd;
+    enum service svc;
+};
+
+struct child {
+    pid_t pid;
+    char addr[64];
+};
+
+static struct odmrd_conf conf;
+static SSL_CTX *tls_ctx;
+static struct listener listeners[MAX_LISTENERS];
+static size_t nlisteners;
+static struct child *children;
+static size_t nchildren;
+static int sig_pipe[2] = {-1, -1};
+static volatile sig_atomic_t got_term, got_hup, got_chld;
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: odmrd [-c FILE] [-f] [-d] [-t]\n"
+               "  -c FILE  configuration (default %s)\n"
+               "  -f       stay in the foreground, log to stderr too\n"
+               "  -d       debug logging (protocol traces)\n"
+               "  -t       check the configuration and exit (0 ok, 78 not)\n"
+               "  --help, --version\n", ODMRD_CONF_DEFAULT);
+}
+
+static void print_problem(void *ctx, const char *msg)
+{
+    (void)ctx;
+    fprintf(stderr, "odmrd: %s\n", msg);
+}
+
+static void log_problem(void *ctx, const char *msg)
+{
+    (void)ctx;
+    log_err("%s", msg);
+}
+
+/* ------------------------------------------------------------ signals */
+
+static void on_signal(int sig)
+{
+    int saved = errno;
+    if (sig == SIGTERM || sig == SIGINT)
+        got_term = 1;
+    else if (sig == SIGHUP)
+        got_hup = 1;
+    else if (sig == SIGCHLD)
+        got_chld = 1;
+    char c = (char)sig;
+    if (write(sig_pipe[1], &c, 1) < 0) {
+        /* pipe full: the flags above are enough */
+    }
+    errno = saved;
+}
+
+static void child_on_term(int sig)
+{
+    (void)sig;
+    /* Between transactions nothing is at stake: leave at once.  Inside one,
+     * the session finishes it and then says 421. */
+    if (session_idle)
+        _exit(0);
+    session_stop_requested = 1;
+}
+
+static void set_handler(int sig, void (*fn)(int))
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = fn;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = sig == SIGCHLD ? SA_NOCLDSTOP : 0;
+    sigaction(sig, &sa, NULL);
+}
+
+static bool setup_signals(void)
+{
+    if (pipe(sig_pipe) != 0)
+        return false;
+    for (int i = 0; i < 2; i++) {
+        fcntl(sig_pipe[i], F_SETFL, O_NONBLOCK);
+        fcntl(sig_pipe[i], F_SETFD, FD_CLOEXEC);
+    }
+    set_handler(SIGTERM, on_signal);
+    set_handler(SIGINT, on_signal);
+    set_handler(SIGHUP, on_signal);
+    set_handler(SIGCHLD, on_signal);
+    signal(SIGPIPE, SIG_IGN);   /* TLS writes to a closed peer */
+    return true;
+}
+
+/* ---------------------------------------------------------- listeners */
+
+static int bind_unix(const char *path, char *err, size_t n)
+{
+    struct sockaddr_un sun;
+    memset(&sun, 0, sizeof sun);
+    sun.sun_family = AF_UNIX;
+    if (!str_copy(sun.sun_path, path, sizeof sun.sun_path)) {
+        snprintf(err, n, "%s: path too long", path);
+        return -1;
+    }
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        snprintf(err, n, "socket: %s", strerror(errno));
+        return -1;
+    }
+    unlink(path);   /* a socket left by an earlier run */
+    if (bind(fd, (struct sockaddr *)&sun, sizeof sun) != 0 || listen(fd, 128) != 0) {
+        snprintf(err, n, "unix:%s: %s", path, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    chmod(path, 0666);   /* the local MTA runs as another user */
+    return fd;
+}
+
+static int bind_inet(const struct listen_addr *a, char *err, size_t n)
+{
+    struct addrinfo hints = {.ai_flags = AI_PASSIVE | AI_NUMERICSERV,
+                             .ai_socktype = SOCK_STREAM};
+    struct addrinfo *res = NULL;
+    int rc = getaddrinfo(a->host, a->port, &hints, &res);
+    if (rc != 0) {
+        snprintf(err, n, "%s:%s: %s", a->host, a->port, gai_strerror(rc));
+        return -1;
+    }
+    int fd = socket(res->ai_family, res->ai_socktype | SOCK_CLOEXEC, 0);
+    int one = 1;
+    if (fd >= 0) {
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (res->ai_family == AF_INET6)   /* "0.0.0.0" and "::" both bind */
+            setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+    }
+    if (fd < 0 || bind(fd, res->ai_addr, res->ai_addrlen) != 0 ||
+        listen(fd, 128) != 0) {
+        snprintf(err, n, "%s:%s: %s", a->host, a->port, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(res);
+    return fd;
+}
+
+static bool open_listeners(const struct listen_addr *list, size_t count,
+                           enum service svc)
+{
+    char err[512];
+    for (size_t i = 0; i < count; i++) {
+        int fd = list[i].is_unix ? bind_unix(list[i].host, err, sizeof err)
+                                 : bind_inet(&list[i], err, sizeof err);
+        if (fd < 0) {
+            log_err("cannot listen on %s", err);
+            return false;
+        }
+        fcntl(fd, F_SETFL, O_NONBLOCK);
+        listeners[nlisteners].fd = fd;
+        listeners[nlisteners].svc = svc;
+        nlisteners++;
+    }
+    return true;
+}
+
+static void close_listeners(void)
+{
+    for (size_t i = 0; i < nlisteners; i++)
+        close(listeners[i].fd);
+    nlisteners = 0;
+}
+
+/* ---------------------------------------------------------- privileges */
+
+static bool drop_privileges(const char *spool, const char *db)
+{
+    if (!conf.user[0]) {
+        if (geteuid() == 0)
+            log_warn("running as root: set \"user\" in %s", conf.path);
+        return true;
+    }
+    struct passwd *pw = getpwnam(conf.user);
+    if (!pw) {
+        log_err("user %s: no such user", conf.user);
+        return false;
+    }
+    /* The spool and the database belong to the daemon user, readable by
+     * nobody else. */
+    if (chown(spool, pw->pw_uid, pw->pw_gid) != 0)
+        log_warn("chown %s: %s", spool, strerror(errno));
+    static const char *const subs[] = {"tmp", "q"};
+    char dir[PATH_MAX];
+    for (size_t i = 0; i < 2; i++)
+        if (str_fmt(dir, sizeof dir, "%s/%s", spool, subs[i]) &&
+            chown(dir, pw->pw_uid, pw->pw_gid) != 0)
+            log_warn("chown %s: %s", dir, strerror(errno));
+    if (access(db, F_OK) == 0 && chown(db, pw->pw_uid, pw->pw_gid) != 0)
+        log_warn("chown %s: %s", db, strerror(errno));
+    if (setgroups(0, NULL) != 0 || setgid(pw->pw_gid) != 0 ||
+        setuid(pw->pw_uid) != 0) {
+        log_err("cannot switch to user %s: %s", conf.user, strerror(errno));
+        return false;
+    }
+    return true;
+}
+
+/* ------------------------------------------------------------ children */
+
+static void reap_children(void)
+{
+    int status;
+    pid_t pid;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        for (size_t i = 0; i < nchildren; i++) {
+            if (children[i].pid == pid) {
+                if (WIFSIGNALED(status) && WTERMSIG(status) != SIGTERM &&
+                    WTERMSIG(status) != SIGKILL)
+                    log_warn("session for %s (pid %ld) died of signal %d",
+                             children[i].addr, (long)pid, WTERMSIG(status));
+                children[i] = children[--nchildren];
+                break;
+            }
+        }
+    }
+}
+
+static size_t count_from(const char *addr)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < nchildren; i++)
+        n += !strcmp(children[i].addr, addr);
+    return n;
+}
+
+static void peer_name(int fd, const struct sockaddr_storage *ss, char *buf,
+                      size_t n)
+{
+    (void)fd;
+    if (ss->ss_family == AF_INET)
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)ss)->sin_addr, buf,
+                  (socklen_t)n);
+    else if (ss->ss_family == AF_INET6)
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)ss)->sin6_addr, buf,
+                  (socklen_t)n);
+    else
+        str_copy(buf, "unix", n);
+}
+
+/* Refuses a connection in the master without blocking: the reply fits in
+ * the socket buffer of a fresh connection. */
+static void refuse(int fd, const char *why)
+{
+    char line[320];
+    int len = snprintf(line, sizeof line, "421 4.7.0 %s %s\r\n", conf.hostname, why);
+    if (send(fd, line, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
+        /* nothing more to do: the client goes away either way */
+    }
+    close(fd);
+}
+
+static void run_child(const struct listener *l, const struct session_peer *peer)
+{
+    set_handler(SIGTERM, child_on_term);
+    set_handler(SIGINT, child_on_term);
+    set_handler(SIGHUP, SIG_DFL);
+    set_handler(SIGCHLD, SIG_DFL);
+    close(sig_pipe[0]);
+    close(sig_pipe[1]);
+    close_listeners();
+    if (l->svc == SVC_ODMR)
+        odmr_session_run(&conf, tls_ctx, peer);
+    else
+        smtp_session_run(&conf, tls_ctx, peer, l->svc == SVC_LMTP);
+    _exit(0);
+}
+
+static void accept_one(const struct listener *l)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    struct session_peer peer;
+    int fd = accept(l->fd, (struct sockaddr *)&ss, &sl);
+    if (fd < 0)
+        return;   /* EAGAIN, ECONNABORTED, EMFILE: try again at next poll */
+    fcntl(fd, F_SETFD, FD_CLOEXEC);
+    peer.fd = fd;
+    peer_name(fd, &ss, peer.addr, sizeof peer.addr);
+    if (nchildren >= conf.max_connections) {
+        log_warn("connection from %s refused: max_connections (%lu) reached",
+                 peer.addr, conf.max_connections);
+        refuse(fd, "Too many connections, try again later");
+        return;
+    }
+    if (ss.ss_family != AF_UNIX &&
+        count_from(peer.addr) >= conf.max_connections_per_ip) {
+        log_warn("connection from %s refused: max_connections_per_ip (%lu)",
+                 peer.addr, conf.max_connections_per_ip);
+        refuse(fd, "Too many connections from your address");
+        return;
+    }
+    pid_t pid = fork();
+    if (pid == 0)
+        run_child(l, &peer);
+    if (pid < 0) {
+        log_err("fork: %s", strerror(errno));
+        refuse(fd, "Service temporarily unavailable");
+        return;
+    }
+    close(fd);
+    children[nchildren].pid = pid;
+    str_copy(children[nchildren].addr, peer.addr, sizeof children[0].addr);
+    nchildren++;
+}
+
+/* ---------------------------------------------------------- maintenance */
+
+static void run_maintenance(void)
+{
+    pid_t pid = fork();
+    if (pid != 0)
+        return;   /* the master does not wait: SIGCHLD reaps it */
+    set_handler(SIGTERM, SIG_DFL);
+    close_listeners();
+    struct queue q;
+    char err[256];
+    if (queue_open(&q, conf.spool_dir, err, sizeof err))
+        queue_cleanup(&q, STALE_TMP_AGE_S);
+    _exit(0);
+}
+
+/* ------------------------------------------------------------- reload */
+
+static void reload(void)
+{
+    static struct odmrd_conf fresh;
+    char err[256];
+    if (conf_load(&fresh, conf.path, log_problem, NULL) != 0) {
+        log_err("reload: %s has errors, keeping the running configuration",
+                conf.path);
+        return;
+    }
+    SSL_CTX *ctx = NULL;
+    if (fresh.tls_cert_file[0]) {
+        ctx = tls_server_ctx(fresh.tls_cert_file, fresh.tls_key_file, err, sizeof err);
+        if (!ctx) {
+            log_err("reload: TLS: %s, keeping the running configuration", err);
+            return;
+        }
+    }
+    /* Listeners stay as they are: changing them needs a restart. */
+    memcpy(fresh.odmr_listen, conf.odmr_listen, sizeof conf.odmr_listen);
+    memcpy(fresh.smtp_listen, conf.smtp_listen, sizeof conf.smtp_listen);
+    memcpy(fresh.lmtp_listen, conf.lmtp_listen, sizeof conf.lmtp_listen);
+    fresh.n_odmr_listen = conf.n_odmr_listen;
+    fresh.n_smtp_listen = conf.n_smtp_listen;
+    fresh.n_lmtp_listen = conf.n_lmtp_listen;
+    if (fresh.max_connections > conf.max_connections)
+        fresh.max_connections = conf.max_connections;  /* table size is fixed */
+    if (tls_ctx)
+        SSL_CTX_free(tls_ctx);
+    tls_ctx = ctx;
+    conf = fresh;
+    log_info("configuration reloaded from %s", conf.path);
+}
+
+/* ------------------------------------------------------------ shutdown */
+
+static void shutdown_children(void)
+{
+    close_listeners();
+    for (size_t i = 0; i < nchildren; i++)
+        kill(children[i].pid, SIGTERM);
+    int64_t deadline = now_ms() + SHUTDOWN_WAIT_S * 1000;
+    while (nchildren > 0 && now_ms() < deadline) {
+        reap_children();
+        if (nchildren)
+            usleep(50000);
+    }
+    for (size_t i = 0; i < nchildren; i++) {
+        log_warn("session for %s did not end in time, killed", children[i].addr);
+        kill(children[i].pid, SIGKILL);
+    }
+    reap_children();
+}
+
+static void main_loop(void)
+{
+    struct pollfd pfd[MAX_LISTENERS + 1];
+    int64_t next_maint = now_ms() + MAINT_INTERVAL_S * 1000;
+    while (!got_term) {
+        size_t n = 0;
+        pfd[n++] = (struct pollfd){.fd = sig_pipe[0], .events = POLLIN};
+        for (size_t i = 0; i < nlisteners; i++)
+            pfd[n++] = (struct pollfd){.fd = listeners[i].fd, .events = POLLIN};
+        int rc = poll(pfd, n, 1000);
+        if (rc > 0 && (pfd[0].revents & POLLIN)) {
+            char drain[64];
+            while (read(sig_pipe[0], drain, sizeof drain) > 0)
+                ;
+        }
+        if (got_chld) {
+            got_chld = 0;
+            reap_children();
+        }
+        if (got_hup) {
+            got_hup = 0;
+            reload();
+        }
+        for (size_t i = 1; rc > 0 && i < n && !got_term; i++)
+            if (pfd[i].revents & POLLIN)
+                accept_one(&listeners[i - 1]);
+        if (now_ms() >= next_maint) {
+            run_maintenance();
+            next_maint = now_ms() + MAINT_INTERVAL_S * 1000;
+        }
+    }
+}
+
+/* ------------------------------------------------------------ startup */
+
+static bool daemonize(void)
+{
+    pid_t pid = fork();
+    if (pid < 0)
+        return false;
+    if (pid > 0)
+        _exit(0);
+    setsid();
+    pid = fork();
+    if (pid < 0)
+        return false;
+    if (pid > 0)
+        _exit(0);
+    if (chdir("/") != 0)
+        return false;
+    int fd = open("/dev/null", O_RDWR);
+    if (fd >= 0) {
+        dup2(fd, 0);
+        dup2(fd, 1);
+        dup2(fd, 2);
+        if (fd > 2)
+            close(fd);
+    }
+    return true;
+}
+
+static void write_pid_file(void)
+{
+    if (!conf.pid_file[0])
+        return;
+    FILE *f = fopen(conf.pid_file, "w");
+    if (!f) {
+        log_warn("pid_file %s: %s", conf.pid_file, strerror(errno));
+        return;
+    }
+    fprintf(f, "%ld\n", (long)getpid());
+    fclose(f);
+}
+
+struct options {
+    const char *config;
+    bool foreground, debug, test;
+};
+
+static int parse_args(int argc, char **argv, struct options *o)
+{
+    o->config = ODMRD_CONF_DEFAULT;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help")) {
+            usage(stdout);
+            exit(EX_OK_);
+        } else if (!strcmp(a, "--version")) {
+            printf("odmrd %s\n", ODMR_VERSION);
+            exit(EX_OK_);
+        } else if (!strcmp(a, "-c") && i + 1 < argc) {
+            o->config = argv[++i];
+        } else if (!strcmp(a, "-f")) {
+            o->foreground = true;
+        } else if (!strcmp(a, "-d")) {
+            o->debug = true;
+        } else if (!strcmp(a, "-t")) {
+            o->test = true;
+        } else {
+            fprintf(stderr, "odmrd: unknown or incomplete option \"%s\"\n", a);
+            usage(stderr);
+            return EX_USAGE_;
+        }
+    }
+    return 0;
+}
+
+static int start(const struct options *o)
+{
+    char err[512];
+    struct queue q;
+    if (conf.tls_cert_file[0]) {
+        tls_ctx = tls_server_ctx(conf.tls_cert_file, conf.tls_key_file, err, sizeof err);
+        if (!tls_ctx) {
+            log_err("TLS: %s", err);
+            return EX_CONFIG_;
+        }
+    }
+    if (!queue_open(&q, conf.spool_dir, err, sizeof err)) {
+        log_err("spool: %s", err);
+        return EX_CONFIG_;
+    }
+    if (!open_listeners(conf.odmr_listen, conf.n_odmr_listen, SVC_ODMR) ||
+        !open_listeners(conf.smtp_listen, conf.n_smtp_listen, SVC_SMTP) ||
+        !open_listeners(conf.lmtp_listen, conf.n_lmtp_listen, SVC_LMTP))
+        return EX_OSERR_;
+    if (!drop_privileges(conf.spool_dir, conf.accounts_db))
+        return EX_CONFIG_;
+    children = calloc(conf.max_connections, sizeof *children);
+    if (!children || !setup_signals())
+        return EX_OSERR_;
+    if (!o->foreground && !daemonize())
+        return EX_OSERR_;
+    write_pid_file();
+    /* Leftovers of a crash: tmp files and data without an envelope. Only
+     * files older than a minute go now, so a concurrent odmrctl enqueue
+     * is never disturbed; the periodic run catches the rest. */
+    queue_cleanup(&q, 60);
+    log_info("started: odmrd %s, %zu listeners, spool %s", ODMR_VERSION,
+             nlisteners, conf.spool_dir);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    struct options o = {0};
+    int rc = parse_args(argc, argv, &o);
+    if (rc)
+        return rc;
+    if (o.test) {
+        int problems = conf_load(&conf, o.config, print_problem, NULL);
+        if (problems == 0)
+            printf("odmrd: %s: configuration ok\n", o.config);
+        return problems ? EX_CONFIG_ : EX_OK_;
+    }
+    log_open("odmrd", o.foreground, o.debug);
+    if (conf_load(&conf, o.config, o.foreground ? print_problem : log_problem,
+                  NULL) != 0) {
+        if (!o.foreground)
+            fprintf(stderr, "odmrd: %s has errors (see the mail log)\n", o.config);
+        return EX_CONFIG_;
+    }
+    rc = start(&o);
+    if (rc)
+        return rc;
+    main_loop();
+    log_info("stopping: waiting for %zu sessions", nchildren);
+    shutdown_children();
+    if (conf.pid_file[0])
+        unlink(conf.pid_file);
+    log_info("stopped");
+    return EX_OK_;
+}

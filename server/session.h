@@ -1,0 +1,34 @@
+/* session.h - entry points of the per-connection sessions.  odmrd forks one
+ * process per connection (see docs/architecture.md) and calls one of these
+ * in the child; they return when the connection is over. */
+#ifndef ODMR_SESSION_H
+#define ODMR_SESSION_H
+
+#include <signal.h>
+#include <stdbool.h>
+
+#include <openssl/ssl.h>
+
+#include "conf.h"
+
+struct session_peer {
+    int fd;
+    char addr[64];        /* printable client address, "unix" for sockets */
+};
+
+/* Inbound SMTP (lmtp = false) or LMTP (lmtp = true) on an accepted socket. */
+void smtp_session_run(const struct odmrd_conf *conf, SSL_CTX *tls,
+                      const struct session_peer *peer, bool lmtp);
+
+/* The ODMR service (RFC 2645) on an accepted socket. */
+void odmr_session_run(const struct odmrd_conf *conf, SSL_CTX *tls,
+                      const struct session_peer *peer);
+
+/* Set by the child's SIGTERM handler; sessions finish the transaction they
+ * are in and then close with 421. */
+extern volatile sig_atomic_t session_stop_requested;
+/* True while a session is between transactions: a stop request may then
+ * end the process at once without losing anything. */
+extern volatile sig_atomic_t session_idle;
+
+#endif

@@ -1,0 +1,634 @@
+/* smtp_session.c - inbound SMTP and LMTP for the hosted domains (SPEC 3.4).
+ *
+ * One session per process.  Recipients are grouped per domain as they are
+ * accepted; at the end of DATA the message is committed once, with one
+ * envelope per domain (queue.h), and only then acknowledged. */
+#include "session.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../common/addr.h"
+#include "../common/io.h"
+#include "../common/log.h"
+#include "../common/smtp.h"
+#include "../common/util.h"
+#include "accounts.h"
+#include "queue.h"
+
+#define MAX_RECEIVED 50          /* SPEC 3.4: more means a mail loop */
+#define DATA_CHUNK 8192          /* longest piece of a data line we look at */
+#define MAX_BAD_COMMANDS 20      /* then the client is not talking SMTP */
+
+volatile sig_atomic_t session_stop_requested;
+volatile sig_atomic_t session_idle;
+
+struct accepted {                /* a recipient, in RCPT order (LMTP replies) */
+    size_t env;
+    char addr[ADDR_MAX + 1];
+};
+
+struct smtp {
+    const struct odmrd_conf *conf;
+    SSL_CTX *tls_ctx;
+    const struct session_peer *peer;
+    bool lmtp;
+    struct io io;
+    struct queue q;
+    char helo[HELO_MAX + 1];
+    bool greeted, esmtp, tls_on;
+    unsigned bad_commands;
+    /* transaction */
+    bool have_mail;
+    struct mail_args mail;
+    struct envelope *envs;       /* one per recipient domain */
+    size_t nenv;
+    struct accepted *rcpts;
+    size_t nrcpt;
+};
+
+static void reply(struct smtp *s, const char *fmt, ...) PRINTF_LIKE(2, 3);
+
+static void reply(struct smtp *s, const char *fmt, ...)
+{
+    char line[SMTP_REPLY_LINE_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line - 2, fmt, ap);
+    va_end(ap);
+    io_puts(&s->io, line);
+    io_puts(&s->io, "\r\n");
+    log_debug("%s > %s", s->peer->addr, line);
+}
+
+static void reset_transaction(struct smtp *s)
+{
+    for (size_t i = 0; i < s->nenv; i++)
+        envelope_free(&s->envs[i]);
+    free(s->envs);
+    free(s->rcpts);
+    s->envs = NULL;
+    s->rcpts = NULL;
+    s->nenv = s->nrcpt = 0;
+    s->have_mail = false;
+    memset(&s->mail, 0, sizeof s->mail);
+    session_idle = 1;
+}
+
+/* ------------------------------------------------------------ greeting */
+
+static void do_helo(struct smtp *s, const char *arg, bool extended)
+{
+    if (!*arg) {
+        reply(s, "501 5.5.4 Syntax: %s hostname",
+              s->lmtp ? "LHLO" : extended ? "EHLO" : "HELO");
+        return;
+    }
+    reset_transaction(s);
+    str_copy(s->helo, arg, sizeof s->helo);
+    /* The name ends up in Received: headers and logs: keep it printable. */
+    for (char *p = s->helo; *p; p++)
+        if ((unsigned char)*p < 33 || (unsigned char)*p > 126 || *p == '(' ||
+            *p == ')')
+            *p = '?';
+    s->greeted = true;
+    s->esmtp = extended;
+    if (!extended) {
+        reply(s, "250 %s", s->conf->hostname);
+        return;
+    }
+    reply(s, "250-%s", s->conf->hostname);
+    reply(s, "250-PIPELINING");
+    reply(s, "250-SIZE %llu", (unsigned long long)s->conf->max_message_size);
+    reply(s, "250-8BITMIME");
+    if (s->tls_ctx && !s->tls_on)
+        reply(s, "250-STARTTLS");
+    reply(s, "250-DSN");
+    reply(s, "250-SMTPUTF8");
+    reply(s, "250 ENHANCEDSTATUSCODES");
+}
+
+static void do_starttls(struct smtp *s, const char *arg)
+{
+    char err[256];
+    if (!s->tls_ctx || s->tls_on) {
+        reply(s, "502 5.5.1 STARTTLS not available");
+        return;
+    }
+    if (*arg) {
+        reply(s, "501 5.5.4 Syntax: STARTTLS");
+        return;
+    }
+    if (io_pending(&s->io)) {
+        /* RFC 3207 section 6: plaintext pipelined after STARTTLS would be
+         * executed as if it came over TLS. */
+        reply(s, "503 5.5.1 No command may follow STARTTLS in the same packet");
+        return;
+    }
+    reply(s, "220 2.0.0 Ready to start TLS");
+    if (!io_starttls_server(&s->io, s->tls_ctx, err, sizeof err)) {
+        log_info("%s: TLS handshake failed: %s", s->peer->addr, err);
+        s->io.status = IO_ERROR;
+        return;
+    }
+    s->tls_on = true;
+    /* RFC 3207: forget everything learnt before the handshake. */
+    reset_transaction(s);
+    s->greeted = false;
+    s->helo[0] = '\0';
+}
+
+/* ---------------------------------------------------------------- MAIL */
+
+static void do_mail(struct smtp *s, const char *arg)
+{
+    struct smtp_err err;
+    if (!s->greeted) {
+        reply(s, "503 5.5.1 Send %s first", s->lmtp ? "LHLO" : "EHLO/HELO");
+        return;
+    }
+    if (s->have_mail) {
+        reply(s, "503 5.5.1 Nested MAIL command");
+        return;
+    }
+    if (!arg) {
+        reply(s, "501 5.5.4 Syntax: MAIL FROM:<address>");
+        return;
+    }
+    if (!smtp_parse_mail(arg, &s->mail, s->esmtp, &err)) {
+        reply(s, "%s", err.reply);
+        return;
+    }
+    if (!s->esmtp && (s->mail.size || s->mail.body || s->mail.ret ||
+                      s->mail.envid[0] || s->mail.smtputf8)) {
+        reply(s, "555 5.5.4 Parameters need EHLO");
+        return;
+    }
+    if (s->mail.size > s->conf->max_message_size) {
+        reply(s, "552 5.3.4 Message size exceeds fixed limit");
+        return;
+    }
+    s->have_mail = true;
+    session_idle = 0;
+    reply(s, "250 2.1.0 Ok");
+}
+
+/* ---------------------------------------------------------------- RCPT */
+
+static struct envelope *find_env(struct smtp *s, const char *domain)
+{
+    for (size_t i = 0; i < s->nenv; i++)
+        if (!strcmp(s->envs[i].domain, domain))
+            return &s->envs[i];
+    return NULL;
+}
+
+/* Would queuing `extra` more bytes for domain exceed domain_quota? */
+static bool over_quota(struct smtp *s, const char *domain, uint64_t extra)
+{
+    uint64_t bytes;
+    unsigned long count;
+    if (!s->conf->domain_quota)
+        return false;
+    if (!queue_usage(&s->q, domain, &bytes, &count))
+        return false;
+    return bytes + extra > s->conf->domain_quota || bytes >= s->conf->domain_quota;
+}
+
+/* Checks the recipient's domain and returns its envelope, creating it on
+ * first use; NULL after replying when the recipient cannot be accepted. */
+static struct envelope *domain_envelope(struct smtp *s, const struct mailbox *to)
+{
+    char key[ADDR_DOMAIN_MAX + 1], owner[ACCOUNT_NAME_MAX + 1];
+    addr_domain_key(to->domain, key, sizeof key);
+    struct envelope *e = find_env(s, key);
+    if (e)
+        return e;
+    enum acct_result r = to->literal ? ACCT_NOTFOUND
+                         : accounts_domain_owner(s->conf->accounts_db, key,
+                                                 owner, sizeof owner);
+    if (r == ACCT_NOTFOUND) {
+        reply(s, "550 5.7.1 <%s@%s>: Relay access denied", to->local, to->domain);
+        return NULL;
+    }
+    if (r != ACCT_OK) {
+        log_err("accounts database %s: %s", s->conf->accounts_db, acct_strerror(r));
+        reply(s, "451 4.3.0 Temporary lookup failure");
+        return NULL;
+    }
+    if (over_quota(s, key, s->mail.size)) {
+        reply(s, "452 4.2.2 Mailbox full: quota exceeded for %s", key);
+        return NULL;
+    }
+    struct envelope *grown = realloc(s->envs, (s->nenv + 1) * sizeof *grown);
+    if (!grown) {
+        reply(s, "452 4.3.1 Insufficient system resources");
+        return NULL;
+    }
+    s->envs = grown;
+    e = &s->envs[s->nenv++];
+    envelope_init(e);
+    str_copy(e->domain, key, sizeof e->domain);
+    return e;
+}
+
+static bool already_listed(const struct envelope *e, const char *addr)
+{
+    for (size_t i = 0; i < e->nrcpt; i++)
+        if (!strcmp(e->rcpt[i].addr, addr))
+            return true;
+    return false;
+}
+
+static void do_rcpt(struct smtp *s, const char *arg)
+{
+    struct rcpt_args ra;
+    struct smtp_err err;
+    char addr[ADDR_MAX + 1];
+    if (!s->have_mail) {
+        reply(s, "503 5.5.1 Need MAIL command");
+        return;
+    }
+    if (!arg) {
+        reply(s, "501 5.5.4 Syntax: RCPT TO:<address>");
+        return;
+    }
+    if (!smtp_parse_rcpt(arg, &ra, s->mail.smtputf8, &err)) {
+        reply(s, "%s", err.reply);
+        return;
+    }
+    if (s->nrcpt >= s->conf->max_recipients) {
+        reply(s, "452 4.5.3 Too many recipients");
+        return;
+    }
+    struct envelope *e = domain_envelope(s, &ra.to);
+    if (!e)
+        return;
+    addr_format(&ra.to, addr, sizeof addr);
+    if (!already_listed(e, addr) &&
+        !envelope_add_rcpt(e, addr, ra.notify, ra.orcpt, SIZE_MAX)) {
+        reply(s, "452 4.3.1 Insufficient system resources");
+        return;
+    }
+    struct accepted *grown = realloc(s->rcpts, (s->nrcpt + 1) * sizeof *grown);
+    if (!grown) {
+        reply(s, "452 4.3.1 Insufficient system resources");
+        return;
+    }
+    s->rcpts = grown;
+    s->rcpts[s->nrcpt].env = (size_t)(e - s->envs);
+    str_copy(s->rcpts[s->nrcpt].addr, addr, sizeof s->rcpts[0].addr);
+    s->nrcpt++;
+    reply(s, "250 2.1.5 Ok");
+}
+
+/* ---------------------------------------------------------------- DATA */
+
+struct data_state {
+    bool line_start;      /* next byte begins a line */
+    bool after_crlf;      /* ... and the line before ended in CRLF */
+    bool prev_cr;         /* last byte written was CR (line split at CR) */
+    bool in_headers;
+    bool bad_eol;         /* bare CR or LF seen */
+    bool too_big;
+    unsigned received;
+    uint64_t size;
+};
+
+/* Flags CR and LF that are not part of a CRLF pair. */
+static void check_line_ends(struct data_state *d, const char *p, size_t len)
+{
+    for (size_t i = 0; i < len; i++) {
+        if (p[i] == '\n') {
+            bool after_cr = i ? p[i - 1] == '\r' : d->prev_cr;
+            if (!after_cr)
+                d->bad_eol = true;
+        } else if (p[i] == '\r' && i + 1 < len && p[i + 1] != '\n') {
+            d->bad_eol = true;
+        }
+    }
+    if (len && d->prev_cr && p[0] != '\n')
+        d->bad_eol = true;
+    d->prev_cr = len ? p[len - 1] == '\r' : d->prev_cr;
+}
+
+/* Handles one piece of a line: the whole line (ends in LF) or, for very
+ * long lines, DATA_CHUNK bytes of it. Returns true at end of data. */
+static bool data_piece(struct smtp *s, struct queue_in *in, struct data_state *d,
+                       char *p, size_t len, bool complete)
+{
+    /* Only CRLF "." CRLF ends the data: a "." line after a bare LF is
+     * message text (the SMTP smuggling defence). */
+    if (d->after_crlf && complete && len == 3 && !memcmp(p, ".\r\n", 3))
+        return true;
+    if (d->line_start && p[0] == '.') {   /* undo dot-stuffing (RFC 5321 4.5.2) */
+        p++;
+        len--;
+    }
+    bool crlf_end = complete && ((len >= 2 && p[len - 2] == '\r') ||
+                                 (len == 1 && d->prev_cr));
+    check_line_ends(d, p, len);
+    if (d->line_start && d->in_headers) {
+        if ((len == 2 && p[0] == '\r') || (len == 1 && p[0] == '\n'))
+            d->in_headers = false;
+        else if (len >= 9 && !strncasecmp(p, "Received:", 9))
+            d->received++;
+    }
+    d->line_start = complete;
+    d->after_crlf = crlf_end;
+    d->size += len;
+    if (d->size > s->conf->max_message_size)
+        d->too_big = true;
+    if (!d->too_big && !d->bad_eol)
+        queue_in_write(in, p, len);
+    return false;
+}
+
+/* Reads message data to the terminating CRLF.CRLF. Returns false when the
+ * connection failed (nothing may be acknowledged then). */
+static bool read_data(struct smtp *s, struct queue_in *in, struct data_state *d)
+{
+    char piece[DATA_CHUNK];
+    size_t plen = 0;
+    for (;;) {
+        bool complete = false;
+        long n = io_getseg(&s->io, piece + plen, sizeof piece - plen, &complete);
+        if (n < 0)
+            return false;
+        plen += (size_t)n;
+        if (!complete && plen < sizeof piece)
+            continue;
+        if (data_piece(s, in, d, piece, plen, complete))
+            return true;
+        plen = 0;
+    }
+}
+
+static void add_received(struct smtp *s, struct queue_in *in)
+{
+    char hdr[2048], date[64], tls[256] = "", forpart[ADDR_MAX + 16] = "";
+    rfc5322_date(time(NULL), date, sizeof date);
+    if (s->tls_on) {
+        char info[200];
+        io_tls_info(&s->io, info, sizeof info);
+        snprintf(tls, sizeof tls, "\r\n\t(using %s)", info);
+    }
+    if (s->nrcpt == 1)
+        snprintf(forpart, sizeof forpart, "\r\n\tfor <%s>", s->rcpts[0].addr);
+    const char *proto = s->lmtp ? "LMTP" : s->mail.smtputf8 ? "UTF8SMTP"
+                                       : s->esmtp ? "ESMTP" : "SMTP";
+    snprintf(hdr, sizeof hdr,
+             "Received: from %s ([%s])%s\r\n\tby %s (odmrd) with %s%s id %s%s;"
+             " %s\r\n",
+             s->helo, s->peer->addr, tls, s->conf->hostname, proto,
+             s->tls_on ? "S" : "", in->id, forpart, date);
+    queue_in_write(in, hdr, strlen(hdr));
+}
+
+/* Replies once for SMTP, once per recipient for LMTP (RFC 2033 4.2). */
+static void reply_all(struct smtp *s, const char *text)
+{
+    if (!s->lmtp) {
+        reply(s, "%s", text);
+        return;
+    }
+    for (size_t i = 0; i < s->nrcpt; i++)
+        reply(s, "%s <%s>", text, s->rcpts[i].addr);
+}
+
+static void fill_envelopes(struct smtp *s)
+{
+    char sender[ADDR_MAX + 1];
+    addr_format(&s->mail.from, sender, sizeof sender);
+    for (size_t i = 0; i < s->nenv; i++) {
+        struct envelope *e = &s->envs[i];
+        str_copy(e->sender, sender, sizeof e->sender);
+        str_copy(e->envid, s->mail.envid, sizeof e->envid);
+        e->ret = s->mail.ret;
+        e->body = s->mail.body;
+        e->smtputf8 = s->mail.smtputf8;
+        str_copy(e->client, s->peer->addr, sizeof e->client);
+        str_copy(e->helo, s->helo, sizeof e->helo);
+    }
+}
+
+/* Decides what to say about a fully received message and commits it. */
+static void finish_data(struct smtp *s, struct queue_in *in, struct data_state *d)
+{
+    char text[SMTP_REPLY_LINE_MAX];
+    if (d->bad_eol) {
+        queue_in_abort(in);
+        reply_all(s, "554 5.5.2 Bare CR or LF in message data (not accepted)");
+        log_info("%s: rejected: bare CR or LF in data from %s", in->id, s->peer->addr);
+        return;
+    }
+    if (d->too_big) {
+        queue_in_abort(in);
+        reply_all(s, "552 5.3.4 Message size exceeds fixed limit");
+        return;
+    }
+    if (d->received > MAX_RECEIVED) {
+        queue_in_abort(in);
+        reply_all(s, "554 5.4.6 Too many Received: headers - mail loop?");
+        log_info("%s: rejected: %u Received: headers (loop) from %s", in->id,
+                 d->received, s->peer->addr);
+        return;
+    }
+    for (size_t i = 0; i < s->nenv; i++) {
+        if (over_quota(s, s->envs[i].domain, in->size)) {
+            queue_in_abort(in);
+            snprintf(text, sizeof text, "452 4.2.2 Quota exceeded for %s",
+                     s->envs[i].domain);
+            reply_all(s, text);
+            return;
+        }
+    }
+    fill_envelopes(s);
+    struct envelope **list = malloc(s->nenv * sizeof *list);
+    int err = list ? 0 : ENOMEM;
+    for (size_t i = 0; list && i < s->nenv; i++)
+        list[i] = &s->envs[i];
+    if (!err)
+        err = queue_in_commit(&s->q, in, list, s->nenv);
+    free(list);
+    if (err) {
+        queue_in_abort(in);
+        log_err("%s: cannot queue message: %s", in->id, strerror(err));
+        reply_all(s, "452 4.3.1 Insufficient system storage");
+        return;
+    }
+    log_info("%s: client=%s, helo=%s, from=<%s>, size=%llu, nrcpt=%zu, "
+             "domains=%zu", in->id, s->peer->addr, s->helo, s->envs[0].sender,
+             (unsigned long long)in->size, s->nrcpt, s->nenv);
+    snprintf(text, sizeof text, "250 2.0.0 Ok: queued as %s", in->id);
+    reply_all(s, text);
+}
+
+static void do_data(struct smtp *s, const char *arg)
+{
+    struct queue_in in;
+    struct data_state d = {.line_start = true, .after_crlf = true,
+                          .in_headers = true};
+    if (!s->have_mail || s->nrcpt == 0) {
+        reply(s, "503 5.5.1 %s", s->have_mail ? "No valid recipients"
+                                              : "Need MAIL command");
+        return;
+    }
+    if (*arg) {
+        reply(s, "501 5.5.4 Syntax: DATA");
+        return;
+    }
+    if (!queue_in_begin(&s->q, &in)) {
+        log_err("cannot create queue file in %s/tmp: %s", s->q.spool,
+                strerror(errno));
+        reply(s, "452 4.3.1 Insufficient system storage");
+        return;
+    }
+    reply(s, "354 End data with <CR><LF>.<CR><LF>");
+    add_received(s, &in);
+    if (!read_data(s, &in, &d)) {
+        log_info("%s: lost connection with %s during DATA (%s)", in.id,
+                 s->peer->addr, s->io.status == IO_TIMEOUT ? "timeout" : "closed");
+        queue_in_abort(&in);
+        return;
+    }
+    finish_data(s, &in, &d);
+    reset_transaction(s);
+}
+
+/* ------------------------------------------------------------ dispatch */
+
+static bool dispatch(struct smtp *s, const struct smtp_cmd *cmd)
+{
+    const char *arg = cmd->arg ? cmd->arg : "";
+    switch (cmd->verb) {
+    case SMTP_HELO:
+    case SMTP_EHLO:
+        if (s->lmtp) {
+            reply(s, "500 5.5.1 This is LMTP: use LHLO");
+            break;
+        }
+        do_helo(s, arg, cmd->verb == SMTP_EHLO);
+        break;
+    case SMTP_LHLO:
+        if (!s->lmtp) {
+            reply(s, "500 5.5.2 Command unrecognized");
+            break;
+        }
+        do_helo(s, arg, true);
+        break;
+    case SMTP_MAIL: do_mail(s, cmd->arg); break;
+    case SMTP_RCPT: do_rcpt(s, cmd->arg); break;
+    case SMTP_DATA: do_data(s, arg); break;
+    case SMTP_RSET:
+        reset_transaction(s);
+        reply(s, "250 2.0.0 Ok");
+        break;
+    case SMTP_NOOP: reply(s, "250 2.0.0 Ok"); break;
+    case SMTP_HELP:
+        reply(s, "214 2.0.0 See RFC 5321; this server accepts mail for its "
+                 "hosted domains only");
+        break;
+    case SMTP_VRFY:
+        reply(s, "252 2.5.2 Cannot VRFY user, but will accept message");
+        break;
+    case SMTP_STARTTLS: do_starttls(s, arg); break;
+    case SMTP_QUIT:
+        reply(s, "221 2.0.0 Bye");
+        return false;
+    case SMTP_UNKNOWN:
+        reply(s, "500 5.5.2 Command unrecognized");
+        s->bad_commands++;
+        break;
+    default:
+        reply(s, "502 5.5.1 Command not implemented");
+        s->bad_commands++;
+        break;
+    }
+    return true;
+}
+
+static void log_end(struct smtp *s)
+{
+    const char *why = s->io.status == IO_TIMEOUT ? "timeout"
+                      : s->io.status == IO_EOF  ? "lost connection"
+                      : s->io.status == IO_ERROR ? "I/O error" : "quit";
+    log_info("disconnect from %s (%s)", s->peer->addr, why);
+}
+
+static void session_loop(struct smtp *s)
+{
+    char line[SMTP_MAILRCPT_LINE_MAX + 1];
+    for (;;) {
+        if (session_stop_requested && !s->have_mail) {
+            reply(s, "421 4.3.2 %s Service shutting down", s->conf->hostname);
+            io_flush(&s->io);
+            return;
+        }
+        long n = io_getline(&s->io, line, sizeof line, NULL);
+        if (n == IO_TIMEOUT) {
+            reply(s, "421 4.4.2 %s Error: timeout exceeded", s->conf->hostname);
+            io_flush(&s->io);
+            s->io.status = IO_TIMEOUT;
+            return;
+        }
+        struct smtp_cmd cmd;
+        if (n == IO_TOOLONG) {
+            reply(s, "500 5.5.6 Line too long");
+            s->io.status = IO_OK;
+            continue;
+        }
+        if (n < 0)
+            return;
+        log_debug("%s < %s", s->peer->addr, line);
+        smtp_cmd_parse(line, &cmd);
+        size_t limit = (cmd.verb == SMTP_MAIL || cmd.verb == SMTP_RCPT)
+                           ? SMTP_MAILRCPT_LINE_MAX : SMTP_LINE_MAX;
+        if ((size_t)n + 2 > limit) {
+            reply(s, "500 5.5.6 Line too long");
+            continue;
+        }
+        if (s->bad_commands >= MAX_BAD_COMMANDS) {
+            reply(s, "421 4.7.0 %s Too many errors", s->conf->hostname);
+            io_flush(&s->io);
+            return;
+        }
+        if (!dispatch(s, &cmd) || s->io.status != IO_OK) {
+            io_flush(&s->io);
+            return;
+        }
+    }
+}
+
+void smtp_session_run(const struct odmrd_conf *conf, SSL_CTX *tls,
+                      const struct session_peer *peer, bool lmtp)
+{
+    static struct smtp s;   /* large buffers: keep them off the stack */
+    char err[PATH_MAX + 64];
+    memset(&s, 0, sizeof s);
+    s.conf = conf;
+    s.tls_ctx = tls;
+    s.peer = peer;
+    s.lmtp = lmtp;
+    io_init(&s.io, peer->fd, (int)(conf->timeout * 1000));
+    session_idle = 1;
+    log_info("connect from %s (%s)", peer->addr, lmtp ? "LMTP" : "SMTP");
+    if (!queue_open(&s.q, conf->spool_dir, err, sizeof err)) {
+        log_err("queue: %s", err);
+        reply(&s, "421 4.3.0 %s Service temporarily unavailable", conf->hostname);
+        io_flush(&s.io);
+        io_close(&s.io);
+        return;
+    }
+    reply(&s, "220 %s %s odmrd", conf->hostname, lmtp ? "LMTP" : "ESMTP");
+    session_loop(&s);
+    log_end(&s);
+    reset_transaction(&s);
+    io_close(&s.io);
+}
