@@ -4,6 +4,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -457,6 +458,25 @@ static bool older_than(const char *path, time_t limit)
     return lstat(path, &st) == 0 && st.st_mtime < limit;
 }
 
+/* Queue ids end in the hex pid of the process that made them (see
+ * queue_new_id): when that process is gone, whatever it left unfinished
+ * can go at once instead of waiting for the age limit. */
+static bool writer_gone(const char *name)
+{
+    if (strlen(name) < 14)
+        return false;
+    char *end;
+    long pid = strtol(name + 13, &end, 16);
+    if (pid <= 0 || (*end != '\0' && *end != '.'))
+        return false;
+    return kill((pid_t)pid, 0) != 0 && errno == ESRCH;
+}
+
+static bool stale(const char *path, const char *name, time_t limit)
+{
+    return older_than(path, limit) || writer_gone(name);
+}
+
 static void clean_tmp(struct queue *q, time_t limit)
 {
     char dir[PATH_MAX], path[PATH_MAX];
@@ -465,7 +485,7 @@ static void clean_tmp(struct queue *q, time_t limit)
     char **names = list_dir(dir, NULL, &n);
     for (size_t i = 0; names && i < n; i++)
         if (str_fmt(path, sizeof path, "%s/%s", dir, names[i]) &&
-            older_than(path, limit))
+            stale(path, names[i], limit))
             unlink(path);
     free_list(names, n);
 }
@@ -486,7 +506,7 @@ static int clean_domain(void *ctx, const char *domain)
     for (size_t i = 0; ids && i < n; i++) {
         if (qpath(data, c->q, domain, ids[i], ".m") &&
             qpath(env, c->q, domain, ids[i], ".e") && access(env, F_OK) != 0 &&
-            errno == ENOENT && older_than(data, c->limit))
+            errno == ENOENT && stale(data, ids[i], c->limit))
             unlink(data);
     }
     free_list(ids, n);
