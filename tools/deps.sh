@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs the Debian packages odmr needs when they are missing.
 #   tools/deps.sh build   - compilers' libraries (OpenSSL, Cyrus SASL, GDBM)
+#   tools/deps.sh run     - plus what "make run" uses (openssl, swaks)
 #   tools/deps.sh test    - plus the real mail software the tests talk to
 # Postfix is installed without configuring or starting the system instance:
 # tests and benchmarks run private instances of their own.
@@ -12,6 +13,11 @@ have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok install
 for p in libssl-dev libsasl2-dev libsasl2-modules libgdbm-dev make gcc; do
     have_pkg "$p" || need="$need $p"
 done
+if [ "$what" = run ]; then
+    for p in openssl swaks; do
+        have_pkg "$p" || need="$need $p"
+    done
+fi
 if [ "$what" = test ]; then
     for p in swaks fetchmail postfix sasl2-bin python3 openssl groff-base; do
         have_pkg "$p" || need="$need $p"

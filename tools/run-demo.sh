@@ -1,0 +1,58 @@
+#!/bin/sh
+# make run: a demo provider on loopback, everything under a work directory.
+#   ODMR_WORKDIR  where to put it (default ./work)
+#   ODMR_SMTP_PORT / ODMR_ODMR_PORT / ODMR_LMTP_PORT  (10025 / 10366 / 10024)
+set -eu
+B=${1:-build}
+top=$(pwd)
+work=${ODMR_WORKDIR:-$top/work}
+smtp_port=${ODMR_SMTP_PORT:-10025}
+odmr_port=${ODMR_ODMR_PORT:-10366}
+lmtp_port=${ODMR_LMTP_PORT:-10024}
+sh tools/deps.sh run
+
+mkdir -p "$work/spool"
+chmod 700 "$work" "$work/spool"
+conf="$work/odmrd.conf"
+if [ ! -f "$work/cert.pem" ]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -days 365 \
+        -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+    chmod 600 "$work/key.pem"
+fi
+cat > "$conf" <<CONF
+# Demo configuration written by "make run"; see odmrd.conf(5).
+hostname = localhost
+odmr_listen = 127.0.0.1:$odmr_port
+smtp_listen = 127.0.0.1:$smtp_port
+lmtp_listen = 127.0.0.1:$lmtp_port
+spool_dir = $work/spool
+accounts_db = $work/accounts.db
+tls_cert_file = $work/cert.pem
+tls_key_file = $work/key.pem
+timeout = 120s
+CONF
+if ! "$B/odmrctl" -c "$conf" user list 2>/dev/null | grep -q '^demo\b'; then
+    printf 'demo-password\n' | "$B/odmrctl" -c "$conf" user add demo
+    "$B/odmrctl" -c "$conf" domain add demo.example demo
+fi
+printf 'demo-password\n' > "$work/demo.password"
+chmod 600 "$work/demo.password"
+
+cat <<EOT
+
+odmrd demo provider (work directory: $work)
+  inbound SMTP  127.0.0.1:$smtp_port   LMTP 127.0.0.1:$lmtp_port   ODMR 127.0.0.1:$odmr_port
+  account "demo" (password in $work/demo.password) owns domain demo.example
+
+Send a message in (another terminal):
+  swaks --server 127.0.0.1:$smtp_port --from alice@example.org --to bob@demo.example
+See it queued:
+  $B/odmrctl -c $conf queue
+Fetch it as the small site would:
+  $B/odmr-fetch -s 127.0.0.1:$odmr_port -u demo --password-file $work/demo.password \\
+      --tls require --ca-file $work/cert.pem --deliver maildir:$work/Maildir -v demo.example
+
+Stop with Ctrl-C.
+EOT
+exec "$B/odmrd" -f -c "$conf"
