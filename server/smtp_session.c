@@ -587,6 +587,11 @@ static void session_loop(struct smtp *s)
         if (n < 0)
             return;
         log_debug("%s < %s", s->peer->addr, line);
+        if (strlen(line) != (size_t)n) {
+            reply(s, "500 5.5.2 NUL character in command line");
+            s->bad_commands++;
+            continue;
+        }
         smtp_cmd_parse(line, &cmd);
         size_t limit = (cmd.verb == SMTP_MAIL || cmd.verb == SMTP_RCPT)
                            ? SMTP_MAILRCPT_LINE_MAX : SMTP_LINE_MAX;
