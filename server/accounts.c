@@ -1,0 +1,665 @@
+/* accounts.c - the GDBM account and domain database (format in accounts.h).
+ *
+ * Every operation opens the file, does its work and closes it again, so the
+ * GDBM lock is held for milliseconds and a running odmrd sees odmrctl's
+ * changes at its next lookup.  GDBM locks are non-blocking: an open that
+ * meets a writer's lock fails at once, so opens are retried with short
+ * sleeps for a bounded time before giving up with ACCT_TEMPFAIL.
+ *
+ * Invalid arguments (a bad account name or domain, a password that cannot
+ * be stored) are reported as ACCT_NOTFOUND: nothing by that name can exist
+ * in the database.  Callers that want a precise message validate first
+ * (account_name_valid, addr_valid_domain).
+ *
+ * Passwords are never logged, and buffers that held one are wiped. */
+#include "accounts.h"
+
+#include <errno.h>
+#include <gdbm.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "../common/addr.h"
+#include "../common/log.h"
+#include "../common/util.h"
+
+#define USER_PREFIX "u:"
+#define DOMAIN_PREFIX "d:"
+#define PREFIX_LEN 2
+#define VALUE_VERSION "v1\n"
+#define VALUE_VERSION_LEN 3
+/* Long enough for "u:<name>" and "d:<domain>". */
+#define KEY_MAX (PREFIX_LEN + (ACCOUNT_NAME_MAX > ADDR_DOMAIN_MAX \
+                               ? ACCOUNT_NAME_MAX : ADDR_DOMAIN_MAX))
+/* Lock waits: 10 ms doubling to 100 ms, about 3 s in all.  Long enough to
+ * outlast any odmrctl change, short enough that an SMTP client does not
+ * time out while odmrd waits. */
+#define LOCK_WAIT_FIRST_MS 10
+#define LOCK_WAIT_STEP_MAX_MS 100
+#define LOCK_WAIT_TOTAL_MS 3000
+
+enum db_mode {
+    DB_READ,     /* lookups and listings */
+    DB_WRITE,    /* changes to an existing database */
+    DB_CREATE,   /* changes that may create the database (user add) */
+};
+
+/* ------------------------------------------------------------ validation */
+
+bool account_name_valid(const char *name)
+{
+    if (!name)
+        return false;
+    size_t len = strnlen(name, ACCOUNT_NAME_MAX + 1);
+    if (len == 0 || len > ACCOUNT_NAME_MAX)
+        return false;
+    for (const char *p = name; *p; p++) {
+        unsigned char c = (unsigned char)*p;
+        /* ':' would make "u:a:b" ambiguous in tools that split keys. */
+        if (c < 0x21 || c > 0x7e || c == ':')
+            return false;
+    }
+    return true;
+}
+
+/* CR and LF would break the "v1\n<password>\n" value format. */
+static bool password_storable(const char *password)
+{
+    if (!password)
+        return false;
+    size_t len = strnlen(password, PASSWORD_MAX + 1);
+    return len > 0 && len <= PASSWORD_MAX && !strpbrk(password, "\r\n");
+}
+
+static bool domain_usable(const char *domain)
+{
+    return domain && addr_valid_domain(domain, true);
+}
+
+/* "u:<name>" into key (KEY_MAX + 1 bytes). */
+static bool user_key(char *key, const char *name)
+{
+    if (!account_name_valid(name))
+        return false;
+    snprintf(key, KEY_MAX + 1, USER_PREFIX "%s", name);
+    return true;
+}
+
+/* "d:<domain in lower case>" into key (KEY_MAX + 1 bytes).  Lookups accept
+ * any string that fits: a name that was never stored is simply not found. */
+static bool domain_key(char *key, const char *domain)
+{
+    if (!domain || !*domain || strnlen(domain, ADDR_DOMAIN_MAX + 1) > ADDR_DOMAIN_MAX)
+        return false;
+    char lower[ADDR_DOMAIN_MAX + 1];
+    addr_domain_key(domain, lower, sizeof lower);
+    snprintf(key, KEY_MAX + 1, DOMAIN_PREFIX "%s", lower);
+    return true;
+}
+
+static datum make_datum(const char *s, size_t len)
+{
+    datum d = {(char *)s, (int)len};
+    return d;
+}
+
+static void wipe_free(void *p, size_t len)
+{
+    if (p) {
+        explicit_bzero(p, len);
+        free(p);
+    }
+}
+
+/* ------------------------------------------------------------ open/close */
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+static bool lock_busy(int gerr, int err)
+{
+    return gerr == GDBM_CANT_BE_READER || gerr == GDBM_CANT_BE_WRITER ||
+           err == EAGAIN || err == EWOULDBLOCK;
+}
+
+static enum acct_result open_failure(const char *db, int gerr, int err)
+{
+    if (gerr == GDBM_FILE_OPEN_ERROR || gerr == GDBM_FILE_STAT_ERROR) {
+        if (err == ENOENT || err == ENOTDIR)
+            return ACCT_NODB;
+        if (err == EACCES || err == EPERM) {
+            log_err("accounts database %s: %s", db, strerror(err));
+            return ACCT_PERM;
+        }
+    }
+    if (gdbm_check_syserr(gerr) && err)
+        log_err("accounts database %s: %s: %s", db, gdbm_strerror(gerr),
+                strerror(err));
+    else
+        log_err("accounts database %s: %s", db, gdbm_strerror(gerr));
+    return ACCT_TEMPFAIL;
+}
+
+/* A database created by a writer is made mode 0600 explicitly: the mode
+ * given to open() is reduced by the umask, and a umask such as 0277 would
+ * otherwise leave a file its owner cannot update. */
+static void set_private_mode(GDBM_FILE dbf)
+{
+    int fd = gdbm_fdesc(dbf);
+    if (fd >= 0 && fchmod(fd, 0600) != 0)
+        log_warn("accounts database: cannot set mode 0600: %s", strerror(errno));
+}
+
+/* Opens db, retrying while another process holds a conflicting lock.
+ * For DB_READ, *dbf may be NULL with ACCT_OK: the file exists but is empty
+ * (a writer is creating it right now, or it was created by hand), which
+ * means "no entries". */
+static enum acct_result db_open(const char *db, enum db_mode mode,
+                                GDBM_FILE *dbf)
+{
+    int flags = mode == DB_READ ? GDBM_READER
+              : mode == DB_WRITE ? GDBM_WRITER : GDBM_WRCREAT;
+    struct stat st;
+    bool existed = stat(db, &st) == 0;
+    long waited = 0, step = LOCK_WAIT_FIRST_MS;
+
+    *dbf = NULL;
+    for (;;) {
+        errno = 0;
+        *dbf = gdbm_open(db, 0, flags | GDBM_CLOEXEC, 0600, NULL);
+        int gerr = gdbm_errno, err = errno;
+        if (*dbf) {
+            if (mode == DB_CREATE && !existed)
+                set_private_mode(*dbf);
+            return ACCT_OK;
+        }
+        if (mode == DB_READ && gerr == GDBM_EMPTY_DATABASE)
+            return ACCT_OK;
+        if (!lock_busy(gerr, err))
+            return open_failure(db, gerr, err);
+        if (waited >= LOCK_WAIT_TOTAL_MS) {
+            log_warn("accounts database %s: still locked after %ld ms",
+                     db, waited);
+            return ACCT_TEMPFAIL;
+        }
+        sleep_ms(step);
+        waited += step;
+        step = step * 2 > LOCK_WAIT_STEP_MAX_MS ? LOCK_WAIT_STEP_MAX_MS : step * 2;
+    }
+}
+
+static void db_close_reader(GDBM_FILE dbf)
+{
+    if (dbf)
+        gdbm_close(dbf);
+}
+
+/* Writers sync before closing: a change odmrctl reported as done must
+ * survive a crash.  A failure here turns an OK into TEMPFAIL. */
+static enum acct_result db_close_writer(const char *db, GDBM_FILE dbf,
+                                        enum acct_result r)
+{
+    bool ok = gdbm_sync(dbf) == 0;
+    int gerr = gdbm_errno;
+    ok = gdbm_close(dbf) == 0 && ok;
+    if (!ok) {
+        log_err("accounts database %s: sync/close failed: %s", db,
+                gdbm_strerror(gerr));
+        if (r == ACCT_OK)
+            r = ACCT_TEMPFAIL;
+    }
+    return r;
+}
+
+/* ------------------------------------------------------------ records */
+
+/* Value of key as a NUL-terminated heap string (caller frees; wipe it when
+ * it may hold a password), or NULL with *r set to ACCT_NOTFOUND or
+ * ACCT_TEMPFAIL. */
+static char *fetch_string(const char *db, GDBM_FILE dbf, const char *key,
+                          size_t *len, enum acct_result *r)
+{
+    *len = 0;
+    if (!dbf) {
+        *r = ACCT_NOTFOUND;
+        return NULL;
+    }
+    datum v = gdbm_fetch(dbf, make_datum(key, strlen(key)));
+    if (!v.dptr) {
+        if (gdbm_errno == GDBM_ITEM_NOT_FOUND) {
+            *r = ACCT_NOTFOUND;
+        } else {
+            log_err("accounts database %s: fetch: %s", db,
+                    gdbm_strerror(gdbm_errno));
+            *r = ACCT_TEMPFAIL;
+        }
+        return NULL;
+    }
+    size_t n = v.dsize > 0 ? (size_t)v.dsize : 0;
+    char *s = malloc(n + 1);
+    if (s) {
+        memcpy(s, v.dptr, n);
+        s[n] = '\0';
+        *len = n;
+        *r = ACCT_OK;
+    } else {
+        *r = ACCT_TEMPFAIL;
+    }
+    wipe_free(v.dptr, n);
+    return s;
+}
+
+static bool record_exists(GDBM_FILE dbf, const char *key)
+{
+    return dbf && gdbm_exists(dbf, make_datum(key, strlen(key)));
+}
+
+/* Stores a text value; GDBM_INSERT or GDBM_REPLACE. */
+static enum acct_result store_string(const char *db, GDBM_FILE dbf,
+                                     const char *key, const char *value,
+                                     size_t len, int how)
+{
+    int rc = gdbm_store(dbf, make_datum(key, strlen(key)),
+                        make_datum(value, len), how);
+    if (rc == 1)
+        return ACCT_EXISTS;
+    if (rc != 0) {
+        log_err("accounts database %s: store: %s", db, gdbm_strerror(gdbm_errno));
+        return ACCT_TEMPFAIL;
+    }
+    return ACCT_OK;
+}
+
+static enum acct_result delete_record(const char *db, GDBM_FILE dbf,
+                                      const char *key)
+{
+    if (gdbm_delete(dbf, make_datum(key, strlen(key))) == 0)
+        return ACCT_OK;
+    if (gdbm_errno == GDBM_ITEM_NOT_FOUND)
+        return ACCT_NOTFOUND;
+    log_err("accounts database %s: delete: %s", db, gdbm_strerror(gdbm_errno));
+    return ACCT_TEMPFAIL;
+}
+
+/* "v1\n<password>\n" as a heap string (wipe and free), NULL if no memory. */
+static char *encode_password(const char *password, size_t *len)
+{
+    size_t plen = strlen(password);
+    *len = VALUE_VERSION_LEN + plen + 1;
+    char *v = malloc(*len + 1);
+    if (v)
+        snprintf(v, *len + 1, VALUE_VERSION "%s\n", password);
+    return v;
+}
+
+/* Copies the password out of a stored value.  A value in an unknown format
+ * is refused rather than guessed at. */
+static enum acct_result decode_password(const char *value, size_t len,
+                                        char *password, size_t n)
+{
+    if (len < VALUE_VERSION_LEN + 1 ||
+        memcmp(value, VALUE_VERSION, VALUE_VERSION_LEN) != 0)
+        return ACCT_TEMPFAIL;
+    const char *p = value + VALUE_VERSION_LEN;
+    const char *nl = memchr(p, '\n', len - VALUE_VERSION_LEN);
+    if (!nl || (size_t)(nl - p) >= n)
+        return ACCT_TEMPFAIL;
+    memcpy(password, p, (size_t)(nl - p));
+    password[nl - p] = '\0';
+    return ACCT_OK;
+}
+
+/* ------------------------------------------------------------ key lists */
+
+struct entry {
+    char *key;      /* without its "u:" / "d:" prefix */
+    char *value;    /* NULL unless asked for; never a password */
+};
+
+struct entry_list {
+    struct entry *v;
+    size_t n, cap;
+};
+
+static void entries_free(struct entry_list *l)
+{
+    for (size_t i = 0; i < l->n; i++) {
+        free(l->v[i].key);
+        free(l->v[i].value);
+    }
+    free(l->v);
+    l->v = NULL;
+    l->n = l->cap = 0;
+}
+
+static bool entries_add(struct entry_list *l, const char *key, size_t len)
+{
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 64;
+        struct entry *v = realloc(l->v, cap * sizeof *v);
+        if (!v)
+            return false;
+        l->v = v;
+        l->cap = cap;
+    }
+    char *k = malloc(len + 1);
+    if (!k)
+        return false;
+    memcpy(k, key, len);
+    k[len] = '\0';
+    l->v[l->n].key = k;
+    l->v[l->n].value = NULL;
+    l->n++;
+    return true;
+}
+
+/* Adds the key to the list when it starts with prefix.  Keys with a NUL
+ * inside are skipped: this module never writes them. */
+static bool collect_key(struct entry_list *l, datum k, const char *prefix)
+{
+    size_t len = k.dsize > 0 ? (size_t)k.dsize : 0;
+    if (len <= PREFIX_LEN || memcmp(k.dptr, prefix, PREFIX_LEN) != 0 ||
+        memchr(k.dptr, '\0', len))
+        return true;
+    return entries_add(l, k.dptr + PREFIX_LEN, len - PREFIX_LEN);
+}
+
+/* Every key that starts with prefix.  GDBM's traversal order is a hash
+ * order, so callers sort.  The list is built completely before anything is
+ * deleted, because deleting during a traversal can skip keys. */
+static enum acct_result collect_keys(const char *db, GDBM_FILE dbf,
+                                     const char *prefix, struct entry_list *l)
+{
+    if (!dbf)
+        return ACCT_OK;
+    datum k = gdbm_firstkey(dbf);
+    while (k.dptr) {
+        if (!collect_key(l, k, prefix)) {
+            free(k.dptr);
+            return ACCT_TEMPFAIL;
+        }
+        datum next = gdbm_nextkey(dbf, k);
+        free(k.dptr);
+        k = next;
+    }
+    if (gdbm_errno != GDBM_ITEM_NOT_FOUND) {
+        log_err("accounts database %s: traversal: %s", db,
+                gdbm_strerror(gdbm_errno));
+        return ACCT_TEMPFAIL;
+    }
+    return ACCT_OK;
+}
+
+/* Fills in the value of every "d:" entry (the bound account name). */
+static enum acct_result fetch_bindings(const char *db, GDBM_FILE dbf,
+                                       struct entry_list *l)
+{
+    char key[KEY_MAX + 1];
+    for (size_t i = 0; i < l->n; i++) {
+        size_t len;
+        enum acct_result r;
+        snprintf(key, sizeof key, DOMAIN_PREFIX "%s", l->v[i].key);
+        l->v[i].value = fetch_string(db, dbf, key, &len, &r);
+        if (r == ACCT_TEMPFAIL)
+            return r;
+    }
+    return ACCT_OK;
+}
+
+static int entry_cmp(const void *a, const void *b)
+{
+    return strcmp(((const struct entry *)a)->key,
+                  ((const struct entry *)b)->key);
+}
+
+/* Reads all entries of one kind with the database open, sorted. */
+static enum acct_result read_entries(const char *db, const char *prefix,
+                                     bool with_values, struct entry_list *l)
+{
+    GDBM_FILE dbf;
+    enum acct_result r = db_open(db, DB_READ, &dbf);
+    if (r != ACCT_OK)
+        return r;
+    r = collect_keys(db, dbf, prefix, l);
+    if (r == ACCT_OK && with_values)
+        r = fetch_bindings(db, dbf, l);
+    db_close_reader(dbf);
+    if (r != ACCT_OK)
+        entries_free(l);
+    else if (l->n > 1)
+        qsort(l->v, l->n, sizeof *l->v, entry_cmp);
+    return r;
+}
+
+/* ------------------------------------------------------------ readers */
+
+enum acct_result accounts_domain_owner(const char *db, const char *domain,
+                                       char *account, size_t n)
+{
+    char key[KEY_MAX + 1];
+    if (!domain_key(key, domain))
+        return ACCT_NOTFOUND;
+    GDBM_FILE dbf;
+    enum acct_result r = db_open(db, DB_READ, &dbf);
+    if (r != ACCT_OK)
+        return r;
+    size_t len;
+    char *owner = fetch_string(db, dbf, key, &len, &r);
+    db_close_reader(dbf);
+    if (owner && account && n > 0 && !str_copy(account, owner, n)) {
+        log_err("accounts database %s: account name of %s too long", db, key);
+        r = ACCT_TEMPFAIL;
+    }
+    free(owner);
+    return r;
+}
+
+enum acct_result accounts_password(const char *db, const char *name,
+                                   char *password, size_t n)
+{
+    char key[KEY_MAX + 1];
+    if (!user_key(key, name))
+        return ACCT_NOTFOUND;
+    GDBM_FILE dbf;
+    enum acct_result r = db_open(db, DB_READ, &dbf);
+    if (r != ACCT_OK)
+        return r;
+    size_t len;
+    char *value = fetch_string(db, dbf, key, &len, &r);
+    db_close_reader(dbf);
+    if (value && password && n > 0) {
+        r = decode_password(value, len, password, n);
+        if (r != ACCT_OK)
+            log_err("accounts database %s: record of account %s is malformed "
+                    "or too long", db, name);
+    }
+    wipe_free(value, len);
+    return r;
+}
+
+enum acct_result accounts_users(const char *db,
+                                void (*fn)(void *ctx, const char *name),
+                                void *ctx)
+{
+    struct entry_list l = {0};
+    enum acct_result r = read_entries(db, USER_PREFIX, false, &l);
+    if (r != ACCT_OK)
+        return r;
+    /* The database is closed by now: fn may do lookups of its own. */
+    for (size_t i = 0; i < l.n; i++)
+        fn(ctx, l.v[i].key);
+    entries_free(&l);
+    return ACCT_OK;
+}
+
+enum acct_result accounts_domains(const char *db,
+                                  void (*fn)(void *ctx, const char *domain,
+                                             const char *name),
+                                  void *ctx)
+{
+    struct entry_list l = {0};
+    enum acct_result r = read_entries(db, DOMAIN_PREFIX, true, &l);
+    if (r != ACCT_OK)
+        return r;
+    for (size_t i = 0; i < l.n; i++)
+        if (l.v[i].value)   /* deleted between traversal and fetch */
+            fn(ctx, l.v[i].key, l.v[i].value);
+    entries_free(&l);
+    return ACCT_OK;
+}
+
+/* ------------------------------------------------------------ writers */
+
+static enum acct_result store_password(const char *db, const char *name,
+                                       const char *password, enum db_mode mode,
+                                       int how)
+{
+    char key[KEY_MAX + 1];
+    if (!user_key(key, name) || !password_storable(password))
+        return ACCT_NOTFOUND;
+    size_t len;
+    char *value = encode_password(password, &len);
+    if (!value)
+        return ACCT_TEMPFAIL;
+    GDBM_FILE dbf;
+    enum acct_result r = db_open(db, mode, &dbf);
+    if (r == ACCT_OK) {
+        if (how == GDBM_REPLACE && !record_exists(dbf, key))
+            r = ACCT_NOTFOUND;
+        else
+            r = store_string(db, dbf, key, value, len, how);
+        r = db_close_writer(db, dbf, r);
+    }
+    wipe_free(value, len);
+    return r;
+}
+
+enum acct_result accounts_user_add(const char *db, const char *name,
+                                   const char *password)
+{
+    return store_password(db, name, password, DB_CREATE, GDBM_INSERT);
+}
+
+enum acct_result accounts_user_passwd(const char *db, const char *name,
+                                      const char *password)
+{
+    return store_password(db, name, password, DB_WRITE, GDBM_REPLACE);
+}
+
+/* Deletes every "d:" binding whose account is name. */
+static enum acct_result delete_bindings_of(const char *db, GDBM_FILE dbf,
+                                           const char *name)
+{
+    struct entry_list l = {0};
+    enum acct_result r = collect_keys(db, dbf, DOMAIN_PREFIX, &l);
+    if (r == ACCT_OK)
+        r = fetch_bindings(db, dbf, &l);
+    char key[KEY_MAX + 1];
+    for (size_t i = 0; r == ACCT_OK && i < l.n; i++) {
+        if (!l.v[i].value || strcmp(l.v[i].value, name) != 0)
+            continue;
+        snprintf(key, sizeof key, DOMAIN_PREFIX "%s", l.v[i].key);
+        r = delete_record(db, dbf, key);
+        if (r == ACCT_NOTFOUND)
+            r = ACCT_OK;
+    }
+    entries_free(&l);
+    return r;
+}
+
+enum acct_result accounts_user_del(const char *db, const char *name)
+{
+    char key[KEY_MAX + 1];
+    if (!user_key(key, name))
+        return ACCT_NOTFOUND;
+    GDBM_FILE dbf;
+    enum acct_result r = db_open(db, DB_WRITE, &dbf);
+    if (r != ACCT_OK)
+        return r;
+    /* Bindings go first: a crash in between leaves an account with fewer
+     * domains, never a domain bound to an account that does not exist. */
+    if (!record_exists(dbf, key))
+        r = ACCT_NOTFOUND;
+    else
+        r = delete_bindings_of(db, dbf, name);
+    if (r == ACCT_OK)
+        r = delete_record(db, dbf, key);
+    return db_close_writer(db, dbf, r);
+}
+
+/* Binds dkey to name inside an open writer. */
+static enum acct_result bind_domain(const char *db, GDBM_FILE dbf,
+                                    const char *dkey, const char *name)
+{
+    char ukey[KEY_MAX + 1];
+    user_key(ukey, name);
+    if (!record_exists(dbf, ukey))
+        return ACCT_NOTFOUND;
+    size_t len;
+    enum acct_result r;
+    char *owner = fetch_string(db, dbf, dkey, &len, &r);
+    if (owner) {
+        /* Binding a domain to the account it already has is not an error:
+         * provisioning scripts may run twice. */
+        r = strcmp(owner, name) == 0 ? ACCT_OK : ACCT_EXISTS;
+        free(owner);
+        return r;
+    }
+    if (r != ACCT_NOTFOUND)
+        return r;
+    return store_string(db, dbf, dkey, name, strlen(name), GDBM_INSERT);
+}
+
+enum acct_result accounts_domain_add(const char *db, const char *domain,
+                                     const char *name)
+{
+    char dkey[KEY_MAX + 1];
+    if (!domain_usable(domain) || !domain_key(dkey, domain) ||
+        !account_name_valid(name))
+        return ACCT_NOTFOUND;
+    GDBM_FILE dbf;
+    enum acct_result r = db_open(db, DB_WRITE, &dbf);
+    if (r != ACCT_OK)
+        return r;
+    r = bind_domain(db, dbf, dkey, name);
+    return db_close_writer(db, dbf, r);
+}
+
+enum acct_result accounts_domain_del(const char *db, const char *domain)
+{
+    char key[KEY_MAX + 1];
+    if (!domain_key(key, domain))
+        return ACCT_NOTFOUND;
+    GDBM_FILE dbf;
+    enum acct_result r = db_open(db, DB_WRITE, &dbf);
+    if (r != ACCT_OK)
+        return r;
+    r = delete_record(db, dbf, key);
+    return db_close_writer(db, dbf, r);
+}
+
+const char *acct_strerror(enum acct_result r)
+{
+    switch (r) {
+    case ACCT_OK:
+        return "success";
+    case ACCT_NOTFOUND:
+        return "not found";
+    case ACCT_EXISTS:
+        return "already exists";
+    case ACCT_TEMPFAIL:
+        return "account database temporarily unavailable";
+    case ACCT_NODB:
+        return "account database does not exist";
+    case ACCT_PERM:
+        return "permission denied on the account database";
+    }
+    return "unknown error";
+}
