@@ -346,9 +346,9 @@ static bool digits_to_u64(const char *s, size_t n, uint64_t *out)
         if (!is_digit((unsigned char)s[i]))
             return false;
         d = (unsigned)(s[i] - '0');
-        if (v > (UINT64_MAX - d) / 10)
-            return false;
-        v = v * 10 + d;
+        /* RFC 1870 allows 20 digits: a value past 64 bits is valid syntax
+         * for "too big", so it saturates instead of failing. */
+        v = (v > (UINT64_MAX - d) / 10) ? UINT64_MAX : v * 10 + d;
     }
     *out = v;
     return true;

@@ -493,9 +493,14 @@ static void do_data(struct smtp *s, const char *arg)
     reply(s, "354 End data with <CR><LF>.<CR><LF>");
     add_received(s, &in);
     if (!read_data(s, &in, &d)) {
+        bool timeout = s->io.status == IO_TIMEOUT;
         log_info("%s: lost connection with %s during DATA (%s)", in.id,
-                 s->peer->addr, s->io.status == IO_TIMEOUT ? "timeout" : "closed");
+                 s->peer->addr, timeout ? "timeout" : "closed");
         queue_in_abort(&in);
+        if (timeout) {
+            reply(s, "421 4.4.2 %s Error: timeout exceeded", s->conf->hostname);
+            io_flush(&s->io);
+        }
         return;
     }
     finish_data(s, &in, &d);
