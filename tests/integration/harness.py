@@ -791,6 +791,13 @@ class Env:
                     except OSError:
                         pass
         time.sleep(0.05)
+        # Under SANITIZE=1 a session child that hits a memory error or
+        # undefined behaviour may die without the test noticing: its
+        # report in the log is a failure by itself.
+        for marker in ("AddressSanitizer", "LeakSanitizer", "runtime error:"):
+            if marker in self.log():
+                problems.append("sanitizer report in the odmrd log (%s)" % marker)
+                break
         left = self.leftovers()
         if left:
             problems.append("processes left after the test: %r" % left)
