@@ -58,7 +58,7 @@ static size_t nlisteners;
 static struct child *children;
 static size_t nchildren;
 static int sig_pipe[2] = {-1, -1};
-static volatile sig_atomic_t got_term, got_hup, got_chld;
+static volatile sig_atomic_t got_term, got_hup, got_chld, got_usr1;
 
 static void usage(FILE *f)
 {
@@ -93,6 +93,8 @@ static void on_signal(int sig)
         got_hup = 1;
     else if (sig == SIGCHLD)
         got_chld = 1;
+    else if (sig == SIGUSR1)
+        got_usr1 = 1;
     char c = (char)sig;
     if (write(sig_pipe[1], &c, 1) < 0) {
         /* pipe full: the flags above are enough */
@@ -132,6 +134,7 @@ static bool setup_signals(void)
     set_handler(SIGINT, on_signal);
     set_handler(SIGHUP, on_signal);
     set_handler(SIGCHLD, on_signal);
+    set_handler(SIGUSR1, on_signal);   /* run queue maintenance now */
     signal(SIGPIPE, SIG_IGN);   /* TLS writes to a closed peer */
     return true;
 }
@@ -310,6 +313,7 @@ static void run_child(const struct listener *l, const struct session_peer *peer)
     set_handler(SIGINT, child_on_term);
     set_handler(SIGHUP, SIG_DFL);
     set_handler(SIGCHLD, SIG_DFL);
+    set_handler(SIGUSR1, SIG_DFL);
     close(sig_pipe[0]);
     close(sig_pipe[1]);
     close_listeners();
@@ -366,6 +370,10 @@ static void run_maintenance(void)
     if (pid != 0)
         return;   /* the master does not wait: SIGCHLD reaps it */
     set_handler(SIGTERM, SIG_DFL);
+    set_handler(SIGHUP, SIG_DFL);
+    set_handler(SIGUSR1, SIG_IGN);
+    close(sig_pipe[0]);
+    close(sig_pipe[1]);
     close_listeners();
     struct queue q;
     char err[256];
@@ -432,7 +440,7 @@ static void shutdown_children(void)
 static void main_loop(void)
 {
     struct pollfd pfd[MAX_LISTENERS + 1];
-    int64_t next_maint = now_ms() + MAINT_INTERVAL_S * 1000;
+    int64_t next_maint = now_ms();   /* once at start-up, then periodically */
     while (!got_term) {
         size_t n = 0;
         pfd[n++] = (struct pollfd){.fd = sig_pipe[0], .events = POLLIN};
@@ -455,7 +463,8 @@ static void main_loop(void)
         for (size_t i = 1; rc > 0 && i < n && !got_term; i++)
             if (pfd[i].revents & POLLIN)
                 accept_one(&listeners[i - 1]);
-        if (now_ms() >= next_maint) {
+        if (got_usr1 || now_ms() >= next_maint) {
+            got_usr1 = 0;
             run_maintenance();
             next_maint = now_ms() + MAINT_INTERVAL_S * 1000;
         }

@@ -635,6 +635,7 @@ class Env:
                                  stderr=subprocess.STDOUT)
         deadline = time.time() + wait
         pending = self.listeners()
+        probes = 0
         while pending:
             if self.daemon.poll() is not None:
                 tail = self.log_tail(5)
@@ -657,6 +658,7 @@ class Env:
                     s.settimeout(1)
                     s.connect(addr)
                     s.close()
+                    probes += 1
                 except OSError:
                     still.append((kind, addr))
             pending = still
@@ -666,8 +668,17 @@ class Env:
                     fail("odmrd listeners %r not accepting after %ss; log:\n%s"
                          % (pending, wait, self.log_tail()))
                 time.sleep(0.05)
-        # the probe connections must not count against connection limits
-        time.sleep(0.2)
+        # The probe connections must not count against connection limits:
+        # wait until their session processes are gone and reaped (a zombie
+        # still shows up as a descendant, and still counts in odmrd).
+        # Every probe is logged as "connect from" once its session runs.
+        deadline = time.time() + 10
+        def connects():
+            return self.log().rsplit("=== harness: starting odmrd ===", 1)[-1] \
+                .count("connect from ")
+        while (connects() < probes or
+               descendants(self.daemon.pid)) and time.time() < deadline:
+            time.sleep(0.02)
         return self.daemon
 
     def running(self):
