@@ -35,7 +35,8 @@ LIBS_SASL := -lsasl2
 LIBS_GDBM := -lgdbm
 
 COMMON_SRC := $(wildcard common/*.c)
-SERVER_LIB_SRC := server/conf.c server/envelope.c server/queue.c server/accounts.c
+SERVER_LIB_SRC := $(wildcard server/conf.c server/envelope.c server/queue.c \
+                  server/accounts.c server/auxprop.c server/bounce.c server/expire.c)
 ODMRD_SRC  := $(filter-out server/odmrctl.c $(SERVER_LIB_SRC),$(wildcard server/*.c))
 CLIENT_SRC := $(wildcard client/*.c)
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)

@@ -25,10 +25,13 @@
 
 #include "../common/io.h"
 #include "../common/log.h"
+#include "../common/sasl.h"
 #include "../common/util.h"
+#include "auxprop.h"
 #include "conf.h"
 #include "queue.h"
 #include "session.h"
+#include "workers.h"
 
 #define EX_OK_ 0
 #define EX_USAGE_ 64
@@ -46,17 +49,10 @@ struct listener {
     enum service svc;
 };
 
-struct child {
-    pid_t pid;
-    char addr[64];
-};
-
 static struct odmrd_conf conf;
 static SSL_CTX *tls_ctx;
 static struct listener listeners[MAX_LISTENERS];
 static size_t nlisteners;
-static struct child *children;
-static size_t nchildren;
 static int sig_pipe[2] = {-1, -1};
 static volatile sig_atomic_t got_term, got_hup, got_chld, got_usr1;
 
@@ -259,32 +255,12 @@ static void reap_children(void)
 {
     int status;
     pid_t pid;
-    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-        for (size_t i = 0; i < nchildren; i++) {
-            if (children[i].pid == pid) {
-                if (WIFSIGNALED(status) && WTERMSIG(status) != SIGTERM &&
-                    WTERMSIG(status) != SIGKILL)
-                    log_warn("session for %s (pid %ld) died of signal %d",
-                             children[i].addr, (long)pid, WTERMSIG(status));
-                children[i] = children[--nchildren];
-                break;
-            }
-        }
-    }
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0)
+        pool_reaped(pid, status);   /* else: a maintenance child */
 }
 
-static size_t count_from(const char *addr)
+static void peer_name(const struct sockaddr_storage *ss, char *buf, size_t n)
 {
-    size_t n = 0;
-    for (size_t i = 0; i < nchildren; i++)
-        n += !strcmp(children[i].addr, addr);
-    return n;
-}
-
-static void peer_name(int fd, const struct sockaddr_storage *ss, char *buf,
-                      size_t n)
-{
-    (void)fd;
     if (ss->ss_family == AF_INET)
         inet_ntop(AF_INET, &((const struct sockaddr_in *)ss)->sin_addr, buf,
                   (socklen_t)n);
@@ -307,59 +283,60 @@ static void refuse(int fd, const char *why)
     close(fd);
 }
 
-static void run_child(const struct listener *l, const struct session_peer *peer)
+/* In each new session process: its own signal handling, no master fds. */
+static void worker_setup(void)
 {
     set_handler(SIGTERM, child_on_term);
     set_handler(SIGINT, child_on_term);
-    set_handler(SIGHUP, SIG_DFL);
+    set_handler(SIGHUP, SIG_IGN);
     set_handler(SIGCHLD, SIG_DFL);
-    set_handler(SIGUSR1, SIG_DFL);
+    set_handler(SIGUSR1, SIG_IGN);
     close(sig_pipe[0]);
     close(sig_pipe[1]);
     close_listeners();
-    if (l->svc == SVC_ODMR)
-        odmr_session_run(&conf, tls_ctx, peer);
+}
+
+static void worker_session(int fd, const struct worker_job *job)
+{
+    struct session_peer peer = {.fd = fd};
+    str_copy(peer.addr, job->addr, sizeof peer.addr);
+    session_stop_requested = 0;
+    if (job->service == SVC_ODMR)
+        odmr_session_run(&conf, tls_ctx, &peer);
     else
-        smtp_session_run(&conf, tls_ctx, peer, l->svc == SVC_LMTP);
-    _exit(0);
+        smtp_session_run(&conf, tls_ctx, &peer, job->service == SVC_LMTP);
+    session_idle = 1;   /* between sessions a stop request ends us at once */
+    if (session_stop_requested)
+        _exit(0);
 }
 
 static void accept_one(const struct listener *l)
 {
     struct sockaddr_storage ss;
     socklen_t sl = sizeof ss;
-    struct session_peer peer;
+    struct worker_job job = {.service = (int)l->svc};
     int fd = accept(l->fd, (struct sockaddr *)&ss, &sl);
     if (fd < 0)
         return;   /* EAGAIN, ECONNABORTED, EMFILE: try again at next poll */
     fcntl(fd, F_SETFD, FD_CLOEXEC);
-    peer.fd = fd;
-    peer_name(fd, &ss, peer.addr, sizeof peer.addr);
-    if (nchildren >= conf.max_connections) {
+    peer_name(&ss, job.addr, sizeof job.addr);
+    switch (pool_dispatch(fd, &job, conf.max_connections_per_ip)) {
+    case POOL_OK:
+        return;
+    case POOL_FULL:
         log_warn("connection from %s refused: max_connections (%lu) reached",
-                 peer.addr, conf.max_connections);
+                 job.addr, conf.max_connections);
         refuse(fd, "Too many connections, try again later");
         return;
-    }
-    if (ss.ss_family != AF_UNIX &&
-        count_from(peer.addr) >= conf.max_connections_per_ip) {
+    case POOL_PER_IP:
         log_warn("connection from %s refused: max_connections_per_ip (%lu)",
-                 peer.addr, conf.max_connections_per_ip);
+                 job.addr, conf.max_connections_per_ip);
         refuse(fd, "Too many connections from your address");
         return;
-    }
-    pid_t pid = fork();
-    if (pid == 0)
-        run_child(l, &peer);
-    if (pid < 0) {
-        log_err("fork: %s", strerror(errno));
+    default:
         refuse(fd, "Service temporarily unavailable");
         return;
     }
-    close(fd);
-    children[nchildren].pid = pid;
-    str_copy(children[nchildren].addr, peer.addr, sizeof children[0].addr);
-    nchildren++;
 }
 
 /* ---------------------------------------------------------- maintenance */
@@ -414,6 +391,8 @@ static void reload(void)
         SSL_CTX_free(tls_ctx);
     tls_ctx = ctx;
     conf = fresh;
+    auxprop_set_db(conf.accounts_db);
+    pool_retire_all();   /* sessions from now on use the new settings */
     log_info("configuration reloaded from %s", conf.path);
 }
 
@@ -422,36 +401,31 @@ static void reload(void)
 static void shutdown_children(void)
 {
     close_listeners();
-    for (size_t i = 0; i < nchildren; i++)
-        kill(children[i].pid, SIGTERM);
-    int64_t deadline = now_ms() + SHUTDOWN_WAIT_S * 1000;
-    while (nchildren > 0 && now_ms() < deadline) {
-        reap_children();
-        if (nchildren)
-            usleep(50000);
-    }
-    for (size_t i = 0; i < nchildren; i++) {
-        log_warn("session for %s did not end in time, killed", children[i].addr);
-        kill(children[i].pid, SIGKILL);
-    }
-    reap_children();
+    pool_shutdown(SHUTDOWN_WAIT_S);
+}
+
+static void drain_signal_pipe(void)
+{
+    char drain[64];
+    while (read(sig_pipe[0], drain, sizeof drain) > 0)
+        ;
 }
 
 static void main_loop(void)
 {
-    struct pollfd pfd[MAX_LISTENERS + 1];
+    size_t cap = 1 + nlisteners + conf.max_connections;
+    struct pollfd *pfd = calloc(cap, sizeof *pfd);
     int64_t next_maint = now_ms();   /* once at start-up, then periodically */
-    while (!got_term) {
+    while (pfd && !got_term) {
         size_t n = 0;
         pfd[n++] = (struct pollfd){.fd = sig_pipe[0], .events = POLLIN};
         for (size_t i = 0; i < nlisteners; i++)
             pfd[n++] = (struct pollfd){.fd = listeners[i].fd, .events = POLLIN};
+        size_t first_worker = n;
+        n += pool_pollfds(pfd + n, cap - n);
         int rc = poll(pfd, n, 1000);
-        if (rc > 0 && (pfd[0].revents & POLLIN)) {
-            char drain[64];
-            while (read(sig_pipe[0], drain, sizeof drain) > 0)
-                ;
-        }
+        if (rc > 0 && (pfd[0].revents & POLLIN))
+            drain_signal_pipe();
         if (got_chld) {
             got_chld = 0;
             reap_children();
@@ -460,15 +434,20 @@ static void main_loop(void)
             got_hup = 0;
             reload();
         }
-        for (size_t i = 1; rc > 0 && i < n && !got_term; i++)
-            if (pfd[i].revents & POLLIN)
-                accept_one(&listeners[i - 1]);
+        if (rc > 0) {
+            /* finished sessions first, so their workers can take new ones */
+            pool_handle(pfd + first_worker, n - first_worker);
+            for (size_t i = 1; i < first_worker && !got_term; i++)
+                if (pfd[i].revents & POLLIN)
+                    accept_one(&listeners[i - 1]);
+        }
         if (got_usr1 || now_ms() >= next_maint) {
             got_usr1 = 0;
             run_maintenance();
             next_maint = now_ms() + MAINT_INTERVAL_S * 1000;
         }
     }
+    free(pfd);
 }
 
 /* ------------------------------------------------------------ startup */
@@ -556,6 +535,14 @@ static int start(const struct options *o)
             return EX_CONFIG_;
         }
     }
+    /* Cyrus loads its mechanism plugins here: before forking (shared by
+     * every session) and before dropping privileges. */
+    if (!sasl_glue_server_init(auxprop_plugin_init, AUXPROP_PLUGIN_NAME, err,
+                               sizeof err)) {
+        log_err("SASL: %s", err);
+        return EX_CONFIG_;
+    }
+    auxprop_set_db(conf.accounts_db);
     if (!queue_open(&q, conf.spool_dir, err, sizeof err)) {
         log_err("spool: %s", err);
         return EX_CONFIG_;
@@ -566,8 +553,8 @@ static int start(const struct options *o)
         return EX_OSERR_;
     if (!drop_privileges(conf.spool_dir, conf.accounts_db))
         return EX_CONFIG_;
-    children = calloc(conf.max_connections, sizeof *children);
-    if (!children || !setup_signals())
+    if (!pool_init(conf.max_connections, worker_session, worker_setup) ||
+        !setup_signals())
         return EX_OSERR_;
     if (!o->foreground && !daemonize())
         return EX_OSERR_;
@@ -604,7 +591,7 @@ int main(int argc, char **argv)
     if (rc)
         return rc;
     main_loop();
-    log_info("stopping: waiting for %zu sessions", nchildren);
+    log_info("stopping: waiting for %zu sessions", pool_busy());
     shutdown_children();
     if (conf.pid_file[0])
         unlink(conf.pid_file);

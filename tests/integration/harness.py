@@ -669,16 +669,15 @@ class Env:
                          % (pending, wait, self.log_tail()))
                 time.sleep(0.05)
         # The probe connections must not count against connection limits:
-        # wait until their session processes are gone and reaped (a zombie
-        # still shows up as a descendant, and still counts in odmrd).
-        # Every probe is logged as "connect from" once its session runs.
+        # wait until odmrd has logged the end of each probe session (session
+        # processes are reused, so they do not go away).
+        def ended():
+            run = self.log().rsplit("=== harness: starting odmrd ===", 1)[-1]
+            return run.count("disconnect from ") + run.count(" refused: ")
         deadline = time.time() + 10
-        def connects():
-            return self.log().rsplit("=== harness: starting odmrd ===", 1)[-1] \
-                .count("connect from ")
-        while (connects() < probes or
-               descendants(self.daemon.pid)) and time.time() < deadline:
+        while ended() < probes and time.time() < deadline:
             time.sleep(0.02)
+        time.sleep(0.05)   # the master reads the worker's "done" after the log line
         return self.daemon
 
     def running(self):

@@ -1,0 +1,561 @@
+#!/usr/bin/env python3
+"""tests/bench.py - the `make bench` entry point.
+
+    python3 tests/bench.py --build DIR [--rounds N] [--messages N]
+                           [--only NAME] [--keep] [--out FILE]
+
+Runs every benchmark of BENCHMARKS (functions taking a Context and returning
+a list of Row) and prints one table, which is also written to DIR/bench.txt.
+A benchmark that fails (a peer program missing, a wrong message count, a
+timeout) is reported as an error and makes the exit status 1; the other
+benchmarks still run.
+
+Benchmarks:
+  smtp-inbound   smtp-source (Postfix's SMTP load generator) sends M
+                 messages of 5 KB, 20 sessions in parallel, one message per
+                 connection, one recipient in a hosted domain, alternately
+                 into odmrd's inbound SMTP listener and into a private
+                 Postfix instance that keeps the mail on its hold queue.
+                 Both say 250 only after the message is durably on disk.
+                 Wall time is smtp-source's run time; after each run the
+                 queued count is checked (odmrd: M new .e files under
+                 SPOOL/q/example.org/; Postfix: M queue files).  Reports
+                 messages/s (median of the rounds) of both, the ratio and
+                 odmrd's peak RSS (VmHWM of the master at the end; of the
+                 session children sampled every 50 ms while they run).
+  smtp-inbound-reuse  the same with smtp-source -d: the messages go over
+                 the 20 connections (one session each), which separates
+                 the cost per message from the cost per connection.
+
+Needs root (the Postfix instance), /usr/sbin/smtp-source and postfix
+(`make test-deps`).  Only 127.0.0.1 is used.  Every process started is
+killed by pid at the end, also on errors and Ctrl-C.
+
+Python 3 standard library only.
+"""
+
+import argparse
+import collections
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "integration"))
+
+import postfix_instance  # noqa: E402
+from postfix_instance import PostfixInstance, PostfixError  # noqa: E402
+
+ROUND_TIMEOUT = 300          # seconds per smtp-source run
+SAMPLE_INTERVAL = 0.05       # RSS sampling period
+
+Row = collections.namedtuple("Row", "bench metric value unit note")
+
+
+class BenchError(Exception):
+    """A benchmark could not produce a valid result."""
+
+
+def need(program):
+    p = postfix_instance.find_program(program)
+    if not p:
+        raise BenchError("required program %r is not installed "
+                         "(make test-deps)" % program)
+    return p
+
+
+# ---------------------------------------------------------------- context
+class Context:
+    def __init__(self, args):
+        self.args = args
+        self.build = os.path.abspath(args.build)
+        self.rounds = args.rounds
+        self.messages = args.messages
+        self.sessions = args.sessions
+        self.size = args.size
+        self.keep = args.keep
+        self.cleanups = []           # callables, run in reverse order
+
+    def at_exit(self, fn):
+        self.cleanups.append(fn)
+        return fn
+
+    def run_cleanups(self):
+        problems = []
+        while self.cleanups:
+            fn = self.cleanups.pop()
+            try:
+                r = fn()
+                if isinstance(r, list):
+                    problems.extend(r)
+            except BaseException as e:  # keep cleaning up
+                problems.append("cleanup: %s" % e)
+        return problems
+
+    def info(self, msg):
+        sys.stdout.write("  " + msg + "\n")
+        sys.stdout.flush()
+
+
+# ---------------------------------------------------------------- /proc
+def proc_children(pid):
+    """Direct children of pid: /proc/PID/task/*/children, or a scan of
+    /proc when the kernel lacks that file."""
+    out = []
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return out
+    try:
+        for tid in tids:
+            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
+                out.extend(int(x) for x in f.read().split())
+        return out
+    except FileNotFoundError:
+        if not os.path.exists("/proc/%d" % pid):
+            return []
+    except OSError:
+        return []
+    return [int(n) for n in os.listdir("/proc")
+            if n.isdigit() and postfix_instance.proc_ppid(int(n)) == pid]
+
+
+def proc_status_kb(pid, field="VmHWM"):
+    """A kB field of /proc/PID/status, or None."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def proc_comm(pid):
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+class RSSSampler:
+    """While active(), a thread reads every SAMPLE_INTERVAL the VmHWM of the
+    children of `root` (all descendants with deep=True) and keeps the
+    largest per process name (comm) and the distinct pids seen."""
+
+    def __init__(self, root, deep=False):
+        self.root = root
+        self.deep = deep
+        self.peak = {}            # comm -> kB
+        self.seen = {}            # comm -> set of pids
+        self.samples = 0
+
+    def sample(self):
+        if self.deep:
+            pids = postfix_instance.proc_descendants(self.root)
+        else:
+            pids = proc_children(self.root)
+        for pid in pids:
+            kb = proc_status_kb(pid)
+            if kb is None:
+                continue
+            comm = proc_comm(pid)
+            if kb > self.peak.get(comm, 0):
+                self.peak[comm] = kb
+            self.seen.setdefault(comm, set()).add(pid)
+        self.samples += 1
+
+    @contextlib.contextmanager
+    def active(self):
+        halt = threading.Event()
+
+        def loop():
+            while not halt.is_set():
+                self.sample()
+                halt.wait(SAMPLE_INTERVAL)
+
+        t = threading.Thread(target=loop, daemon=True)
+        t.start()
+        try:
+            yield self
+        finally:
+            halt.set()
+            t.join(5)
+
+    def largest(self):
+        """(kB, comm) of the largest peak seen, or (None, None)."""
+        if not self.peak:
+            return None, None
+        comm = max(self.peak, key=lambda c: self.peak[c])
+        return self.peak[comm], comm
+
+    def nseen(self):
+        return sum(len(s) for s in self.seen.values())
+
+
+# ---------------------------------------------------------------- odmrd
+class Odmrd:
+    """odmrd with a private spool, account database and configuration,
+    started in the foreground; built on tests/integration/harness.Env."""
+
+    def __init__(self, ctx, domain="example.org", user="bench", **conf):
+        import harness
+        self.harness = harness
+        for prog in ("odmrd", "odmrctl"):
+            p = os.path.join(ctx.build, prog)
+            if not os.access(p, os.X_OK):
+                raise BenchError("%s is not built (make)" % p)
+        self.env = harness.Env(ctx.build, name="bench")
+        if ctx.keep:
+            self.env.keep = True
+        ctx.at_exit(self.env.cleanup)
+        settings = {"hostname": "mx.test", "lmtp_listen": "",
+                    "max_connections_per_ip": "100", "timeout": "60s"}
+        settings.update(conf)
+        self.env.write_conf(**settings)
+        self.domain = domain
+        try:
+            self.env.add_user(user, "pw")
+            self.env.add_domain(domain, user)
+        except harness.TestFailure as e:
+            raise BenchError(str(e))
+
+    @property
+    def port(self):
+        return self.env.smtp_port
+
+    @property
+    def pid(self):
+        return self.env.daemon.pid if self.env.daemon else None
+
+    def start(self):
+        try:
+            self.env.start(wait=15)
+        except self.harness.TestFailure as e:
+            raise BenchError(str(e))
+
+    def domain_dir(self):
+        return os.path.join(self.env.spool, "q", self.domain)
+
+    def queued(self):
+        """Number of committed messages (.e files) of the domain."""
+        try:
+            return sum(1 for n in os.listdir(self.domain_dir())
+                       if n.endswith(".e"))
+        except FileNotFoundError:
+            return 0
+
+    def clear_spool(self):
+        """Removes every queued message (files of q/*/ and tmp/) while the
+        daemon runs; the directories stay."""
+        for sub in ("q", "tmp"):
+            top = os.path.join(self.env.spool, sub)
+            if not os.path.isdir(top):
+                continue
+            for root, dirs, files in os.walk(top):
+                for f in files:
+                    if f == ".lock":
+                        continue
+                    try:
+                        os.unlink(os.path.join(root, f))
+                    except FileNotFoundError:
+                        pass
+
+    def log_tail(self, n=20):
+        return self.env.log_tail(n)
+
+
+# ---------------------------------------------------------------- smtp-source
+def run_smtp_source(ctx, port, rcpt="user@example.org", sender="sender@src.test",
+                    extra=()):
+    """Runs smtp-source against 127.0.0.1:port; returns the wall time in
+    seconds from its start to its exit.  Raises BenchError on a non-zero
+    exit, any output on stderr, or a timeout."""
+    argv = [need("smtp-source"), "-s", str(ctx.sessions),
+            "-l", str(ctx.size), "-m", str(ctx.messages),
+            "-f", sender, "-t", rcpt] + list(extra) + ["127.0.0.1:%d" % port]
+    t0 = time.monotonic()
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    ctx.at_exit(lambda: _kill(p))
+    try:
+        out, err = p.communicate(timeout=ROUND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        _kill(p)
+        raise BenchError("smtp-source did not finish within %ds"
+                         % ROUND_TIMEOUT)
+    elapsed = time.monotonic() - t0
+    err = err.decode("utf-8", "replace").strip()
+    if p.returncode != 0 or err:
+        raise BenchError("smtp-source exited %d: %s" % (p.returncode,
+                                                       err[-600:]))
+    return elapsed
+
+
+def _kill(p):
+    if p.poll() is None:
+        try:
+            p.kill()
+        except ProcessLookupError:
+            pass
+    try:
+        p.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+    for s in (p.stdout, p.stderr):
+        if s:
+            s.close()
+
+
+def wait_count(fn, want, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
+def postfix_version():
+    try:
+        out = subprocess.run([need("postconf"), "-d", "-h", "mail_version"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             timeout=30).stdout.decode().strip()
+        return out or "?"
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def mb(kb):
+    return "%.1f" % (kb / 1024.0) if kb is not None else "?"
+
+
+# ---------------------------------------------------------------- benchmarks
+def bench_smtp_inbound(ctx, reuse=False):
+    """odmrd inbound SMTP vs. a Postfix instance that keeps mail queued.
+    reuse: smtp-source -d (all messages over the `sessions` connections
+    instead of one connection per message)."""
+    need("smtp-source")
+    need("postfix")
+    name = "smtp-inbound%s %dx%dB s=%d" % (" -d" if reuse else "",
+                                         ctx.messages, ctx.size, ctx.sessions)
+    extra = ["-d"] if reuse else []
+    n = ctx.messages
+
+    od = Odmrd(ctx)
+    od.start()
+    pf = PostfixInstance(mode="hold", name="bench-postfix", keep=ctx.keep)
+    ctx.at_exit(pf.cleanup)
+    pf.start()
+    for w in pf.check_warnings:
+        ctx.info("postfix check: " + w)
+    pf.clear_queue()
+
+    # Postfix's master forks all its daemons itself, odmrd's master its
+    # sessions: sampling direct children is enough for both.  Each sampler
+    # only runs while its own side is under load.
+    od_sampler = RSSSampler(od.pid)
+    pf_sampler = RSSSampler(pf.master_pid)
+
+    rates = {"odmrd": [], "postfix": []}
+    for r in range(1, ctx.rounds + 1):
+        # odmrd
+        od.clear_spool()
+        if od.queued() != 0:
+            raise BenchError("odmrd spool not empty before round %d" % r)
+        with od_sampler.active():
+            t = run_smtp_source(ctx, od.port, extra=extra)
+        got = wait_count(od.queued, n, timeout=10)
+        if got != n:
+            raise BenchError("odmrd round %d: %d messages queued in %s, "
+                             "expected %d\n%s" % (r, got, od.domain_dir(), n,
+                                                  od.log_tail()))
+        if r == 1:
+            problems = od.env.spool_problems()   # envelopes parse, sizes agree
+            if problems:
+                raise BenchError("odmrd spool after round 1: %d problems, "
+                                 "e.g. %s" % (len(problems), problems[0]))
+        rates["odmrd"].append(n / t)
+        ctx.info("round %d odmrd:   %7.2fs %8.1f msgs/s  (%d queued, "
+                 "master VmRSS %s MB)" % (r, t, n / t, got,
+                                          mb(proc_status_kb(od.pid, "VmRSS"))))
+        # postfix
+        pf.clear_queue()
+        if pf.queued() != 0:
+            raise BenchError("postfix queue not empty before round %d" % r)
+        with pf_sampler.active():
+            t = run_smtp_source(ctx, pf.port, extra=extra)
+        got = pf.wait_queued(n, timeout=10)
+        if got != n:
+            raise BenchError("postfix round %d: %d messages queued, expected "
+                             "%d (%r)\n%s" % (r, got, n, pf.queue_counts(),
+                                              pf.log_tail()))
+        rates["postfix"].append(n / t)
+        ctx.info("round %d postfix: %7.2fs %8.1f msgs/s  (%d queued)"
+                 % (r, t, n / t, got))
+
+    master_kb = proc_status_kb(od.pid)
+    od.clear_spool()
+    pf.clear_queue()
+
+    med = {k: statistics.median(v) for k, v in rates.items()}
+
+    def rounds_note(v):
+        return "median of %d rounds: %s" % (
+            len(v), ", ".join("%.0f" % x for x in v))
+
+    child_kb, _ = od_sampler.largest()
+    pf_smtpd = pf_sampler.peak.get("smtpd")
+    pf_cleanup = pf_sampler.peak.get("cleanup")
+    return [
+        Row(name, "odmrd", "%.1f" % med["odmrd"], "msgs/s",
+            rounds_note(rates["odmrd"])),
+        Row(name, "postfix %s (hold queue)" % postfix_version(),
+            "%.1f" % med["postfix"], "msgs/s", rounds_note(rates["postfix"])),
+        Row(name, "ratio odmrd/postfix", "%.2f" % (med["odmrd"] / med["postfix"]),
+            "x", "higher is better for odmrd"),
+        Row(name, "odmrd master peak RSS", mb(master_kb), "MB",
+            "VmHWM at the end of the run"),
+        Row(name, "odmrd session peak RSS", mb(child_kb), "MB",
+            "largest VmHWM of %d session children sampled every %dms"
+            % (od_sampler.nseen(), SAMPLE_INTERVAL * 1000)),
+        Row(name, "postfix smtpd / cleanup peak RSS",
+            "%s / %s" % (mb(pf_smtpd), mb(pf_cleanup)), "MB",
+            "for comparison, sampled the same way"),
+    ]
+
+
+def bench_smtp_inbound_reuse(ctx):
+    """The same over 20 long connections: separates the per-message cost
+    (queue writes) from the per-connection cost (odmrd forks a session per
+    connection, Postfix re-uses its smtpd processes)."""
+    return bench_smtp_inbound(ctx, reuse=True)
+
+
+# (name, function): each function takes a Context and returns [Row]
+BENCHMARKS = [
+    ("smtp-inbound", bench_smtp_inbound),
+    ("smtp-inbound-reuse", bench_smtp_inbound_reuse),
+]
+
+
+# ---------------------------------------------------------------- output
+def format_table(rows, errors):
+    head = Row("benchmark", "metric", "value", "unit", "notes")
+    table = [head] + list(rows)
+    widths = [max(len(str(r[i])) for r in table) for i in range(4)]
+    lines = []
+    for i, r in enumerate(table):
+        cells = [str(r[0]).ljust(widths[0]), str(r[1]).ljust(widths[1]),
+                 str(r[2]).rjust(widths[2]), str(r[3]).ljust(widths[3]),
+                 str(r[4])]
+        lines.append("  ".join(cells).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  -----")
+    for name, msg in errors:
+        lines.append("ERROR %s: %s" % (name, msg.splitlines()[0] if msg else ""))
+    return "\n".join(lines) + "\n"
+
+
+def system_line():
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f
+                          if l.startswith("model name")), "?")
+    except OSError:
+        model = "?"
+    return "%s, %d CPU (%s), kernel %s, load average %s" % (
+        platform.node(), os.cpu_count() or 0, model, platform.release(),
+        " ".join("%.2f" % x for x in os.getloadavg()))
+
+
+def main():
+    ap = argparse.ArgumentParser(description="odmr benchmarks")
+    ap.add_argument("--build", default="build")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--messages", type=int, default=5000)
+    ap.add_argument("--size", type=int, default=5120)
+    ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--only", action="append", default=[],
+                    help="run only this benchmark (or those whose name contains "
+                         "this); repeatable")
+    ap.add_argument("--out", help="table file (default BUILD/bench.txt)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the temporary directories")
+    args = ap.parse_args()
+    if args.rounds < 1 or args.messages < 1:
+        ap.error("--rounds and --messages must be positive")
+    if os.environ.get("ODMR_KEEP") == "1":
+        args.keep = True
+    out_path = args.out or os.path.join(args.build, "bench.txt")
+
+    rows, errors = [], []
+    started = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    sysline = system_line()
+    print("odmr benchmarks, %s" % started)
+    print(sysline)
+    load = os.getloadavg()[0]
+    if load > 1.0:
+        print("warning: the machine is busy (load average %.2f): other work "
+              "competes for the CPUs and disk, figures will be noisy" % load)
+    if os.geteuid() != 0:
+        errors.append(("all", "must run as root (private Postfix instance)"))
+    names = [n for n, _ in BENCHMARKS]
+
+    def wanted(n):
+        # --only NAME: that benchmark exactly, else every name containing it
+        return any(o == n or (o not in names and o in n) for o in args.only)
+
+    selected = [(n, f) for n, f in BENCHMARKS if not args.only or wanted(n)]
+    if not selected:
+        errors.append(("all", "no benchmark matches %r" % args.only))
+    for name, fn in (selected if not errors else []):
+        print("== %s" % name)
+        ctx = Context(args)
+        t0 = time.monotonic()
+        try:
+            rows.extend(fn(ctx))
+        except KeyboardInterrupt:
+            problems = ctx.run_cleanups()
+            for p in problems:
+                print("  cleanup: %s" % p)
+            print("interrupted")
+            return 130
+        except (BenchError, PostfixError) as e:
+            errors.append((name, str(e)))
+            print("  ERROR: %s" % e)
+        except Exception as e:
+            errors.append((name, "%s: %s" % (type(e).__name__, e)))
+            traceback.print_exc()
+        finally:
+            for p in ctx.run_cleanups():
+                print("  cleanup: %s" % p)
+        print("  (%.0fs)" % (time.monotonic() - t0))
+
+    table = format_table(rows, errors)
+    print()
+    sys.stdout.write(table)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        with open(out_path, "w") as f:
+            f.write("# odmr benchmarks, %s\n# %s\n" % (started, sysline))
+            f.write(table)
+        print("table written to %s" % out_path)
+    except OSError as e:
+        print("cannot write %s: %s" % (out_path, e))
+        return 1
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
