@@ -75,12 +75,17 @@ static bool receive_job(int chan, int *fd, struct worker_job *job)
 static void worker_main(int chan)
 {
     setup_worker();
-    for (unsigned used = 0; used < WORKER_MAX_USE; used++) {
+    for (unsigned used = 1;; used++) {
         int fd;
         struct worker_job job;
         if (!receive_job(chan, &fd, &job))
             break;
         run_session(fd, &job);
+        /* After the last session say nothing: had we said "done", the
+         * master could hand us a connection we would never serve.  Our
+         * exit (EOF on the channel) tells it instead. */
+        if (used >= WORKER_MAX_USE)
+            break;
         char done = 'd';
         if (write(chan, &done, 1) != 1)
             break;
