@@ -1,24 +1,530 @@
 /* odmr_session.c - the ODMR service (RFC 2645) on odmr_listen.
  *
- * Not built yet: AUTH, ATRN and the reversed delivery are the next piece
- * of work (issue 3).  Until then the listener answers honestly with a
- * temporary refusal, so a customer's client retries later instead of
- * treating the provider as broken for good. */
+ * Before the role reversal this is a restricted ESMTP server: EHLO/HELO,
+ * STARTTLS, AUTH (RFC 4954 through Cyrus SASL, common/sasl.h), ATRN, NOOP,
+ * RSET, HELP, QUIT; everything else is 502.  A successful ATRN locks the
+ * requested domains (flock: released by the kernel if this process dies)
+ * and hands the connection to delivery.c, where odmrd is the client. */
 #include "session.h"
 
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <unistd.h>
+
+#include "../common/addr.h"
 #include "../common/io.h"
 #include "../common/log.h"
+#include "../common/sasl.h"
+#include "../common/smtp.h"
+#include "../common/util.h"
+#include "accounts.h"
+#include "delivery.h"
+#include "queue.h"
+
+#define MAX_AUTH_FAILURES 3      /* SPEC 3.5: then 421 */
+#define MAX_BAD_COMMANDS 20
+#define MAX_ATRN_DOMAINS 100
+
+struct odmr {
+    const struct odmrd_conf *conf;
+    SSL_CTX *tls_ctx;
+    const struct session_peer *peer;
+    struct io io;
+    struct queue q;
+    bool greeted, esmtp, tls_on, done;
+    struct sasl_glue_server *sasl;
+    char mechs[512];
+    char user[ACCOUNT_NAME_MAX + 1];   /* "" until authenticated */
+    unsigned auth_failures, bad_commands;
+    char local_ipport[80], remote_ipport[80];
+};
+
+struct domain_set {
+    char *names[MAX_ATRN_DOMAINS];
+    int locks[MAX_ATRN_DOMAINS];
+    size_t n;
+};
+
+static void reply(struct odmr *s, const char *fmt, ...) PRINTF_LIKE(2, 3);
+
+static void reply(struct odmr *s, const char *fmt, ...)
+{
+    char line[SMTP_REPLY_LINE_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line - 2, fmt, ap);
+    va_end(ap);
+    io_puts(&s->io, line);
+    io_puts(&s->io, "\r\n");
+    log_debug("%s > %s", s->peer->addr, line);
+}
+
+static void sockaddr_ipport(const struct sockaddr_storage *ss, char *buf,
+                            size_t n)
+{
+    char ip[INET6_ADDRSTRLEN] = "";
+    unsigned port = 0;
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)ss;
+        inet_ntop(AF_INET, &in->sin_addr, ip, sizeof ip);
+        port = ntohs(in->sin_port);
+    } else if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)ss;
+        inet_ntop(AF_INET6, &in6->sin6_addr, ip, sizeof ip);
+        port = ntohs(in6->sin6_port);
+    }
+    buf[0] = '\0';
+    if (ip[0])
+        snprintf(buf, n, "%s;%u", ip, port);
+}
+
+/* Cyrus wants "IP;PORT" for both ends (some mechanisms bind to them). */
+static void socket_names(struct odmr *s)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    if (getsockname(s->peer->fd, (struct sockaddr *)&ss, &sl) == 0)
+        sockaddr_ipport(&ss, s->local_ipport, sizeof s->local_ipport);
+    sl = sizeof ss;
+    if (getpeername(s->peer->fd, (struct sockaddr *)&ss, &sl) == 0)
+        sockaddr_ipport(&ss, s->remote_ipport, sizeof s->remote_ipport);
+}
+
+/* A fresh SASL server object for the current TLS state. */
+static bool sasl_renew(struct odmr *s)
+{
+    char err[256];
+    unsigned bits = s->tls_on && s->io.ssl
+                        ? (unsigned)SSL_get_cipher_bits(s->io.ssl, NULL) : 0;
+    sasl_glue_server_free(s->sasl);
+    s->mechs[0] = '\0';
+    s->sasl = sasl_glue_server_new("smtp", s->conf->hostname,
+                                   s->local_ipport[0] ? s->local_ipport : NULL,
+                                   s->remote_ipport[0] ? s->remote_ipport : NULL,
+                                   s->tls_on, bits, err, sizeof err);
+    if (!s->sasl) {
+        log_err("%s: SASL: %s", s->peer->addr, err);
+        return false;
+    }
+    if (!sasl_glue_server_mechanisms(s->sasl, s->conf->sasl_mechanisms, s->mechs,
+                                     sizeof s->mechs))
+        s->mechs[0] = '\0';
+    return true;
+}
+
+/* ------------------------------------------------------------ commands */
+
+static void do_helo(struct odmr *s, const char *arg, bool extended)
+{
+    if (!*arg) {
+        reply(s, "501 5.5.4 Syntax: %s hostname", extended ? "EHLO" : "HELO");
+        return;
+    }
+    s->greeted = true;
+    s->esmtp = extended;
+    if (!extended) {
+        reply(s, "250 %s", s->conf->hostname);
+        return;
+    }
+    if (!s->sasl)
+        sasl_renew(s);
+    bool auth_usable = s->mechs[0] && !s->user[0] &&
+                       (!s->conf->require_tls || s->tls_on);
+    reply(s, "250-%s", s->conf->hostname);
+    if (auth_usable)
+        reply(s, "250-AUTH %s", s->mechs);
+    if (s->tls_ctx && !s->tls_on)
+        reply(s, "250-STARTTLS");
+    reply(s, "250-ENHANCEDSTATUSCODES");
+    reply(s, "250 ATRN");
+}
+
+static void do_starttls(struct odmr *s, const char *arg)
+{
+    char err[256];
+    if (!s->tls_ctx || s->tls_on) {
+        reply(s, "502 5.5.1 STARTTLS not available");
+        return;
+    }
+    if (*arg) {
+        reply(s, "501 5.5.4 Syntax: STARTTLS");
+        return;
+    }
+    if (io_pending(&s->io)) {
+        reply(s, "503 5.5.1 No command may follow STARTTLS in the same packet");
+        return;
+    }
+    reply(s, "220 2.0.0 Ready to start TLS");
+    if (!io_starttls_server(&s->io, s->tls_ctx, err, sizeof err)) {
+        log_info("%s: TLS handshake failed: %s", s->peer->addr, err);
+        s->done = true;
+        return;
+    }
+    /* RFC 3207 section 4.2: start over as if the session were new. */
+    s->tls_on = true;
+    s->greeted = s->esmtp = false;
+    s->user[0] = '\0';
+    sasl_renew(s);
+}
+
+/* Reads the client's answer to a 334; NULL after replying when the
+ * exchange must stop (cancel, bad line, connection gone). */
+static const char *auth_response(struct odmr *s, char *line, size_t n)
+{
+    long len = io_getline(&s->io, line, n, NULL);
+    if (len == IO_TOOLONG) {
+        reply(s, "500 5.5.6 Authentication line too long");
+        return NULL;
+    }
+    if (len < 0) {
+        s->done = true;
+        return NULL;
+    }
+    if (!strcmp(line, "*")) {
+        reply(s, "501 5.7.0 Authentication cancelled");
+        return NULL;
+    }
+    return line;
+}
+
+static void auth_failed(struct odmr *s, const char *mech)
+{
+    s->auth_failures++;
+    log_info("%s: authentication failed, mechanism %s (%s)", s->peer->addr, mech,
+             sasl_glue_server_reason(s->sasl));
+    if (s->auth_failures >= MAX_AUTH_FAILURES) {
+        reply(s, "421 4.7.0 %s Too many authentication failures",
+              s->conf->hostname);
+        s->done = true;
+        return;
+    }
+    reply(s, "535 5.7.8 Authentication credentials invalid");
+}
+
+static void auth_result(struct odmr *s, enum sasl_glue_result r, const char *mech)
+{
+    switch (r) {
+    case SASL_GLUE_OK:
+        str_copy(s->user, sasl_glue_server_username(s->sasl), sizeof s->user);
+        log_info("%s: authenticated as %s with %s%s", s->peer->addr, s->user,
+                 mech, s->tls_on ? " over TLS" : "");
+        reply(s, "235 2.7.0 Authentication successful");
+        break;
+    case SASL_GLUE_FAIL: auth_failed(s, mech); break;
+    case SASL_GLUE_BADMECH:
+        reply(s, "504 5.5.4 Unrecognized authentication type");
+        break;
+    case SASL_GLUE_BADB64: reply(s, "501 5.5.2 Invalid base64 data"); break;
+    default: reply(s, "454 4.7.0 Temporary authentication failure"); break;
+    }
+}
+
+static void do_auth(struct odmr *s, const char *arg)
+{
+    static char chal[SASL_GLUE_B64_MAX + 1], line[SASL_GLUE_B64_MAX + 2];
+    char mech[SASL_GLUE_MECH_MAX + 1];
+    if (!s->esmtp) {
+        reply(s, "503 5.5.1 Send EHLO first");
+        return;
+    }
+    if (s->user[0]) {
+        reply(s, "503 5.5.1 Already authenticated");
+        return;
+    }
+    if (s->conf->require_tls && !s->tls_on) {
+        reply(s, "530 5.7.0 Must issue a STARTTLS command first");
+        return;
+    }
+    size_t mlen = strcspn(arg, " ");
+    if (mlen == 0 || mlen > SASL_GLUE_MECH_MAX) {
+        reply(s, "501 5.5.4 Syntax: AUTH mechanism [initial-response]");
+        return;
+    }
+    memcpy(mech, arg, mlen);
+    mech[mlen] = '\0';
+    const char *initial = arg[mlen] == ' ' ? arg + mlen + 1 : NULL;
+    if (!s->sasl && !sasl_renew(s)) {
+        reply(s, "454 4.7.0 Temporary authentication failure");
+        return;
+    }
+    enum sasl_glue_result r = sasl_glue_server_start(s->sasl, mech, initial, chal,
+                                                     sizeof chal);
+    while (r == SASL_GLUE_CONTINUE) {
+        reply(s, "334 %s", chal);
+        const char *resp = auth_response(s, line, sizeof line);
+        if (!resp)
+            return;
+        r = sasl_glue_server_step(s->sasl, resp, chal, sizeof chal);
+    }
+    auth_result(s, r, mech);
+}
+
+/* ---------------------------------------------------------------- ATRN */
+
+static void release(struct domain_set *set)
+{
+    for (size_t i = 0; i < set->n; i++) {
+        if (set->locks[i] >= 0)
+            close(set->locks[i]);
+        free(set->names[i]);
+    }
+    set->n = 0;
+}
+
+static bool add_domain(struct domain_set *set, const char *domain)
+{
+    char key[ADDR_DOMAIN_MAX + 1];
+    addr_domain_key(domain, key, sizeof key);
+    for (size_t i = 0; i < set->n; i++)
+        if (!strcmp(set->names[i], key))
+            return true;
+    if (set->n == MAX_ATRN_DOMAINS)
+        return false;
+    set->names[set->n] = strdup(key);
+    set->locks[set->n] = -1;
+    if (!set->names[set->n])
+        return false;
+    set->n++;
+    return true;
+}
+
+struct own_ctx {
+    const char *user;
+    struct domain_set *set;
+    bool overflow;
+};
+
+static void collect_owned(void *ctx, const char *domain, const char *name)
+{
+    struct own_ctx *o = ctx;
+    if (!strcmp(name, o->user) && !add_domain(o->set, domain))
+        o->overflow = true;
+}
+
+/* Parses "d1,d2,..."; false on a syntax error. */
+static bool parse_domains(const char *arg, struct domain_set *set)
+{
+    char buf[SMTP_LINE_MAX + 1];
+    if (!str_copy(buf, arg, sizeof buf))
+        return false;
+    char *save = NULL;
+    size_t len = strlen(buf);
+    if (len == 0 || buf[0] == ',' || buf[len - 1] == ',' || strstr(buf, ",,"))
+        return false;
+    for (char *d = strtok_r(buf, ",", &save); d; d = strtok_r(NULL, ",", &save)) {
+        if (!addr_valid_domain(d, false) || !add_domain(set, d))
+            return false;
+    }
+    return set->n > 0;
+}
+
+/* Every domain must belong to the account; reply and false otherwise. */
+static bool check_ownership(struct odmr *s, struct domain_set *set)
+{
+    char owner[ACCOUNT_NAME_MAX + 1];
+    for (size_t i = 0; i < set->n; i++) {
+        enum acct_result r = accounts_domain_owner(s->conf->accounts_db,
+                                                   set->names[i], owner,
+                                                   sizeof owner);
+        if (r == ACCT_OK && !strcmp(owner, s->user))
+            continue;
+        if (r == ACCT_OK || r == ACCT_NOTFOUND) {
+            /* Same reply whether the domain exists or not (RFC 2645 7). */
+            log_info("%s: ATRN refused: %s is not a domain of %s", s->peer->addr,
+                     set->names[i], s->user);
+            reply(s, "450 4.7.1 ATRN request refused");
+        } else {
+            log_err("accounts database %s: %s", s->conf->accounts_db,
+                    acct_strerror(r));
+            reply(s, "451 4.3.0 Temporary lookup failure");
+        }
+        return false;
+    }
+    return true;
+}
+
+static bool lock_all(struct odmr *s, struct domain_set *set)
+{
+    for (size_t i = 0; i < set->n; i++) {
+        set->locks[i] = queue_lock_domain(&s->q, set->names[i]);
+        if (set->locks[i] >= 0)
+            continue;
+        if (set->locks[i] == -2) {
+            log_info("%s: ATRN for %s: being dequeued by another session",
+                     s->peer->addr, set->names[i]);
+            reply(s, "451 4.4.0 Unable to process ATRN request now");
+        } else {
+            log_err("cannot lock queue of %s: %s", set->names[i], strerror(errno));
+            reply(s, "451 4.3.0 Unable to process ATRN request now");
+        }
+        return false;
+    }
+    return true;
+}
+
+static int count_one(void *ctx, const char *id)
+{
+    (void)ctx;
+    (void)id;
+    return 1;   /* one is enough to know there is mail */
+}
+
+static bool any_mail(struct odmr *s, const struct domain_set *set)
+{
+    for (size_t i = 0; i < set->n; i++)
+        if (queue_ids(&s->q, set->names[i], count_one, NULL) != 0)
+            return true;
+    return false;
+}
+
+/* Which domains the ATRN asks for; false after replying. */
+static bool atrn_domains(struct odmr *s, const char *arg, struct domain_set *set)
+{
+    if (*arg) {
+        if (!parse_domains(arg, set)) {
+            reply(s, "501 5.5.4 Syntax: ATRN [domain[,domain...]]");
+            return false;
+        }
+        return check_ownership(s, set);
+    }
+    struct own_ctx o = {s->user, set, false};
+    enum acct_result r = accounts_domains(s->conf->accounts_db, collect_owned, &o);
+    if (r != ACCT_OK) {
+        reply(s, "451 4.3.0 Temporary lookup failure");
+        return false;
+    }
+    return true;
+}
+
+static void do_atrn(struct odmr *s, const char *arg)
+{
+    struct domain_set set = {.n = 0};
+    if (!s->user[0]) {
+        reply(s, "530 5.7.0 Authentication required");
+        return;
+    }
+    if (!atrn_domains(s, arg, &set) || !lock_all(s, &set)) {
+        release(&set);
+        return;
+    }
+    if (set.n == 0 || !any_mail(s, &set)) {
+        release(&set);
+        reply(s, "453 You have no mail");
+        return;
+    }
+    reply(s, "250 OK now reversing the connection");
+    if (!io_flush(&s->io)) {
+        release(&set);
+        s->done = true;
+        return;
+    }
+    log_info("%s: ATRN by %s for %zu domain(s): reversing the connection",
+             s->peer->addr, s->user, set.n);
+    struct delivery_ctx d = {.conf = s->conf, .q = &s->q, .io = &s->io,
+                             .account = s->user, .peer = s->peer->addr};
+    deliver_domains(&d, set.names, set.n);
+    release(&set);
+    s->done = true;   /* after the reversal the connection is the customer's */
+}
+
+/* ------------------------------------------------------------ dispatch */
+
+static void dispatch(struct odmr *s, const struct smtp_cmd *cmd)
+{
+    const char *arg = cmd->arg ? cmd->arg : "";
+    switch (cmd->verb) {
+    case SMTP_EHLO: do_helo(s, arg, true); break;
+    case SMTP_HELO: do_helo(s, arg, false); break;
+    case SMTP_STARTTLS: do_starttls(s, arg); break;
+    case SMTP_AUTH: do_auth(s, arg); break;
+    case SMTP_ATRN: do_atrn(s, arg); break;
+    case SMTP_NOOP: reply(s, "250 2.0.0 Ok"); break;
+    case SMTP_RSET: reply(s, "250 2.0.0 Ok"); break;
+    case SMTP_HELP:
+        reply(s, "214 2.0.0 ODMR service (RFC 2645): EHLO, AUTH, ATRN, QUIT");
+        break;
+    case SMTP_QUIT:
+        reply(s, "221 2.0.0 Bye");
+        s->done = true;
+        break;
+    default:
+        reply(s, "502 5.5.1 Command not implemented");
+        s->bad_commands++;
+        break;
+    }
+}
+
+static void session_loop(struct odmr *s)
+{
+    /* AUTH may carry an initial response of up to 12288 octets (RFC 4954
+     * section 4); every other command is held to 512. */
+    static char line[SASL_GLUE_B64_MAX + 64];
+    while (!s->done) {
+        if (session_stop_requested) {
+            reply(s, "421 4.3.2 %s Service shutting down", s->conf->hostname);
+            return;
+        }
+        long n = io_getline(&s->io, line, sizeof line, NULL);
+        if (n == IO_TIMEOUT) {
+            reply(s, "421 4.4.2 %s Error: timeout exceeded", s->conf->hostname);
+            return;
+        }
+        if (n == IO_TOOLONG) {
+            reply(s, "500 5.5.6 Line too long");
+            s->io.status = IO_OK;
+            continue;
+        }
+        if (n < 0)
+            return;
+        if (strlen(line) != (size_t)n) {
+            reply(s, "500 5.5.2 NUL character in command line");
+            continue;
+        }
+        log_debug("%s < %s", s->peer->addr,
+                  str_casestart(line, "AUTH ") ? "AUTH (redacted)" : line);
+        struct smtp_cmd cmd;
+        smtp_cmd_parse(line, &cmd);
+        if (cmd.verb != SMTP_AUTH && (size_t)n + 2 > SMTP_LINE_MAX) {
+            reply(s, "500 5.5.6 Line too long");
+            continue;
+        }
+        if (s->bad_commands >= MAX_BAD_COMMANDS) {
+            reply(s, "421 4.7.0 %s Too many errors", s->conf->hostname);
+            return;
+        }
+        dispatch(s, &cmd);
+    }
+}
 
 void odmr_session_run(const struct odmrd_conf *conf, SSL_CTX *tls,
                       const struct session_peer *peer)
 {
-    struct io io;
-    (void)tls;
-    io_init(&io, peer->fd, (int)(conf->timeout * 1000));
-    log_info("connect from %s (ODMR): service not available in this version",
-             peer->addr);
-    io_printf(&io, "421 4.3.2 %s ODMR service not available yet\r\n",
-              conf->hostname);
-    io_flush(&io);
-    io_close(&io);
+    static struct odmr s;
+    char err[PATH_MAX + 64];
+    memset(&s, 0, sizeof s);
+    s.conf = conf;
+    s.tls_ctx = tls;
+    s.peer = peer;
+    io_init(&s.io, peer->fd, (int)(conf->timeout * 1000));
+    session_idle = 1;
+    socket_names(&s);
+    log_info("connect from %s (ODMR)", peer->addr);
+    if (!queue_open(&s.q, conf->spool_dir, err, sizeof err)) {
+        log_err("queue: %s", err);
+        reply(&s, "421 4.3.0 %s Service temporarily unavailable", conf->hostname);
+    } else {
+        reply(&s, "220 %s ESMTP ODMR service ready", conf->hostname);
+        session_loop(&s);
+    }
+    io_flush(&s.io);
+    log_info("disconnect from %s%s%s", peer->addr, s.user[0] ? " account=" : "",
+             s.user);
+    sasl_glue_server_free(s.sasl);
+    io_close(&s.io);
 }

@@ -7,13 +7,13 @@
  *
  * Exit status (sysexits):
  *   0  success
- *   64 usage: unknown command or option, wrong number of arguments;
- *      "queue bounce", which this version does not implement
+ *   64 usage: unknown command or option, wrong number of arguments
  *   65 bad data: invalid account name, domain, address or queue id;
  *      account already exists (user add); no such account (user passwd /
  *      del, domain add); domain bound to another account (domain add);
- *      domain not bound (domain del); unknown queue id (queue delete, after
- *      the other ids were processed); empty, unreadable or mismatched
+ *      domain not bound (domain del); unknown queue id (queue delete and
+ *      queue bounce, after the other ids were processed); empty, unreadable
+ *      or mismatched
  *      password; too many recipients; message too large; more than 50
  *      Received: headers (mail loop); an unreadable envelope in a listing
  *   67 enqueue: a recipient domain is not bound to any account
@@ -21,7 +21,8 @@
  *      because a directory is missing
  *   74 output error on stdout
  *   75 temporary: database locked for too long, I/O error, disk full,
- *      domain_quota exceeded, a domain busy being delivered (queue delete)
+ *      domain_quota exceeded, a domain busy being delivered (queue delete,
+ *      queue bounce), a bounce that could not be queued (the message stays)
  *   77 permission denied (file modes, or not run as the daemon user/root)
  *   78 configuration file problems (each printed as "file:line: ...")
  * Every error is one line "odmrctl: ..." on stderr.
@@ -58,6 +59,7 @@
 #include "../common/log.h"
 #include "../common/util.h"
 #include "accounts.h"
+#include "bounce.h"
 #include "conf.h"
 #include "envelope.h"
 #include "queue.h"
@@ -963,9 +965,14 @@ static bool queue_id_valid(const char *id)
     return true;
 }
 
-/* Removes id from every domain holding it.  *unknown is set when no
+/* What queue delete / queue bounce do to one domain's copy of a message,
+ * with the domain's lock held. */
+typedef int (*copy_action)(struct ctl *c, const char *domain, const char *id);
+
+/* Applies act to id in every domain holding it.  *unknown is set when no
  * domain does. */
-static int delete_id(struct ctl *c, const char *id, bool *unknown)
+static int for_each_copy(struct ctl *c, const char *id, copy_action act,
+                         bool *unknown)
 {
     struct strlist domains = {0};
     *unknown = false;
@@ -980,7 +987,7 @@ static int delete_id(struct ctl *c, const char *id, bool *unknown)
         int one = EX_OK;
         int fd = lock_domain(c, domains.v[i], &one);
         if (fd >= 0) {
-            one = remove_message(c, domains.v[i], id);
+            one = act(c, domains.v[i], id);
             close(fd);
         }
         if (one != EX_OK)
@@ -990,7 +997,9 @@ static int delete_id(struct ctl *c, const char *id, bool *unknown)
     return rc;
 }
 
-static int delete_ids(struct ctl *c, int argc, char **argv)
+/* queue delete ID... and queue bounce ID...: act on every copy of every
+ * id; unknown ids are reported and make the exit status 65 at the end. */
+static int act_on_ids(struct ctl *c, int argc, char **argv, copy_action act)
 {
     bool exists;
     int rc = ctl_prepare(c);
@@ -1002,7 +1011,7 @@ static int delete_ids(struct ctl *c, int argc, char **argv)
     for (int i = 0; i < argc; i++) {
         bool unknown = !exists || !queue_id_valid(argv[i]);
         if (!unknown) {
-            int one = delete_id(c, argv[i], &unknown);
+            int one = for_each_copy(c, argv[i], act, &unknown);
             if (one != EX_OK)
                 rc = one;
         }
@@ -1047,6 +1056,74 @@ static int delete_domain(struct ctl *c, const char *domain_arg)
     return rc;
 }
 
+/* ========================================================== queue: bounce */
+
+/* One line on stdout per returned copy, saying where the report went. */
+static void print_bounce_result(const struct envelope *e, const char *domain,
+                                enum bounce_result res)
+{
+    char sender[ADDR_MAX + 1], key[ADDR_DOMAIN_MAX + 1] = "";
+    const char *sd = addr_domain_of(e->sender);
+    printable(e->sender, sender, sizeof sender);
+    if (sd)
+        addr_domain_key(sd, key, sizeof key);
+    switch (res) {
+    case BOUNCE_SENT:
+        printf("%s: returned to <%s> via the bounce relay\n", e->id, sender);
+        break;
+    case BOUNCE_QUEUED:
+        printf("%s: returned to <%s>, the report is queued for %s\n", e->id,
+               sender, key);
+        break;
+    case BOUNCE_NOT_NEEDED:
+        printf("%s: removed from %s without a report (%s)\n", e->id, domain,
+               e->sender[0] ? "no recipient asked for one" : "null sender");
+        break;
+    case BOUNCE_LOGGED:
+        printf("%s: removed from %s; the report to <%s> could not be "
+               "delivered (see the mail log)\n", e->id, domain, sender);
+        break;
+    case BOUNCE_RETRY:
+        break;
+    }
+}
+
+/* Returns one domain's copy of a message to its sender with status 5.0.0
+ * and removes it (the lock is held). */
+static int bounce_message_copy(struct ctl *c, const char *domain,
+                               const char *id)
+{
+    static const char diag[] = "returned to sender by the administrator";
+    struct envelope e;
+    int rc = EX_OK;
+    if (!load_envelope(c, domain, id, &e, &rc))
+        return rc;   /* gone meanwhile (rc 0) or unreadable (reported) */
+    struct bounce_rcpt *r = calloc(e.nrcpt ? e.nrcpt : 1, sizeof *r);
+    if (!r) {
+        envelope_free(&e);
+        return fail(EX_TEMPFAIL, "out of memory");
+    }
+    for (size_t i = 0; i < e.nrcpt; i++)
+        r[i] = (struct bounce_rcpt){e.rcpt[i].addr, e.rcpt[i].orcpt,
+                                    e.rcpt[i].notify, BOUNCE_STATUS_ADMIN, diag};
+    int fd = queue_open_data(&c->q, domain, id);
+    enum bounce_result res = bounce_message(&c->conf, &c->q, &e, fd, r, e.nrcpt);
+    if (fd >= 0)
+        close(fd);
+    free(r);
+    if (res == BOUNCE_RETRY)
+        rc = fail(EX_TEMPFAIL, "%s: the report to <%s> cannot be queued now; "
+                  "the message stays queued, try again later", id, e.sender);
+    else {
+        print_bounce_result(&e, domain, res);
+        log_info("%s: returned to sender by odmrctl (uid %lu)", id,
+                 (unsigned long)c->caller);
+        rc = remove_message(c, domain, id);
+    }
+    envelope_free(&e);
+    return rc;
+}
+
 static int cmd_queue(struct ctl *c, int argc, char **argv)
 {
     static const char usage[] =
@@ -1058,13 +1135,14 @@ static int cmd_queue(struct ctl *c, int argc, char **argv)
     if (!strcmp(sub, "summary"))
         return argc == 1 ? queue_summary(c) : usage_error(usage);
     if (!strcmp(sub, "bounce"))
-        return fail(EX_USAGE, "queue bounce is not available in this version");
+        return argc >= 2 ? act_on_ids(c, argc - 1, argv + 1, bounce_message_copy)
+                         : usage_error(usage);
     if (!strcmp(sub, "delete")) {
         if (argc == 3 && !strcmp(argv[1], "--domain"))
             return delete_domain(c, argv[2]);
         if (argc < 2 || !strcmp(argv[1], "--domain"))
             return usage_error(usage);
-        return delete_ids(c, argc - 1, argv + 1);
+        return act_on_ids(c, argc - 1, argv + 1, remove_message);
     }
     if (argc == 1 && sub[0] != '-')
         return queue_list(c, sub);
@@ -1429,8 +1507,8 @@ static void print_help(void)
         "  queue summary            messages, bytes and oldest age per domain\n"
         "  queue delete ID...       remove messages without notice\n"
         "  queue delete --domain D  remove every message queued for D\n"
-        "  queue bounce ID...       return messages to the sender (not available\n"
-        "                           in this version)\n"
+        "  queue bounce ID...       return messages to their senders now, with a\n"
+        "                           delivery status notification\n"
         "  enqueue [-f SENDER] [--] RCPT...\n"
         "                           queue the message read from stdin\n"
         "\n"

@@ -29,6 +29,7 @@
 #include "../common/util.h"
 #include "auxprop.h"
 #include "conf.h"
+#include "expire.h"
 #include "queue.h"
 #include "session.h"
 #include "workers.h"
@@ -354,8 +355,10 @@ static void run_maintenance(void)
     close_listeners();
     struct queue q;
     char err[256];
-    if (queue_open(&q, conf.spool_dir, err, sizeof err))
+    if (queue_open(&q, conf.spool_dir, err, sizeof err)) {
         queue_cleanup(&q, STALE_TMP_AGE_S);
+        queue_expire(&conf, &q);
+    }
     _exit(0);
 }
 

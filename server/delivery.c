@@ -1,0 +1,576 @@
+/* delivery.c - odmrd as SMTP client on the reversed ODMR connection.
+ *
+ * Per message: MAIL, RCPT for each recipient, DATA (pipelined when the
+ * customer offers PIPELINING), the data streamed from the queue file with
+ * dot-stuffing.  Per recipient: 2xx delivered, 4xx kept, 5xx returned to
+ * the sender.  The outcome is made durable in this order: bounces first,
+ * then the envelope rewritten (or removed when nobody is left), so a crash
+ * at any point can at worst repeat a delivery, never lose one. */
+#include "delivery.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../common/log.h"
+#include "../common/smtp.h"
+#include "../common/util.h"
+#include "bounce.h"
+
+#define REPLY_LINE_MAX 1024
+#define MAX_PASSES 100            /* rescans for mail that arrived meanwhile */
+#define DATA_READ 65536
+
+struct caps {
+    bool esmtp, pipelining, eightbit, smtputf8, dsn;
+    uint64_t size;               /* 0 = no limit announced */
+};
+
+enum outcome { OUT_NONE = 0, OUT_SENT, OUT_DEFER, OUT_BOUNCE };
+
+struct rcpt_state {
+    enum outcome out;
+    char reply[LAST_REPLY_MAX + 1];
+};
+
+/* ------------------------------------------------------------ replies */
+
+/* Reads one complete reply; false on I/O failure or a malformed reply. */
+static bool read_reply(struct delivery_ctx *d, struct smtp_reply *r)
+{
+    char line[REPLY_LINE_MAX];
+    smtp_reply_init(r);
+    for (;;) {
+        long n = io_getline(d->io, line, sizeof line, NULL);
+        if (n < 0 || strlen(line) != (size_t)n) {
+            if (n >= 0 || n == IO_TOOLONG)
+                log_info("%s: malformed reply from customer", d->peer);
+            return false;
+        }
+        int rc = smtp_reply_feed(r, line);
+        if (rc < 0) {
+            log_info("%s: malformed reply from customer: %.100s", d->peer, line);
+            return false;
+        }
+        if (rc == 1)
+            return true;
+    }
+}
+
+/* "550 5.1.1 text" on one line, for logs, envelopes and DSNs. */
+static void reply_text(const struct smtp_reply *r, char *buf, size_t n)
+{
+    char first[LAST_REPLY_MAX + 1];
+    str_copy(first, r->text, sizeof first);
+    char *nl = strchr(first, '\n');
+    if (nl)
+        *nl = '\0';
+    str_fmt(buf, n, "%d %s", r->code, first);   /* truncation is fine */
+}
+
+static enum outcome classify(int code)
+{
+    return code >= 200 && code < 300 ? OUT_SENT
+           : code >= 500             ? OUT_BOUNCE
+                                     : OUT_DEFER;
+}
+
+/* ------------------------------------------------------------ session */
+
+static bool send_line(struct delivery_ctx *d, const char *line)
+{
+    log_debug("%s > %s", d->peer, line);
+    return io_puts(d->io, line) && io_puts(d->io, "\r\n");
+}
+
+static void parse_caps(const struct smtp_reply *r, struct caps *c)
+{
+    char params[64];
+    c->pipelining = smtp_ehlo_has(r, "PIPELINING", NULL, 0);
+    c->eightbit = smtp_ehlo_has(r, "8BITMIME", NULL, 0);
+    c->smtputf8 = smtp_ehlo_has(r, "SMTPUTF8", NULL, 0);
+    c->dsn = smtp_ehlo_has(r, "DSN", NULL, 0);
+    c->size = 0;
+    if (smtp_ehlo_has(r, "SIZE", params, sizeof params)) {
+        unsigned long v;
+        if (parse_ulong(params, 0xFFFFFFFFUL, &v))
+            c->size = v;
+    }
+}
+
+/* Waits for the customer's greeting and says EHLO (HELO after a 5xx). */
+static bool open_session(struct delivery_ctx *d, struct caps *c)
+{
+    struct smtp_reply r;
+    char line[300];
+    if (!read_reply(d, &r))
+        return false;
+    if (r.code != 220) {
+        reply_text(&r, line, sizeof line);
+        log_info("%s: customer greeting was not 220: %s", d->peer, line);
+        return false;
+    }
+    snprintf(line, sizeof line, "EHLO %s", d->conf->hostname);
+    if (!send_line(d, line) || !io_flush(d->io) || !read_reply(d, &r))
+        return false;
+    memset(c, 0, sizeof *c);
+    if (r.code == 250) {
+        c->esmtp = true;
+        parse_caps(&r, c);
+        return true;
+    }
+    if (r.code < 500)
+        return false;
+    snprintf(line, sizeof line, "HELO %s", d->conf->hostname);
+    return send_line(d, line) && io_flush(d->io) && read_reply(d, &r) &&
+           r.code == 250;
+}
+
+/* ------------------------------------------------------------ message */
+
+static void mail_command(const struct delivery_ctx *d, const struct caps *c,
+                         const struct envelope *e, char *buf, size_t n)
+{
+    size_t len = (size_t)snprintf(buf, n, "MAIL FROM:<%s>", e->sender);
+    (void)d;
+    if (c->size && len < n)
+        len += (size_t)snprintf(buf + len, n - len, " SIZE=%llu",
+                                (unsigned long long)e->size);
+    if (c->eightbit && e->body != BODY_UNSPEC && len < n)
+        len += (size_t)snprintf(buf + len, n - len, " BODY=%s",
+                                e->body == BODY_8BITMIME ? "8BITMIME" : "7BIT");
+    if (c->smtputf8 && e->smtputf8 && len < n)
+        len += (size_t)snprintf(buf + len, n - len, " SMTPUTF8");
+    if (c->dsn && e->ret != RET_UNSPEC && len < n)
+        len += (size_t)snprintf(buf + len, n - len, " RET=%s",
+                                e->ret == RET_FULL ? "FULL" : "HDRS");
+    if (c->dsn && e->envid[0] && len < n)
+        snprintf(buf + len, n - len, " ENVID=%s", e->envid);
+}
+
+static void notify_text(unsigned bits, char *buf, size_t n)
+{
+    buf[0] = '\0';
+    if (bits & DSN_NOTIFY_NEVER) {
+        str_copy(buf, "NEVER", n);
+        return;
+    }
+    static const struct { unsigned bit; const char *name; } names[] = {
+        {DSN_NOTIFY_SUCCESS, "SUCCESS"}, {DSN_NOTIFY_FAILURE, "FAILURE"},
+        {DSN_NOTIFY_DELAY, "DELAY"}};
+    for (size_t i = 0; i < 3; i++) {
+        if (!(bits & names[i].bit))
+            continue;
+        if (buf[0])
+            strncat(buf, ",", n - strlen(buf) - 1);
+        strncat(buf, names[i].name, n - strlen(buf) - 1);
+    }
+}
+
+static void rcpt_command(const struct caps *c, const struct env_rcpt *r,
+                         char *buf, size_t n)
+{
+    size_t len = (size_t)snprintf(buf, n, "RCPT TO:<%s>", r->addr);
+    if (c->dsn && r->notify && len < n) {
+        char nt[64];
+        notify_text(r->notify, nt, sizeof nt);
+        len += (size_t)snprintf(buf + len, n - len, " NOTIFY=%s", nt);
+    }
+    if (c->dsn && r->orcpt[0] && len < n)
+        snprintf(buf + len, n - len, " ORCPT=%s", r->orcpt);
+}
+
+/* Streams the data file with dot-stuffing and the final ".". */
+static bool send_data(struct delivery_ctx *d, int fd)
+{
+    static char buf[DATA_READ];
+    bool line_start = true, last_lf = true;
+    ssize_t got;
+    while ((got = read(fd, buf, sizeof buf)) != 0) {
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return false;
+        }
+        const char *p = buf, *end = buf + got;
+        while (p < end) {
+            if (line_start && *p == '.' && !io_write(d->io, ".", 1))
+                return false;
+            const char *nl = memchr(p, '\n', (size_t)(end - p));
+            const char *stop = nl ? nl + 1 : end;
+            if (!io_write(d->io, p, (size_t)(stop - p)))
+                return false;
+            line_start = nl != NULL;
+            p = stop;
+        }
+        last_lf = buf[got - 1] == '\n';
+        d->stats.bytes += (uint64_t)got;
+    }
+    if (!last_lf && !io_write(d->io, "\r\n", 2))
+        return false;
+    return io_puts(d->io, ".\r\n") && io_flush(d->io);
+}
+
+/* Sets the outcome of every recipient currently in state only_if. */
+static void set_all(struct rcpt_state *st, size_t n, enum outcome only_if,
+                    enum outcome out, const char *reply)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (st[i].out != only_if)
+            continue;
+        st[i].out = out;
+        str_copy(st[i].reply, reply, sizeof st[i].reply);
+    }
+}
+
+/* Sends MAIL and the RCPTs, and, when pipelining, DATA too: RFC 2920
+ * lets all of them go in one write. */
+static bool send_envelope(struct delivery_ctx *d, const struct caps *c,
+                          const struct envelope *e)
+{
+    char cmd[SMTP_MAILRCPT_LINE_MAX];
+    mail_command(d, c, e, cmd, sizeof cmd);
+    if (!send_line(d, cmd))
+        return false;
+    for (size_t i = 0; i < e->nrcpt; i++) {
+        rcpt_command(c, &e->rcpt[i], cmd, sizeof cmd);
+        if (!send_line(d, cmd))
+            return false;
+    }
+    return send_line(d, "DATA") && io_flush(d->io);
+}
+
+/* Reads one reply; text receives it in one-line form. */
+static bool next_reply(struct delivery_ctx *d, int *code, char *text, size_t n)
+{
+    struct smtp_reply r;
+    if (!read_reply(d, &r))
+        return false;
+    *code = r.code;
+    reply_text(&r, text, n);
+    return true;
+}
+
+/* Applies the reply to DATA (anything but 354 ends the transaction). */
+static bool data_reply(struct rcpt_state *st, size_t n, int code,
+                       const char *text)
+{
+    if (code == 354)
+        return true;
+    enum outcome out = classify(code);
+    set_all(st, n, OUT_SENT, out == OUT_SENT ? OUT_DEFER : out, text);
+    return false;
+}
+
+static size_t count_accepted(const struct rcpt_state *st, size_t n)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        k += st[i].out == OUT_SENT;
+    return k;
+}
+
+/* Pipelined transaction up to the data.  *go: the data should follow. */
+static bool envelope_pipelined(struct delivery_ctx *d, const struct caps *c,
+                               const struct envelope *e, struct rcpt_state *st,
+                               bool *go)
+{
+    char mail_text[LAST_REPLY_MAX + 1], text[LAST_REPLY_MAX + 1];
+    int mail_code, code;
+    if (!send_envelope(d, c, e) || !next_reply(d, &mail_code, mail_text, sizeof mail_text))
+        return false;
+    for (size_t i = 0; i < e->nrcpt; i++) {
+        if (!next_reply(d, &code, st[i].reply, sizeof st[i].reply))
+            return false;
+        st[i].out = classify(code);
+    }
+    if (mail_code / 100 != 2) {
+        /* the RCPT replies only echo the failed MAIL */
+        for (size_t i = 0; i < e->nrcpt; i++)
+            st[i].out = OUT_NONE;
+        set_all(st, e->nrcpt, OUT_NONE, classify(mail_code), mail_text);
+    }
+    if (!next_reply(d, &code, text, sizeof text))
+        return false;
+    if (count_accepted(st, e->nrcpt) == 0) {
+        /* A server may still say 354 (RFC 2920 3.1): end the empty data. */
+        return code != 354 || (io_puts(d->io, ".\r\n") && io_flush(d->io) &&
+                               next_reply(d, &code, text, sizeof text));
+    }
+    *go = data_reply(st, e->nrcpt, code, text);
+    return true;
+}
+
+/* The same, one command at a time. */
+static bool envelope_stepwise(struct delivery_ctx *d, const struct caps *c,
+                              const struct envelope *e, struct rcpt_state *st,
+                              bool *go)
+{
+    char cmd[SMTP_MAILRCPT_LINE_MAX], text[LAST_REPLY_MAX + 1];
+    int code;
+    mail_command(d, c, e, cmd, sizeof cmd);
+    if (!send_line(d, cmd) || !io_flush(d->io) || !next_reply(d, &code, text, sizeof text))
+        return false;
+    if (code / 100 != 2) {
+        set_all(st, e->nrcpt, OUT_NONE, classify(code), text);
+        return true;
+    }
+    for (size_t i = 0; i < e->nrcpt; i++) {
+        rcpt_command(c, &e->rcpt[i], cmd, sizeof cmd);
+        if (!send_line(d, cmd) || !io_flush(d->io) ||
+            !next_reply(d, &code, st[i].reply, sizeof st[i].reply))
+            return false;
+        st[i].out = classify(code);
+    }
+    if (count_accepted(st, e->nrcpt) == 0)
+        return true;
+    if (!send_line(d, "DATA") || !io_flush(d->io) || !next_reply(d, &code, text, sizeof text))
+        return false;
+    *go = data_reply(st, e->nrcpt, code, text);
+    return true;
+}
+
+/* ------------------------------------------------------------ outcome */
+
+static void log_outcome(struct delivery_ctx *d, const struct envelope *e,
+                        const struct rcpt_state *st)
+{
+    static const char *names[] = {"deferred", "sent", "deferred", "bounced"};
+    for (size_t i = 0; i < e->nrcpt; i++) {
+        log_info("%s: to=<%s>, domain=%s, account=%s, relay=%s, status=%s (%s)",
+                 e->id, e->rcpt[i].addr, e->domain, d->account, d->peer,
+                 names[st[i].out], st[i].reply[0] ? st[i].reply : "no reply");
+        d->stats.sent += st[i].out == OUT_SENT;
+        d->stats.bounced += st[i].out == OUT_BOUNCE;
+        d->stats.deferred += st[i].out == OUT_DEFER || st[i].out == OUT_NONE;
+    }
+}
+
+/* Returns the bounced recipients to the sender.  When even that cannot be
+ * done now (BOUNCE_RETRY: the report could not be stored anywhere), those
+ * recipients stay queued instead, so the notice is tried again later. */
+static void return_bounced(struct delivery_ctx *d, const struct envelope *e,
+                           int fd, struct rcpt_state *st)
+{
+    struct bounce_rcpt *br = calloc(e->nrcpt, sizeof *br);
+    char (*status)[16] = calloc(e->nrcpt, sizeof *status);
+    size_t n = 0;
+    for (size_t i = 0; br && status && i < e->nrcpt; i++) {
+        if (st[i].out != OUT_BOUNCE)
+            continue;
+        /* "550 5.1.1 ..." -> "5.1.1"; a reply without one gets 5.0.0 */
+        const char *sp = strchr(st[i].reply, ' ');
+        size_t len = sp ? strcspn(sp + 1, " ") : 0;
+        if (sp && sp[1] == '5' && sp[2] == '.' && len < sizeof status[0])
+            memcpy(status[n], sp + 1, len);
+        else
+            str_copy(status[n], "5.0.0", sizeof status[n]);
+        br[n] = (struct bounce_rcpt){e->rcpt[i].addr, e->rcpt[i].orcpt,
+                                     e->rcpt[i].notify, status[n], st[i].reply};
+        n++;
+    }
+    if (n && bounce_message(d->conf, d->q, e, fd, br, n) == BOUNCE_RETRY) {
+        log_warn("%s: bounce could not be sent or stored; keeping the "
+                 "recipients queued", e->id);
+        for (size_t i = 0; i < e->nrcpt; i++)
+            if (st[i].out == OUT_BOUNCE)
+                st[i].out = OUT_DEFER;
+    } else if (!br || !status)
+        log_err("%s: out of memory while returning mail", e->id);
+    free(br);
+    free(status);
+}
+
+/* Makes the outcome durable: bounces, then the envelope. */
+static void settle(struct delivery_ctx *d, struct envelope *e, int fd,
+                   struct rcpt_state *st)
+{
+    return_bounced(d, e, fd, st);
+    log_outcome(d, e, st);
+    size_t keep = 0;
+    for (size_t i = 0; i < e->nrcpt; i++) {
+        if (st[i].out == OUT_SENT || st[i].out == OUT_BOUNCE)
+            continue;
+        e->rcpt[keep] = e->rcpt[i];
+        str_copy(e->rcpt[keep].last_reply, st[i].reply, sizeof e->rcpt[0].last_reply);
+        keep++;
+    }
+    e->nrcpt = keep;
+    if (keep == 0) {
+        if (!queue_remove(d->q, e->domain, e->id))
+            log_err("%s: cannot remove from queue: %s", e->id, strerror(errno));
+        else
+            log_info("%s: removed", e->id);
+        return;
+    }
+    e->attempts++;
+    e->last_attempt = time(NULL);
+    if (!queue_update(d->q, e))
+        log_err("%s: cannot update envelope: %s", e->id, strerror(errno));
+}
+
+/* Recipients that cannot be offered to this customer at all. */
+static bool precheck(const struct caps *c, const struct envelope *e,
+                     struct rcpt_state *st)
+{
+    const char *why = NULL;
+    if (c->size && e->size > c->size)
+        why = "552 5.3.4 Message too big for the receiving site";
+    else if (e->smtputf8 && !c->smtputf8)
+        why = "553 5.6.7 The receiving site does not support SMTPUTF8";
+    if (!why)
+        return true;
+    set_all(st, e->nrcpt, OUT_NONE, OUT_BOUNCE, why);
+    return false;
+}
+
+/* Delivers one message. Returns false when the connection failed. */
+static bool deliver_one(struct delivery_ctx *d, const struct caps *c,
+                        const char *domain, const char *id)
+{
+    struct envelope e;
+    char err[256];
+    if (!queue_load(d->q, domain, id, &e, err, sizeof err)) {
+        if (errno != ENOENT)
+            log_err("%s: unreadable envelope, left alone: %s", id, err);
+        return true;
+    }
+    int fd = queue_open_data(d->q, domain, id);
+    struct rcpt_state *st = calloc(e.nrcpt ? e.nrcpt : 1, sizeof *st);
+    bool ok = true;
+    if (fd < 0 || !st) {
+        log_err("%s: cannot open message data: %s", id, strerror(errno));
+    } else {
+        d->stats.messages++;
+        bool go = false;
+        if (!precheck(c, &e, st) || e.nrcpt == 0)
+            ok = true;
+        else
+            ok = c->pipelining ? envelope_pipelined(d, c, &e, st, &go)
+                               : envelope_stepwise(d, c, &e, st, &go);
+        if (ok && go) {
+            struct smtp_reply r;
+            char text[LAST_REPLY_MAX + 1];
+            ok = send_data(d, fd) && read_reply(d, &r);
+            if (ok) {
+                reply_text(&r, text, sizeof text);
+                set_all(st, e.nrcpt, OUT_SENT, classify(r.code), text);
+            }
+        } else if (ok && !go && e.nrcpt) {
+            /* nothing was accepted: leave the customer in a clean state */
+            struct smtp_reply r;
+            ok = send_line(d, "RSET") && io_flush(d->io) && read_reply(d, &r);
+        }
+        if (ok)
+            settle(d, &e, fd, st);
+    }
+    if (fd >= 0)
+        close(fd);
+    free(st);
+    envelope_free(&e);
+    return ok;
+}
+
+/* ------------------------------------------------------------ domains */
+
+struct id_list {
+    char **ids;
+    size_t n, cap;
+};
+
+static int collect_id(void *ctx, const char *id)
+{
+    struct id_list *l = ctx;
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 64;
+        char **more = realloc(l->ids, cap * sizeof *more);
+        if (!more)
+            return -1;
+        l->ids = more;
+        l->cap = cap;
+    }
+    l->ids[l->n] = strdup(id);
+    if (!l->ids[l->n])
+        return -1;
+    l->n++;
+    return 0;
+}
+
+static void free_ids(struct id_list *l)
+{
+    for (size_t i = 0; i < l->n; i++)
+        free(l->ids[i]);
+    free(l->ids);
+    memset(l, 0, sizeof *l);
+}
+
+static int cmp_id(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Was id attempted in an earlier pass?  Only the first `sorted` entries
+ * are sorted; the ones added in this pass cannot repeat within it. */
+static bool seen(const struct id_list *done, size_t sorted, const char *id)
+{
+    const char *key = id;
+    return sorted && bsearch(&key, done->ids, sorted, sizeof *done->ids, cmp_id);
+}
+
+/* One pass over a domain: every message not attempted yet in this
+ * session.  *found counts them. Returns false on connection failure. */
+static bool deliver_pass(struct delivery_ctx *d, const struct caps *c,
+                         const char *domain, struct id_list *done, size_t *found)
+{
+    struct id_list now = {0};
+    if (queue_ids(d->q, domain, collect_id, &now) < 0) {
+        log_err("queue %s: %s", domain, strerror(errno));
+        free_ids(&now);
+        return true;
+    }
+    bool ok = true;
+    size_t before = done->n;
+    for (size_t i = 0; ok && i < now.n; i++) {
+        if (seen(done, before, now.ids[i]))
+            continue;
+        (*found)++;
+        ok = deliver_one(d, c, domain, now.ids[i]);
+        if (collect_id(done, now.ids[i]) < 0)
+            ok = false;   /* out of memory: stop rather than loop */
+    }
+    qsort(done->ids, done->n, sizeof *done->ids, cmp_id);
+    free_ids(&now);
+    return ok;
+}
+
+bool deliver_domains(struct delivery_ctx *d, char *const *domains, size_t n)
+{
+    struct caps c;
+    memset(&d->stats, 0, sizeof d->stats);
+    if (!open_session(d, &c))
+        return false;
+    bool ok = true;
+    for (size_t i = 0; ok && i < n; i++) {
+        struct id_list done = {0};
+        size_t found = 1;
+        for (int pass = 0; ok && found && pass < MAX_PASSES; pass++) {
+            found = 0;
+            ok = deliver_pass(d, &c, domains[i], &done, &found);
+        }
+        free_ids(&done);
+    }
+    if (ok) {
+        struct smtp_reply r;
+        send_line(d, "QUIT");
+        io_flush(d->io);
+        read_reply(d, &r);   /* the customer's 221; nothing depends on it */
+    }
+    log_info("%s: account=%s, messages=%lu, sent=%lu, deferred=%lu, "
+             "bounced=%lu, bytes=%llu%s", d->peer, d->account, d->stats.messages,
+             d->stats.sent, d->stats.deferred, d->stats.bounced,
+             (unsigned long long)d->stats.bytes, ok ? "" : " (connection lost)");
+    return ok;
+}
