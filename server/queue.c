@@ -82,20 +82,43 @@ void queue_new_id(char *id, size_t n)
 
 /* ---------------------------------------------------------------- in */
 
-bool queue_in_begin(struct queue *q, struct queue_in *in)
+static int ensure_domain_dir(struct queue *q, const char *domain);
+
+static bool in_begin(struct queue *q, struct queue_in *in, const char *home)
 {
     in->fd = -1;
     in->size = 0;
     in->error = 0;
     in->blen = 0;
+    in->home[0] = '\0';
     queue_new_id(in->id, sizeof in->id);
-    if (!str_fmt(in->tmp_path, sizeof in->tmp_path, "%s/tmp/%s.m", q->spool,
-                 in->id)) {
+    bool named = home ? qpath(in->tmp_path, q, home, in->id, ".m")
+                      : str_fmt(in->tmp_path, sizeof in->tmp_path, "%s/tmp/%s.m",
+                                q->spool, in->id);
+    if (!named) {
         errno = ENAMETOOLONG;
         return false;
     }
+    if (home) {
+        int err = ensure_domain_dir(q, home);
+        if (err) {
+            errno = err;
+            return false;
+        }
+        str_copy(in->home, home, sizeof in->home);
+    }
     in->fd = open(in->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     return in->fd >= 0;
+}
+
+bool queue_in_begin(struct queue *q, struct queue_in *in)
+{
+    return in_begin(q, in, NULL);
+}
+
+bool queue_in_begin_at(struct queue *q, struct queue_in *in, const char *domain)
+{
+    return in_begin(q, in, domain);
 }
 
 static void in_flush(struct queue_in *in)
@@ -188,14 +211,16 @@ static int commit_domain(struct queue *q, struct queue_in *in,
         !qpath(dir, q, e->domain, NULL, "") ||
         !str_fmt(tmp, sizeof tmp, "%s/tmp/%s.%s.e", q->spool, in->id, e->domain))
         return ENAMETOOLONG;
-    if (link(in->tmp_path, data) != 0)
+    bool home = !strcmp(e->domain, in->home);   /* data already in place */
+    if (!home && link(in->tmp_path, data) != 0)
         return errno;
     err = write_envelope_file(tmp, env, e);
     if (!err && !fsync_dir(dir))
         err = errno;
     if (err) {
         unlink(env);
-        unlink(data);
+        if (!home)
+            unlink(data);
     }
     return err;
 }
@@ -225,7 +250,10 @@ int queue_in_commit(struct queue *q, struct queue_in *in,
         for (size_t i = 0; i + 1 < done; i++)
             queue_remove(q, envs[i]->domain, in->id);
     }
-    unlink(in->tmp_path);
+    /* The tmp/ name goes; data written in place stays, unless the commit
+     * failed (then it is an invisible leftover anyway). */
+    if (err || !in->home[0])
+        unlink(in->tmp_path);
     in->tmp_path[0] = '\0';
     return err;
 }

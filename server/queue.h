@@ -45,12 +45,18 @@ struct queue_in {
     int fd;
     uint64_t size;
     int error;                 /* first errno seen while writing, 0 if none */
+    char home[ADDR_DOMAIN_MAX + 1];   /* data written in place there, or "" */
     size_t blen;
     char buf[65536];
 };
 
 /* Starts a new message in tmp/.  false + errno on failure. */
 bool queue_in_begin(struct queue *q, struct queue_in *in);
+/* The same, but the data is written straight into q/<domain>/<id>.m,
+ * where it stays invisible until its envelope is committed: for the
+ * message's first recipient domain this saves a link and an unlink per
+ * message, which is most of the message for small mail. */
+bool queue_in_begin_at(struct queue *q, struct queue_in *in, const char *domain);
 /* Buffered write; remembers the first error instead of failing loudly so a
  * DATA phase can read to its end and then reply 452. */
 void queue_in_write(struct queue_in *in, const void *data, size_t len);

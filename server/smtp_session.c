@@ -6,6 +6,7 @@
 #include "session.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,7 +40,6 @@ struct smtp {
     SSL_CTX *tls_ctx;
     const struct session_peer *peer;
     bool lmtp;
-    struct io io;
     struct queue q;
     char helo[HELO_MAX + 1];
     bool greeted, esmtp, tls_on;
@@ -51,6 +51,7 @@ struct smtp {
     size_t nenv;
     struct accepted *rcpts;
     size_t nrcpt;
+    struct io io;                /* last: its buffers need no clearing */
 };
 
 static void reply(struct smtp *s, const char *fmt, ...) PRINTF_LIKE(2, 3);
@@ -484,7 +485,7 @@ static void do_data(struct smtp *s, const char *arg)
         reply(s, "501 5.5.4 Syntax: DATA");
         return;
     }
-    if (!queue_in_begin(&s->q, &in)) {
+    if (!queue_in_begin_at(&s->q, &in, s->envs[0].domain)) {
         log_err("cannot create queue file in %s/tmp: %s", s->q.spool,
                 strerror(errno));
         reply(s, "452 4.3.1 Insufficient system storage");
@@ -621,7 +622,7 @@ void smtp_session_run(const struct odmrd_conf *conf, SSL_CTX *tls,
 {
     static struct smtp s;   /* large buffers: keep them off the stack */
     char err[PATH_MAX + 64];
-    memset(&s, 0, sizeof s);
+    memset(&s, 0, offsetof(struct smtp, io));
     s.conf = conf;
     s.tls_ctx = tls;
     s.peer = peer;
