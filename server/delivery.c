@@ -445,10 +445,8 @@ static bool deliver_one(struct delivery_ctx *d, const struct caps *c,
         log_err("%s: cannot open message data: %s", id, strerror(errno));
     } else {
         d->stats.messages++;
-        bool go = false;
-        if (!precheck(c, &e, st) || e.nrcpt == 0)
-            ok = true;
-        else
+        bool go = false, offered = precheck(c, &e, st) && e.nrcpt > 0;
+        if (offered)
             ok = c->pipelining ? envelope_pipelined(d, c, &e, st, &go)
                                : envelope_stepwise(d, c, &e, st, &go);
         if (ok && go) {
@@ -459,7 +457,7 @@ static bool deliver_one(struct delivery_ctx *d, const struct caps *c,
                 reply_text(&r, text, sizeof text);
                 set_all(st, e.nrcpt, OUT_SENT, classify(r.code), text);
             }
-        } else if (ok && !go && e.nrcpt) {
+        } else if (ok && offered) {
             /* nothing was accepted: leave the customer in a clean state */
             struct smtp_reply r;
             ok = send_line(d, "RSET") && io_flush(d->io) && read_reply(d, &r);
