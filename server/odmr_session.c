@@ -8,7 +8,6 @@
 #include "session.h"
 
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,19 +50,8 @@ struct domain_set {
     size_t n;
 };
 
-static void reply(struct odmr *s, const char *fmt, ...) PRINTF_LIKE(2, 3);
-
-static void reply(struct odmr *s, const char *fmt, ...)
-{
-    char line[SMTP_REPLY_LINE_MAX];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(line, sizeof line - 2, fmt, ap);
-    va_end(ap);
-    io_puts(&s->io, line);
-    io_puts(&s->io, "\r\n");
-    log_debug("%s > %s", s->peer->addr, line);
-}
+/* Every reply of this session goes to its connection, traced with its peer. */
+#define reply(s, ...) session_reply(&(s)->io, (s)->peer->addr, __VA_ARGS__)
 
 static void sockaddr_ipport(const struct sockaddr_storage *ss, char *buf,
                             size_t n)
@@ -147,25 +135,12 @@ static void do_helo(struct odmr *s, const char *arg, bool extended)
 
 static void do_starttls(struct odmr *s, const char *arg)
 {
-    char err[256];
-    if (!s->tls_ctx || s->tls_on) {
-        reply(s, "502 5.5.1 STARTTLS not available");
-        return;
-    }
-    if (*arg) {
-        reply(s, "501 5.5.4 Syntax: STARTTLS");
-        return;
-    }
-    if (io_pending(&s->io)) {
-        reply(s, "503 5.5.1 No command may follow STARTTLS in the same packet");
-        return;
-    }
-    reply(s, "220 2.0.0 Ready to start TLS");
-    if (!io_starttls_server(&s->io, s->tls_ctx, err, sizeof err)) {
-        log_info("%s: TLS handshake failed: %s", s->peer->addr, err);
+    enum starttls_result r = session_starttls(&s->io, s->tls_ctx, s->tls_on, arg,
+                                              s->peer->addr);
+    if (r == STARTTLS_FAILED)
         s->done = true;
+    if (r != STARTTLS_ON)
         return;
-    }
     /* RFC 3207 section 4.2: start over as if the session were new. */
     s->tls_on = true;
     s->greeted = s->esmtp = false;

@@ -9,6 +9,8 @@
 
 #include <openssl/ssl.h>
 
+#include "../common/io.h"
+#include "../common/util.h"
 #include "conf.h"
 
 struct session_peer {
@@ -23,6 +25,18 @@ void smtp_session_run(const struct odmrd_conf *conf, SSL_CTX *tls,
 /* The ODMR service (RFC 2645) on an accepted socket. */
 void odmr_session_run(const struct odmrd_conf *conf, SSL_CTX *tls,
                       const struct session_peer *peer);
+
+/* One reply line (CRLF added), traced with -d. */
+void session_reply(struct io *io, const char *peer, const char *fmt, ...)
+    PRINTF_LIKE(3, 4);
+
+enum starttls_result { STARTTLS_ON, STARTTLS_REFUSED, STARTTLS_FAILED };
+/* The STARTTLS command (RFC 3207): refuses when unavailable, with an
+ * argument or with pipelined plaintext behind it; otherwise runs the
+ * handshake.  After STARTTLS_ON the caller forgets the session state;
+ * after STARTTLS_FAILED the connection is unusable. */
+enum starttls_result session_starttls(struct io *io, SSL_CTX *ctx, bool tls_on,
+                                      const char *arg, const char *peer);
 
 /* Set by the child's SIGTERM handler; sessions finish the transaction they
  * are in and then close with 421. */

@@ -7,7 +7,6 @@
 
 #include <errno.h>
 #include <stddef.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,19 +53,8 @@ struct smtp {
     struct io io;                /* last: its buffers need no clearing */
 };
 
-static void reply(struct smtp *s, const char *fmt, ...) PRINTF_LIKE(2, 3);
-
-static void reply(struct smtp *s, const char *fmt, ...)
-{
-    char line[SMTP_REPLY_LINE_MAX];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(line, sizeof line - 2, fmt, ap);
-    va_end(ap);
-    io_puts(&s->io, line);
-    io_puts(&s->io, "\r\n");
-    log_debug("%s > %s", s->peer->addr, line);
-}
+/* Every reply of this session goes to its connection, traced with its peer. */
+#define reply(s, ...) session_reply(&(s)->io, (s)->peer->addr, __VA_ARGS__)
 
 static void reset_transaction(struct smtp *s)
 {
@@ -117,27 +105,9 @@ static void do_helo(struct smtp *s, const char *arg, bool extended)
 
 static void do_starttls(struct smtp *s, const char *arg)
 {
-    char err[256];
-    if (!s->tls_ctx || s->tls_on) {
-        reply(s, "502 5.5.1 STARTTLS not available");
+    if (session_starttls(&s->io, s->tls_ctx, s->tls_on, arg, s->peer->addr) !=
+        STARTTLS_ON)
         return;
-    }
-    if (*arg) {
-        reply(s, "501 5.5.4 Syntax: STARTTLS");
-        return;
-    }
-    if (io_pending(&s->io)) {
-        /* RFC 3207 section 6: plaintext pipelined after STARTTLS would be
-         * executed as if it came over TLS. */
-        reply(s, "503 5.5.1 No command may follow STARTTLS in the same packet");
-        return;
-    }
-    reply(s, "220 2.0.0 Ready to start TLS");
-    if (!io_starttls_server(&s->io, s->tls_ctx, err, sizeof err)) {
-        log_info("%s: TLS handshake failed: %s", s->peer->addr, err);
-        s->io.status = IO_ERROR;
-        return;
-    }
     s->tls_on = true;
     /* RFC 3207: forget everything learnt before the handshake. */
     reset_transaction(s);
