@@ -22,10 +22,9 @@ import os
 import re
 import signal
 import socket
-import stat
 import time
 
-from harness import (SMTP, SMTPClosed, TestFailure, check, check_reply,
+from harness import (SMTP, TestFailure, check, check_reply,
                      descendants, dot_stuff, fail, need, strip_received,
                      to_crlf, wait_for)
 from sink import Sink
@@ -132,6 +131,24 @@ def e_files(env):
 
 def log_since(env, mark):
     return env.log()[mark:]
+
+
+def log_line_with(env, mark, *parts):
+    """The first log line after mark that contains every one of parts;
+    fails when there is none."""
+    for l in log_since(env, mark).splitlines():
+        if all(p in l for p in parts):
+            return l
+    fail("no odmrd log line with all of %r; log:\n%s" % (parts,
+                                                       env.log_tail(15)))
+
+
+def domain_files(env, domain):
+    """Files left in q/<domain>/ besides the lock file."""
+    d = env.queue_dir(domain)
+    if not os.path.isdir(d):
+        return []
+    return sorted(f for f in os.listdir(d) if f != ".lock")
 
 
 # --------------------------------------------------------------------------
@@ -528,7 +545,7 @@ def wait_session_end(env, mark, what="the ODMR session to end"):
     return wait_for(summary, timeout=10, what=what)
 
 
-def wait_disconnect(env, mark, account="alice"):
+def wait_disconnect(env, mark):
     """Waits until odmrd logged the end of a session that began after mark."""
     return wait_for(lambda: ("disconnect from" in log_since(env, mark)),
                     timeout=10, what="odmrd to log the disconnect")
@@ -628,8 +645,10 @@ def test_fetchmail_odmr_client(env):
     check(left == ["example.com/" + env.queued_ids("example.com")[0] + ".e"],
           "spool after fetchmail: %r (only bob's message should be left)"
           % left)
-    check(env.queued("example.org") == [] and env.queued("example.net") == [],
-          "alice's domains not empty")
+    for d in ("example.org", "example.net"):
+        check(domain_files(env, d) == [], "files left in q/%s: %r"
+              % (d, domain_files(env, d)))
+    log_line_with(env, 0, "authenticated as alice", "CRAM-MD5")
 
 
 # ==========================================================================
@@ -968,11 +987,13 @@ def test_rcpt_4xx_keeps_message(env):
     check(e.get("attempts") == 1, "attempts: %r" % e.get("attempts"))
     check(env.message("example.org", qid) == m_before, ".m changed")
     check(env.spool_problems() == [], "spool: %r" % env.spool_problems())
-    log = log_since(env, mark)
-    check(re.search(r"%s: to=<later@example.org>.*status=deferred" % qid, log),
-          "no 'deferred' log line for the 4xx recipient")
-    check(re.search(r"%s: to=<ok@example.org>.*status=sent" % qid, log),
-          "no 'sent' log line")
+    # SPEC 3.5: queue id, domain, recipient, account, status and reply
+    l = log_line_with(env, mark, qid, "later@example.org", "alice",
+                      "deferred", "451 4.2.0 mailbox busy, try later")
+    check(l.replace("later@example.org", "").count("example.org") >= 1,
+          "the delivery log line does not name the domain: %r" % l)
+    log_line_with(env, mark, qid, "ok@example.org", "alice", "sent",
+                  "250 2.0.0 Ok delivered")
     # the next ATRN delivers it
     c = reverse(env, "example.org").run()
     check(len(c.transactions) == 1 and
@@ -1006,8 +1027,73 @@ def test_rcpt_5xx_returns_dsn(env):
         check(len(relay.transactions) == 1,
               "relay got %d messages" % len(relay.transactions))
         check(env.queued() == [], "message still queued: %r" % env.queued())
-        check(re.search(r"%s: to=<bad@example.org>.*status=bounced" % qid,
-                        log_since(env, mark)), "no 'bounced' log line")
+        log_line_with(env, mark, qid, "bad@example.org", "alice", "bounced",
+                      "550 5.1.1")
+        check(domain_files(env, "example.org") == [],
+              "files left: %r" % domain_files(env, "example.org"))
+
+
+def test_data_reply_outcomes(env):
+    """The reply after the final dot decides for every recipient the
+    customer accepted: 4xx keeps them, 5xx returns them (one DSN for the
+    message), a multi-line 250 delivers."""
+    with Sink() as relay:
+        setup(env, relay=relay)
+        q_temp = smtp_in(env, ["t1@example.org", "t2@example.org"],
+                         message("temp"))
+        q_perm = smtp_in(env, ["p1@example.org", "p2@example.org"],
+                         message("perm"))
+        q_ok = smtp_in(env, ["m@example.org"], message("multi"))
+        replies = {("t1@example.org", "t2@example.org"):
+                   "452 4.3.1 Insufficient system storage",
+                   ("p1@example.org", "p2@example.org"):
+                   "554 5.6.0 Message content rejected",
+                   ("m@example.org",):
+                   "250-2.0.0 Ok\r\n250-more text\r\n250 2.0.0 queued"}
+        mark = len(env.log())
+        c = reverse(env, "example.org",
+                    rcpt_reply=lambda a: ("550 5.1.1 unknown" if a ==
+                                          "p2@example.org" else "250 2.1.5 Ok"),
+                    data_reply=lambda tx: replies[tuple(sorted(
+                        tx.rcpts + [a for a, _ in tx.rejected]))]).run()
+        check(c.quit, "no QUIT")
+        check(len(c.transactions) == 3, "transactions %r" % c.transactions)
+        wait_session_end(env, mark)
+        check(env.queued_ids("example.org") == [q_temp],
+              "after the session: %r" % env.queued())
+        e = env.envelope("example.org", q_temp)
+        check(sorted(r["addr"] for r in e["rcpts"]) ==
+              ["t1@example.org", "t2@example.org"], "kept %r" % e["rcpts"])
+        check(all(r["last_reply"] == "452 4.3.1 Insufficient system storage"
+                  for r in e["rcpts"]), "last replies %r" % e["rcpts"])
+        dsn = relay.wait(1, what="DSN for the rejected data")
+        time.sleep(0.3)
+        check(len(relay.transactions) == 1,
+              "one DSN expected for %s, relay got %r" % (q_perm,
+                                                         relay.transactions))
+        per = check_dsn(dsn[0], SENDER, ["p1@example.org", "p2@example.org"])
+        status = sorted(f["Status"] for f in per)
+        check(status == ["5.1.1", "5.6.0"], "DSN statuses %r" % status)
+        log_line_with(env, mark, q_ok, "m@example.org", "sent")
+
+
+def test_null_sender_never_bounced(env):
+    with Sink() as relay:
+        setup(env, relay=relay)
+        qid = smtp_in(env, ["n@example.org"], message("null"), sender="")
+        mark = len(env.log())
+        c = reverse(env, "example.org",
+                    rcpt_reply=lambda a: "550 5.1.1 no such user").run()
+        check(c.quit and c.transactions == [], "customer: %r" % c.transactions)
+        check(c.commands[-2:] == ["RSET", "QUIT"] or
+              c.commands[-1] == "QUIT", "commands %r" % c.commands)
+        wait_session_end(env, mark)
+        check(env.queued() == [], "null-sender message still queued")
+        log_line_with(env, mark, qid, "n@example.org", "bounced")
+        time.sleep(0.5)
+        check(relay.connections == 0 and relay.transactions == [],
+              "a bounce was sent for a null-sender message: %r"
+              % relay.transactions)
 
 
 def test_connection_dropped_during_data(env):
@@ -1292,8 +1378,8 @@ def test_helo_fallback_and_bad_greeting(env):
     mark = len(env.log())
     c = reverse(env, "example.org", greeting="554 customer.test no service")
     c.start()
-    check(c.try_line(3) is None, "odmrd sent %r after a 554 greeting"
-          % c.commands)
+    line = c.try_line(3)
+    check(line is None, "odmrd sent %r after a 554 greeting" % line)
     c.drop()
     wait_disconnect(env, mark)
     check(env.queued_ids("example.org") == [qid], "queue after 554 greeting")
