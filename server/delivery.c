@@ -539,7 +539,8 @@ static bool deliver_pass(struct delivery_ctx *d, const struct caps *c,
         if (collect_id(done, now.ids[i]) < 0)
             ok = false;   /* out of memory: stop rather than loop */
     }
-    qsort(done->ids, done->n, sizeof *done->ids, cmp_id);
+    if (done->n > 1)   /* qsort wants a valid pointer even for nothing */
+        qsort(done->ids, done->n, sizeof *done->ids, cmp_id);
     free_ids(&now);
     return ok;
 }

@@ -1,0 +1,462 @@
+/* receiver.c - after "250 OK now reversing the connection" odmr-fetch is
+ * the SMTP server and odmrd the client (RFC 2645 section 5).
+ *
+ * This is a small but complete ESMTP server: PIPELINING (replies are
+ * buffered and leave before the next read that would wait - common/io),
+ * SIZE, 8BITMIME, ENHANCEDSTATUSCODES, and DSN and SMTPUTF8 only when the
+ * delivery target can honour them (target.h).  Every transaction is
+ * relayed to the target as it arrives; the message data is streamed
+ * through in pieces of at most DATA_PIECE bytes, so memory never depends
+ * on message size or line length.
+ *
+ * The data ends only at CRLF "." CRLF.  A bare CR or LF anywhere stops
+ * the stream to the target at once (so a "<LF>.<CR><LF>" can never end a
+ * message there either), the rest is read up to the real end, and the
+ * message is refused with 554 5.5.2 and thrown away at the target. */
+#include "fetch.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "../common/addr.h"
+#include "target.h"
+
+#define WHO "provider"
+#define DATA_PIECE 8192
+#define MAX_BAD_COMMANDS 20
+
+struct rx {
+    const struct fetch_conf *c;
+    struct io *io;
+    struct target t;
+    struct fetch_stats *st;
+    bool greeted, esmtp, in_mail;
+    bool done, quit, lost;        /* session over; by QUIT; connection gone */
+    struct mail_args mail;
+    size_t nrcpt;                 /* recipients the target accepted */
+    unsigned bad_commands;
+    int status;                   /* exit status if the session ends now */
+};
+
+struct data_state {
+    bool line_start;              /* the next byte begins a line */
+    bool after_crlf;              /* ... and the previous line ended CRLF */
+    bool prev_cr;                 /* the last byte seen was CR */
+    bool bad_eol;                 /* bare CR or LF seen */
+    bool target_ok;               /* the target still takes data */
+    unsigned long long bytes;
+};
+
+static void say(struct rx *x, const char *fmt, ...) PRINTF_LIKE(2, 3);
+
+static void say(struct rx *x, const char *fmt, ...)
+{
+    char line[SMTP_REPLY_LINE_MAX];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line - 2, fmt, ap);
+    va_end(ap);
+    net_send(x->io, WHO, line, NULL);
+}
+
+/* Counts what a final reply means for odmrd's copy of the message. */
+static void count_reply(struct rx *x, int code)
+{
+    if (code / 100 == 4) {
+        x->st->deferred++;
+        x->status = EX_TEMPFAIL;   /* some mail stays at the provider */
+    } else if (code / 100 == 5) {
+        x->st->rejected++;
+    }
+}
+
+static void send_reply(struct rx *x, const struct reply *r)
+{
+    say(x, "%s", r->line);
+    count_reply(x, r->code);
+}
+
+static void end_transaction(struct rx *x)
+{
+    if (x->in_mail)
+        x->t.ops->reset(&x->t);
+    x->in_mail = false;
+    x->nrcpt = 0;
+}
+
+/* ---- HELO/EHLO ------------------------------------------------------- */
+
+static void do_hello(struct rx *x, const char *arg, bool extended)
+{
+    const struct target_caps *k = &x->t.caps;
+    const char *ext[8];
+    char size[40];
+    size_t n = 0;
+
+    if (!*arg) {
+        say(x, "501 5.5.4 Syntax: %s hostname", extended ? "EHLO" : "HELO");
+        return;
+    }
+    end_transaction(x);
+    x->greeted = true;
+    x->esmtp = extended;
+    if (!extended) {
+        say(x, "250 %s", x->c->fqdn);
+        return;
+    }
+    /* "SIZE" alone: no fixed limit (RFC 1870 4) */
+    if (k->size)
+        snprintf(size, sizeof size, "SIZE %llu", (unsigned long long)k->size);
+    else
+        str_copy(size, "SIZE", sizeof size);
+    ext[n++] = "PIPELINING";
+    ext[n++] = size;
+    if (k->eightbit)
+        ext[n++] = "8BITMIME";
+    ext[n++] = "ENHANCEDSTATUSCODES";
+    if (k->dsn)
+        ext[n++] = "DSN";
+    if (k->smtputf8)
+        ext[n++] = "SMTPUTF8";
+    say(x, "250-%s", x->c->fqdn);
+    for (size_t i = 0; i < n; i++)
+        say(x, "250%c%s", i + 1 == n ? ' ' : '-', ext[i]);
+}
+
+/* ---- MAIL / RCPT ----------------------------------------------------- */
+
+/* Parameters the session did not offer (RFC 5321 4.1.1.11 / RFC 1869). */
+static bool mail_params_offered(struct rx *x, const struct mail_args *m)
+{
+    bool dsn_used = m->ret != RET_UNSPEC || m->envid[0];
+    return (x->t.caps.dsn || !dsn_used) &&
+           (x->esmtp || (!m->size && m->body == BODY_UNSPEC && !dsn_used));
+}
+
+static void do_mail(struct rx *x, const char *arg)
+{
+    struct smtp_err err;
+    struct reply r;
+
+    if (!x->greeted) {
+        say(x, "503 5.5.1 Send HELO/EHLO first");
+        return;
+    }
+    if (x->in_mail) {
+        say(x, "503 5.5.1 Nested MAIL command");
+        return;
+    }
+    if (!smtp_parse_mail(arg, &x->mail, x->esmtp && x->t.caps.smtputf8,
+                         &err)) {
+        say(x, "%s", err.reply);
+        return;
+    }
+    if (!mail_params_offered(x, &x->mail)) {
+        say(x, "555 5.5.4 Unsupported parameter");
+        return;
+    }
+    if (x->t.caps.size && x->mail.size > x->t.caps.size) {
+        say(x, "552 5.3.4 Message size exceeds fixed limit");
+        count_reply(x, 552);
+        return;
+    }
+    x->t.ops->mail(&x->t, &x->mail, &r);
+    send_reply(x, &r);
+    x->in_mail = r.code / 100 == 2;
+    x->nrcpt = 0;
+}
+
+static void do_rcpt(struct rx *x, const char *arg)
+{
+    struct rcpt_args a;
+    struct smtp_err err;
+    struct reply r;
+    char addr[ADDR_MAX + 1];
+
+    if (!x->in_mail) {
+        say(x, "503 5.5.1 Need MAIL command");
+        return;
+    }
+    if (!smtp_parse_rcpt(arg, &a, x->esmtp && x->t.caps.smtputf8, &err)) {
+        say(x, "%s", err.reply);
+        return;
+    }
+    if (!x->t.caps.dsn && (a.notify || a.orcpt[0])) {
+        say(x, "555 5.5.4 Unsupported parameter");
+        return;
+    }
+    if (x->nrcpt >= TARGET_RCPT_MAX) {
+        reply_set(&r, 452, "4.5.3 Too many recipients");
+        send_reply(x, &r);
+        return;
+    }
+    if (!addr_format(&a.to, addr, sizeof addr)) {
+        say(x, "501 5.1.3 Address too long");
+        return;
+    }
+    x->t.ops->rcpt(&x->t, &a, addr, &r);
+    send_reply(x, &r);
+    if (r.code / 100 == 2)
+        x->nrcpt++;
+}
+
+/* ---- DATA ------------------------------------------------------------ */
+
+/* Flags CR and LF that are not part of a CRLF pair.  A CR at the very
+ * end of a piece is judged by the first byte of the next one. */
+static void check_line_ends(struct data_state *d, const char *p, size_t len)
+{
+    if (len && d->prev_cr && p[0] != '\n')
+        d->bad_eol = true;
+    for (size_t i = 0; i < len; i++) {
+        if (p[i] == '\n' && !(i ? p[i - 1] == '\r' : d->prev_cr))
+            d->bad_eol = true;
+        else if (p[i] == '\r' && i + 1 < len && p[i + 1] != '\n')
+            d->bad_eol = true;
+    }
+    if (len)
+        d->prev_cr = p[len - 1] == '\r';
+}
+
+/* One piece: a whole line (complete) or DATA_PIECE bytes of a longer
+ * one.  Returns true at the end of the data. */
+static bool data_piece(struct rx *x, struct data_state *d, const char *p,
+                       size_t len, bool complete)
+{
+    if (d->line_start && d->after_crlf && complete && len == 3 &&
+        !memcmp(p, ".\r\n", 3))
+        return true;
+    if (d->line_start && p[0] == '.') {   /* RFC 5321 4.5.2 */
+        p++;
+        len--;
+    }
+    bool was_cr = d->prev_cr;
+    check_line_ends(d, p, len);
+    d->after_crlf = complete && ((len >= 2 && p[len - 2] == '\r') ||
+                                 (len == 1 && was_cr));
+    d->line_start = complete;
+    d->bytes += len;
+    if (!d->bad_eol && d->target_ok && len)
+        d->target_ok = x->t.ops->write(&x->t, p, len);
+    return false;
+}
+
+/* Reads to the end of the data; IO_OK or the io_status that ended it. */
+static int read_data(struct rx *x, struct data_state *d)
+{
+    static char piece[DATA_PIECE];
+    size_t plen = 0;
+
+    for (;;) {
+        bool complete = false;
+        long n = io_getseg(x->io, piece + plen, sizeof piece - plen,
+                           &complete);
+        if (n < 0)
+            return (int)n;
+        plen += (size_t)n;
+        if (!complete && plen < sizeof piece)
+            continue;
+        if (data_piece(x, d, piece, plen, complete))
+            return IO_OK;
+        plen = 0;
+    }
+}
+
+static void finish_data(struct rx *x, const struct data_state *d)
+{
+    struct reply r;
+    char shown[64];
+
+    snprintf(shown, sizeof shown, "(message data, %llu bytes)", d->bytes);
+    trace_line(WHO, false, shown);
+    if (d->bad_eol) {
+        x->t.ops->end(&x->t, true, &r);
+        reply_set(&r, 554, "5.5.2 Bare CR or LF in message data (not "
+                           "accepted)");
+    } else {
+        x->t.ops->end(&x->t, false, &r);
+    }
+    send_reply(x, &r);
+    if (r.code / 100 == 2) {
+        x->st->messages++;
+        x->st->bytes += d->bytes;
+    }
+}
+
+static void do_data(struct rx *x, const char *arg)
+{
+    struct data_state d = {.line_start = true, .after_crlf = true,
+                           .target_ok = true};
+    struct reply r;
+
+    if (*arg) {
+        say(x, "501 5.5.4 Syntax: DATA");
+        return;
+    }
+    if (!x->in_mail || x->nrcpt == 0) {
+        say(x, x->in_mail ? "554 5.5.1 No valid recipients"
+                          : "503 5.5.1 Need MAIL command");
+        return;
+    }
+    x->t.ops->data(&x->t, &r);
+    if (r.code != 354) {
+        send_reply(x, &r);
+        end_transaction(x);
+        return;
+    }
+    say(x, "354 End data with <CR><LF>.<CR><LF>");
+    int st = read_data(x, &d);
+    if (st != IO_OK) {
+        x->t.ops->end(&x->t, true, &r);   /* nothing was acknowledged */
+        x->in_mail = false;
+        x->done = x->lost = true;
+        if (st == IO_TIMEOUT)
+            say(x, "421 4.4.2 %s Error: timeout exceeded", x->c->fqdn);
+        fprintf(stderr, "odmr-fetch: connection to %s lost during message "
+                        "data\n", x->c->server);
+        return;
+    }
+    finish_data(x, &d);
+    x->in_mail = false;
+    x->nrcpt = 0;
+}
+
+/* ---- the command loop ------------------------------------------------ */
+
+static void dispatch(struct rx *x, const struct smtp_cmd *cmd)
+{
+    const char *arg = cmd->arg ? cmd->arg : "";
+
+    switch (cmd->verb) {
+    case SMTP_EHLO: do_hello(x, arg, true); break;
+    case SMTP_HELO: do_hello(x, arg, false); break;
+    case SMTP_MAIL:
+        if (cmd->arg)
+            do_mail(x, arg);
+        else
+            say(x, "501 5.5.4 Syntax: MAIL FROM:<address>");
+        break;
+    case SMTP_RCPT:
+        if (cmd->arg)
+            do_rcpt(x, arg);
+        else
+            say(x, "501 5.5.4 Syntax: RCPT TO:<address>");
+        break;
+    case SMTP_DATA: do_data(x, arg); break;
+    case SMTP_RSET:
+        end_transaction(x);
+        say(x, "250 2.0.0 Ok");
+        break;
+    case SMTP_NOOP: say(x, "250 2.0.0 Ok"); break;
+    case SMTP_VRFY:
+        say(x, "252 2.5.0 Cannot VRFY user, but will accept message");
+        break;
+    case SMTP_HELP:
+        say(x, "214 2.0.0 odmr-fetch: EHLO HELO MAIL RCPT DATA RSET NOOP "
+               "QUIT");
+        break;
+    case SMTP_QUIT:
+        say(x, "221 2.0.0 %s closing connection", x->c->fqdn);
+        x->quit = x->done = true;
+        break;
+    default:
+        say(x, "502 5.5.1 Command not implemented");
+        x->bad_commands++;
+        break;
+    }
+}
+
+enum { LINE_END = -1, LINE_BAD = 0, LINE_OK = 1 };
+
+/* Reads and checks one command line: LINE_OK, LINE_BAD (answered
+ * already), or LINE_END when the connection is gone. */
+static int next_command(struct rx *x, char *line, size_t size)
+{
+    long n = io_getline(x->io, line, size, NULL);
+
+    if (n == IO_TOOLONG) {
+        say(x, "500 5.5.6 Line too long");
+        x->io->status = IO_OK;
+        return LINE_BAD;
+    }
+    if (n < 0) {
+        if (n == IO_TIMEOUT)
+            say(x, "421 4.4.2 %s Error: timeout exceeded", x->c->fqdn);
+        fprintf(stderr, "odmr-fetch: %s %s before QUIT\n", x->c->server,
+                n == IO_TIMEOUT ? "went silent" : "closed the connection");
+        x->lost = true;
+        return LINE_END;
+    }
+    trace_line(WHO, false, line);
+    if (strlen(line) != (size_t)n) {
+        say(x, "500 5.5.2 NUL character in command line");
+        return LINE_BAD;
+    }
+    return LINE_OK;
+}
+
+static void serve(struct rx *x)
+{
+    /* MAIL and RCPT may be 2048 octets with CRLF, everything else 512. */
+    static char line[SMTP_MAILRCPT_LINE_MAX];
+
+    while (!x->done) {
+        int k = next_command(x, line, sizeof line);
+        if (k == LINE_END)
+            return;
+        if (k == LINE_OK) {
+            struct smtp_cmd cmd;
+            smtp_cmd_parse(line, &cmd);
+            bool long_ok = cmd.verb == SMTP_MAIL || cmd.verb == SMTP_RCPT;
+            size_t max = long_ok ? SMTP_MAILRCPT_LINE_MAX : SMTP_LINE_MAX;
+            if (strlen(line) + 2 > max) {
+                say(x, "500 5.5.6 Line too long");
+                k = LINE_BAD;
+            } else {
+                dispatch(x, &cmd);
+            }
+        }
+        if (k == LINE_BAD)
+            x->bad_commands++;
+        if (x->bad_commands >= MAX_BAD_COMMANDS) {
+            say(x, "421 4.7.0 %s Too many errors", x->c->fqdn);
+            fprintf(stderr, "odmr-fetch: too many bad commands from %s\n",
+                    x->c->server);
+            x->status = EX_PROTOCOL;
+            return;
+        }
+    }
+}
+
+int receiver_run(const struct fetch_conf *c, struct io *io,
+                 struct fetch_stats *st)
+{
+    static struct rx x;
+    char err[512];
+
+    memset(&x, 0, sizeof x);
+    x.c = c;
+    x.io = io;
+    x.st = st;
+    target_init(&x.t, c);
+    if (!target_open(&x.t, err, sizeof err)) {
+        fprintf(stderr, "odmr-fetch: delivery target %s: %s; the provider "
+                        "keeps the mail\n", c->target.text, err);
+        say(&x, "421 4.4.1 %s Local mail system unavailable, try again "
+                "later", c->fqdn);
+        io_flush(io);
+        x.t.ops->close(&x.t);
+        return EX_TEMPFAIL;
+    }
+    say(&x, "220 %s ESMTP odmr-fetch", c->fqdn);
+    serve(&x);
+    io_flush(io);
+    end_transaction(&x);
+    x.t.ops->close(&x.t);
+    /* Without QUIT odmrd may not have settled everything it sent. */
+    if (x.status == 0 && !x.quit)
+        return EX_TEMPFAIL;
+    return x.status;
+}

@@ -1,0 +1,445 @@
+/* target_smtp.c - smtp:HOST:PORT, lmtp:HOST:PORT and lmtp:/socket.
+ *
+ * Each of odmrd's commands is relayed to the site's server in lock step
+ * and its reply handed back, so RCPT replies are the local server's own
+ * and the 250 after the data is given only after the local server
+ * accepted the final dot.  The data is streamed through (dot-stuffed
+ * again on the way out); only the connection's buffers are held.
+ *
+ * LMTP answers the data once per recipient, odmrd can take only one
+ * answer.  The combination (see docs/odmr-fetch.md):
+ *   all 2xx                  -> 250
+ *   none 2xx                 -> the first 4xx reply, else the first 5xx
+ *   2xx and 4xx              -> 451: odmrd keeps the whole message; the
+ *                               recipients that got it may get it twice
+ *   2xx and 5xx (no 4xx)     -> the first 5xx, naming that recipient:
+ *                               odmrd returns the message to its sender,
+ *                               whose notice says the others did get it.
+ *                               Answering 451 instead would repeat the
+ *                               delivery to those on every run until the
+ *                               queue lifetime ends.
+ * Most per-recipient failures (unknown user, over quota) are reported by
+ * LMTP servers at RCPT time, where they map one to one. */
+#include "target.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../common/addr.h"
+
+#define WHO "target"
+
+struct smtp_target {
+    struct io io;
+    bool connected;
+    bool in_tx;                   /* MAIL accepted, not ended */
+    bool line_start;              /* dot-stuffing state of the data */
+    bool failed;                  /* the data could not be written */
+    struct target_caps have;      /* of the current connection */
+    char **accepted;              /* LMTP: recipients accepted, in order */
+    size_t naccepted;
+};
+
+static struct smtp_target *S(struct target *t)
+{
+    return t->impl;
+}
+
+static bool is_lmtp(const struct target *t)
+{
+    return t->spec->kind == TARGET_LMTP;
+}
+
+static void forget_accepted(struct smtp_target *s)
+{
+    for (size_t i = 0; i < s->naccepted; i++)
+        free(s->accepted[i]);
+    free(s->accepted);
+    s->accepted = NULL;
+    s->naccepted = 0;
+}
+
+/* The list of accepted recipients stays: LMTP replies may still be
+ * being counted against it. */
+static void disconnect(struct smtp_target *s)
+{
+    if (s->connected)
+        io_close(&s->io);
+    s->connected = s->in_tx = false;
+}
+
+/* Sends line (unless NULL) and reads the reply; false on I/O failure or
+ * a malformed reply, after which the connection is closed. */
+static bool talk(struct smtp_target *s, const char *line,
+                 struct smtp_reply *r)
+{
+    bool malformed;
+
+    if (line && (!net_send(&s->io, WHO, line, NULL) || !io_flush(&s->io))) {
+        disconnect(s);
+        return false;
+    }
+    if (net_reply(&s->io, WHO, r, &malformed) != IO_OK) {
+        disconnect(s);
+        return false;
+    }
+    return true;
+}
+
+/* ---- connecting ------------------------------------------------------ */
+
+static void learn_caps(struct smtp_target *s, const struct smtp_reply *r)
+{
+    char size[32];
+    unsigned long v;
+
+    s->have.eightbit = smtp_ehlo_has(r, "8BITMIME", NULL, 0);
+    s->have.smtputf8 = smtp_ehlo_has(r, "SMTPUTF8", NULL, 0);
+    s->have.dsn = smtp_ehlo_has(r, "DSN", NULL, 0);
+    s->have.size = 0;
+    if (smtp_ehlo_has(r, "SIZE", size, sizeof size) &&
+        parse_ulong(size, ULONG_MAX, &v))
+        s->have.size = v;
+}
+
+static bool hello(struct target *t, char *err, size_t n)
+{
+    struct smtp_target *s = S(t);
+    struct smtp_reply r;
+    char line[FETCH_HOST_MAX + 8];
+
+    snprintf(line, sizeof line, "%s %s", is_lmtp(t) ? "LHLO" : "EHLO",
+             t->conf->fqdn);
+    if (!talk(s, line, &r)) {
+        snprintf(err, n, "connection lost after %s", is_lmtp(t) ? "LHLO"
+                                                                 : "EHLO");
+        return false;
+    }
+    memset(&s->have, 0, sizeof s->have);
+    if (r.code == 250) {
+        learn_caps(s, &r);
+        return true;
+    }
+    snprintf(line, sizeof line, "HELO %s", t->conf->fqdn);
+    if (!is_lmtp(t) && r.code >= 500 && talk(s, line, &r) && r.code == 250)
+        return true;
+    snprintf(err, n, "refused our greeting: %d %.200s", r.code, r.text);
+    return false;
+}
+
+static bool connect_target(struct target *t, char *err, size_t n)
+{
+    struct smtp_target *s = S(t);
+    const struct target_spec *sp = t->spec;
+    struct smtp_reply r;
+
+    int fd = net_connect(sp->path[0] ? sp->path : sp->host, sp->port,
+                         t->conf->timeout, err, n);
+    if (fd < 0)
+        return false;
+    io_init(&s->io, fd, (int)(t->conf->timeout * 1000));
+    s->connected = true;
+    if (!talk(s, NULL, &r)) {
+        snprintf(err, n, "no greeting");
+        return false;
+    }
+    if (r.code != 220) {
+        snprintf(err, n, "greeting %d %.200s", r.code, r.text);
+        disconnect(s);
+        return false;
+    }
+    if (!hello(t, err, n)) {
+        disconnect(s);
+        return false;
+    }
+    return true;
+}
+
+static bool smtp_open(struct target *t, char *err, size_t n)
+{
+    struct smtp_target *s = calloc(1, sizeof *s);
+
+    t->impl = s;
+    if (!s) {
+        snprintf(err, n, "out of memory");
+        return false;
+    }
+    if (!connect_target(t, err, n))
+        return false;
+    t->caps = s->have;   /* what the receiver advertises from now on */
+    return true;
+}
+
+/* ---- the envelope ---------------------------------------------------- */
+
+static const char *body_name(enum smtp_body b)
+{
+    return b == BODY_8BITMIME ? "8BITMIME" : "7BIT";
+}
+
+/* MAIL FROM with the parameters this connection understands. */
+static void mail_line(const struct smtp_target *s, const struct mail_args *m,
+                      char *buf, size_t n)
+{
+    char from[ADDR_MAX + 1];
+    size_t len;
+
+    addr_format(&m->from, from, sizeof from);
+    len = (size_t)snprintf(buf, n, "MAIL FROM:<%s>", from);
+    if (s->have.size && m->size && len < n)
+        len += (size_t)snprintf(buf + len, n - len, " SIZE=%llu",
+                                (unsigned long long)m->size);
+    if (s->have.eightbit && m->body != BODY_UNSPEC && len < n)
+        len += (size_t)snprintf(buf + len, n - len, " BODY=%s",
+                                body_name(m->body));
+    if (s->have.smtputf8 && m->smtputf8 && len < n)
+        len += (size_t)snprintf(buf + len, n - len, " SMTPUTF8");
+    if (s->have.dsn && m->ret != RET_UNSPEC && len < n)
+        len += (size_t)snprintf(buf + len, n - len, " RET=%s",
+                                m->ret == RET_FULL ? "FULL" : "HDRS");
+    if (s->have.dsn && m->envid[0] && len < n)
+        snprintf(buf + len, n - len, " ENVID=%s", m->envid);
+}
+
+static void notify_list(unsigned bits, char *buf, size_t n)
+{
+    snprintf(buf, n, "%s%s%s%s",
+             bits & DSN_NOTIFY_NEVER ? "NEVER," : "",
+             bits & DSN_NOTIFY_SUCCESS ? "SUCCESS," : "",
+             bits & DSN_NOTIFY_FAILURE ? "FAILURE," : "",
+             bits & DSN_NOTIFY_DELAY ? "DELAY," : "");
+    size_t len = strlen(buf);
+    if (len)
+        buf[len - 1] = '\0';   /* the last comma */
+}
+
+static void rcpt_line(const struct smtp_target *s, const struct rcpt_args *a,
+                      const char *addr, char *buf, size_t n)
+{
+    size_t len = (size_t)snprintf(buf, n, "RCPT TO:<%s>", addr);
+
+    if (s->have.dsn && a->notify && len < n) {
+        char list[64];
+        notify_list(a->notify, list, sizeof list);
+        len += (size_t)snprintf(buf + len, n - len, " NOTIFY=%s", list);
+    }
+    if (s->have.dsn && a->orcpt[0] && len < n)
+        snprintf(buf + len, n - len, " ORCPT=%s", a->orcpt);
+}
+
+static void lost(struct reply *r, const char *when)
+{
+    reply_set(r, 451, "4.4.2 Lost the connection to the local mail system "
+                      "%s", when);
+}
+
+static void smtp_mail(struct target *t, const struct mail_args *m,
+                      struct reply *r)
+{
+    struct smtp_target *s = S(t);
+    struct smtp_reply sr;
+    char line[SMTP_MAILRCPT_LINE_MAX], err[256];
+
+    if (s->connected && s->in_tx)
+        t->ops->reset(t);
+    /* It may have gone away between transactions (restart, idle
+     * timeout): one new connection is worth a try. */
+    if (!s->connected && !connect_target(t, err, sizeof err)) {
+        reply_set(r, 451, "4.4.1 Local mail system unavailable: %.300s", err);
+        return;
+    }
+    if (m->smtputf8 && !s->have.smtputf8) {
+        reply_set(r, 451, "4.3.0 Local mail system no longer offers SMTPUTF8");
+        return;
+    }
+    mail_line(s, m, line, sizeof line);
+    if (!talk(s, line, &sr)) {
+        lost(r, "after MAIL");
+        return;
+    }
+    reply_relay(r, &sr, false);
+    s->in_tx = r->code / 100 == 2;
+    forget_accepted(s);
+}
+
+static void smtp_rcpt(struct target *t, const struct rcpt_args *a,
+                      const char *addr, struct reply *r)
+{
+    struct smtp_target *s = S(t);
+    struct smtp_reply sr;
+    char line[SMTP_MAILRCPT_LINE_MAX];
+
+    if (!s->connected || !s->in_tx) {
+        lost(r, "before RCPT");
+        return;
+    }
+    rcpt_line(s, a, addr, line, sizeof line);
+    if (!talk(s, line, &sr)) {
+        lost(r, "after RCPT");
+        return;
+    }
+    reply_relay(r, &sr, false);
+    if (r->code / 100 != 2)
+        return;
+    char **more = realloc(s->accepted, (s->naccepted + 1) * sizeof *more);
+    char *copy = strdup(addr);
+    if (!more || !copy) {
+        free(copy);
+        if (more)
+            s->accepted = more;
+        reply_set(r, 452, "4.3.0 Out of memory");
+        return;
+    }
+    s->accepted = more;
+    s->accepted[s->naccepted++] = copy;
+}
+
+/* ---- the data -------------------------------------------------------- */
+
+static void smtp_data(struct target *t, struct reply *r)
+{
+    struct smtp_target *s = S(t);
+    struct smtp_reply sr;
+
+    if (!s->connected || !s->in_tx) {
+        lost(r, "before DATA");
+        return;
+    }
+    if (!talk(s, "DATA", &sr)) {
+        lost(r, "after DATA");
+        return;
+    }
+    reply_relay(r, &sr, true);
+    s->line_start = true;
+    s->failed = false;
+}
+
+static bool smtp_write(struct target *t, const char *p, size_t len)
+{
+    struct smtp_target *s = S(t);
+
+    while (len > 0 && !s->failed) {
+        const char *nl = memchr(p, '\n', len);
+        size_t chunk = nl ? (size_t)(nl - p) + 1 : len;
+        if (s->line_start && p[0] == '.' && !io_write(&s->io, ".", 1))
+            s->failed = true;
+        else if (!io_write(&s->io, p, chunk))
+            s->failed = true;
+        s->line_start = nl != NULL;
+        p += chunk;
+        len -= chunk;
+    }
+    return !s->failed;
+}
+
+/* One LMTP reply (a lost connection counts as a temporary failure). */
+static void lmtp_one(struct smtp_target *s, struct reply *one)
+{
+    struct smtp_reply sr;
+
+    if (s->connected && talk(s, NULL, &sr))
+        reply_relay(one, &sr, false);
+    else
+        reply_set(one, 451, "4.4.2 Lost the connection to the local mail "
+                            "system after the data");
+}
+
+/* LMTP: one reply per accepted recipient, combined as described above. */
+static void lmtp_replies(struct smtp_target *s, struct reply *r)
+{
+    struct reply first[6];          /* by class: [2], [4], [5] */
+    size_t count[6] = {0}, n = s->naccepted;
+    const char *who5 = "";
+
+    for (size_t i = 0; i < n; i++) {
+        struct reply one;
+        lmtp_one(s, &one);
+        int cls = one.code / 100;
+        if (count[cls]++ == 0)
+            first[cls] = one;
+        if (cls == 5 && !who5[0])
+            who5 = s->accepted[i];
+    }
+    if (count[4] == 0 && count[5] == 0)
+        reply_set(r, 250, "2.0.0 Ok: delivered to %zu recipient(s) over "
+                          "LMTP", n);
+    else if (count[2] == 0)
+        *r = count[4] ? first[4] : first[5];
+    else if (count[4])
+        reply_set(r, 451, "4.3.0 Delivered to %zu of %zu recipients only, "
+                          "retrying all: %.300s", count[2], n, first[4].line);
+    else
+        reply_set(r, first[5].code, "%.300s (not delivered to <%.100s>; "
+                  "%zu other recipient(s) did receive it)",
+                  first[5].line + 4, who5, count[2]);
+}
+
+static void smtp_end(struct target *t, bool abort, struct reply *r)
+{
+    struct smtp_target *s = S(t);
+    struct smtp_reply sr;
+
+    if (abort || s->failed || !s->connected) {
+        /* No final dot: closing mid-data makes the server drop it. */
+        disconnect(s);
+        forget_accepted(s);
+        lost(r, "during the data");
+        return;
+    }
+    if (!s->line_start)     /* cannot happen: our data ends with CRLF */
+        io_write(&s->io, "\r\n", 2);
+    if (!net_send(&s->io, WHO, ".", NULL) || !io_flush(&s->io)) {
+        disconnect(s);
+        forget_accepted(s);
+        lost(r, "at the end of the data");
+        return;
+    }
+    s->in_tx = false;
+    if (is_lmtp(t))
+        lmtp_replies(s, r);
+    else if (talk(s, NULL, &sr))
+        reply_relay(r, &sr, false);
+    else
+        lost(r, "after the data");
+    forget_accepted(s);
+}
+
+static void smtp_reset(struct target *t)
+{
+    struct smtp_target *s = S(t);
+    struct smtp_reply sr;
+
+    if (s && s->connected && s->in_tx)
+        (void)talk(s, "RSET", &sr);
+    if (s) {
+        s->in_tx = false;
+        forget_accepted(s);
+    }
+}
+
+static void smtp_close(struct target *t)
+{
+    struct smtp_target *s = S(t);
+    struct smtp_reply sr;
+
+    if (!s)
+        return;
+    if (s->connected)
+        (void)talk(s, "QUIT", &sr);
+    disconnect(s);
+    forget_accepted(s);
+    free(s);
+    t->impl = NULL;
+}
+
+const struct target_ops target_smtp_ops = {
+    .open = smtp_open,
+    .mail = smtp_mail,
+    .rcpt = smtp_rcpt,
+    .data = smtp_data,
+    .write = smtp_write,
+    .end = smtp_end,
+    .reset = smtp_reset,
+    .close = smtp_close,
+};
