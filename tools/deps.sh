@@ -49,6 +49,6 @@ case "$need" in
 esac
 $SUDO apt-get update -qq
 # shellcheck disable=SC2086
-$SUDO apt-get install -y -qq --no-install-recommends $need >&2
+$SUDO apt-get install -y -qq $need >&2
 [ "${remove_policy:-0}" = 1 ] && $SUDO rm -f /usr/sbin/policy-rc.d
 exit 0
