@@ -10,7 +10,8 @@ PREFIX     ?= /usr/local
 SBINDIR    ?= $(PREFIX)/sbin
 BINDIR     ?= $(PREFIX)/bin
 MANDIR     ?= $(PREFIX)/share/man
-SYSCONFDIR ?= $(PREFIX)/etc
+# /usr installs keep their configuration in /etc, as packages do.
+SYSCONFDIR ?= $(if $(filter /usr,$(PREFIX)),/etc,$(PREFIX)/etc)
 DOCDIR     ?= $(PREFIX)/share/doc/odmr
 
 CC      ?= cc
@@ -82,10 +83,48 @@ bench: all test-deps
 run: all
 	@sh tools/run-demo.sh $(B)
 
+# install: programs, man pages, example configurations (never over a real
+# one), systemd units and a cron example.  The units and the cron example
+# name /usr/sbin, /usr/bin and /etc/odmr; the installed copies get this
+# installation's directories, so they agree with the programs' defaults.
+SYSTEMDDIR ?= $(PREFIX)/lib/systemd/system
+EXAMPLEDIR ?= $(DOCDIR)/examples
+MAN1_PAGES := man/odmr-fetch.1
+MAN5_PAGES := man/odmrd.conf.5
+MAN8_PAGES := man/odmrd.8 man/odmrctl.8
+UNITS      := odmrd.service odmr-fetch.service odmr-fetch.timer
+EXAMPLES   := contrib/odmrd.conf.example contrib/odmr-fetch.conf.example
+SUBST_PATHS = sed -e 's|/usr/sbin/odmr|$(SBINDIR)/odmr|g' \
+                  -e 's|/usr/bin/odmr-fetch|$(BINDIR)/odmr-fetch|g' \
+                  -e 's|/etc/odmr/|$(SYSCONFDIR)/odmr/|g'
+
 install: all
-	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(BINDIR)
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(BINDIR) \
+	    $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man5 \
+	    $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(EXAMPLEDIR) $(DESTDIR)$(SYSTEMDDIR)
 	install -m 755 $(B)/odmrd $(B)/odmrctl $(DESTDIR)$(SBINDIR)/
 	install -m 755 $(B)/odmr-fetch $(DESTDIR)$(BINDIR)/
+	install -m 644 $(MAN1_PAGES) $(DESTDIR)$(MANDIR)/man1/
+	install -m 644 $(MAN5_PAGES) $(DESTDIR)$(MANDIR)/man5/
+	install -m 644 $(MAN8_PAGES) $(DESTDIR)$(MANDIR)/man8/
+	install -m 644 $(EXAMPLES) $(DESTDIR)$(EXAMPLEDIR)/
+	$(SUBST_PATHS) contrib/cron/odmr-fetch > $(DESTDIR)$(EXAMPLEDIR)/odmr-fetch.cron
+	chmod 644 $(DESTDIR)$(EXAMPLEDIR)/odmr-fetch.cron
+	for u in $(UNITS); do \
+	    $(SUBST_PATHS) contrib/systemd/$$u > $(DESTDIR)$(SYSTEMDDIR)/$$u && \
+	    chmod 644 $(DESTDIR)$(SYSTEMDDIR)/$$u || exit 1; \
+	done
+
+.PHONY: uninstall
+uninstall:
+	rm -f $(DESTDIR)$(SBINDIR)/odmrd $(DESTDIR)$(SBINDIR)/odmrctl \
+	    $(DESTDIR)$(BINDIR)/odmr-fetch
+	rm -f $(addprefix $(DESTDIR)$(MANDIR)/man1/,$(notdir $(MAN1_PAGES))) \
+	    $(addprefix $(DESTDIR)$(MANDIR)/man5/,$(notdir $(MAN5_PAGES))) \
+	    $(addprefix $(DESTDIR)$(MANDIR)/man8/,$(notdir $(MAN8_PAGES)))
+	rm -f $(addprefix $(DESTDIR)$(EXAMPLEDIR)/,$(notdir $(EXAMPLES)) odmr-fetch.cron)
+	rm -f $(addprefix $(DESTDIR)$(SYSTEMDDIR)/,$(UNITS))
+	rmdir $(DESTDIR)$(EXAMPLEDIR) $(DESTDIR)$(DOCDIR) 2>/dev/null || true
 
 clean:
 	rm -rf build build-san

@@ -202,8 +202,12 @@ static int conf_key(void *ctx, const char *k, const char *v, char *err, size_t n
     } else if (!strcmp(k, "sasl_mechanisms"))
         ok = valid_mechanisms(v, err, n) &&
              str_copy(c->sasl_mechanisms, v, sizeof c->sasl_mechanisms);
-    else if (!strcmp(k, "max_message_size"))
-        ok = size_key(v, &c->max_message_size, err, n);
+    else if (!strcmp(k, "max_message_size")) {
+        /* 0 would advertise "SIZE 0" (no limit, RFC 1870) yet refuse all */
+        ok = size_key(v, &c->max_message_size, err, n) && c->max_message_size > 0;
+        if (ok == false && !err[0])
+            snprintf(err, n, "must be more than 0");
+    }
     else if (!strcmp(k, "max_recipients"))
         ok = count_key(v, &c->max_recipients, err, n);
     else if (!strcmp(k, "domain_quota"))
