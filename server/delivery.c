@@ -19,6 +19,7 @@
 #include "../common/smtp.h"
 #include "../common/util.h"
 #include "bounce.h"
+#include "session.h"
 
 #define REPLY_LINE_MAX 1024
 #define MAX_PASSES 100            /* rescans for mail that arrived meanwhile */
@@ -531,7 +532,7 @@ static bool deliver_pass(struct delivery_ctx *d, const struct caps *c,
     }
     bool ok = true;
     size_t before = done->n;
-    for (size_t i = 0; ok && i < now.n; i++) {
+    for (size_t i = 0; ok && i < now.n && !session_stop_requested; i++) {
         if (seen(done, before, now.ids[i]))
             continue;
         (*found)++;
@@ -555,7 +556,8 @@ bool deliver_domains(struct delivery_ctx *d, char *const *domains, size_t n)
     for (size_t i = 0; ok && i < n; i++) {
         struct id_list done = {0};
         size_t found = 1;
-        for (int pass = 0; ok && found && pass < MAX_PASSES; pass++) {
+        for (int pass = 0; ok && found && pass < MAX_PASSES &&
+                           !session_stop_requested; pass++) {
             found = 0;
             ok = deliver_pass(d, &c, domains[i], &done, &found);
         }

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <netinet/in.h>
 #include <arpa/inet.h>
@@ -200,6 +201,20 @@ static void auth_result(struct odmr *s, enum sasl_glue_result r, const char *mec
     }
 }
 
+/* Is mech (any case) one of the words of the sasl_mechanisms list? */
+static bool configured_mech(const char *list, const char *mech)
+{
+    size_t len = strlen(mech);
+    for (const char *p = list; *p;) {
+        p += strspn(p, " ,");
+        size_t w = strcspn(p, " ,");
+        if (w == len && !strncasecmp(p, mech, len))
+            return true;
+        p += w;
+    }
+    return false;
+}
+
 static void do_auth(struct odmr *s, const char *arg)
 {
     static char chal[SASL_GLUE_B64_MAX + 1], line[SASL_GLUE_B64_MAX + 2];
@@ -223,6 +238,13 @@ static void do_auth(struct odmr *s, const char *arg)
     }
     memcpy(mech, arg, mlen);
     mech[mlen] = '\0';
+    if (!s->tls_on && (!strcasecmp(mech, "PLAIN") || !strcasecmp(mech, "LOGIN")) &&
+        configured_mech(s->conf->sasl_mechanisms, mech)) {
+        /* RFC 4954 section 6: the mechanism exists, but only inside TLS */
+        reply(s, "538 5.7.11 Encryption required for requested authentication "
+                 "mechanism");
+        return;
+    }
     const char *initial = arg[mlen] == ' ' ? arg + mlen + 1 : NULL;
     if (!s->sasl && !sasl_renew(s)) {
         reply(s, "454 4.7.0 Temporary authentication failure");
@@ -403,7 +425,11 @@ static void do_atrn(struct odmr *s, const char *arg)
              s->peer->addr, s->user, set.n);
     struct delivery_ctx d = {.conf = s->conf, .q = &s->q, .io = &s->io,
                              .account = s->user, .peer = s->peer->addr};
+    /* A stop request now ends the delivery after the message in hand
+     * (delivery.c checks it), not in the middle of it. */
+    session_idle = 0;
     deliver_domains(&d, set.names, set.n);
+    session_idle = 1;
     release(&set);
     s->done = true;   /* after the reversal the connection is the customer's */
 }

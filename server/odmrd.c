@@ -494,6 +494,28 @@ static void write_pid_file(void)
     fclose(f);
 }
 
+/* -t: beyond syntax, what start-up would trip over (listeners can only
+ * be tried by binding them, which a running daemon would prevent). */
+static int check_usable(void)
+{
+    char err[512];
+    int problems = 0;
+    if (conf.user[0] && !getpwnam(conf.user)) {
+        fprintf(stderr, "odmrd: %s: user %s: no such user\n", conf.path, conf.user);
+        problems++;
+    }
+    if (conf.tls_cert_file[0]) {
+        SSL_CTX *ctx = tls_server_ctx(conf.tls_cert_file, conf.tls_key_file, err,
+                                      sizeof err);
+        if (!ctx) {
+            fprintf(stderr, "odmrd: %s: TLS: %s\n", conf.path, err);
+            problems++;
+        }
+        SSL_CTX_free(ctx);
+    }
+    return problems;
+}
+
 struct options {
     const char *config;
     bool foreground, debug, test;
@@ -579,6 +601,8 @@ int main(int argc, char **argv)
         return rc;
     if (o.test) {
         int problems = conf_load(&conf, o.config, print_problem, NULL);
+        if (problems == 0)
+            problems = check_usable();
         if (problems == 0)
             printf("odmrd: %s: configuration ok\n", o.config);
         return problems ? EX_CONFIG_ : EX_OK_;

@@ -41,7 +41,7 @@ enum starttls_result session_starttls(struct io *io, SSL_CTX *ctx, bool tls_on,
     }
     session_reply(io, peer, "220 2.0.0 Ready to start TLS");
     if (!io_starttls_server(io, ctx, err, sizeof err)) {
-        log_info("%s: TLS handshake failed: %s", peer, err);
+        log_info("%s: %s", peer, err);   /* err names the failure */
         io->status = IO_ERROR;
         return STARTTLS_FAILED;
     }

@@ -185,6 +185,8 @@ static struct envelope *domain_envelope(struct smtp *s, const struct mailbox *to
                          : accounts_domain_owner(s->conf->accounts_db, key,
                                                  owner, sizeof owner);
     if (r == ACCT_NOTFOUND) {
+        log_info("reject: RCPT from %s: 550 5.7.1 <%s@%s>: Relay access denied",
+                 s->peer->addr, to->local, to->domain);
         reply(s, "550 5.7.1 <%s@%s>: Relay access denied", to->local, to->domain);
         return NULL;
     }
@@ -194,6 +196,8 @@ static struct envelope *domain_envelope(struct smtp *s, const struct mailbox *to
         return NULL;
     }
     if (over_quota(s, key, s->mail.size)) {
+        log_info("reject: RCPT from %s: 452 4.2.2 quota exceeded for %s",
+                 s->peer->addr, key);
         reply(s, "452 4.2.2 Mailbox full: quota exceeded for %s", key);
         return NULL;
     }
@@ -512,7 +516,7 @@ static bool dispatch(struct smtp *s, const struct smtp_cmd *cmd)
                  "hosted domains only");
         break;
     case SMTP_VRFY:
-        reply(s, "252 2.5.2 Cannot VRFY user, but will accept message");
+        reply(s, "252 2.0.0 Cannot VRFY user, but will accept message");
         break;
     case SMTP_STARTTLS: do_starttls(s, arg); break;
     case SMTP_QUIT:

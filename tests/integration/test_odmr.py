@@ -728,9 +728,9 @@ def test_plain_not_offered_without_tls(env):
     with odmr(env) as s:
         kw = ehlo(s)
         check("PLAIN" not in kw.get("AUTH", "").split(), "PLAIN offered")
-        check_reply(plain(s, "alice", ALICE_PW), 504, "5.5.4",
+        check_reply(plain(s, "alice", ALICE_PW), 538, "5.7.11",
                     "AUTH PLAIN without TLS")
-        check_reply(s.cmd("AUTH LOGIN"), 504, "5.5.4", "AUTH LOGIN without TLS")
+        check_reply(s.cmd("AUTH LOGIN"), 538, "5.7.11", "AUTH LOGIN without TLS")
         check_exact(atrn(s), "530 5.7.0 Authentication required",
                     "ATRN after refused PLAIN")
         s.quit()
