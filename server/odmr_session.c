@@ -406,11 +406,20 @@ static void do_atrn(struct odmr *s, const char *arg)
         reply(s, "530 5.7.0 Authentication required");
         return;
     }
-    if (!atrn_domains(s, arg, &set) || !lock_all(s, &set)) {
+    if (!atrn_domains(s, arg, &set)) {
         release(&set);
         return;
     }
-    if (set.n == 0 || !any_mail(s, &set)) {
+    /* "No mail" first, without the locks: a customer polling an empty
+     * domain while another session of its own is on it should hear 453,
+     * not a 451 that makes it retry.  After locking, look again: the
+     * other session may have just delivered everything. */
+    bool mail = set.n > 0 && any_mail(s, &set);
+    if (mail && !lock_all(s, &set)) {   /* replied 451 */
+        release(&set);
+        return;
+    }
+    if (!mail || !any_mail(s, &set)) {
         release(&set);
         reply(s, "453 You have no mail");
         return;

@@ -2,6 +2,7 @@
 """tests/bench.py - the `make bench` entry point.
 
     python3 tests/bench.py --build DIR [--rounds N] [--messages N]
+                           [--polls N] [--customers N] [--poll-procs N]
                            [--only NAME] [--keep] [--out FILE]
 
 Runs every benchmark of BENCHMARKS (functions taking a Context and returning
@@ -26,10 +27,16 @@ Benchmarks:
   smtp-inbound-reuse  the same with smtp-source -d: the messages go over
                  the 20 connections (one session each), which separates
                  the cost per message from the cost per connection.
+  odmr-drain, odmr-polls, odmr-polls-tls  the ODMR service: M messages
+                 delivered over one ATRN session to a Python customer and
+                 to fetchmail + smtp-sink; C concurrent customers polling
+                 an empty queue, without and with STARTTLS
+                 (tests/bench_odmr.py describes them).
 
-Needs root (the Postfix instance), /usr/sbin/smtp-source and postfix
-(`make test-deps`).  Only 127.0.0.1 is used.  Every process started is
-killed by pid at the end, also on errors and Ctrl-C.
+Needs root (the Postfix instance), /usr/sbin/smtp-source, smtp-sink,
+postfix, fetchmail and openssl (`make test-deps`).  Only 127.0.0.1 is
+used.  Every process started is killed by pid at the end, also on errors
+and Ctrl-C.
 
 Python 3 standard library only.
 """
@@ -442,11 +449,16 @@ def bench_smtp_inbound_reuse(ctx):
     return bench_smtp_inbound(ctx, reuse=True)
 
 
+# The ODMR benchmarks live in tests/bench_odmr.py, which imports the helpers
+# above from this module (also when it runs as __main__).
+sys.modules.setdefault("bench", sys.modules[__name__])
+import bench_odmr  # noqa: E402
+
 # (name, function): each function takes a Context and returns [Row]
 BENCHMARKS = [
     ("smtp-inbound", bench_smtp_inbound),
     ("smtp-inbound-reuse", bench_smtp_inbound_reuse),
-]
+] + bench_odmr.BENCHMARKS
 
 
 # ---------------------------------------------------------------- output
@@ -486,6 +498,13 @@ def main():
     ap.add_argument("--messages", type=int, default=5000)
     ap.add_argument("--size", type=int, default=5120)
     ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--polls", type=int, default=2000,
+                    help="odmr-polls*: polls in total (default 2000)")
+    ap.add_argument("--customers", type=int, default=50,
+                    help="odmr-polls*: concurrent customers (default 50)")
+    ap.add_argument("--poll-procs", type=int, default=0,
+                    help="odmr-polls*: client processes (default: one per "
+                         "CPU, at least 2)")
     ap.add_argument("--only", action="append", default=[],
                     help="run only this benchmark (or those whose name contains "
                          "this); repeatable")
@@ -495,6 +514,8 @@ def main():
     args = ap.parse_args()
     if args.rounds < 1 or args.messages < 1:
         ap.error("--rounds and --messages must be positive")
+    if args.polls < 1 or args.customers < 1 or args.poll_procs < 0:
+        ap.error("--polls and --customers must be positive")
     if os.environ.get("ODMR_KEEP") == "1":
         args.keep = True
     out_path = args.out or os.path.join(args.build, "bench.txt")

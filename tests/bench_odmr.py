@@ -18,13 +18,21 @@ imports this module and lists its benchmarks in BENCHMARKS).
                  the spool, the sink must have counted M messages and
                  odmrd's session summary must say sent=M.  Reports
                  messages/s (median of the rounds) of both, their ratio and
-                 odmrd's CPU time per message.
-  odmr-polls     C concurrent customers poll an empty queue: connect, EHLO,
-                 AUTH CRAM-MD5, ATRN (453 You have no mail), QUIT; P polls in
-                 total.  Reports polls/s, latency, odmrd's CPU per poll
-                 (master + session processes, from /proc) and the client's
-                 CPU (the clients run in several processes; the note says
-                 when they, not odmrd, are the limit).
+                 the CPU time per message of odmrd and of the customer.
+                 fetchmail copies the dialogue one line per write(2), without
+                 TCP_NODELAY: the second and third of the pipelined replies
+                 wait in its socket for odmrd's delayed ACK, the end of the
+                 data for smtp-sink's, about 2 x 40 ms per message on Linux
+                 (seen with strace); that, not odmrd, sets its rate.
+  odmr-polls     C concurrent customers (each its own account and domain)
+                 poll an empty queue: connect, EHLO, AUTH CRAM-MD5, ATRN
+                 (453 You have no mail), QUIT; P polls in total, after one
+                 warm-up poll per customer.  Reports polls/s, latency,
+                 odmrd's CPU per poll (master + session processes, from
+                 /proc/PID/stat read while the service is quiet) and the
+                 clients' CPU (they run in several processes; the note
+                 splits the machine's CPU time between odmrd, the clients
+                 and other processes and says which one was the limit).
   odmr-polls-tls the same with STARTTLS (self-signed RSA 2048 certificate,
                  not verified; a full handshake per poll) before AUTH.
 
@@ -41,18 +49,21 @@ import hmac
 import multiprocessing
 import os
 import re
+import resource
 import socket
 import ssl
 import statistics
+import subprocess
 import threading
 import time
 
 import bench
 from bench import BenchError, Odmrd, Row, need, run_smtp_source, wait_count
 
-USER, PASSWORD = "bench", "bench-pw"
+USER, PASSWORD = "bench", "pw"     # what bench.Odmrd creates
 DOMAIN = "example.org"
-DRAIN_TIMEOUT = 300          # seconds per drain
+DRAIN_TIMEOUT = 300          # seconds per drain, at least ...
+DRAIN_PER_MESSAGE = 0.25     # ... or this per message (fetchmail: ~0.1 s)
 POLL_TIMEOUT = 300           # seconds per poll storm
 IO_TIMEOUT = 60              # seconds per network wait
 REVERSING = b"250 OK now reversing the connection"
@@ -90,6 +101,15 @@ def odmrd_cpu(master):
         if c is not None:
             total += int(c[11]) + int(c[12]) + int(c[13]) + int(c[14])
     return total / CLK_TCK, own / CLK_TCK
+
+
+def machine_cpu():
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)      # idle + iowait
+    total = sum(v[:8])                             # without guest times
+    return total - idle, total
 
 
 def quiet_cpu(od, settle=0.3):
@@ -196,6 +216,7 @@ class DrainResult:
         self.quit = False
         self.t_atrn = None
         self.t_end = None
+        self.cpu = 0.0
 
 
 def python_customer(port, expect_min_size, deadline):
@@ -209,8 +230,10 @@ def python_customer(port, expect_min_size, deadline):
         if code != 250 or lines[0] != REVERSING:
             raise BenchError("ATRN: %r" % lines)
         r.t_atrn = time.monotonic()
+        cpu0 = time.thread_time()
         serve_reversed(c.sock, c.buf, r, deadline)
         r.t_end = time.monotonic()
+        r.cpu = time.thread_time() - cpu0
     finally:
         c.close()
     if not r.quit:
@@ -226,9 +249,14 @@ def serve_reversed(sock, buf, r, deadline):
     """The SMTP server after the role reversal.  Replies to everything that
     is complete in the input in one write (which is what RFC 2920 asks of a
     pipelining server: flush before waiting for more input).  Data is
-    scanned for <CRLF>.<CRLF> without copying it around."""
+    scanned for <CRLF>.<CRLF> without copying it around.  Reads go into
+    one preallocated 1 MB buffer: sock.recv(N) with N above glibc's mmap
+    threshold (128 KB) maps and unmaps N bytes per call, which made this
+    customer cost more CPU per message than odmrd."""
     sock.sendall(b"220 customer.test ESMTP ready\r\n")
-    recv = sock.recv
+    rbuf = bytearray(1 << 20)
+    rview = memoryview(rbuf)
+    recv_into = sock.recv_into
     in_tx = in_data = False
     rcpts = 0
     data_start = content_start = 0    # in buf, while in_data
@@ -260,7 +288,7 @@ def serve_reversed(sock, buf, r, deadline):
                 break
             line = buf[pos:nl].rstrip(b"\r")
             pos = nl + 1
-            verb = line[:4].upper()
+            verb = line.split(None, 1)[0].upper() if line.strip() else b""
             if verb == b"EHLO":
                 out.append(EHLO_REPLY)
             elif verb == b"HELO":
@@ -285,7 +313,8 @@ def serve_reversed(sock, buf, r, deadline):
                     out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                     in_data = True
                     # the CRLF of the DATA line may end the (empty) data
-                    data_start, content_start, size = nl - 1, pos, 0
+                    data_start = nl - 1 if buf[nl - 1:nl] == b"\r" else pos
+                    content_start, size = pos, 0
             elif verb == b"RSET":
                 in_tx = False
                 out.append(b"250 2.0.0 Ok\r\n")
@@ -304,8 +333,7 @@ def serve_reversed(sock, buf, r, deadline):
         # keep what is not consumed; in data mode only the last 4 bytes
         # (a terminator may straddle two reads)
         if in_data:
-            keep = max(data_start, len(buf) - 4, pos)
-            keep = max(min(keep, len(buf)), data_start)
+            keep = max(data_start, len(buf) - 4)
             size += max(0, keep - content_start)
             content_start = max(0, content_start - keep)
             data_start = 0
@@ -313,12 +341,12 @@ def serve_reversed(sock, buf, r, deadline):
         else:
             buf = buf[pos:]
         if time.monotonic() > deadline:
-            raise BenchError("drain did not finish within %ds after %d "
-                             "messages" % (DRAIN_TIMEOUT, r.messages))
-        chunk = recv(1 << 20)
-        if not chunk:
+            raise BenchError("drain did not finish in time (%d messages "
+                             "received)" % r.messages)
+        got = recv_into(rbuf)
+        if not got:
             return                    # EOF without QUIT: r.quit stays False
-        buf = buf + chunk if buf else chunk
+        buf = buf + rview[:got] if buf else bytes(rview[:got])
 
 
 # ---------------------------------------------------------------- fetchmail
@@ -336,8 +364,8 @@ class SmtpSink:
             argv += ["-u", "nobody"]
         argv += ["127.0.0.1:%d" % self.port, "1000"]
         self.out = open(self.out_path, "wb")
-        self.proc = od.env.spawn(argv, stdin=subprocess_devnull(),
-                                 stdout=self.out, stderr=subprocess_stdout())
+        self.proc = od.env.spawn(argv, stdin=subprocess.DEVNULL,
+                                 stdout=self.out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while True:
             if self.proc.poll() is not None:
@@ -369,21 +397,10 @@ class SmtpSink:
         self.out.close()
 
 
-def subprocess_devnull():
-    import subprocess
-    return subprocess.DEVNULL
-
-
-def subprocess_stdout():
-    import subprocess
-    return subprocess.STDOUT
-
-
 def fetchmail_customer(od, sink, deadline):
     """fetchmail -v as the ODMR client relaying to smtp-sink.  Returns
-    (t_atrn, t_end, output): t_atrn when its trace shows the 250 to ATRN,
-    t_end when it exited."""
-    import subprocess
+    (t_atrn, t_end, cpu): t_atrn when its trace shows the 250 to ATRN,
+    t_end when it exited, cpu its user+system seconds."""
     fm = need("fetchmail")
     rc = od.env.path("fetchmailrc")
     with open(rc, "w") as f:
@@ -400,6 +417,7 @@ def fetchmail_customer(od, sink, deadline):
     argv = [fm, "-f", rc, "-N", "--nosyslog", "-v",
             "--pidfile", od.env.path("fetchmail.pid"),
             "-i", od.env.path("fetchids")]
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = od.env.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                      stderr=subprocess.STDOUT, env=fenv)
     marks = {}
@@ -418,17 +436,21 @@ def fetchmail_customer(od, sink, deadline):
         p.wait(max(1, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         bench._kill(p)
-        raise BenchError("fetchmail did not finish within %ds" % DRAIN_TIMEOUT)
+        raise BenchError("fetchmail did not finish in time; its last lines:"
+                         "\n%s" % "\n".join(lines[-5:]))
     t_end = time.monotonic()
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     t.join(10)
     p.stdout.close()
     out = "\n".join(lines)
     if p.returncode not in (0, 1):
-        raise BenchError("fetchmail exited %d: %s" % (p.returncode, out[-800:]))
+        raise BenchError("fetchmail exited %d: %s" % (p.returncode,
+                                                      out[-800:]))
     if "atrn" not in marks:
         raise BenchError("fetchmail's -v trace lacks %r:\n%s"
                          % (REVERSING.decode(), out[-800:]))
-    return marks["atrn"], t_end, out
+    return marks["atrn"], t_end, cpu
 
 
 # ---------------------------------------------------------------- drain
@@ -467,16 +489,33 @@ def check_drained(od, n, log_mark, who):
     if left:
         raise BenchError("%s: %d .e files left in the spool after the drain, "
                          "expected 0\n%s" % (who, left, od.log_tail()))
-    log = od.env.log()[log_mark:]
-    m = None
-    for m in SUMMARY_RE.finditer(log):
-        pass
+    # odmrd logs the summary after the customer's reply to QUIT, which may
+    # be after the customer has gone
+    deadline = time.monotonic() + 15
+    while True:
+        m = None
+        for m in SUMMARY_RE.finditer(od.env.log()[log_mark:]):
+            pass
+        if m or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     if not m:
         raise BenchError("%s: no session summary in odmrd's log\n%s"
                          % (who, od.log_tail()))
     sent, deferred, bounced = int(m.group(3)), int(m.group(4)), int(m.group(5))
     if sent != n or deferred or bounced or m.group(7).strip():
         raise BenchError("%s: odmrd says %s" % (who, m.group(0)))
+
+
+def fetchmail_version():
+    try:
+        out = subprocess.run([need("fetchmail"), "--version"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    m = re.search(rb"release (\d[\w.]*)", out)
+    return m.group(1).decode() if m else "?"
 
 
 def bench_drain(ctx):
@@ -486,33 +525,37 @@ def bench_drain(ctx):
     n = ctx.messages
     name = "odmr-drain %dx%dB" % (n, ctx.size)
     od = Odmrd(ctx, domain=DOMAIN, user=USER)
-    # the Odmrd helper created USER with password "pw": use ours
-    od.env.odmrctl_ok("user", "passwd", USER, input=PASSWORD + "\n")
     od.start()
 
     rates = {"python": [], "fetchmail": []}
     cpu = {"python": [], "fetchmail": []}
+    ccpu = {"python": [], "fetchmail": []}
     fills = []
+    limit = max(DRAIN_TIMEOUT, DRAIN_PER_MESSAGE * n)
     for r in range(1, ctx.rounds + 1):
         for who in ("python", "fetchmail"):
             tf = fill(ctx, od, n, check_spool=(r == 1 and who == "python"))
             fills.append(n / tf)
             mark = len(od.env.log())
             cpu0, _ = quiet_cpu(od)
-            deadline = time.monotonic() + DRAIN_TIMEOUT
+            deadline = time.monotonic() + limit
             if who == "python":
                 res = python_customer(od.env.odmr_port, ctx.size, deadline)
                 t = res.t_end - res.t_atrn
-                got, extra = res.messages, " %d rcpts, %.1f MB, sizes %d-%d" % (
-                    res.rcpts, res.bytes / 1e6, res.min_size or 0, res.max_size)
+                ccpu[who].append(res.cpu / n)
+                got = res.messages
+                extra = " %d rcpts, %.1f MB, sizes %d-%d" % (
+                    res.rcpts, res.bytes / 1e6, res.min_size or 0,
+                    res.max_size)
                 if res.rcpts != n:
                     raise BenchError("python customer: %d recipients for %d "
                                      "messages" % (res.rcpts, n))
             else:
                 sink = SmtpSink(od, "r%d" % r)
                 try:
-                    t_atrn, t_end, _ = fetchmail_customer(od, sink, deadline)
+                    t_atrn, t_end, c = fetchmail_customer(od, sink, deadline)
                     t = t_end - t_atrn
+                    ccpu[who].append(c / n)
                     got = wait_count(sink.messages, n, timeout=5)
                 finally:
                     sink.stop()
@@ -524,10 +567,10 @@ def bench_drain(ctx):
             cpu1, _ = quiet_cpu(od)
             rates[who].append(n / t)
             cpu[who].append((cpu1 - cpu0) / n)
-            ctx.info("round %d %-9s: %6.2fs %8.1f msgs/s, odmrd CPU %.3f ms/msg"
-                     "  (filled at %.0f msgs/s;%s)"
-                     % (r, who, t, n / t, 1000 * (cpu1 - cpu0) / n, n / tf,
-                        extra))
+            ctx.info("round %d %-9s: %6.2fs %8.1f msgs/s, CPU ms/msg: odmrd "
+                     "%.3f, customer %.3f  (filled at %.0f msgs/s;%s)"
+                     % (r, who, t, n / t, 1000 * (cpu1 - cpu0) / n,
+                        1000 * ccpu[who][-1], n / tf, extra))
 
     med = {k: statistics.median(v) for k, v in rates.items()}
 
@@ -535,18 +578,27 @@ def bench_drain(ctx):
         return "median of %d rounds: %s" % (len(v), ", ".join("%.0f" % x
                                                                for x in v))
 
+    def ms(v):
+        return 1000 * statistics.median(v)
+
     return [
         Row(name, "python customer (PIPELINING, discards)",
-            "%.1f" % med["python"], "msgs/s", rounds_note(rates["python"])),
-        Row(name, "fetchmail -> smtp-sink", "%.1f" % med["fetchmail"],
-            "msgs/s", rounds_note(rates["fetchmail"])),
+            "%.1f" % med["python"], "msgs/s",
+            "%s; %.2f ms/msg" % (rounds_note(rates["python"]),
+                                 1000 / med["python"])),
+        Row(name, "fetchmail %s -> smtp-sink" % fetchmail_version(),
+            "%.1f" % med["fetchmail"], "msgs/s",
+            "%s; %.2f ms/msg" % (rounds_note(rates["fetchmail"]),
+                                 1000 / med["fetchmail"])),
         Row(name, "ratio python/fetchmail",
             "%.2f" % (med["python"] / med["fetchmail"]), "x",
-            "how much the relaying customer costs"),
+            "fetchmail relays line by line: ~2 delayed-ACK waits per message"),
         Row(name, "odmrd CPU per message (python / fetchmail)",
-            "%.3f / %.3f" % (1000 * statistics.median(cpu["python"]),
-                             1000 * statistics.median(cpu["fetchmail"])),
+            "%.3f / %.3f" % (ms(cpu["python"]), ms(cpu["fetchmail"])),
             "ms", "user+system of master and session processes, median"),
+        Row(name, "customer CPU per message (python / fetchmail)",
+            "%.3f / %.3f" % (ms(ccpu["python"]), ms(ccpu["fetchmail"])),
+            "ms", "the python customer's thread; fetchmail's process"),
         Row(name, "queue fill (smtp-source -d -s %d)" % ctx.sessions,
             "%.1f" % statistics.median(fills), "msgs/s",
             "not part of the drain; median of %d fills" % len(fills)),
@@ -561,10 +613,17 @@ def _tls_client_ctx():
     return c
 
 
-def one_poll(port, tls_ctx):
-    c = login(port, tls_ctx)
+def customer_account(i):
+    """(user, domain) of poll customer i: every customer has its own
+    account and domain, as at a provider (customers polling the same domain
+    at the same moment would contend for its lock)."""
+    return "cust%02d" % i, "cust%02d.example.net" % i
+
+
+def one_poll(port, tls_ctx, user, domain):
+    c = login(port, tls_ctx, user, PASSWORD)
     try:
-        code, lines = c.cmd(b"ATRN " + DOMAIN.encode())
+        code, lines = c.cmd(b"ATRN " + domain.encode())
         if code != 453:
             raise BenchError("ATRN on an empty queue: %r" % lines)
         c.cmd(b"QUIT", 221)
@@ -573,13 +632,13 @@ def one_poll(port, tls_ctx):
 
 
 def _poll_process(port, use_tls, counts, start, deadline, conn):
-    """A client process: one thread per customer, each doing counts[i]
-    polls.  Sends back (latencies, errors, cpu seconds)."""
+    """A client process: one thread per (user, domain, polls) of counts.
+    Sends back (latencies, errors, cpu seconds)."""
     lat, errors = [], []
     lock = threading.Lock()
     tls_ctx = _tls_client_ctx() if use_tls else None
 
-    def customer(k):
+    def customer(user, domain, k):
         mine, err = [], None
         for _ in range(k):
             if time.monotonic() > deadline:
@@ -587,7 +646,7 @@ def _poll_process(port, use_tls, counts, start, deadline, conn):
                 break
             t0 = time.perf_counter()
             try:
-                one_poll(port, tls_ctx)
+                one_poll(port, tls_ctx, user, domain)
             except (OSError, BenchError, ValueError) as e:
                 err = "%s: %s" % (type(e).__name__, e)
                 break
@@ -597,8 +656,8 @@ def _poll_process(port, use_tls, counts, start, deadline, conn):
             if err:
                 errors.append(err)
 
-    threads = [threading.Thread(target=customer, args=(k,), daemon=True)
-               for k in counts]
+    threads = [threading.Thread(target=customer, args=job, daemon=True)
+               for job in counts]
     start.wait(60)
     for t in threads:
         t.start()
@@ -612,11 +671,13 @@ def _poll_process(port, use_tls, counts, start, deadline, conn):
 
 
 def poll_storm(ctx, od, polls, customers, procs, use_tls):
-    """Runs the storm; returns (wall, latencies, errors, client cpu)."""
+    """Runs the storm; returns (wall, latencies, errors, client cpu,
+    busy jiffies of the machine)."""
     mp = multiprocessing.get_context("fork")
-    per_customer = [polls // customers + (1 if i < polls % customers else 0)
+    per_customer = [customer_account(i) +
+                    (polls // customers + (1 if i < polls % customers else 0),)
                     for i in range(customers)]
-    per_customer = [k for k in per_customer if k]
+    per_customer = [job for job in per_customer if job[2]]
     groups = [per_customer[i::procs] for i in range(procs)]
     groups = [g for g in groups if g]
     start = mp.Event()
@@ -632,6 +693,7 @@ def poll_storm(ctx, od, polls, customers, procs, use_tls):
             wr.close()
             children.append((p, rd))
         time.sleep(0.2)       # let the processes get to start.wait()
+        m0, _ = machine_cpu()
         t0 = time.monotonic()
         start.set()
         lat, errors, ccpu = [], [], 0.0
@@ -644,13 +706,14 @@ def poll_storm(ctx, od, polls, customers, procs, use_tls):
             errors.extend(e)
             ccpu += c
         wall = time.monotonic() - t0
+        m1, _ = machine_cpu()
     finally:
         for p, rd in children:
             if p.is_alive():
                 p.kill()
             p.join(5)
             rd.close()
-    return wall, lat, errors, ccpu
+    return wall, lat, errors, ccpu, m1 - m0
 
 
 def bench_polls(ctx, use_tls=False):
@@ -661,24 +724,31 @@ def bench_polls(ctx, use_tls=False):
     name = "odmr-polls%s c=%d" % (" STARTTLS" if use_tls else "", customers)
     od = Odmrd(ctx, domain=DOMAIN, user=USER,
                max_connections_per_ip=str(max(100, 2 * customers)))
-    od.env.odmrctl_ok("user", "passwd", USER, input=PASSWORD + "\n")
     try:
         od.env.make_cert()
     except od.harness.TestFailure as e:
         raise BenchError(str(e))
+    for i in range(customers):
+        user, domain = customer_account(i)
+        try:
+            od.env.add_user(user, PASSWORD)
+            od.env.add_domain(domain, user)
+        except od.harness.TestFailure as e:
+            raise BenchError(str(e))
     od.start()
-    if od.queued() != 0:
-        raise BenchError("queue of %s is not empty" % DOMAIN)
+    if all_e_files(od) != 0:
+        raise BenchError("the queue is not empty")
 
     # warm-up: one poll per customer, so that the session processes exist
-    _, _, errors, _ = poll_storm(ctx, od, customers, customers, procs, use_tls)
+    _, _, errors, _, _ = poll_storm(ctx, od, customers, customers, procs,
+                                    use_tls)
     if errors:
         raise BenchError("warm-up: %d customers failed, e.g. %s"
                          % (len(errors), errors[0]))
     mark = len(od.env.log())
     cpu0, m0 = quiet_cpu(od)
-    wall, lat, errors, ccpu = poll_storm(ctx, od, polls, customers, procs,
-                                         use_tls)
+    wall, lat, errors, ccpu, mbusy = poll_storm(ctx, od, polls, customers,
+                                                procs, use_tls)
     cpu1, m1 = quiet_cpu(od)
     if errors:
         raise BenchError("%d of %d customers failed, e.g. %s\n%s"
@@ -687,37 +757,49 @@ def bench_polls(ctx, use_tls=False):
     if len(lat) != polls:
         raise BenchError("%d polls done, expected %d" % (len(lat), polls))
     log = od.env.log()[mark:]
-    nomail = log.count("disconnect from ")
-    if nomail < polls:
+    ends = log.count("disconnect from ")
+    if ends < polls:
         raise BenchError("odmrd logged %d session ends for %d polls"
-                         % (nomail, polls))
+                         % (ends, polls))
+    # session processes that served the storm (forked or reused)
+    spids = set(re.findall(r"odmrd\[(\d+)\]: connect from ", log))
     rate = polls / wall
     od_cpu = cpu1 - cpu0
     lat.sort()
     p50 = lat[len(lat) // 2] * 1000
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
-    busy = (od_cpu + ccpu) / (wall * ncpu)
-    client_share = ccpu / (od_cpu + ccpu) if od_cpu + ccpu else 0
-    if busy > 0.85 and client_share > 0.5:
-        limit = "client-bound: the clients used more CPU than odmrd"
-    elif busy > 0.85:
-        limit = "CPU-bound (all %d CPUs busy), odmrd the larger part" % ncpu
+    cap = wall * ncpu
+    busy = mbusy / CLK_TCK / cap
+    od_share, cl_share = od_cpu / cap, ccpu / cap
+    other = max(0.0, busy - od_share - cl_share)
+    shares = ("CPUs %.0f%% busy: odmrd %.0f%%, clients %.0f%%, other "
+              "processes %.0f%%" % (100 * busy, 100 * od_share,
+                                    100 * cl_share, 100 * other))
+    if busy < 0.85:
+        limit = "not CPU-bound (latency-bound)"
+    elif other > max(od_share, cl_share):
+        limit = "CPU-bound, mostly by other processes: noisy"
+    elif ccpu >= od_cpu:
+        limit = ("client-bound: the Python clients need more CPU than odmrd, "
+                 "polls/s is a lower bound for odmrd")
     else:
-        limit = "CPUs %.0f%% busy: latency-bound" % (100 * busy)
+        limit = "CPU-bound, odmrd the larger part"
     ctx.info("%d polls in %.2fs: %.1f polls/s, p50 %.1f ms, p99 %.1f ms, "
-             "odmrd CPU %.2fs (master %.2fs), client CPU %.2fs in %d "
-             "processes" % (polls, wall, rate, p50, p99, od_cpu, m1 - m0,
-                            ccpu, len(lat) and procs))
+             "odmrd CPU %.2fs (master %.2fs, %d session processes), client "
+             "CPU %.2fs in %d processes; %s" % (
+                 polls, wall, rate, p50, p99, od_cpu, m1 - m0, len(spids),
+                 ccpu, procs, shares))
     return [
         Row(name, "polls/s", "%.1f" % rate, "polls/s",
             "%d polls: connect, EHLO, %sAUTH CRAM-MD5, ATRN 453, QUIT; "
             "latency p50 %.1f ms, p99 %.1f ms" % (
                 polls, "STARTTLS, EHLO, " if use_tls else "", p50, p99)),
         Row(name, "odmrd CPU per poll", "%.3f" % (1000 * od_cpu / polls), "ms",
-            "master + session processes (master %.3f ms)"
-            % (1000 * (m1 - m0) / polls)),
+            "master + session processes (master %.3f ms; %d session "
+            "processes served the polls)" % (1000 * (m1 - m0) / polls,
+                                             len(spids))),
         Row(name, "client CPU per poll", "%.3f" % (1000 * ccpu / polls), "ms",
-            "%d client processes; %s" % (procs, limit)),
+            "%d client processes; %s; %s" % (procs, shares, limit)),
     ]
 
 
