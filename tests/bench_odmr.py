@@ -453,6 +453,33 @@ def fetchmail_customer(od, sink, deadline):
     return marks["atrn"], t_end, cpu
 
 
+def odmr_fetch_customer(ctx, od, sink, deadline):
+    """Our own client, odmr-fetch, relaying to smtp-sink with full protocol
+    checking.  Returns (t_start, t_end, cpu)."""
+    argv = [os.path.join(ctx.build, "odmr-fetch"),
+            "-s", "127.0.0.1:%d" % od.env.odmr_port, "-u", USER,
+            "--tls", "off", "--deliver", "smtp:127.0.0.1:%d" % sink.port,
+            "--lock", od.env.path("odmr-fetch.lock"),
+            "--timeout", "60", "-v", DOMAIN]
+    fenv = dict(os.environ, ODMR_PASSWORD=PASSWORD)
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    p = od.env.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                     stderr=subprocess.STDOUT, env=fenv)
+    try:
+        out, _ = p.communicate(timeout=max(1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        bench._kill(p)
+        raise BenchError("odmr-fetch did not finish in time")
+    t_end = time.monotonic()
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    if p.returncode != 0:
+        raise BenchError("odmr-fetch exited %d: %s" % (
+            p.returncode, out.decode("utf-8", "replace")[-800:]))
+    return t0, t_end, cpu
+
+
 # ---------------------------------------------------------------- drain
 def fill(ctx, od, n, check_spool=False):
     """Queues n messages with smtp-source over 20 reused connections and
@@ -527,13 +554,13 @@ def bench_drain(ctx):
     od = Odmrd(ctx, domain=DOMAIN, user=USER)
     od.start()
 
-    rates = {"python": [], "fetchmail": []}
-    cpu = {"python": [], "fetchmail": []}
-    ccpu = {"python": [], "fetchmail": []}
+    rates = {"python": [], "fetchmail": [], "odmr-fetch": []}
+    cpu = {"python": [], "fetchmail": [], "odmr-fetch": []}
+    ccpu = {"python": [], "fetchmail": [], "odmr-fetch": []}
     fills = []
     limit = max(DRAIN_TIMEOUT, DRAIN_PER_MESSAGE * n)
     for r in range(1, ctx.rounds + 1):
-        for who in ("python", "fetchmail"):
+        for who in ("python", "odmr-fetch", "fetchmail"):
             tf = fill(ctx, od, n, check_spool=(r == 1 and who == "python"))
             fills.append(n / tf)
             mark = len(od.env.log())
@@ -551,9 +578,11 @@ def bench_drain(ctx):
                     raise BenchError("python customer: %d recipients for %d "
                                      "messages" % (res.rcpts, n))
             else:
-                sink = SmtpSink(od, "r%d" % r)
+                sink = SmtpSink(od, "r%d-%s" % (r, who))
                 try:
-                    t_atrn, t_end, c = fetchmail_customer(od, sink, deadline)
+                    run = (fetchmail_customer if who == "fetchmail" else
+                           lambda o, sk, dl: odmr_fetch_customer(ctx, o, sk, dl))
+                    t_atrn, t_end, c = run(od, sink, deadline)
                     t = t_end - t_atrn
                     ccpu[who].append(c / n)
                     got = wait_count(sink.messages, n, timeout=5)
@@ -590,15 +619,25 @@ def bench_drain(ctx):
             "%.1f" % med["fetchmail"], "msgs/s",
             "%s; %.2f ms/msg" % (rounds_note(rates["fetchmail"]),
                                  1000 / med["fetchmail"])),
+        Row(name, "odmr-fetch -> smtp-sink",
+            "%.1f" % med["odmr-fetch"], "msgs/s",
+            "%s; %.2f ms/msg; full protocol checking, 250 only after the "
+            "sink's 250" % (rounds_note(rates["odmr-fetch"]),
+                            1000 / med["odmr-fetch"])),
+        Row(name, "ratio odmr-fetch/fetchmail",
+            "%.2f" % (med["odmr-fetch"] / med["fetchmail"]), "x",
+            "same sink, same odmrd, alternating rounds"),
         Row(name, "ratio python/fetchmail",
             "%.2f" % (med["python"] / med["fetchmail"]), "x",
             "fetchmail relays line by line: ~2 delayed-ACK waits per message"),
-        Row(name, "odmrd CPU per message (python / fetchmail)",
-            "%.3f / %.3f" % (ms(cpu["python"]), ms(cpu["fetchmail"])),
+        Row(name, "odmrd CPU per message (python / odmr-fetch / fetchmail)",
+            "%.3f / %.3f / %.3f" % (ms(cpu["python"]), ms(cpu["odmr-fetch"]),
+                                    ms(cpu["fetchmail"])),
             "ms", "user+system of master and session processes, median"),
-        Row(name, "customer CPU per message (python / fetchmail)",
-            "%.3f / %.3f" % (ms(ccpu["python"]), ms(ccpu["fetchmail"])),
-            "ms", "the python customer's thread; fetchmail's process"),
+        Row(name, "customer CPU per message (python / odmr-fetch / fetchmail)",
+            "%.3f / %.3f / %.3f" % (ms(ccpu["python"]), ms(ccpu["odmr-fetch"]),
+                                    ms(ccpu["fetchmail"])),
+            "ms", "the python customer's thread; the client processes"),
         Row(name, "queue fill (smtp-source -d -s %d)" % ctx.sessions,
             "%.1f" % statistics.median(fills), "msgs/s",
             "not part of the drain; median of %d fills" % len(fills)),
