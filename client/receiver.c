@@ -200,6 +200,9 @@ static void do_rcpt(struct rx *x, const char *arg)
     send_reply(x, &r);
     if (r.code / 100 == 2)
         x->nrcpt++;
+    else
+        fprintf(stderr, "odmr-fetch: recipient <%s> %s: %s\n", addr,
+                r.code / 100 == 4 ? "deferred" : "refused", r.line);
 }
 
 /* ---- DATA ------------------------------------------------------------ */
@@ -282,6 +285,15 @@ static void finish_data(struct rx *x, const struct data_state *d)
     if (r.code / 100 == 2) {
         x->st->messages++;
         x->st->bytes += d->bytes;
+    } else {
+        /* Quiet by default, but never about mail that did not arrive:
+         * cron mails this line to the site's administrator. */
+        char from[ADDR_MAX + 1];
+        addr_format(&x->mail.from, from, sizeof from);
+        fprintf(stderr, "odmr-fetch: message from <%s> %s: %s\n", from,
+                r.code / 100 == 4 ? "deferred (stays queued at the provider)"
+                                  : "refused (returned to the sender)",
+                r.line);
     }
 }
 
