@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import hmac
 import os
+import re
 import socket
 import socketserver
 import stat
@@ -20,8 +21,8 @@ import subprocess
 import threading
 import time
 
-from harness import (SMTP, check, check_reply, dot_stuff, fail, queue_id_of,
-                     to_crlf, wait_for)
+from harness import (SMTP, check, check_reply, dot_stuff, fail, free_port,
+                     need, queue_id_of, to_crlf, wait_for)
 from sink import Sink
 
 EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL = 0, 64, 69, 75
@@ -1003,3 +1004,43 @@ def test_fetch_terminated_mid_message(env):
     time.sleep(0.5)
     check(not os.path.exists(os.path.join(out, "done")),
           "the delivery command saw an end of input and finished")
+
+
+def test_fetch_smtp_into_postfix_smtp_sink(env):
+    """odmr-fetch relaying to Postfix's smtp-sink: every message counted
+    (its -c counters, the last "mesg=" printed)."""
+    smtp_sink = need("smtp-sink")
+    started(env)
+    n = 12
+    for i in range(n):
+        send(env, "s%d@remote.test" % i, ["u%d@example.org" % i])
+    port = free_port()
+    out_path = env.path("smtp-sink.out")
+    out = open(out_path, "wb")
+    argv = [smtp_sink, "-c"] + (["-u", "nobody"] if os.geteuid() == 0 else [])
+    sink = env.spawn(argv + ["127.0.0.1:%d" % port, "100"],
+                     stdin=subprocess.DEVNULL, stdout=out,
+                     stderr=subprocess.STDOUT)
+    deadline = time.time() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            break
+        except OSError:
+            check(time.time() < deadline and sink.poll() is None,
+                  "smtp-sink did not start")
+            time.sleep(0.05)
+
+    def counted():
+        with open(out_path, "rb") as f:
+            found = re.findall(rb"mesg=(\d+)", f.read())
+        return int(found[-1]) if found else 0
+    try:
+        expect(fetch(env, deliver="smtp:127.0.0.1:%d" % port), EX_OK,
+               "delivery into smtp-sink")
+        check(env.queued() == [], "still queued: %r" % env.queued())
+        wait_for(lambda: counted() >= n, 5, 0.1, "smtp-sink to count the mail")
+        check(counted() == n, "smtp-sink counted %d messages, expected %d"
+              % (counted(), n))
+    finally:
+        out.close()
