@@ -440,19 +440,29 @@ static enum acct_result read_entries(const char *db, const char *prefix,
 
 /* ------------------------------------------------------------ readers */
 
+/* One record, read with the file open only for that moment; NULL with *r
+ * telling why (ACCT_NOTFOUND, ACCT_NODB, ...). */
+static char *read_record(const char *db, const char *key, size_t *len,
+                         enum acct_result *r)
+{
+    GDBM_FILE dbf;
+    *r = db_open(db, DB_READ, &dbf);
+    if (*r != ACCT_OK)
+        return NULL;
+    char *value = fetch_string(db, dbf, key, len, r);
+    db_close_reader(dbf);
+    return value;
+}
+
 enum acct_result accounts_domain_owner(const char *db, const char *domain,
                                        char *account, size_t n)
 {
     char key[KEY_MAX + 1];
     if (!domain_key(key, domain))
         return ACCT_NOTFOUND;
-    GDBM_FILE dbf;
-    enum acct_result r = db_open(db, DB_READ, &dbf);
-    if (r != ACCT_OK)
-        return r;
     size_t len;
-    char *owner = fetch_string(db, dbf, key, &len, &r);
-    db_close_reader(dbf);
+    enum acct_result r;
+    char *owner = read_record(db, key, &len, &r);
     if (owner && account && n > 0 && !str_copy(account, owner, n)) {
         log_err("accounts database %s: account name of %s too long", db, key);
         r = ACCT_TEMPFAIL;
@@ -467,13 +477,9 @@ enum acct_result accounts_password(const char *db, const char *name,
     char key[KEY_MAX + 1];
     if (!user_key(key, name))
         return ACCT_NOTFOUND;
-    GDBM_FILE dbf;
-    enum acct_result r = db_open(db, DB_READ, &dbf);
-    if (r != ACCT_OK)
-        return r;
     size_t len;
-    char *value = fetch_string(db, dbf, key, &len, &r);
-    db_close_reader(dbf);
+    enum acct_result r;
+    char *value = read_record(db, key, &len, &r);
     if (value && password && n > 0) {
         r = decode_password(value, len, password, n);
         if (r != ACCT_OK)
