@@ -19,6 +19,7 @@
 #include <stdint.h>
 #include <sysexits.h>
 
+#include "../common/connect.h"
 #include "../common/io.h"
 #include "../common/smtp.h"
 #include "../common/util.h"
@@ -93,12 +94,7 @@ void lock_default_path(char *buf, size_t n);
 
 /* ---- net.c ---- */
 
-/* Connects to host:port (every address getaddrinfo gives, in order) or,
- * when host starts with '/', to that unix socket; waits at most
- * timeout_s for each attempt.  Returns a close-on-exec socket, or -1 with
- * a reason in err (always worth retrying later: exit 75). */
-int net_connect(const char *host, unsigned port, long timeout_s, char *err,
-                size_t n);
+/* net_connect(): common/connect.h (a failure is worth retrying: exit 75) */
 
 /* The -vv trace on stderr: who is "provider" or "target", out says
  * which way the line went.  Lines are cleaned of control characters. */

@@ -8,8 +8,6 @@
 #include "bounce.h"
 
 #include <errno.h>
-#include <netdb.h>
-#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,6 +16,7 @@
 #include <unistd.h>
 
 #include "../common/addr.h"
+#include "../common/connect.h"
 #include "../common/io.h"
 #include "../common/log.h"
 #include "../common/smtp.h"
@@ -440,55 +439,6 @@ struct relay {
     bool in_data;   /* between 354 and the final dot: QUIT would be data */
 };
 
-/* Connects to host:port within timeout_ms (each address in turn). */
-static int tcp_connect(const char *host, const char *port, int timeout_ms,
-                       char *why, size_t n)
-{
-    struct addrinfo hints, *res;
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    int rc = getaddrinfo(host, port, &hints, &res);
-    if (rc != 0) {
-        snprintf(why, n, "cannot resolve %s: %s", host, gai_strerror(rc));
-        return -1;
-    }
-    int fd = -1, err = 0;
-    for (struct addrinfo *ai = res; ai && fd < 0; ai = ai->ai_next) {
-        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
-                    ai->ai_protocol);
-        if (fd < 0) {
-            err = errno;
-            continue;
-        }
-        if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0)
-            break;
-        err = errno;
-        if (err == EINPROGRESS) {
-            int64_t deadline = now_ms() + timeout_ms;
-            struct pollfd p = {fd, POLLOUT, 0};
-            int ready;
-            do {
-                int left = (int)(deadline - now_ms());
-                ready = poll(&p, 1, left > 0 ? left : 0);
-            } while (ready < 0 && errno == EINTR);
-            socklen_t len = sizeof err;
-            if (ready == 0)
-                err = ETIMEDOUT;
-            else if (ready < 0 || getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
-                err = errno;
-            if (err == 0)
-                break;
-        }
-        close(fd);
-        fd = -1;
-    }
-    freeaddrinfo(res);
-    if (fd < 0)
-        snprintf(why, n, "connect to %s[%s]: %s", host, port, strerror(err));
-    return fd;
-}
-
 /* "550 5.1.1 text" from a reply, on one line, bounded. */
 static void reply_summary(const struct smtp_reply *r, char *buf, size_t n)
 {
@@ -647,9 +597,9 @@ static bool relay_send(const struct odmrd_conf *conf, const struct dsn *d,
                        char *result, size_t n)
 {
     long t = conf->timeout > 0 && conf->timeout < 86400 ? conf->timeout : 300;
-    int timeout_ms = (int)(t * 1000);
-    int fd = tcp_connect(conf->bounce_relay_host, conf->bounce_relay_port,
-                         timeout_ms, result, n);
+    unsigned long port = 0;
+    parse_ulong(conf->bounce_relay_port, 65535, &port);   /* checked by conf.c */
+    int fd = net_connect(conf->bounce_relay_host, (unsigned)port, t, result, n);
     if (fd < 0)
         return false;
     struct relay *rl = malloc(sizeof *rl);
@@ -659,7 +609,7 @@ static bool relay_send(const struct odmrd_conf *conf, const struct dsn *d,
         return false;
     }
     memset(rl, 0, sizeof *rl);
-    io_init(&rl->io, fd, timeout_ms);
+    io_init(&rl->io, fd, (int)(t * 1000));
     rl->host = conf->bounce_relay_host;
     rl->port = conf->bounce_relay_port;
     bool ok = relay_hello(rl, conf->hostname, result, n) &&
