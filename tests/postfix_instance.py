@@ -55,10 +55,19 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
-SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+# Program lookup, ports and /proc walking are the integration harness's;
+# one copy keeps their subtleties (ports below the ephemeral range,
+# zombies) in one place.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                "integration"))
+from harness import (_alive as proc_alive,  # noqa: E402
+                     _proc_stat, descendants as proc_descendants,
+                     find_program, free_port,
+                     session_members as proc_session_members)
 
 # internal services Postfix needs (master.cf of Postfix 3.x, chroot off)
 _MASTER_INTERNAL = """\
@@ -94,17 +103,6 @@ class PostfixError(Exception):
     """The instance could not be set up, started or queried."""
 
 
-def find_program(program):
-    path = shutil.which(program)
-    if path:
-        return path
-    for d in SBIN_DIRS:
-        p = os.path.join(d, program)
-        if os.access(p, os.X_OK):
-            return p
-    return None
-
-
 def need_program(program):
     """Path of a Postfix program; raises PostfixError when it is missing
     (a missing peer is an error, never a skip)."""
@@ -113,15 +111,6 @@ def need_program(program):
         raise PostfixError("required program %r is not installed "
                            "(make test-deps installs postfix)" % program)
     return p
-
-
-def free_port(host="127.0.0.1"):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
 
 
 def _parse_target(target):
@@ -145,63 +134,9 @@ def _parse_target(target):
 
 # ---------------------------------------------------------------- /proc
 def proc_ppid(pid):
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            data = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    rest = data[data.rfind(")") + 2:].split()
-    if rest[0] == "Z":
-        return None
-    return int(rest[1])
-
-
-def proc_sid(pid):
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            data = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    rest = data[data.rfind(")") + 2:].split()
-    if rest[0] == "Z":
-        return None
-    return int(rest[3])
-
-
-def proc_descendants(pid):
-    children = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            pp = proc_ppid(int(name))
-            if pp is not None:
-                children.setdefault(pp, []).append(int(name))
-    out, todo = [], [pid]
-    while todo:
-        cur = todo.pop()
-        for c in children.get(cur, []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def proc_session_members(sid):
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) != sid and proc_sid(int(name)) == sid:
-            out.append(int(name))
-    return out
-
-
-def proc_alive(pid):
-    return proc_ppid(pid) is not None
-
-
-def proc_cmdline(pid):
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
-            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
-    except OSError:
-        return "?"
+    """Parent of a live (not zombie) pid, else None."""
+    st = _proc_stat(pid)
+    return None if st is None or st[3] == "Z" else st[0]
 
 
 # ---------------------------------------------------------------- instance
@@ -216,7 +151,7 @@ class PostfixInstance:
             raise ValueError("mode relay needs relay_to")
         self.mode = mode
         self.host = host
-        self.port = port or free_port(host)
+        self.port = port or free_port()
         self.relay_to = relay_to
         self.domains = list(domains)
         # distinct per instance: two instances relaying to each other must
