@@ -37,7 +37,8 @@ LIBS_GDBM := -lgdbm
 
 COMMON_SRC := $(wildcard common/*.c)
 SERVER_LIB_SRC := $(wildcard server/conf.c server/envelope.c server/queue.c \
-                  server/accounts.c server/auxprop.c server/bounce.c server/expire.c)
+                  server/accounts.c server/auxprop.c server/bounce.c server/expire.c \
+                  server/downgrade.c)
 ODMRD_SRC  := $(filter-out server/odmrctl.c $(SERVER_LIB_SRC),$(wildcard server/*.c))
 CLIENT_SRC := $(wildcard client/*.c)
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)

@@ -19,6 +19,7 @@
 #include "../common/smtp.h"
 #include "../common/util.h"
 #include "bounce.h"
+#include "downgrade.h"
 #include "session.h"
 
 #define REPLY_LINE_MAX 1024
@@ -132,14 +133,14 @@ static bool open_session(struct delivery_ctx *d, struct caps *c)
 
 /* ------------------------------------------------------------ message */
 
-static void mail_command(const struct delivery_ctx *d, const struct caps *c,
-                         const struct envelope *e, char *buf, size_t n)
+/* size: of the data as it will be sent (after any 7-bit conversion). */
+static void mail_command(const struct caps *c, const struct envelope *e,
+                         uint64_t size, char *buf, size_t n)
 {
     size_t len = (size_t)snprintf(buf, n, "MAIL FROM:<%s>", e->sender);
-    (void)d;
     if (c->size && len < n)
         len += (size_t)snprintf(buf + len, n - len, " SIZE=%llu",
-                                (unsigned long long)e->size);
+                                (unsigned long long)size);
     if (c->eightbit && e->body != BODY_UNSPEC && len < n)
         len += (size_t)snprintf(buf + len, n - len, " BODY=%s",
                                 e->body == BODY_8BITMIME ? "8BITMIME" : "7BIT");
@@ -184,33 +185,51 @@ static void rcpt_command(const struct caps *c, const struct env_rcpt *r,
         snprintf(buf + len, n - len, " ORCPT=%s", r->orcpt);
 }
 
-/* Streams the data file with dot-stuffing and the final ".". */
-static bool send_data(struct delivery_ctx *d, int fd)
+/* Dot-stuffs (RFC 5321 4.5.2) whatever is written through it. */
+struct stuffer {
+    struct delivery_ctx *d;
+    bool line_start, last_lf;
+};
+
+static bool stuff_write(void *ctx, const char *p, size_t len)
+{
+    struct stuffer *st = ctx;
+    const char *end = p + len;
+    while (p < end) {
+        if (st->line_start && *p == '.' && !io_write(st->d->io, ".", 1))
+            return false;
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        const char *stop = nl ? nl + 1 : end;
+        if (!io_write(st->d->io, p, (size_t)(stop - p)))
+            return false;
+        st->line_start = nl != NULL;
+        p = stop;
+    }
+    if (len)
+        st->last_lf = end[-1] == '\n';
+    st->d->stats.bytes += len;
+    return true;
+}
+
+/* Streams the data file (converted to 7 bit when plan says so) and the
+ * final ".". */
+static bool send_data(struct delivery_ctx *d, int fd, const struct dg_plan *plan)
 {
     static char buf[DATA_READ];
-    bool line_start = true, last_lf = true;
-    ssize_t got;
-    while ((got = read(fd, buf, sizeof buf)) != 0) {
-        if (got < 0) {
-            if (errno == EINTR)
-                continue;
+    struct stuffer st = {d, true, true};
+    if (plan->convert) {
+        if (!downgrade_write(fd, plan, stuff_write, &st))
             return false;
-        }
-        const char *p = buf, *end = buf + got;
-        while (p < end) {
-            if (line_start && *p == '.' && !io_write(d->io, ".", 1))
+    } else {
+        ssize_t got;
+        while ((got = read(fd, buf, sizeof buf)) != 0) {
+            if (got < 0 && errno == EINTR)
+                continue;
+            if (got < 0 || !stuff_write(&st, buf, (size_t)got))
                 return false;
-            const char *nl = memchr(p, '\n', (size_t)(end - p));
-            const char *stop = nl ? nl + 1 : end;
-            if (!io_write(d->io, p, (size_t)(stop - p)))
-                return false;
-            line_start = nl != NULL;
-            p = stop;
         }
-        last_lf = buf[got - 1] == '\n';
-        d->stats.bytes += (uint64_t)got;
     }
-    if (!last_lf && !io_write(d->io, "\r\n", 2))
+    if (!st.last_lf && !io_write(d->io, "\r\n", 2))
         return false;
     return io_puts(d->io, ".\r\n") && io_flush(d->io);
 }
@@ -230,10 +249,10 @@ static void set_all(struct rcpt_state *st, size_t n, enum outcome only_if,
 /* Sends MAIL and the RCPTs, and, when pipelining, DATA too: RFC 2920
  * lets all of them go in one write. */
 static bool send_envelope(struct delivery_ctx *d, const struct caps *c,
-                          const struct envelope *e)
+                          const struct envelope *e, uint64_t size)
 {
     char cmd[SMTP_MAILRCPT_LINE_MAX];
-    mail_command(d, c, e, cmd, sizeof cmd);
+    mail_command(c, e, size, cmd, sizeof cmd);
     if (!send_line(d, cmd))
         return false;
     for (size_t i = 0; i < e->nrcpt; i++) {
@@ -276,12 +295,12 @@ static size_t count_accepted(const struct rcpt_state *st, size_t n)
 
 /* Pipelined transaction up to the data.  *go: the data should follow. */
 static bool envelope_pipelined(struct delivery_ctx *d, const struct caps *c,
-                               const struct envelope *e, struct rcpt_state *st,
-                               bool *go)
+                               const struct envelope *e, uint64_t size,
+                               struct rcpt_state *st, bool *go)
 {
     char mail_text[LAST_REPLY_MAX + 1], text[LAST_REPLY_MAX + 1];
     int mail_code, code;
-    if (!send_envelope(d, c, e) || !next_reply(d, &mail_code, mail_text, sizeof mail_text))
+    if (!send_envelope(d, c, e, size) || !next_reply(d, &mail_code, mail_text, sizeof mail_text))
         return false;
     for (size_t i = 0; i < e->nrcpt; i++) {
         if (!next_reply(d, &code, st[i].reply, sizeof st[i].reply))
@@ -307,12 +326,12 @@ static bool envelope_pipelined(struct delivery_ctx *d, const struct caps *c,
 
 /* The same, one command at a time. */
 static bool envelope_stepwise(struct delivery_ctx *d, const struct caps *c,
-                              const struct envelope *e, struct rcpt_state *st,
-                              bool *go)
+                              const struct envelope *e, uint64_t size,
+                              struct rcpt_state *st, bool *go)
 {
     char cmd[SMTP_MAILRCPT_LINE_MAX], text[LAST_REPLY_MAX + 1];
     int code;
-    mail_command(d, c, e, cmd, sizeof cmd);
+    mail_command(c, e, size, cmd, sizeof cmd);
     if (!send_line(d, cmd) || !io_flush(d->io) || !next_reply(d, &code, text, sizeof text))
         return false;
     if (code / 100 != 2) {
@@ -415,10 +434,10 @@ static void settle(struct delivery_ctx *d, struct envelope *e, int fd,
 
 /* Recipients that cannot be offered to this customer at all. */
 static bool precheck(const struct caps *c, const struct envelope *e,
-                     struct rcpt_state *st)
+                     uint64_t size, struct rcpt_state *st)
 {
     const char *why = NULL;
-    if (c->size && e->size > c->size)
+    if (c->size && size > c->size)
         why = "552 5.3.4 Message too big for the receiving site";
     else if (e->smtputf8 && !c->smtputf8)
         why = "553 5.6.7 The receiving site does not support SMTPUTF8";
@@ -428,11 +447,60 @@ static bool precheck(const struct caps *c, const struct envelope *e,
     return false;
 }
 
+/* RFC 6152 section 3: a customer without 8BITMIME gets 8-bit MIME parts
+ * re-encoded.  Messages not declared 8BITMIME go as they are, as they
+ * came.  False when the data could not be read. */
+static bool plan_downgrade(struct delivery_ctx *d, const struct caps *c,
+                           const struct envelope *e, int fd, struct dg_plan *plan)
+{
+    memset(plan, 0, sizeof *plan);
+    if (c->eightbit || e->body != BODY_8BITMIME)
+        return true;
+    if (!downgrade_plan(fd, plan)) {
+        log_err("%s: cannot read message data: %s", e->id, strerror(errno));
+        return false;
+    }
+    if (plan->convert)
+        log_info("%s: 8-bit MIME parts converted to quoted-printable for %s "
+                 "(no 8BITMIME)", e->id, d->peer);
+    if (plan->residual_8bit)
+        log_warn("%s: 8-bit octets that MIME cannot encode (header text or an "
+                 "encoded part) sent to %s, which has no 8BITMIME", e->id, d->peer);
+    return true;
+}
+
+/* Offers the message and sends the data. False when the connection failed. */
+static bool transact(struct delivery_ctx *d, const struct caps *c,
+                     const struct envelope *e, int fd,
+                     const struct dg_plan *plan, struct rcpt_state *st)
+{
+    uint64_t size = plan->convert ? plan->size : e->size;
+    bool go = false;
+    if (!precheck(c, e, size, st) || e->nrcpt == 0)
+        return true;
+    bool ok = c->pipelining ? envelope_pipelined(d, c, e, size, st, &go)
+                            : envelope_stepwise(d, c, e, size, st, &go);
+    struct smtp_reply r;
+    if (ok && go) {
+        char text[LAST_REPLY_MAX + 1];
+        ok = send_data(d, fd, plan) && read_reply(d, &r);
+        if (ok) {
+            reply_text(&r, text, sizeof text);
+            set_all(st, e->nrcpt, OUT_SENT, classify(r.code), text);
+        }
+    } else if (ok) {
+        /* nothing was accepted: leave the customer in a clean state */
+        ok = send_line(d, "RSET") && io_flush(d->io) && read_reply(d, &r);
+    }
+    return ok;
+}
+
 /* Delivers one message. Returns false when the connection failed. */
 static bool deliver_one(struct delivery_ctx *d, const struct caps *c,
                         const char *domain, const char *id)
 {
     struct envelope e;
+    struct dg_plan plan = {0};
     char err[256];
     if (!queue_load(d->q, domain, id, &e, err, sizeof err)) {
         if (errno != ENOENT)
@@ -444,30 +512,15 @@ static bool deliver_one(struct delivery_ctx *d, const struct caps *c,
     bool ok = true;
     if (fd < 0 || !st) {
         log_err("%s: cannot open message data: %s", id, strerror(errno));
-    } else {
+    } else if (plan_downgrade(d, c, &e, fd, &plan)) {
         d->stats.messages++;
-        bool go = false, offered = precheck(c, &e, st) && e.nrcpt > 0;
-        if (offered)
-            ok = c->pipelining ? envelope_pipelined(d, c, &e, st, &go)
-                               : envelope_stepwise(d, c, &e, st, &go);
-        if (ok && go) {
-            struct smtp_reply r;
-            char text[LAST_REPLY_MAX + 1];
-            ok = send_data(d, fd) && read_reply(d, &r);
-            if (ok) {
-                reply_text(&r, text, sizeof text);
-                set_all(st, e.nrcpt, OUT_SENT, classify(r.code), text);
-            }
-        } else if (ok && offered) {
-            /* nothing was accepted: leave the customer in a clean state */
-            struct smtp_reply r;
-            ok = send_line(d, "RSET") && io_flush(d->io) && read_reply(d, &r);
-        }
+        ok = transact(d, c, &e, fd, &plan, st);
         if (ok)
             settle(d, &e, fd, st);
     }
     if (fd >= 0)
         close(fd);
+    downgrade_free(&plan);
     free(st);
     envelope_free(&e);
     return ok;

@@ -1370,6 +1370,78 @@ def test_smtputf8_message(env):
         check(env.queued() == [], "queue: %r" % env.queued())
 
 
+EIGHT_BIT_MIME = (
+    b"From: Sender <" + SENDER.encode() + b">\r\n"
+    b"To: d@example.org\r\n"
+    b"Subject: 8-bit parts\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: multipart/mixed; boundary=\"=b1\"\r\n\r\n"
+    b"--=b1\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+    b"Gr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln, 5 \xe2\x82\xac = teuer \r\n"
+    b".a line with a leading dot and " + b"\xc3\xa9" * 60 + b"\r\n"
+    b"--=b1\r\n"
+    b"Content-Type: application/octet-stream\r\n"
+    b"Content-Transfer-Encoding: base64\r\n\r\n"
+    b"AAECAwQF\r\n"
+    b"--=b1\r\n"
+    b"Content-Type: message/rfc822\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+    b"From: x@y.test\r\nSubject: inner\r\n\r\n"
+    b"inner \xc3\xb8\r\n"
+    b"--=b1--\r\n")
+
+
+def leaf_parts(data):
+    """(content type, decoded payload) of every leaf part, in order."""
+    msg = email.message_from_bytes(data)
+    return [(p.get_content_type(), p.get_payload(decode=True))
+            for p in msg.walk() if not p.is_multipart()
+            and p.get_content_type() != "message/rfc822"]
+
+
+def test_8bit_downgrade_for_customer_without_8bitmime(env):
+    """RFC 6152 section 3: 8-bit parts are re-encoded quoted-printable for
+    a customer that does not offer 8BITMIME; a customer that does gets
+    the message byte for byte."""
+    setup(env)
+    qid = smtp_in(env, ["d@example.org"], EIGHT_BIT_MIME,
+                  mail_params=" BODY=8BITMIME")
+    stored = env.message("example.org", qid)
+    ascii_qid = smtp_in(env, ["d@example.org"], message("ascii"),
+                        mail_params=" BODY=8BITMIME")
+    ascii_stored = env.message("example.org", ascii_qid)
+    mark = len(env.log())
+    c = reverse(env, "example.org",
+                extensions=("PIPELINING", "ENHANCEDSTATUSCODES")).run()
+    check(len(c.transactions) == 2, "delivered %r" % c.transactions)
+    by_subject = {b"8-bit" in t.data: t for t in c.transactions}
+    t = by_subject[True]
+    check("BODY" not in t.params(), "BODY= sent: %r" % t.mail_line)
+    check(all(b < 128 for b in t.data), "8-bit octets reached the customer")
+    check(max(len(l) for l in t.data.split(b"\r\n")) <= 998, "line too long")
+    check(b"Content-Transfer-Encoding: quoted-printable\r\n" in t.data,
+          "no quoted-printable part:\n%s" % t.data.decode(errors="replace"))
+    check(b"Content-Transfer-Encoding: base64\r\n\r\nAAECAwQF\r\n" in t.data,
+          "the base64 part changed")
+    check(leaf_parts(t.data) == leaf_parts(stored),
+          "decoded parts differ:\n%r\n%r" % (leaf_parts(t.data),
+                                              leaf_parts(stored)))
+    check(by_subject[False].data == ascii_stored,
+          "a 7-bit message declared 8BITMIME was changed")
+    log_line_with(env, mark, qid, "converted to quoted-printable")
+    check(env.queued() == [], "queue: %r" % env.queued())
+    # with 8BITMIME offered: as stored, BODY passed on
+    qid = smtp_in(env, ["d@example.org"], EIGHT_BIT_MIME,
+                  mail_params=" BODY=8BITMIME")
+    stored = env.message("example.org", qid)
+    c = reverse(env, "example.org").run()
+    t = c.transactions[0]
+    check(t.params().get("BODY") == "8BITMIME", "BODY: %r" % t.mail_line)
+    check(t.data == stored, "changed for an 8BITMIME customer")
+
+
 def test_helo_fallback_and_bad_greeting(env):
     setup(env)
     qid = enqueue(env, ["h@example.org"], message("helo"))["example.org"]

@@ -1,0 +1,348 @@
+/* test_downgrade.c - the 8-bit to 7-bit MIME conversion (server/downgrade.c)
+ * that odmrd applies for a customer without 8BITMIME (RFC 6152 section 3).
+ * Checks that converted output is 7-bit, that quoted-printable lines keep
+ * to 76 characters, that decoding gives back the original octets, and
+ * that parts which must not be touched are left byte for byte. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "../../server/downgrade.h"
+#include "check.h"
+
+struct buf {
+    char *p;
+    size_t len, cap;
+};
+
+static bool buf_sink(void *ctx, const char *p, size_t len)
+{
+    struct buf *b = ctx;
+    if (b->len + len + 1 > b->cap) {
+        b->cap = (b->len + len + 1) * 2;
+        b->p = realloc(b->p, b->cap);
+        if (!b->p)
+            abort();
+    }
+    memcpy(b->p + b->len, p, len);
+    b->len += len;
+    b->p[b->len] = '\0';
+    return true;
+}
+
+static int file_with(const char *data, size_t len)
+{
+    FILE *f = tmpfile();
+    if (!f)
+        abort();
+    int fd = dup(fileno(f));
+    fclose(f);
+    if (fd < 0 || write(fd, data, len) != (ssize_t)len)
+        abort();
+    return fd;
+}
+
+/* Plans and converts data; out receives the result (the input itself
+ * when nothing is converted).  Checks that plan->size is exact. */
+static void convert(const char *data, size_t len, struct dg_plan *plan,
+                    struct buf *out)
+{
+    int fd = file_with(data, len);
+    memset(out, 0, sizeof *out);
+    CHECK(downgrade_plan(fd, plan));
+    if (plan->convert)
+        CHECK(downgrade_write(fd, plan, buf_sink, out));
+    else
+        buf_sink(out, data, len);
+    CHECK(plan->size == out->len);
+    close(fd);
+}
+
+static bool all_7bit(const struct buf *b)
+{
+    for (size_t i = 0; i < b->len; i++)
+        if ((unsigned char)b->p[i] & 0x80)
+            return false;
+    return true;
+}
+
+/* Longest line (without CRLF) in p[0..len). */
+static size_t longest_line(const char *p, size_t len)
+{
+    size_t best = 0, cur = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (p[i] == '\n') {
+            if (cur > 0 && p[i - 1] == '\r')
+                cur--;
+            best = cur > best ? cur : best;
+            cur = 0;
+        } else {
+            cur++;
+        }
+    }
+    return cur > best ? cur : best;
+}
+
+static int hexval(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* Decodes quoted-printable p[0..len) into out; false when malformed. */
+static bool qp_decode(const char *p, size_t len, struct buf *out)
+{
+    memset(out, 0, sizeof *out);
+    buf_sink(out, "", 0);
+    for (size_t i = 0; i < len; i++) {
+        if (p[i] != '=') {
+            buf_sink(out, p + i, 1);
+            continue;
+        }
+        if (i + 2 < len && p[i + 1] == '\r' && p[i + 2] == '\n') {
+            i += 2;
+            continue;
+        }
+        if (i + 2 >= len || hexval(p[i + 1]) < 0 || hexval(p[i + 2]) < 0)
+            return false;
+        char c = (char)(hexval(p[i + 1]) * 16 + hexval(p[i + 2]));
+        buf_sink(out, &c, 1);
+        i += 2;
+    }
+    return true;
+}
+
+/* The body (after the first blank line) of text. */
+static const char *body_of(const char *text)
+{
+    const char *b = strstr(text, "\r\n\r\n");
+    return b ? b + 4 : text;
+}
+
+static void test_seven_bit_untouched(void)
+{
+    static const char m[] =
+        "From: a@b.example\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+        "plain = ascii text \r\n";
+    struct dg_plan plan;
+    struct buf out;
+    convert(m, strlen(m), &plan, &out);
+    CHECK(!plan.has_8bit);
+    CHECK(!plan.convert);
+    CHECK(!plan.residual_8bit);
+    downgrade_free(&plan);
+    free(out.p);
+}
+
+static void test_non_mime_message(void)
+{
+    static const char m[] =
+        "From: a@b.example\r\nSubject: caf\xc3\xa9?\r\n"   /* 8-bit header */
+        "Content-Type: text/html\r\n\r\n"
+        "Gr\xc3\xbc\xc3\x9f" "e = 1 \r\n"
+        ".leading dot\r\n";
+    struct dg_plan plan;
+    struct buf out, dec;
+    convert(m, strlen(m), &plan, &out);
+    CHECK(plan.has_8bit && plan.convert);
+    CHECK(plan.residual_8bit);                       /* the Subject */
+    CHECK(strstr(out.p, "MIME-Version: 1.0\r\n") != NULL);
+    CHECK(strstr(out.p, "Content-Type: text/plain; charset=unknown-8bit\r\n") != NULL);
+    CHECK(strstr(out.p, "Content-Type: text/html") == NULL);
+    CHECK(strstr(out.p, "Content-Transfer-Encoding: quoted-printable\r\n") != NULL);
+    CHECK(strstr(out.p, "Subject: caf\xc3\xa9?\r\n") != NULL);
+    CHECK_STR(body_of(out.p), "Gr=C3=BC=C3=9Fe =3D 1=20\r\n.leading dot\r\n");
+    CHECK(qp_decode(body_of(out.p), strlen(body_of(out.p)), &dec));
+    CHECK_STR(dec.p, body_of(m));
+    downgrade_free(&plan);
+    free(out.p);
+    free(dec.p);
+}
+
+static const char MULTI[] =
+    "From: a@b.example\r\nMIME-Version: 1.0\r\n"
+    "Content-Type: multipart/mixed;\r\n boundary=\"outer =x\"\r\n\r\n"
+    "preamble\r\n"
+    "--outer =x\r\n"
+    "Content-Type: text/plain; charset=utf-8\r\n"
+    "Content-Transfer-Encoding: 8bit\r\n\r\n"
+    "first \xc3\xa4 part\r\n"
+    "--outer =x\r\n"
+    "Content-Type: application/octet-stream\r\n"
+    "Content-Transfer-Encoding: base64\r\n\r\n"
+    "AAEC\r\n"
+    "--outer =x  \r\n"
+    "Content-Type: multipart/alternative; boundary=inner\r\n\r\n"
+    "--inner\r\n"
+    "Content-Type: text/html; charset=utf-8\r\n\r\n"
+    "<p>\xe2\x82\xac</p>\r\n"
+    "--inner\r\n"
+    "Content-Type: text/plain\r\n\r\n"
+    "ascii only = fine\r\n"
+    "--inner--\r\n"
+    "--outer =x\r\n"
+    "Content-Type: message/rfc822\r\n"
+    "Content-Transfer-Encoding: 8bit\r\n\r\n"
+    "From: c@d.example\r\n"
+    "Subject: inner\r\n\r\n"
+    "inner body \xc3\xb6\r\n"
+    "--outer =x--\r\n"
+    "epilogue\r\n";
+
+static void test_multipart(void)
+{
+    struct dg_plan plan;
+    struct buf out;
+    convert(MULTI, strlen(MULTI), &plan, &out);
+    CHECK(plan.convert);
+    CHECK(!plan.residual_8bit);
+    CHECK(all_7bit(&out));
+    CHECK(strstr(out.p, "Content-Type: text/plain; charset=utf-8\r\n"
+                        "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+                        "first =C3=A4 part\r\n--outer =x\r\n") != NULL);
+    CHECK(strstr(out.p, "Content-Transfer-Encoding: base64\r\n\r\nAAEC\r\n") != NULL);
+    CHECK(strstr(out.p, "Content-Type: text/html; charset=utf-8\r\n"
+                        "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+                        "<p>=E2=82=AC</p>\r\n") != NULL);
+    /* a 7-bit part is not re-encoded, even next to 8-bit ones */
+    CHECK(strstr(out.p, "Content-Type: text/plain\r\n\r\nascii only = fine\r\n") != NULL);
+    CHECK(strstr(out.p, "Content-Type: message/rfc822\r\n"
+                        "Content-Transfer-Encoding: 7bit\r\n\r\n"
+                        "From: c@d.example\r\n") != NULL);
+    CHECK(strstr(out.p, "Subject: inner\r\n"
+                        "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+                        "inner body =C3=B6\r\n--outer =x--\r\nepilogue\r\n") != NULL);
+    CHECK(strstr(out.p, "preamble\r\n--outer =x\r\n") != NULL);
+    downgrade_free(&plan);
+    free(out.p);
+}
+
+static void test_encoded_part_is_residual(void)
+{
+    static const char m[] =
+        "MIME-Version: 1.0\r\nContent-Type: text/plain\r\n"
+        "Content-Transfer-Encoding: base64\r\n\r\n\xff\xfe\r\n";
+    struct dg_plan plan;
+    struct buf out;
+    convert(m, strlen(m), &plan, &out);
+    CHECK(plan.has_8bit && plan.residual_8bit && !plan.convert);
+    CHECK(out.len == strlen(m) && !memcmp(out.p, m, out.len));
+    downgrade_free(&plan);
+    free(out.p);
+}
+
+static void test_digest_defaults_to_message(void)
+{
+    static const char m[] =
+        "MIME-Version: 1.0\r\nContent-Type: multipart/digest; boundary=d\r\n\r\n"
+        "--d\r\n\r\n"                               /* message/rfc822 */
+        "Subject: one\r\n\r\n"
+        "digest body \xc3\xa5\r\n"
+        "--d--\r\n";
+    struct dg_plan plan;
+    struct buf out;
+    convert(m, strlen(m), &plan, &out);
+    CHECK(plan.convert && !plan.residual_8bit);
+    CHECK(strstr(out.p, "--d\r\n\r\nSubject: one\r\n"
+                        "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+                        "digest body =C3=A5\r\n--d--\r\n") != NULL);
+    downgrade_free(&plan);
+    free(out.p);
+}
+
+/* Long lines: soft breaks, no line over 76, exact round trip, and a
+ * CRLF that falls on the reader's segment edge. */
+static void test_long_lines(void)
+{
+    static const char head[] = "MIME-Version: 1.0\r\n"
+                               "Content-Type: text/plain\r\n\r\n";
+    size_t sizes[] = {2, 74, 75, 76, 77, 4094, 4095, 4096, 4097, 10000};
+    for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+        size_t n = sizes[k];
+        char *m = malloc(sizeof head + 2 * n + 8);
+        size_t len = strlen(head);
+        memcpy(m, head, len);
+        for (size_t i = 0; i < n; i++)   /* 8-bit, "=", blanks mixed */
+            m[len++] = "a\xe9= \tb"[i % 6];
+        memcpy(m + len, "\r\nz \r\n", 6);
+        len += 6;
+        struct dg_plan plan;
+        struct buf out, dec;
+        convert(m, len, &plan, &out);
+        CHECK(plan.convert);
+        CHECK(all_7bit(&out));
+        const char *body = body_of(out.p);
+        CHECK(longest_line(body, strlen(body)) <= 76);
+        CHECK(qp_decode(body, strlen(body), &dec));
+        CHECK(dec.len == len - strlen(head) &&
+              !memcmp(dec.p, m + strlen(head), dec.len));
+        downgrade_free(&plan);
+        free(out.p);
+        free(dec.p);
+        free(m);
+    }
+}
+
+/* Random 8-bit bodies in a non-MIME message decode back exactly; random
+ * MIME-looking junk never crashes and plan.size stays exact. */
+static void test_random(void)
+{
+    static const char *pieces[] = {
+        "--b\r\n", "--b--\r\n", "Content-Type: multipart/mixed; boundary=b\r\n",
+        "Content-Type: message/rfc822\r\n", "Content-Transfer-Encoding: 8bit\r\n",
+        "Content-Type: multipart/digest; boundary=\"b\"\r\n", "\r\n",
+        "MIME-Version: 1.0\r\n", "x\xc3\xa9y \r\n", "=\r\n", "\t\r\n"};
+    srand(6152);
+    for (int round = 0; round < 400; round++) {
+        char m[8192];
+        size_t len = 0;
+        if (round % 2) {
+            len = (size_t)snprintf(m, sizeof m, "Subject: r\r\n\r\n");
+            for (int i = rand() % 3000; i > 0; i--) {
+                char c = (char)(rand() % 256);
+                if (c == '\r' || c == '\n')
+                    c = 'x';
+                m[len++] = c;
+                if (rand() % 50 == 0) {
+                    m[len++] = '\r';
+                    m[len++] = '\n';
+                }
+            }
+            memcpy(m + len, "\r\n", 2);
+            len += 2;
+        } else {
+            for (int i = rand() % 60; i > 0; i--) {
+                const char *p = pieces[rand() % (sizeof pieces / sizeof pieces[0])];
+                memcpy(m + len, p, strlen(p));
+                len += strlen(p);
+            }
+        }
+        struct dg_plan plan;
+        struct buf out, dec;
+        convert(m, len, &plan, &out);
+        if (round % 2 && plan.convert) {
+            const char *body = body_of(out.p);
+            CHECK(all_7bit(&out));
+            CHECK(qp_decode(body, strlen(body), &dec));
+            CHECK(dec.len == len - 14 && !memcmp(dec.p, m + 14, dec.len));
+            free(dec.p);
+        }
+        if (!plan.residual_8bit)
+            CHECK(all_7bit(&out));
+        downgrade_free(&plan);
+        free(out.p);
+    }
+}
+
+int main(void)
+{
+    test_seven_bit_untouched();
+    test_non_mime_message();
+    test_multipart();
+    test_encoded_part_is_residual();
+    test_digest_defaults_to_message();
+    test_long_lines();
+    test_random();
+    CHECK_DONE();
+}
