@@ -965,29 +965,34 @@ static bool queue_id_valid(const char *id)
     return true;
 }
 
-/* What queue delete / queue bounce do to one domain's copy of a message,
- * with the domain's lock held. */
-typedef int (*copy_action)(struct ctl *c, const char *domain, const char *id);
-
-/* Applies act to id in every domain holding it.  *unknown is set when no
- * domain does. */
-static int for_each_copy(struct ctl *c, const char *id, copy_action act,
-                         bool *unknown)
+/* The domains holding a copy of id (a message for two hosted domains is
+ * held once in each); false after reporting an error in *rc. */
+static bool find_copies(struct ctl *c, const char *id, struct strlist *domains,
+                        int *rc)
 {
-    struct strlist domains = {0};
-    *unknown = false;
-    if (queue_find(&c->q, id, collect_string, &domains) < 0 || domains.failed) {
-        strlist_free(&domains);
-        return queue_read_error(c, NULL);
+    memset(domains, 0, sizeof *domains);
+    if (queue_find(&c->q, id, collect_string, domains) < 0 || domains->failed) {
+        strlist_free(domains);
+        *rc = queue_read_error(c, NULL);
+        return false;
     }
-    if (domains.n == 0)
-        *unknown = true;
+    return true;
+}
+
+/* queue delete: removes every copy of id, each under its domain's lock.
+ * *unknown is set when no domain holds it. */
+static int delete_copies(struct ctl *c, const char *id, bool *unknown)
+{
+    struct strlist domains;
     int rc = EX_OK;
+    if (!find_copies(c, id, &domains, &rc))
+        return rc;
+    *unknown = domains.n == 0;
     for (size_t i = 0; i < domains.n; i++) {
         int one = EX_OK;
         int fd = lock_domain(c, domains.v[i], &one);
         if (fd >= 0) {
-            one = act(c, domains.v[i], id);
+            one = remove_message(c, domains.v[i], id);
             close(fd);
         }
         if (one != EX_OK)
@@ -997,9 +1002,12 @@ static int for_each_copy(struct ctl *c, const char *id, copy_action act,
     return rc;
 }
 
-/* queue delete ID... and queue bounce ID...: act on every copy of every
- * id; unknown ids are reported and make the exit status 65 at the end. */
-static int act_on_ids(struct ctl *c, int argc, char **argv, copy_action act)
+/* What queue delete / queue bounce do to one message. */
+typedef int (*id_action)(struct ctl *c, const char *id, bool *unknown);
+
+/* queue delete ID... and queue bounce ID...: act on every id; unknown ids
+ * are reported and make the exit status 65 at the end. */
+static int act_on_ids(struct ctl *c, int argc, char **argv, id_action act)
 {
     bool exists;
     int rc = ctl_prepare(c);
@@ -1011,7 +1019,7 @@ static int act_on_ids(struct ctl *c, int argc, char **argv, copy_action act)
     for (int i = 0; i < argc; i++) {
         bool unknown = !exists || !queue_id_valid(argv[i]);
         if (!unknown) {
-            int one = for_each_copy(c, argv[i], act, &unknown);
+            int one = act(c, argv[i], &unknown);
             if (one != EX_OK)
                 rc = one;
         }
@@ -1058,8 +1066,9 @@ static int delete_domain(struct ctl *c, const char *domain_arg)
 
 /* ========================================================== queue: bounce */
 
-/* One line on stdout per returned copy, saying where the report went. */
-static void print_bounce_result(const struct envelope *e, const char *domain,
+/* One line on stdout per returned message, saying where the report went.
+ * domains: the queues it was removed from, "a, b". */
+static void print_bounce_result(const struct envelope *e, const char *domains,
                                 enum bounce_result res)
 {
     char sender[ADDR_MAX + 1], key[ADDR_DOMAIN_MAX + 1] = "";
@@ -1076,51 +1085,126 @@ static void print_bounce_result(const struct envelope *e, const char *domain,
                sender, key);
         break;
     case BOUNCE_NOT_NEEDED:
-        printf("%s: removed from %s without a report (%s)\n", e->id, domain,
+        printf("%s: removed from %s without a report (%s)\n", e->id, domains,
                e->sender[0] ? "no recipient asked for one" : "null sender");
         break;
     case BOUNCE_LOGGED:
         printf("%s: removed from %s; the report to <%s> could not be "
-               "delivered (see the mail log)\n", e->id, domain, sender);
+               "delivered (see the mail log)\n", e->id, domains, sender);
         break;
     case BOUNCE_RETRY:
         break;
     }
 }
 
-/* Returns one domain's copy of a message to its sender with status 5.0.0
- * and removes it (the lock is held). */
-static int bounce_message_copy(struct ctl *c, const char *domain,
-                               const char *id)
+/* The copies of one message being returned, each locked and loaded. */
+struct copies {
+    size_t n;
+    int *lock;
+    struct envelope *env;
+    size_t nrcpt;             /* over all copies */
+};
+
+static void copies_free(struct copies *k)
+{
+    for (size_t i = 0; i < k->n; i++) {
+        close(k->lock[i]);
+        envelope_free(&k->env[i]);
+    }
+    free(k->lock);
+    free(k->env);
+    memset(k, 0, sizeof *k);
+}
+
+/* Locks and loads every copy listed in domains; copies gone meanwhile
+ * are left out.  False (k empty) after reporting an error in *rc. */
+static bool copies_load(struct ctl *c, const char *id,
+                        const struct strlist *domains, struct copies *k, int *rc)
+{
+    memset(k, 0, sizeof *k);
+    k->lock = calloc(domains->n + 1, sizeof *k->lock);
+    k->env = calloc(domains->n + 1, sizeof *k->env);
+    if (!k->lock || !k->env) {
+        copies_free(k);
+        *rc = fail(EX_TEMPFAIL, "out of memory");
+        return false;
+    }
+    for (size_t i = 0; i < domains->n; i++) {
+        int fd = lock_domain(c, domains->v[i], rc);
+        if (fd < 0) {
+            copies_free(k);
+            return false;
+        }
+        if (!load_envelope(c, domains->v[i], id, &k->env[k->n], rc)) {
+            close(fd);
+            if (*rc == EX_OK)
+                continue;   /* delivered meanwhile */
+            copies_free(k);
+            return false;
+        }
+        k->lock[k->n] = fd;
+        k->nrcpt += k->env[k->n].nrcpt;
+        k->n++;
+    }
+    return true;
+}
+
+/* Every recipient of every copy, with status 5.0.0. */
+static struct bounce_rcpt *copies_rcpts(const struct copies *k)
 {
     static const char diag[] = "returned to sender by the administrator";
-    struct envelope e;
+    struct bounce_rcpt *r = calloc(k->nrcpt ? k->nrcpt : 1, sizeof *r);
+    size_t n = 0;
+    for (size_t i = 0; r && i < k->n; i++)
+        for (size_t j = 0; j < k->env[i].nrcpt; j++) {
+            const struct env_rcpt *er = &k->env[i].rcpt[j];
+            r[n++] = (struct bounce_rcpt){er->addr, er->orcpt, er->notify,
+                                          BOUNCE_STATUS_ADMIN, diag};
+        }
+    return r;
+}
+
+/* queue bounce: returns a message to its sender with status 5.0.0, one
+ * report for all its copies, then removes them (their locks held). */
+static int bounce_copies(struct ctl *c, const char *id, bool *unknown)
+{
+    struct strlist domains;
+    struct copies k;
     int rc = EX_OK;
-    if (!load_envelope(c, domain, id, &e, &rc))
-        return rc;   /* gone meanwhile (rc 0) or unreadable (reported) */
-    struct bounce_rcpt *r = calloc(e.nrcpt ? e.nrcpt : 1, sizeof *r);
-    if (!r) {
-        envelope_free(&e);
-        return fail(EX_TEMPFAIL, "out of memory");
+    if (!find_copies(c, id, &domains, &rc))
+        return rc;
+    *unknown = domains.n == 0;
+    if (!copies_load(c, id, &domains, &k, &rc) || k.n == 0) {
+        strlist_free(&domains);
+        return rc;
     }
-    for (size_t i = 0; i < e.nrcpt; i++)
-        r[i] = (struct bounce_rcpt){e.rcpt[i].addr, e.rcpt[i].orcpt,
-                                    e.rcpt[i].notify, BOUNCE_STATUS_ADMIN, diag};
-    int fd = queue_open_data(&c->q, domain, id);
-    enum bounce_result res = bounce_message(&c->conf, &c->q, &e, fd, r, e.nrcpt);
+    struct bounce_rcpt *r = copies_rcpts(&k);
+    char names[1024] = "";
+    for (size_t i = 0; i < k.n; i++)
+        str_fmt(names + strlen(names), sizeof names - strlen(names), "%s%s",
+                i ? ", " : "", k.env[i].domain);
+    int fd = queue_open_data(&c->q, k.env[0].domain, id);
+    enum bounce_result res = r ? bounce_message(&c->conf, &c->q, &k.env[0], fd,
+                                                r, k.nrcpt)
+                               : BOUNCE_RETRY;
     if (fd >= 0)
         close(fd);
     free(r);
-    if (res == BOUNCE_RETRY)
+    if (res == BOUNCE_RETRY) {
         rc = fail(EX_TEMPFAIL, "%s: the report to <%s> cannot be queued now; "
-                  "the message stays queued, try again later", id, e.sender);
-    else {
-        print_bounce_result(&e, domain, res);
+                  "the message stays queued, try again later", id, k.env[0].sender);
+    } else {
+        print_bounce_result(&k.env[0], names, res);
         log_info("%s: returned to sender by odmrctl (uid %lu)", id,
                  (unsigned long)c->caller);
-        rc = remove_message(c, domain, id);
+        for (size_t i = 0; i < k.n; i++) {
+            int one = remove_message(c, k.env[i].domain, id);
+            if (one != EX_OK)
+                rc = one;
+        }
     }
-    envelope_free(&e);
+    copies_free(&k);
+    strlist_free(&domains);
     return rc;
 }
 
@@ -1135,14 +1219,14 @@ static int cmd_queue(struct ctl *c, int argc, char **argv)
     if (!strcmp(sub, "summary"))
         return argc == 1 ? queue_summary(c) : usage_error(usage);
     if (!strcmp(sub, "bounce"))
-        return argc >= 2 ? act_on_ids(c, argc - 1, argv + 1, bounce_message_copy)
+        return argc >= 2 ? act_on_ids(c, argc - 1, argv + 1, bounce_copies)
                          : usage_error(usage);
     if (!strcmp(sub, "delete")) {
         if (argc == 3 && !strcmp(argv[1], "--domain"))
             return delete_domain(c, argv[2]);
         if (argc < 2 || !strcmp(argv[1], "--domain"))
             return usage_error(usage);
-        return act_on_ids(c, argc - 1, argv + 1, remove_message);
+        return act_on_ids(c, argc - 1, argv + 1, delete_copies);
     }
     if (argc == 1 && sub[0] != '-')
         return queue_list(c, sub);
