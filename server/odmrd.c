@@ -170,6 +170,7 @@ static int bind_inet(const struct listen_addr *a, char *err, size_t n)
     int rc = getaddrinfo(a->host, a->port, &hints, &res);
     if (rc != 0) {
         snprintf(err, n, "%s:%s: %s", a->host, a->port, gai_strerror(rc));
+        errno = EINVAL;
         return -1;
     }
     int fd = socket(res->ai_family, res->ai_socktype | SOCK_CLOEXEC, 0);
@@ -181,12 +182,16 @@ static int bind_inet(const struct listen_addr *a, char *err, size_t n)
     }
     if (fd < 0 || bind(fd, res->ai_addr, res->ai_addrlen) != 0 ||
         listen(fd, 128) != 0) {
-        snprintf(err, n, "%s:%s: %s", a->host, a->port, strerror(errno));
+        int saved = errno;   /* -t tells "in use" from other failures */
+        snprintf(err, n, "%s:%s: %s", a->host, a->port, strerror(saved));
         if (fd >= 0)
             close(fd);
         fd = -1;
+        errno = saved;
     }
     freeaddrinfo(res);
+    if (fd < 0)
+        errno = errno ? errno : EINVAL;
     return fd;
 }
 
@@ -494,12 +499,57 @@ static void write_pid_file(void)
     fclose(f);
 }
 
-/* -t: beyond syntax, what start-up would trip over (listeners can only
- * be tried by binding them, which a running daemon would prevent). */
+/* -t: can this listener be bound?  A test bind, closed at once.  "In
+ * use" is not a problem: it is most likely the running daemon; "permission
+ * denied" only a warning, as -t may be run by a user other than the one
+ * that starts odmrd. */
+static int check_listener(const char *key, const struct listen_addr *a)
+{
+    char err[512], dir[sizeof ((struct sockaddr_un *)0)->sun_path];
+    if (a->is_unix) {
+        str_copy(dir, a->host, sizeof dir);
+        char *slash = strrchr(dir, '/');
+        if (slash)
+            *(slash == dir ? slash + 1 : slash) = '\0';
+        if (slash && access(dir, F_OK) != 0) {
+            fprintf(stderr, "odmrd: %s: %s unix:%s: directory %s: %s\n",
+                    conf.path, key, a->host, dir, strerror(errno));
+            return 1;
+        }
+        return 0;
+    }
+    int fd = bind_inet(a, err, sizeof err);
+    if (fd >= 0) {
+        close(fd);
+        return 0;
+    }
+    if (errno == EADDRINUSE)
+        return 0;
+    if (errno == EACCES) {
+        fprintf(stderr, "odmrd: %s: warning: %s %s (ports below 1024 need "
+                "root)\n", conf.path, key, err);
+        return 0;
+    }
+    fprintf(stderr, "odmrd: %s: %s %s\n", conf.path, key, err);
+    return 1;
+}
+
+static int check_listeners(const char *key, const struct listen_addr *list,
+                           size_t count)
+{
+    int problems = 0;
+    for (size_t i = 0; i < count; i++)
+        problems += check_listener(key, &list[i]);
+    return problems;
+}
+
+/* -t: beyond syntax, what start-up would trip over. */
 static int check_usable(void)
 {
     char err[512];
-    int problems = 0;
+    int problems = check_listeners("odmr_listen", conf.odmr_listen, conf.n_odmr_listen) +
+                   check_listeners("smtp_listen", conf.smtp_listen, conf.n_smtp_listen) +
+                   check_listeners("lmtp_listen", conf.lmtp_listen, conf.n_lmtp_listen);
     if (conf.user[0] && !getpwnam(conf.user)) {
         fprintf(stderr, "odmrd: %s: user %s: no such user\n", conf.path, conf.user);
         problems++;

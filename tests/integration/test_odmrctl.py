@@ -330,6 +330,26 @@ def test_odmrd_config_check(env):
     r = env.odmrd_check(conf=env.path("missing.conf"))
     check(r.returncode == 78, "odmrd -t with a missing file exited %d"
           % r.returncode)
+    # listeners: an address this host does not have, a socket directory
+    # that does not exist; a port in use (the running daemon) is fine
+    for what, line, want in (
+            ("foreign address", "smtp_listen = 192.0.2.1:2525\n",
+             "smtp_listen 192.0.2.1:2525: Cannot assign requested address"),
+            ("missing socket directory",
+             "lmtp_listen = unix:%s/lmtp\n" % env.path("no-such-dir"),
+             "no-such-dir: No such file or directory")):
+        path = env.path("bad.conf")
+        with open(path, "w") as f:
+            f.write(base + line)
+        r = env.odmrd_check(conf=path)
+        out = r.stdout + r.stderr
+        check(r.returncode == 78 and want in out,
+              "odmrd -t with a %s: exit %d, %r" % (what, r.returncode, out))
+    env.start()
+    r = env.odmrd_check()
+    check(r.returncode == 0, "odmrd -t while odmrd runs (listeners in use) "
+          "exited %d: %s" % (r.returncode, (r.stdout + r.stderr).strip()))
+    env.stop()
     # odmrd itself refuses to start with a bad configuration
     path = env.path("bad.conf")
     with open(path, "w") as f:
