@@ -283,12 +283,12 @@ class Odmrd:
 
 # ---------------------------------------------------------------- smtp-source
 def run_smtp_source(ctx, port, rcpt="user@example.org", sender="sender@src.test",
-                    extra=()):
+                    extra=(), messages=None):
     """Runs smtp-source against 127.0.0.1:port; returns the wall time in
     seconds from its start to its exit.  Raises BenchError on a non-zero
     exit, any output on stderr, or a timeout."""
     argv = [need("smtp-source"), "-s", str(ctx.sessions),
-            "-l", str(ctx.size), "-m", str(ctx.messages),
+            "-l", str(ctx.size), "-m", str(messages or ctx.messages),
             "-f", sender, "-t", rcpt] + list(extra) + ["127.0.0.1:%d" % port]
     t0 = time.monotonic()
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
