@@ -2,6 +2,7 @@
 #include "expire.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,59 +42,136 @@ static bool id_too_young(const char *id, time_t cutoff)
     return *end == '\0' && (long long)t >= (long long)cutoff;
 }
 
-/* Bounces every recipient of e with 4.4.7.  Returns the bounce result. */
+/* A message for several hosted domains is held once per domain, each copy
+ * with its domain's recipients.  The copies expire together (same arrival),
+ * and the sender sent one message, so one report covers them all. */
+#define MAX_COPIES 16
+
+struct copies {
+    size_t n;                       /* [0] is the copy being expired */
+    struct envelope *env[MAX_COPIES];
+    struct envelope other[MAX_COPIES];
+    int lock[MAX_COPIES];           /* -1 for [0]: its domain is locked */
+    size_t nrcpt;
+};
+
+struct find_ctx {
+    const struct expire_ctx *x;
+    struct copies *k;
+    const char *id;
+};
+
+/* queue_find callback: locks and loads the copy in domain, unless it is
+ * the one at hand or being delivered (then it expires on its own later). */
+static int add_copy(void *ctx, const char *domain)
+{
+    struct find_ctx *f = ctx;
+    struct copies *k = f->k;
+    char err[PATH_MAX + 128];
+    if (!strcmp(domain, f->x->domain) || k->n == MAX_COPIES)
+        return 0;
+    int lock = queue_lock_domain(f->x->q, domain);
+    if (lock < 0)
+        return 0;
+    struct envelope *e = &k->other[k->n];
+    envelope_init(e);
+    if (!queue_load(f->x->q, domain, f->id, e, err, sizeof err) ||
+        e->arrival >= f->x->cutoff) {
+        envelope_free(e);
+        close(lock);
+        return 0;
+    }
+    k->env[k->n] = e;
+    k->lock[k->n] = lock;
+    k->nrcpt += e->nrcpt;
+    k->n++;
+    return 0;
+}
+
+static void find_copies(const struct expire_ctx *x, struct envelope *e,
+                        struct copies *k)
+{
+    memset(k, 0, sizeof *k);
+    k->env[0] = e;
+    k->lock[0] = -1;
+    k->nrcpt = e->nrcpt;
+    k->n = 1;
+    struct find_ctx f = {x, k, e->id};
+    queue_find(x->q, e->id, add_copy, &f);   /* no other copy on failure */
+}
+
+static void release_copies(struct copies *k)
+{
+    for (size_t i = 1; i < k->n; i++) {
+        envelope_free(&k->other[i]);
+        close(k->lock[i]);
+    }
+}
+
+/* Bounces every recipient of every copy with 4.4.7. */
 static enum bounce_result return_expired(const struct expire_ctx *x,
-                                         const struct envelope *e, int fd)
+                                         const struct copies *k, int fd)
 {
     char age[32];
-    bounce_format_age((long)(x->now - e->arrival), age, sizeof age);
-    struct bounce_rcpt *r = calloc(e->nrcpt ? e->nrcpt : 1, sizeof *r);
-    char (*diag)[EXPIRE_DIAG_MAX] = calloc(e->nrcpt ? e->nrcpt : 1,
-                                           sizeof *diag);
+    const struct envelope *e0 = k->env[0];
+    bounce_format_age((long)(x->now - e0->arrival), age, sizeof age);
+    size_t total = k->nrcpt ? k->nrcpt : 1, n = 0;
+    struct bounce_rcpt *r = calloc(total, sizeof *r);
+    char (*diag)[EXPIRE_DIAG_MAX] = calloc(total, sizeof *diag);
     if (!r || !diag) {
         free(r);
         free(diag);
-        log_err("%s: out of memory while returning expired mail", e->id);
+        log_err("%s: out of memory while returning expired mail", e0->id);
         return BOUNCE_RETRY;
     }
-    for (size_t i = 0; i < e->nrcpt; i++) {
-        const struct env_rcpt *er = &e->rcpt[i];
-        /* The last reply says why nobody took the message; worth telling. */
-        snprintf(diag[i], sizeof diag[i], "delivery time expired (message was "
-                 "queued for %s)%s%s", age, er->last_reply[0] ?
-                 "; last attempt: " : "", er->last_reply);
-        r[i] = (struct bounce_rcpt){er->addr, er->orcpt, er->notify,
-                                    BOUNCE_STATUS_EXPIRED, diag[i]};
-    }
-    enum bounce_result res = bounce_message(x->conf, x->q, e, fd, r, e->nrcpt);
+    for (size_t c = 0; c < k->n; c++)
+        for (size_t i = 0; i < k->env[c]->nrcpt; i++, n++) {
+            const struct env_rcpt *er = &k->env[c]->rcpt[i];
+            /* The last reply says why nobody took the message. */
+            snprintf(diag[n], sizeof diag[n], "delivery time expired (message "
+                     "was queued for %s)%s%s", age, er->last_reply[0] ?
+                     "; last attempt: " : "", er->last_reply);
+            r[n] = (struct bounce_rcpt){er->addr, er->orcpt, er->notify,
+                                        BOUNCE_STATUS_EXPIRED, diag[n]};
+        }
+    enum bounce_result res = bounce_message(x->conf, x->q, e0, fd, r, n);
     free(r);
     free(diag);
     return res;
 }
 
+static void remove_expired(const struct expire_ctx *x, const struct envelope *e,
+                           const char *age)
+{
+    log_info("%s: expired after %s in the queue of %s (from=<%s>, nrcpt=%zu)",
+             e->id, age, e->domain, e->sender, e->nrcpt);
+    if (queue_remove(x->q, e->domain, e->id))
+        log_info("%s: removed", e->id);
+    else if (errno != ENOENT)
+        log_err("%s: cannot remove from the queue of %s: %s", e->id,
+                e->domain, strerror(errno));
+}
+
 static void expire_message(const struct expire_ctx *x, struct envelope *e)
 {
     char age[32];
+    struct copies k;
+    find_copies(x, e, &k);
     int fd = queue_open_data(x->q, x->domain, e->id);
     if (fd < 0)
         log_warn("%s: data file of the expired message is missing (%s); "
                  "returning the report without it", e->id, strerror(errno));
-    enum bounce_result res = return_expired(x, e, fd);
+    enum bounce_result res = return_expired(x, &k, fd);
     if (fd >= 0)
         close(fd);
     bounce_format_age((long)(x->now - e->arrival), age, sizeof age);
-    if (res == BOUNCE_RETRY) {
+    if (res == BOUNCE_RETRY)
         log_warn("%s: expired after %s in the queue of %s; kept until its "
                  "bounce can be queued", e->id, age, x->domain);
-        return;
-    }
-    log_info("%s: expired after %s in the queue of %s (from=<%s>, nrcpt=%zu)",
-             e->id, age, x->domain, e->sender, e->nrcpt);
-    if (queue_remove(x->q, x->domain, e->id))
-        log_info("%s: removed", e->id);
-    else if (errno != ENOENT)
-        log_err("%s: cannot remove from the queue of %s: %s", e->id,
-                x->domain, strerror(errno));
+    else
+        for (size_t i = 0; i < k.n; i++)
+            remove_expired(x, k.env[i], age);
+    release_copies(&k);
 }
 
 static int expire_id(void *ctx, const char *id)

@@ -142,7 +142,8 @@ def test_bounce_via_relay(env):
               "greeting %r" % (tx.helo,))
         msg, parts, per_rcpt, per_msg = parse_dsn(tx.data)
         check(msg["To"] == "<s@remote.test>", "To: %r" % msg["To"])
-        check(final_recipients(per_rcpt) == ["u1@example.org", "u2@example.org"],
+        check(final_recipients(per_rcpt) ==
+              ["u1@example.org", "u2@example.org", "u3@example.com"],
               "recipients %r" % per_rcpt)
         check(per_msg.get("Original-Envelope-Id") == "env+id",
               "Original-Envelope-Id %r" % per_msg.get("Original-Envelope-Id"))
@@ -358,13 +359,15 @@ def test_bounce_waits_for_delivery_lock(env):
 
 def test_expiry(env):
     """queue_lifetime: after it, odmrd's maintenance (at start-up, every 5
-    minutes, and on SIGUSR1) returns the message with 4.4.7."""
+    minutes, and on SIGUSR1) returns the message with 4.4.7: one report
+    for the copies in two domains."""
     env.setup_accounts()
     with Sink() as sink:
         use_relay(env, sink)
         env.write_conf(queue_lifetime="2s")
         env.start()
-        qid = send(env, "s@remote.test", ["u1@example.org", "u2@example.org"])
+        qid = send(env, "s@remote.test",
+                   ["u1@example.org", "u3@example.com", "u2@example.org"])
         nqid = send(env, "", ["u1@example.net"])
         time.sleep(3)
         os.kill(env.daemon.pid, signal.SIGUSR1)
@@ -372,7 +375,8 @@ def test_expiry(env):
         check(tx.mail_from == "" and tx.rcpts == ["s@remote.test"],
               "DSN envelope %r %r" % (tx.mail_from, tx.rcpts))
         _, _, per_rcpt, _ = parse_dsn(tx.data)
-        check(final_recipients(per_rcpt) == ["u1@example.org", "u2@example.org"],
+        check(final_recipients(per_rcpt) ==
+              ["u1@example.org", "u2@example.org", "u3@example.com"],
               "recipients %r" % per_rcpt)
         for f in per_rcpt:
             check(f.get("Status") == "4.4.7", "Status %r" % f)
