@@ -1175,6 +1175,7 @@ static int bounce_copies(struct ctl *c, const char *id, bool *unknown)
         return rc;
     *unknown = domains.n == 0;
     if (!copies_load(c, id, &domains, &k, &rc) || k.n == 0) {
+        copies_free(&k);   /* empty after a failure; no copies left */
         strlist_free(&domains);
         return rc;
     }

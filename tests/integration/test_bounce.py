@@ -142,8 +142,7 @@ def test_bounce_via_relay(env):
               "greeting %r" % (tx.helo,))
         msg, parts, per_rcpt, per_msg = parse_dsn(tx.data)
         check(msg["To"] == "<s@remote.test>", "To: %r" % msg["To"])
-        check(final_recipients(per_rcpt) ==
-              ["u1@example.org", "u2@example.org", "u3@example.com"],
+        check(final_recipients(per_rcpt) == ["u1@example.org", "u2@example.org"],
               "recipients %r" % per_rcpt)
         check(per_msg.get("Original-Envelope-Id") == "env+id",
               "Original-Envelope-Id %r" % per_msg.get("Original-Envelope-Id"))
@@ -237,7 +236,8 @@ def test_bounce_ids_and_usage(env):
     check(len(r.stderr.strip().splitlines()) == 1, "stderr %r" % r.stderr)
     qid = enqueue(env, "someone@elsewhere.test", ["u1@example.org"])
     r = env.odmrctl("queue", "bounce", "NOSUCHID", qid, "../etc")
-    check(r.returncode == EX_DATAERR, "mixed ids: exit %d" % r.returncode)
+    check(r.returncode == EX_DATAERR, "mixed ids: exit %d: %s"
+          % (r.returncode, r.stderr.strip()))
     check(env.queued() == [], "the known id was not bounced: %r" % env.queued())
 
 
