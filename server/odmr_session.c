@@ -293,15 +293,32 @@ static bool add_domain(struct domain_set *set, const char *domain)
 
 struct own_ctx {
     const char *user;
+    struct queue *q;
     struct domain_set *set;
-    bool overflow;
+    size_t left_over;          /* domains with mail beyond the set's size */
 };
 
+static int count_one(void *ctx, const char *id)
+{
+    (void)ctx;
+    (void)id;
+    return 1;   /* one is enough to know there is mail */
+}
+
+/* A bare ATRN takes the account's domains that have mail.  Only those:
+ * an account may own more domains than one session serves, and drained
+ * domains drop out, so every ATRN makes progress. */
 static void collect_owned(void *ctx, const char *domain, const char *name)
 {
     struct own_ctx *o = ctx;
-    if (!strcmp(name, o->user) && !add_domain(o->set, domain))
-        o->overflow = true;
+    char key[ADDR_DOMAIN_MAX + 1];
+    if (strcmp(name, o->user))
+        return;
+    addr_domain_key(domain, key, sizeof key);
+    if (queue_ids(o->q, key, count_one, NULL) == 0)
+        return;
+    if (!add_domain(o->set, domain))
+        o->left_over++;
 }
 
 /* Parses "d1,d2,..."; false on a syntax error. */
@@ -365,13 +382,6 @@ static bool lock_all(struct odmr *s, struct domain_set *set)
     return true;
 }
 
-static int count_one(void *ctx, const char *id)
-{
-    (void)ctx;
-    (void)id;
-    return 1;   /* one is enough to know there is mail */
-}
-
 static bool any_mail(struct odmr *s, const struct domain_set *set)
 {
     for (size_t i = 0; i < set->n; i++)
@@ -390,12 +400,16 @@ static bool atrn_domains(struct odmr *s, const char *arg, struct domain_set *set
         }
         return check_ownership(s, set);
     }
-    struct own_ctx o = {s->user, set, false};
+    struct own_ctx o = {s->user, &s->q, set, 0};
     enum acct_result r = accounts_domains(s->conf->accounts_db, collect_owned, &o);
     if (r != ACCT_OK) {
         reply(s, "451 4.3.0 Temporary lookup failure");
         return false;
     }
+    if (o.left_over)
+        log_warn("%s: ATRN by %s: %zu more domain(s) with mail than one "
+                 "session serves (%d); they wait for the next ATRN",
+                 s->peer->addr, s->user, o.left_over, MAX_ATRN_DOMAINS);
     return true;
 }
 

@@ -386,6 +386,20 @@ bool queue_load(struct queue *q, const char *domain, const char *id,
     }
     bool ok = envelope_read(f, e, err, n);
     fclose(f);
+    /* The id and domain inside decide what delivery and odmrctl remove or
+     * rewrite, so an envelope that disagrees with its own file name (a
+     * damaged or hand-edited file) is unreadable, not someone else's. */
+    if (ok && (strcmp(e->id, id) || strcmp(e->domain, domain))) {
+        snprintf(err, n, "%s: the envelope names %s in %s", path, e->id, e->domain);
+        ok = false;
+    } else if (ok && e->nrcpt == 0) {
+        snprintf(err, n, "%s: no recipients", path);
+        ok = false;
+    }
+    if (!ok) {
+        envelope_free(e);
+        errno = EINVAL;   /* ENOENT is kept for "removed meanwhile" */
+    }
     return ok;
 }
 

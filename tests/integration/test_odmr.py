@@ -1370,6 +1370,56 @@ def test_smtputf8_message(env):
         check(env.queued() == [], "queue: %r" % env.queued())
 
 
+def test_bare_atrn_account_with_many_domains(env):
+    """A bare ATRN serves the account's domains that have mail, however
+    many domains the account owns (one session takes at most 100)."""
+    setup(env)
+    names = ["d%03d.example" % i for i in range(130)]
+    for d in names:
+        env.add_domain(d, "alice")
+    first = enqueue(env, ["u@" + names[0]], message("many-first"))
+    last = enqueue(env, ["u@" + names[-1]], message("many-last"))
+    c = reverse(env).run()
+    got = sorted(t.rcpts[0] for t in c.transactions)
+    check(got == ["u@" + names[0], "u@" + names[-1]],
+          "delivered %r (queued %r, %r)" % (got, first, last))
+    check(env.queued() == [], "queue: %r" % env.queued())
+
+
+def test_damaged_envelope_left_alone(env):
+    """An envelope whose id or recipients do not fit its file name is
+    unreadable: left in the queue with a log line, and never taken for
+    another message (which would remove that one undelivered)."""
+    setup(env)
+    a = smtp_in(env, ["a@example.org"], message("env-a"))
+    b = smtp_in(env, ["b@example.org"], message("env-b"))
+    path = os.path.join(env.queue_dir("example.org"), a + ".e")
+    with open(path) as f:
+        text = f.read()
+    check(("I %s\n" % a) in text, "no I record in %r" % text)
+    with open(path, "w") as f:
+        f.write(text.replace("I %s\n" % a, "I %s\n" % b))
+    mark = len(env.log())
+    c = reverse(env, "example.org").run()
+    check([t.rcpts for t in c.transactions] == [["b@example.org"]],
+          "delivered %r" % c.transactions)
+    check(env.queued_ids("example.org") == [a], "queue %r" % env.queued())
+    log_line_with(env, mark, a, "unreadable envelope", "names %s" % b)
+    # no recipients at all: the same
+    with open(path, "w") as f:
+        f.write("".join(l for l in text.splitlines(True)
+                        if not l.startswith("R ")))
+    mark = len(env.log())
+    c = reverse(env, "example.org")
+    c.start()
+    c.drop()
+    r = env.odmrctl("queue", "bounce", a)
+    check(r.returncode != 0 and "no recipients" in r.stderr,
+          "odmrctl queue bounce of an envelope without recipients: exit %d, "
+          "%r" % (r.returncode, r.stderr))
+    check(env.queued_ids("example.org") == [a], "queue %r" % env.queued())
+
+
 EIGHT_BIT_MIME = (
     b"From: Sender <" + SENDER.encode() + b">\r\n"
     b"To: d@example.org\r\n"
