@@ -58,7 +58,17 @@ deps:
 test-deps:
 	@sh tools/deps.sh test
 
-$(B)/obj/%.o: %.c | deps
+# SYSCONFDIR is compiled in (the default configuration path): a stamp that
+# changes only with its value makes "make SYSCONFDIR=/etc" rebuild a tree
+# that was built with the default.
+SYSCONF_STAMP := $(B)/sysconfdir.stamp
+$(SYSCONF_STAMP): FORCE
+	@mkdir -p $(B)
+	@echo '$(SYSCONFDIR)' | cmp -s - $@ 2>/dev/null || echo '$(SYSCONFDIR)' > $@
+.PHONY: FORCE
+FORCE:
+
+$(B)/obj/%.o: %.c $(SYSCONF_STAMP) | deps
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
 
