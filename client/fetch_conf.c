@@ -330,8 +330,16 @@ static bool set_key(struct loader *l, const char *key, const char *v,
         return mechs_set(c, v, err, n);
     if (!strcmp(key, "tls"))
         return tls_set(c, v, err, n);
-    if (!strcmp(key, "ca_file"))
-        return path_set(c->ca_file, sizeof c->ca_file, v, err, n);
+    if (!strcmp(key, "ca_file")) {
+        if (!path_set(c->ca_file, sizeof c->ca_file, v, err, n))
+            return false;
+        /* checked here too, so that a mistake in the file names its line */
+        if (from_file && access(v, R_OK) != 0) {
+            snprintf(err, n, "%s: %s", v, strerror(errno));
+            return false;
+        }
+        return true;
+    }
     if (!strcmp(key, "deliver"))
         return target_parse(v, &c->target, err, n);
     if (!strcmp(key, "domains")) {
@@ -585,7 +593,7 @@ static int check_required(struct loader *l, int missing_status)
         return missing_status;
     }
     if (c->ca_file[0] && access(c->ca_file, R_OK) != 0) {
-        fprintf(stderr, "odmr-fetch: CA file %s: %s\n", c->ca_file,
+        fprintf(stderr, "odmr-fetch: --ca-file %s: %s\n", c->ca_file,
                 strerror(errno));
         return EX_CONFIG;
     }

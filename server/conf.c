@@ -4,6 +4,7 @@
 #include <ctype.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/un.h>
 
 #include "../common/addr.h"
 #include "../common/config.h"
@@ -45,9 +46,14 @@ static bool parse_one_listen(const char *w, bool unix_ok, struct listen_addr *a,
 {
     memset(a, 0, sizeof *a);
     if (strncmp(w, "unix:", 5) == 0) {
-        if (!unix_ok || w[5] != '/' || strlen(w + 5) >= 108) {
+        if (!unix_ok || w[5] != '/') {
             snprintf(err, n, "\"%s\": unix sockets need an absolute path "
                      "(LMTP only)", w);
+            return false;
+        }
+        if (strlen(w + 5) >= sizeof ((struct sockaddr_un *)0)->sun_path) {
+            snprintf(err, n, "\"%.40s...\": socket path longer than %zu bytes",
+                     w, sizeof ((struct sockaddr_un *)0)->sun_path - 1);
             return false;
         }
         a->is_unix = true;

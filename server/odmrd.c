@@ -543,13 +543,83 @@ static int check_listeners(const char *key, const struct listen_addr *list,
     return problems;
 }
 
+/* -t: the same address in two listeners (or twice in one) fails at start
+ * with "Address already in use", which a test bind cannot tell from the
+ * running daemon. */
+static int check_duplicate_listeners(void)
+{
+    struct { const char *key; const struct listen_addr *a; } all[3 * LISTEN_MAX];
+    const struct { const char *key; const struct listen_addr *list; size_t n; } kinds[] = {
+        {"odmr_listen", conf.odmr_listen, conf.n_odmr_listen},
+        {"smtp_listen", conf.smtp_listen, conf.n_smtp_listen},
+        {"lmtp_listen", conf.lmtp_listen, conf.n_lmtp_listen}};
+    size_t n = 0;
+    int problems = 0;
+    for (size_t k = 0; k < 3; k++)
+        for (size_t i = 0; i < kinds[k].n && n < 3 * LISTEN_MAX; i++, n++) {
+            all[n].key = kinds[k].key;
+            all[n].a = &kinds[k].list[i];
+            for (size_t j = 0; j < n; j++) {
+                const struct listen_addr *x = all[j].a, *y = all[n].a;
+                if (x->is_unix == y->is_unix && !strcmp(x->host, y->host) &&
+                    !strcmp(x->port, y->port)) {
+                    fprintf(stderr, "odmrd: %s: %s and %s both listen on %s%s%s\n",
+                            conf.path, all[j].key, all[n].key,
+                            y->is_unix ? "unix:" : y->host, y->is_unix ? y->host : ":",
+                            y->is_unix ? "" : y->port);
+                    problems++;
+                }
+            }
+        }
+    return problems;
+}
+
+/* -t: which of sasl_mechanisms the installed Cyrus plugins provide (on a
+ * TLS session, where PLAIN and LOGIN count too).  None is a problem: the
+ * ODMR service could never authenticate anyone. */
+static int check_mechanisms(void)
+{
+    char err[256], have[512];
+    if (!sasl_glue_server_init(auxprop_plugin_init, AUXPROP_PLUGIN_NAME, err,
+                               sizeof err)) {
+        fprintf(stderr, "odmrd: SASL: %s\n", err);
+        return 1;
+    }
+    struct sasl_glue_server *sv = sasl_glue_server_new("smtp", conf.hostname, NULL,
+                                                       NULL, true, 256, err, sizeof err);
+    bool ok = sv && sasl_glue_server_mechanisms(sv, conf.sasl_mechanisms, have,
+                                                sizeof have);
+    sasl_glue_server_free(sv);
+    sasl_glue_server_done();
+    if (!ok || !have[0]) {
+        fprintf(stderr, "odmrd: %s: sasl_mechanisms: none of \"%s\" is provided "
+                "by the installed Cyrus SASL plugins (libsasl2-modules)\n",
+                conf.path, conf.sasl_mechanisms);
+        return 1;
+    }
+    char list[sizeof conf.sasl_mechanisms], *save = NULL;
+    str_copy(list, conf.sasl_mechanisms, sizeof list);
+    for (char *m = strtok_r(list, " ,", &save); m; m = strtok_r(NULL, " ,", &save)) {
+        char word[80];
+        snprintf(word, sizeof word, " %s ", m);
+        char padded[sizeof have + 2];
+        snprintf(padded, sizeof padded, " %s ", have);
+        if (!strstr(padded, word))
+            fprintf(stderr, "odmrd: %s: warning: sasl_mechanisms: %s is not "
+                    "provided by the installed Cyrus SASL plugins; not offered\n",
+                    conf.path, m);
+    }
+    return 0;
+}
+
 /* -t: beyond syntax, what start-up would trip over. */
 static int check_usable(void)
 {
     char err[512];
     int problems = check_listeners("odmr_listen", conf.odmr_listen, conf.n_odmr_listen) +
                    check_listeners("smtp_listen", conf.smtp_listen, conf.n_smtp_listen) +
-                   check_listeners("lmtp_listen", conf.lmtp_listen, conf.n_lmtp_listen);
+                   check_listeners("lmtp_listen", conf.lmtp_listen, conf.n_lmtp_listen) +
+                   check_duplicate_listeners() + check_mechanisms();
     if (conf.user[0] && !getpwnam(conf.user)) {
         fprintf(stderr, "odmrd: %s: user %s: no such user\n", conf.path, conf.user);
         problems++;

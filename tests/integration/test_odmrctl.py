@@ -300,13 +300,19 @@ def test_queue_delete(env):
     check(len(env.queued("example.org")) == 1, "spool %r" % env.queued())
 
 
+def without_key(conf, line):
+    """conf without the lines that set the key that line sets."""
+    key = line.split("=")[0].strip()
+    return "".join(l for l in conf.splitlines(True)
+                   if l.split("=")[0].strip() != key)
+
+
 def test_odmrd_config_check(env):
     env.add_user("alice")
     r = env.odmrd_check()
     check(r.returncode == 0, "odmrd -t on a good configuration exited %d: %s%s"
           % (r.returncode, r.stdout, r.stderr))
     base = open(env.conf_path).read()
-    nlines = base.count("\n")
     cases = [
         ("unknown key", "no_such_key = 1\n"),
         ("bad size", "max_message_size = lots\n"),
@@ -315,24 +321,45 @@ def test_odmrd_config_check(env):
         ("bad boolean", "require_tls = perhaps\n"),
         ("missing '='", "hostname mx.test\n"),
         ("ANONYMOUS", "sasl_mechanisms = ANONYMOUS PLAIN\n"),
+        ("long socket path", "lmtp_listen = unix:/%s\n" % ("a" * 120)),
+        ("NUL byte", "hostname = mx\0evil.test\n"),
+        ("trailing comment", "queue_lifetime = 5d   # five days\n"),
     ]
     for what, line in cases:
         path = env.path("bad.conf")
+        head = without_key(base, line) + "# padding\n"
         with open(path, "w") as f:
-            f.write(base + "# padding\n" + line)
+            f.write(head + line)
         r = env.odmrd_check(conf=path)
         out = r.stdout + r.stderr
         check(r.returncode == 78, "odmrd -t with %s exited %d (expected 78): "
               "%s" % (what, r.returncode, out.strip()))
-        want = "%s:%d:" % (path, nlines + 2)
+        want = "%s:%d:" % (path, head.count("\n") + 1)
         check(want in out, "odmrd -t with %s: message lacks %r: %r"
               % (what, want, out.strip()))
     r = env.odmrd_check(conf=env.path("missing.conf"))
     check(r.returncode == 78, "odmrd -t with a missing file exited %d"
           % r.returncode)
+    # a key set twice: which one was meant is not guessed
+    path = env.path("bad.conf")
+    with open(path, "w") as f:
+        f.write(base + "hostname = other.test\n")
+    r = env.odmrd_check(conf=path)
+    out = r.stdout + r.stderr
+    check(r.returncode == 78 and "hostname: set again (first on line" in out,
+          "odmrd -t with hostname twice: exit %d, %r" % (r.returncode, out))
+    r = env.odmrd_check()
+    check(r.returncode == 0, "hints for '#': %r" % r.stderr)
     # listeners: an address this host does not have, a socket directory
     # that does not exist; a port in use (the running daemon) is fine
     for what, line, want in (
+            ("trailing comment", "queue_lifetime = 5d   # five days\n",
+             "starts a comment only at the beginning of a line"),
+            ("mechanism nobody provides", "sasl_mechanisms = FOO-BAR\n",
+             "none of \"FOO-BAR\" is provided"),
+            ("listener used twice", "lmtp_listen = %s\n" % base.split(
+                "smtp_listen = ")[1].split("\n")[0],
+             "smtp_listen and lmtp_listen both listen on 127.0.0.1:"),
             ("foreign address", "smtp_listen = 192.0.2.1:2525\n",
              "smtp_listen 192.0.2.1:2525: Cannot assign requested address"),
             ("missing socket directory",
@@ -340,7 +367,7 @@ def test_odmrd_config_check(env):
              "no-such-dir: No such file or directory")):
         path = env.path("bad.conf")
         with open(path, "w") as f:
-            f.write(base + line)
+            f.write(without_key(base, line) + line)
         r = env.odmrd_check(conf=path)
         out = r.stdout + r.stderr
         check(r.returncode == 78 and want in out,
