@@ -225,6 +225,9 @@ static int auth_rounds(struct provider *p, const char *first,
         }
         if (r.code != 334)
             return auth_refused(&r);
+        if (sasl_glue_client_complete(p->sasl))
+            return auth_cancel(p, "the provider asked for more after the "
+                                  "exchange was complete", EX_PROTOCOL);
         if ((st = auth_step(p, &r, resp, n)) != 0)
             return st;
         out = resp;

@@ -11,6 +11,7 @@
 
 #include <ctype.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -52,20 +53,27 @@ const char *sasl_glue_result_name(enum sasl_glue_result r)
  * whole protocol exchanges: neither is ever written. */
 static int cb_log(void *ctx, int level, const char *message)
 {
-    (void)ctx;
+    /* ctx: the peer ("IP;PORT") of a server connection, so that a line
+     * like "StoredKey mismatch" says whose; NULL for global messages */
+    char who[96] = "";
     if (!message)
         return SASL_OK;
+    if (ctx && *(const char *)ctx) {
+        size_t ip = strcspn(ctx, ";");
+        snprintf(who, sizeof who, "%.*s: ", (int)(ip < 80 ? ip : 80),
+                 (const char *)ctx);
+    }
     switch (level) {
     case SASL_LOG_ERR:
-        log_warn("sasl: %s", message);
+        log_warn("sasl: %s%s", who, message);
         break;
     case SASL_LOG_FAIL:
     case SASL_LOG_WARN:
     case SASL_LOG_NOTE:
-        log_info("sasl: %s", message);
+        log_info("sasl: %s%s", who, message);
         break;
     case SASL_LOG_DEBUG:
-        log_debug("sasl: %s", message);
+        log_debug("sasl: %s%s", who, message);
         break;
     default:
         break;
@@ -319,6 +327,7 @@ struct sasl_glue_server {
     char mech[SASL_GLUE_MECH_MAX + 1];
     char user[256];
     char reason[256];
+    sasl_callback_t callbacks[2];   /* the connection's log, with remote */
 };
 
 /* Security properties: no SASL security layer (SMTP AUTH over TLS needs
@@ -341,9 +350,11 @@ static bool server_conn_props(struct sasl_glue_server *s)
 
 static bool server_conn_open(struct sasl_glue_server *s, char *err, size_t n)
 {
+    s->callbacks[0] = (sasl_callback_t){SASL_CB_LOG, CB_PROC(cb_log), s->remote};
+    s->callbacks[1] = (sasl_callback_t){SASL_CB_LIST_END, NULL, NULL};
     int r = sasl_server_new(s->service, s->fqdn, NULL,
                             s->local[0] ? s->local : NULL,
-                            s->remote[0] ? s->remote : NULL, NULL, 0,
+                            s->remote[0] ? s->remote : NULL, s->callbacks, 0,
                             &s->conn);
     if (r != SASL_OK) {
         str_fmt(err, n, "SASL server connection: %s",

@@ -647,7 +647,11 @@ static int queue_dsn(struct queue *q, const struct dsn *d, const char *key,
     str_copy(env.client, "localhost", sizeof env.client);
     str_copy(env.helo, d->hostname, sizeof env.helo);
     env.body = d->eightbit ? BODY_8BITMIME : BODY_UNSPEC;
-    env.smtputf8 = d->utf8;
+    /* The report's envelope and header need SMTPUTF8 only for a UTF-8
+     * address; UTF-8 inside its message/global parts is 8-bit body data.
+     * Flagging it otherwise would make a site without SMTPUTF8 return
+     * the report, and a report about a report is never sent. */
+    env.smtputf8 = d->utf8 && has_non_ascii(d->e->sender);
     if (!dsn_generate(d, &o))
         err = in->error ? in->error : (errno ? errno : EIO);
     else if (!envelope_add_rcpt(&env, d->e->sender, 0, "", 1))

@@ -49,12 +49,15 @@ static bool read_reply(struct delivery_ctx *d, struct smtp_reply *r)
         long n = io_getline(d->io, line, sizeof line, NULL);
         if (n < 0 || strlen(line) != (size_t)n) {
             if (n >= 0 || n == IO_TOOLONG)
-                log_info("%s: malformed reply from customer", d->peer);
+                log_info("%s%smalformed reply from customer %s: %s",
+                         d->qid ? d->qid : "", d->qid ? ": " : "", d->peer,
+                         n >= 0 ? "NUL byte" : "line too long");
             return false;
         }
         int rc = smtp_reply_feed(r, line);
         if (rc < 0) {
-            log_info("%s: malformed reply from customer: %.100s", d->peer, line);
+            log_info("%s%smalformed reply from customer %s: %.100s",
+                     d->qid ? d->qid : "", d->qid ? ": " : "", d->peer, line);
             return false;
         }
         if (rc == 1)
@@ -514,7 +517,9 @@ static bool deliver_one(struct delivery_ctx *d, const struct caps *c,
         log_err("%s: cannot open message data: %s", id, strerror(errno));
     } else if (plan_downgrade(d, c, &e, fd, &plan)) {
         d->stats.messages++;
+        d->qid = id;
         ok = transact(d, c, &e, fd, &plan, st);
+        d->qid = NULL;
         if (ok)
             settle(d, &e, fd, st);
     }

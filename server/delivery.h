@@ -24,6 +24,7 @@ struct delivery_ctx {
     struct io *io;
     const char *account;         /* for the log */
     const char *peer;            /* customer's address, for the log */
+    const char *qid;             /* message in hand, for the log, or NULL */
     struct delivery_stats stats;
 };
 

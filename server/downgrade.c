@@ -285,10 +285,12 @@ static void classify_part(const char *hdr, size_t hlen, bool in_digest,
         pi->digest = !strcmp(type, "multipart/digest");
     } else if (!strcmp(type, "message/rfc822")) {
         pi->kind = P_MESSAGE;
-    } else if (!strncmp(type, "message/", 8) && strcmp(type, "message/global")) {
+    } else if (!strncmp(type, "message/", 8) && strncmp(type, "message/global", 14)) {
         pi->kind = P_OPAQUE;   /* partial, external-body: 7bit by rule */
     } else {
-        pi->kind = P_LEAF;     /* message/global may be encoded (RFC 6532) */
+        /* message/global and its -headers and -delivery-status kin may be
+         * encoded (RFC 6532 3.5, RFC 6533 6) */
+        pi->kind = P_LEAF;
     }
 }
 

@@ -156,6 +156,7 @@ static const char *auth_response(struct odmr *s, char *line, size_t n)
     long len = io_getline(&s->io, line, n, NULL);
     if (len == IO_TOOLONG) {
         reply(s, "500 5.5.6 Authentication line too long");
+        s->bad_commands++;
         return NULL;
     }
     if (len < 0) {
@@ -499,29 +500,32 @@ static void session_loop(struct odmr *s)
             reply(s, "421 4.4.2 %s Error: timeout exceeded", s->conf->hostname);
             return;
         }
-        if (n == IO_TOOLONG) {
-            reply(s, "500 5.5.6 Line too long");
-            s->io.status = IO_OK;
-            continue;
-        }
-        if (n < 0)
-            return;
-        if (strlen(line) != (size_t)n) {
-            reply(s, "500 5.5.2 NUL character in command line");
-            continue;
-        }
-        log_debug("%s < %s", s->peer->addr,
-                  str_casestart(line, "AUTH ") ? "AUTH (redacted)" : line);
         struct smtp_cmd cmd;
-        smtp_cmd_parse(line, &cmd);
-        if (cmd.verb != SMTP_AUTH && (size_t)n + 2 > SMTP_LINE_MAX) {
-            reply(s, "500 5.5.6 Line too long");
-            continue;
+        const char *bad = NULL;
+        if (n == IO_TOOLONG) {
+            s->io.status = IO_OK;
+            bad = "500 5.5.6 Line too long";
+        } else if (n < 0) {
+            return;
+        } else if (strlen(line) != (size_t)n) {
+            bad = "500 5.5.2 NUL character in command line";
+        } else {
+            log_debug("%s < %s", s->peer->addr,
+                      str_casestart(line, "AUTH ") ? "AUTH (redacted)" : line);
+            smtp_cmd_parse(line, &cmd);
+            if (cmd.verb != SMTP_AUTH && (size_t)n + 2 > SMTP_LINE_MAX)
+                bad = "500 5.5.6 Line too long";
+        }
+        if (bad) {   /* counted, or endless long lines would hold the session */
+            reply(s, "%s", bad);
+            s->bad_commands++;
         }
         if (s->bad_commands >= MAX_BAD_COMMANDS) {
             reply(s, "421 4.7.0 %s Too many errors", s->conf->hostname);
             return;
         }
+        if (bad)
+            continue;
         dispatch(s, &cmd);
     }
 }

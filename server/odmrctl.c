@@ -814,6 +814,13 @@ static int queue_list(struct ctl *c, const char *domain_arg)
         list_domain(&l, domain);
     else if (exists && queue_domains(&c->q, list_domain, &l) < 0)
         l.rc = queue_read_error(c, NULL);
+    /* A mistyped domain (or subcommand) should not read as "empty". */
+    char owner[ACCOUNT_NAME_MAX + 1];
+    if (domain_arg && l.messages == 0 && l.rc == EX_OK &&
+        accounts_domain_owner(c->conf.accounts_db, domain, owner, sizeof owner) ==
+            ACCT_NOTFOUND)
+        return fail(EX_NOUSER, "%s: not a hosted domain, and nothing is queued "
+                    "for it (subcommands: summary, delete, bounce)", domain);
     /* "Queue is empty" would be a lie when the queue could not be read. */
     if (l.messages > 0 || l.rc == EX_OK)
         print_list_total(&l, domain_arg ? domain : NULL);

@@ -559,31 +559,33 @@ static void session_loop(struct smtp *s)
             return;
         }
         struct smtp_cmd cmd;
+        const char *bad = NULL;
         if (n == IO_TOOLONG) {
-            reply(s, "500 5.5.6 Line too long");
             s->io.status = IO_OK;
-            continue;
-        }
-        if (n < 0)
+            bad = "500 5.5.6 Line too long";
+        } else if (n < 0) {
             return;
-        log_debug("%s < %s", s->peer->addr, line);
-        if (strlen(line) != (size_t)n) {
-            reply(s, "500 5.5.2 NUL character in command line");
-            s->bad_commands++;
-            continue;
+        } else if (strlen(line) != (size_t)n) {
+            bad = "500 5.5.2 NUL character in command line";
+        } else {
+            log_debug("%s < %s", s->peer->addr, line);
+            smtp_cmd_parse(line, &cmd);
+            size_t limit = (cmd.verb == SMTP_MAIL || cmd.verb == SMTP_RCPT)
+                               ? SMTP_MAILRCPT_LINE_MAX : SMTP_LINE_MAX;
+            if ((size_t)n + 2 > limit)
+                bad = "500 5.5.6 Line too long";
         }
-        smtp_cmd_parse(line, &cmd);
-        size_t limit = (cmd.verb == SMTP_MAIL || cmd.verb == SMTP_RCPT)
-                           ? SMTP_MAILRCPT_LINE_MAX : SMTP_LINE_MAX;
-        if ((size_t)n + 2 > limit) {
-            reply(s, "500 5.5.6 Line too long");
-            continue;
+        if (bad) {   /* counted, or endless long lines would hold the session */
+            reply(s, "%s", bad);
+            s->bad_commands++;
         }
         if (s->bad_commands >= MAX_BAD_COMMANDS) {
             reply(s, "421 4.7.0 %s Too many errors", s->conf->hostname);
             io_flush(&s->io);
             return;
         }
+        if (bad)
+            continue;
         if (!dispatch(s, &cmd) || s->io.status != IO_OK) {
             io_flush(&s->io);
             return;

@@ -275,7 +275,8 @@ class FakeProvider:
     def __init__(self, script=None, greeting="220 fake.test ESMTP ODMR",
                  extensions=("AUTH CRAM-MD5", "ENHANCEDSTATUSCODES", "ATRN"),
                  atrn_reply="250 OK now reversing the connection",
-                 user="alice", password="secret"):
+                 user="alice", password="secret", extra_334=False):
+        self.extra_334 = extra_334   # another 334 after CRAM-MD5's one round
         self.script, self.greeting, self.extensions = script, greeting, extensions
         self.atrn_reply, self.user, self.password = atrn_reply, user, password
         self.commands = []          # what odmr-fetch sent before ATRN
@@ -311,7 +312,11 @@ class FakeProvider:
         resp = base64.b64decode(c.readline()).decode()
         user, digest = resp.rsplit(" ", 1)
         good = hmac.new(self.password.encode(), chal, "md5").hexdigest()
-        if user == self.user and digest == good:
+        if self.extra_334:
+            c.send("334 " + base64.b64encode(b"more?").decode())
+            self.cancel = c.readline()
+            c.send("501 5.7.0 Authentication cancelled")
+        elif user == self.user and digest == good:
             c.send("235 2.7.0 Authentication successful")
         else:
             c.send("535 5.7.8 Authentication credentials invalid")
@@ -923,10 +928,17 @@ def test_fetch_provider_replies(env):
         (dict(atrn_reply="501 5.5.4 Syntax"), EX_PROTOCOL),
         (dict(atrn_reply="453 You have no mail"), EX_OK),
         (dict(password="other"), EX_NOPERM),
+        # CRAM-MD5 has one round: a second 334 is a protocol error, not a
+        # failed password check
+        (dict(extra_334=True), EX_PROTOCOL),
     ]
     for kw, code in cases:
         r, p = run_fake(env, None, "smtp:127.0.0.1:1", **kw)
         expect(r, code, "provider %r" % kw)
+        if kw.get("extra_334"):
+            check(p.cancel == b"*", "answer to the extra 334: %r" % p.cancel)
+            check("asked for more after the exchange was complete" in r.stderr,
+                  "odmr-fetch said %r" % r.stderr)
         if kw.get("extensions"):
             check(not any(c.startswith("AUTH") for c in p.commands),
                   "AUTH sent to a server without ATRN: %r" % p.commands)

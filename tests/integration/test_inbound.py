@@ -538,6 +538,17 @@ def test_overlong_command(env):
     check(e["envid"] == "e" * 90, "envid")
 
 
+def test_bad_lines_end_the_session(env):
+    """Over-long lines count as bad commands like unknown ones: after 20
+    the session ends with 421, so endless junk cannot hold a process."""
+    started(env)
+    s = session(env)
+    for i in range(19):
+        check_reply(s.cmd("NOOP " + "x" * 600), 500, "5.5.6", "long line %d" % i)
+    check_reply(s.cmd("NOOP " + "x" * 600), 500, "5.5.6", "20th long line")
+    check_reply(s.reply(), 421, "4.7.0", "after 20 bad lines")
+
+
 def test_idle_timeout(env):
     started(env, timeout="2s")
     t0 = time.time()

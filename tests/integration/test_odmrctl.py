@@ -248,6 +248,14 @@ def test_queue_list_and_summary(env):
           + r.stdout)
     check(com not in r.stdout and "d@example.com" not in r.stdout,
           "queue example.org lists example.com mail:\n" + r.stdout)
+    # a hosted domain without mail is empty; a typo is not
+    env.add_domain("example.net", "alice")
+    r = env.odmrctl_ok("queue", "example.net")
+    check("Queue for example.net is empty" in r.stdout, "queue example.net: %r"
+          % r.stdout)
+    r = env.odmrctl("queue", "frobnicate")
+    expect_exit(r, 67, "queue frobnicate")
+    check("not a hosted domain" in r.stderr, "queue frobnicate: %r" % r.stderr)
     r = env.odmrctl_ok("queue", "summary")
     lines = [l for l in r.stdout.splitlines() if l.strip()]
     org = [l for l in lines if "example.org" in l]
