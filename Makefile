@@ -108,6 +108,10 @@ EXAMPLES   := contrib/odmrd.conf.example contrib/odmr-fetch.conf.example
 SUBST_PATHS = sed -e 's|/usr/sbin/odmr|$(SBINDIR)/odmr|g' \
                   -e 's|/usr/bin/odmr-fetch|$(BINDIR)/odmr-fetch|g' \
                   -e 's|/etc/odmr/|$(SYSCONFDIR)/odmr/|g'
+# The pages name the /usr paths too (with roff's "\-"); installed copies
+# get this installation's, as the units do.
+SUBST_MAN = $(SUBST_PATHS) -e 's|/usr/bin/odmr\\-fetch|$(BINDIR)/odmr\\-fetch|g' \
+                           -e 's|/usr/share/doc/odmr/|$(DOCDIR)/|g'
 
 install: all
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(BINDIR) \
@@ -115,9 +119,10 @@ install: all
 	    $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(EXAMPLEDIR) $(DESTDIR)$(SYSTEMDDIR)
 	install -m 755 $(B)/odmrd $(B)/odmrctl $(DESTDIR)$(SBINDIR)/
 	install -m 755 $(B)/odmr-fetch $(DESTDIR)$(BINDIR)/
-	install -m 644 $(MAN1_PAGES) $(DESTDIR)$(MANDIR)/man1/
-	install -m 644 $(MAN5_PAGES) $(DESTDIR)$(MANDIR)/man5/
-	install -m 644 $(MAN8_PAGES) $(DESTDIR)$(MANDIR)/man8/
+	for p in $(MAN1_PAGES) $(MAN5_PAGES) $(MAN8_PAGES); do \
+	    d=$(DESTDIR)$(MANDIR)/man$${p##*.}/$${p##*/} && \
+	    $(SUBST_MAN) $$p > $$d && chmod 644 $$d || exit 1; \
+	done
 	install -m 644 $(EXAMPLES) $(DESTDIR)$(EXAMPLEDIR)/
 	$(SUBST_PATHS) contrib/cron/odmr-fetch > $(DESTDIR)$(EXAMPLEDIR)/odmr-fetch.cron
 	chmod 644 $(DESTDIR)$(EXAMPLEDIR)/odmr-fetch.cron
