@@ -715,6 +715,16 @@ def test_fetch_config_file(env):
     r = expect(env.run([env.fetch_bin, "-c", conf]), EX_CONFIG, "bad keys")
     check("%s:2:" % conf in r.stderr and "%s:3:" % conf in r.stderr,
           "errors without file:line: %r" % r.stderr)
+    # a comment after a value is part of it (and said so); a key twice
+    with open(conf, "w") as f:
+        f.write("server = x\nuser = a\nca_file = %s   # private CA\n"
+                "user = b\n" % env.path("no-such-ca.pem"))
+    r = expect(env.run([env.fetch_bin, "-c", conf]), EX_CONFIG, "ca_file")
+    check("%s:3: ca_file:" % conf in r.stderr and
+          "a '#' starts a comment only at the beginning of a line" in r.stderr,
+          "missing ca_file with a trailing comment: %r" % r.stderr)
+    check("%s:4: user: set again (first on line 2)" % conf in r.stderr,
+          "user given twice: %r" % r.stderr)
     # usage
     expect(env.run([env.fetch_bin, "--bogus"]), EX_USAGE, "unknown option")
     expect(env.run([env.fetch_bin, "-u", "alice"]), EX_USAGE, "no server")
