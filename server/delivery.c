@@ -47,11 +47,20 @@ static bool read_reply(struct delivery_ctx *d, struct smtp_reply *r)
     smtp_reply_init(r);
     for (;;) {
         long n = io_getline(d->io, line, sizeof line, NULL);
+        if (n == IO_TOOLONG) {
+            /* RFC 5321 allows 512 octets; be liberal in what we accept:
+             * the code at the start is what counts, and dropping the
+             * session after the customer said 250 would deliver twice. */
+            d->io->status = IO_OK;
+            n = (long)strlen(line);
+            log_info("%s%sover-long reply line from customer %s, cut to %ld "
+                     "bytes", d->qid ? d->qid : "", d->qid ? ": " : "",
+                     d->peer, n);
+        }
         if (n < 0 || strlen(line) != (size_t)n) {
-            if (n >= 0 || n == IO_TOOLONG)
-                log_info("%s%smalformed reply from customer %s: %s",
-                         d->qid ? d->qid : "", d->qid ? ": " : "", d->peer,
-                         n >= 0 ? "NUL byte" : "line too long");
+            if (n >= 0)
+                log_info("%s%smalformed reply from customer %s: NUL byte",
+                         d->qid ? d->qid : "", d->qid ? ": " : "", d->peer);
             return false;
         }
         int rc = smtp_reply_feed(r, line);

@@ -1370,6 +1370,20 @@ def test_smtputf8_message(env):
         check(env.queued() == [], "queue: %r" % env.queued())
 
 
+def test_overlong_customer_reply(env):
+    """A reply line longer than RFC 5321's 512 octets still counts by its
+    code: the message the customer accepted is not delivered again."""
+    setup(env)
+    qid = enqueue(env, ["long@example.org"], message("long-reply"))["example.org"]
+    mark = len(env.log())
+    c = reverse(env, "example.org",
+                data_reply=lambda tx: "250 2.0.0 Ok " + "x" * 3000).run()
+    check(len(c.transactions) == 1 and c.quit, "session %r" % c.transactions)
+    check(env.queued() == [], "queue after an over-long 250: %r" % env.queued())
+    log_line_with(env, mark, qid, "over-long reply line")
+    log_line_with(env, mark, qid, "status=sent")
+
+
 def test_bare_atrn_account_with_many_domains(env):
     """A bare ATRN serves the account's domains that have mail, however
     many domains the account owns (one session takes at most 100)."""
