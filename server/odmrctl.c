@@ -883,7 +883,7 @@ static int summary_domain(void *ctx, const char *domain)
     struct summary *s = ctx;
     uint64_t bytes;
     unsigned long count;
-    if (!queue_usage(&s->c->q, domain, &bytes, &count)) {
+    if (!queue_usage_exact(&s->c->q, domain, &bytes, &count)) {
         s->rc = queue_read_error(s->c, domain);
         return 0;
     }

@@ -363,6 +363,8 @@ static void run_maintenance(void)
     if (queue_open(&q, conf.spool_dir, err, sizeof err)) {
         queue_cleanup(&q, STALE_TMP_AGE_S);
         queue_expire(&conf, &q);
+        if (conf.domain_quota)   /* counters exist only for the quota */
+            queue_usage_refresh(&q);   /* undo any skew a crash left */
     }
     _exit(0);
 }

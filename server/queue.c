@@ -13,6 +13,7 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include "../common/log.h"
 #include "../common/util.h"
 
 /* Queue ids and domain keys become file names: refuse anything that could
@@ -199,6 +200,9 @@ static int ensure_domain_dir(struct queue *q, const char *domain)
 }
 
 /* Links the data and commits the envelope of one domain. */
+static void usage_adjust(struct queue *q, const char *domain, int sign,
+                         uint64_t size);
+
 static int commit_domain(struct queue *q, struct queue_in *in,
                          const struct envelope *e)
 {
@@ -221,6 +225,8 @@ static int commit_domain(struct queue *q, struct queue_in *in,
         unlink(env);
         if (!home)
             unlink(data);
+    } else {
+        usage_adjust(q, e->domain, +1, e->size);
     }
     return err;
 }
@@ -360,8 +366,8 @@ static int add_usage(void *ctx, const char *id)
     return 0;
 }
 
-bool queue_usage(struct queue *q, const char *domain, uint64_t *bytes,
-                 unsigned long *count)
+bool queue_usage_exact(struct queue *q, const char *domain, uint64_t *bytes,
+                       unsigned long *count)
 {
     struct usage_ctx u = {q, domain, 0, 0};
     if (queue_ids(q, domain, add_usage, &u) < 0)
@@ -369,6 +375,115 @@ bool queue_usage(struct queue *q, const char *domain, uint64_t *bytes,
     *bytes = u.bytes;
     *count = u.count;
     return true;
+}
+
+/* The usage counter, q/<domain>/.usage: "bytes count".  Counting every
+ * message on every RCPT cost 36 ms with 10,000 queued for the domain;
+ * the counter makes the quota check constant time.  Commits add, removals
+ * subtract, each under an flock of the file; it is not synced, and a crash
+ * between a change of the queue and its adjustment skews it until the
+ * maintenance pass recounts (queue_usage_refresh).  A missing or
+ * unreadable counter is recounted by the next reader. */
+#define USAGE_MAX 64
+
+static bool usage_path(char *buf, const struct queue *q, const char *domain)
+{
+    return qpath(buf, q, domain, NULL, "/.usage");
+}
+
+static bool usage_read(int fd, uint64_t *bytes, unsigned long *count)
+{
+    char buf[USAGE_MAX];
+    ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
+    if (n <= 0)
+        return false;
+    buf[n] = '\0';
+    unsigned long long b;
+    unsigned long c;
+    char end;
+    if (sscanf(buf, "%llu %lu%c", &b, &c, &end) != 3 || end != '\n')
+        return false;
+    *bytes = b;
+    *count = c;
+    return true;
+}
+
+static void usage_write(int fd, uint64_t bytes, unsigned long count)
+{
+    char buf[USAGE_MAX];
+    int n = snprintf(buf, sizeof buf, "%llu %lu\n", (unsigned long long)bytes, count);
+    if (ftruncate(fd, 0) != 0 || pwrite(fd, buf, (size_t)n, 0) != n) {
+        /* a short write leaves it unreadable: the next reader recounts */
+        if (ftruncate(fd, 0) != 0)
+            log_debug("usage counter: %s", strerror(errno));
+    }
+}
+
+/* Opens and locks the counter; -1 when it cannot (no domain directory). */
+static int usage_lock(struct queue *q, const char *domain, bool create)
+{
+    char path[PATH_MAX];
+    if (!usage_path(path, q, domain))
+        return -1;
+    int fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW | (create ? O_CREAT : 0), 0600);
+    if (fd >= 0 && flock(fd, LOCK_EX) != 0) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
+}
+
+static void usage_adjust(struct queue *q, const char *domain, int sign,
+                         uint64_t size)
+{
+    uint64_t bytes;
+    unsigned long count;
+    int fd = usage_lock(q, domain, false);
+    if (fd < 0)
+        return;   /* no counter yet: the first reader counts */
+    if (usage_read(fd, &bytes, &count)) {
+        if (sign > 0) {
+            bytes += size;
+            count++;
+        } else {
+            bytes = bytes > size ? bytes - size : 0;
+            count = count ? count - 1 : 0;
+        }
+        usage_write(fd, bytes, count);
+    }
+    close(fd);
+}
+
+bool queue_usage(struct queue *q, const char *domain, uint64_t *bytes,
+                 unsigned long *count)
+{
+    int fd = usage_lock(q, domain, true);
+    if (fd < 0)
+        return queue_usage_exact(q, domain, bytes, count);
+    bool ok = usage_read(fd, bytes, count);
+    if (!ok && (ok = queue_usage_exact(q, domain, bytes, count)))
+        usage_write(fd, *bytes, *count);
+    close(fd);
+    return ok;
+}
+
+static int refresh_domain(void *ctx, const char *domain)
+{
+    struct queue *q = ctx;
+    uint64_t bytes;
+    unsigned long count;
+    int fd = usage_lock(q, domain, true);
+    if (fd < 0)
+        return 0;
+    if (queue_usage_exact(q, domain, &bytes, &count))
+        usage_write(fd, bytes, count);
+    close(fd);
+    return 0;
+}
+
+void queue_usage_refresh(struct queue *q)
+{
+    queue_domains(q, refresh_domain, q);
 }
 
 bool queue_load(struct queue *q, const char *domain, const char *id,
@@ -436,12 +551,15 @@ bool queue_remove(struct queue *q, const char *domain, const char *id)
         errno = EINVAL;
         return false;
     }
+    struct stat st;
+    uint64_t size = stat(data, &st) == 0 ? (uint64_t)st.st_size : 0;
     /* Envelope first: once it is gone the message is no longer queued; a
      * data file left by a crash here is garbage for queue_cleanup(). */
     if (unlink(env) != 0)
         return false;
     unlink(data);
     fsync_dir(dir);
+    usage_adjust(q, domain, -1, size);
     return true;
 }
 

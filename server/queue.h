@@ -76,9 +76,16 @@ int queue_domains(struct queue *q,
  * Returns the number of ids or -1 (errno set). */
 int queue_ids(struct queue *q, const char *domain,
               int (*fn)(void *ctx, const char *id), void *ctx);
-/* Bytes (data sizes) and messages queued for the domain. */
+/* Bytes (data sizes) and messages queued for the domain, from the
+ * domain's usage counter (constant time; may be off after a crash until
+ * the next queue_usage_refresh). */
 bool queue_usage(struct queue *q, const char *domain, uint64_t *bytes,
                  unsigned long *count);
+/* The same, counted from the files. */
+bool queue_usage_exact(struct queue *q, const char *domain, uint64_t *bytes,
+                       unsigned long *count);
+/* Recounts every domain's usage counter (the maintenance pass). */
+void queue_usage_refresh(struct queue *q);
 bool queue_load(struct queue *q, const char *domain, const char *id,
                 struct envelope *e, char *err, size_t n);
 /* Opens the data file read-only; -1 on failure. */

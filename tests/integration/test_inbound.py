@@ -4,6 +4,7 @@ Every test gets a fresh harness.Env (see harness.py).  Accounts used:
 alice owns example.org and example.net, bob owns example.com."""
 
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -336,6 +337,37 @@ def test_domain_quota(env):
     check(seen_452, "never refused with 452 4.2.2; queued: %r" % env.queued())
     check(len(env.queued_ids("example.org")) <= 2,
           "more than one message past the quota: %r" % env.queued())
+    # the check reads a per-domain counter kept by commits and removals;
+    # it must agree with the files, also after odmrctl removes mail
+    check_usage_counter(env, "example.org")
+    for qid in env.queued_ids("example.org")[:1]:
+        env.odmrctl_ok("queue", "delete", qid)
+    check_usage_counter(env, "example.org")
+    # a counter skewed (by a crash) is recounted by the maintenance pass
+    with open(os.path.join(env.queue_dir("example.org"), ".usage"), "w") as f:
+        f.write("999999 99\n")
+    os.kill(env.daemon.pid, signal.SIGUSR1)
+    wait_for(lambda: usage_counter_ok(env, "example.org"), timeout=10,
+             what="the maintenance pass to recount .usage")
+
+
+def usage_counter_ok(env, domain):
+    try:
+        check_usage_counter(env, domain)
+        return True
+    except TestFailure:
+        return False
+
+
+def check_usage_counter(env, domain):
+    ids = env.queued_ids(domain)
+    d = env.queue_dir(domain)
+    size = sum(os.path.getsize(os.path.join(d, i + ".m")) for i in ids)
+    with open(os.path.join(d, ".usage")) as f:
+        got = f.read()
+    check(got == "%d %d\n" % (size, len(ids)),
+          "usage counter %r, the queue holds %d bytes in %d messages"
+          % (got, size, len(ids)))
 
 
 def smuggle(env, payload, what):
