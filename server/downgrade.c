@@ -27,6 +27,8 @@ struct part_info {
     enum part_kind kind;
     enum cte cte;
     bool cte_8bit;            /* labelled 8bit or binary */
+    bool text;                /* line-oriented: text/ or message/ */
+    bool labelled_text;       /* a Content-Type field says text/ */
     bool digest;              /* multipart/digest: parts default to message */
     char boundary[BOUNDARY_MAX + 1];
 };
@@ -63,6 +65,10 @@ struct walker {
 
     unsigned col;                /* quoted-printable output column */
     int pending_ws;              /* blank held back: is it at line end? */
+    bool binary;                 /* not text: line ends are data too */
+    bool pending_eol;            /* binary: a CRLF held back: is it the
+                                    one before a boundary? */
+    bool at_eof;                 /* the last, unterminated piece */
 
     char out[OUT_BUF];
     size_t olen;
@@ -109,13 +115,6 @@ static void qp_room(struct walker *w, unsigned need)
     }
 }
 
-static void qp_literal(struct walker *w, unsigned char c)
-{
-    qp_room(w, 1);
-    emit(w, (const char *)&c, 1);
-    w->col++;
-}
-
 static void qp_encoded(struct walker *w, unsigned char c)
 {
     static const char hex[] = "0123456789ABCDEF";
@@ -125,11 +124,46 @@ static void qp_encoded(struct walker *w, unsigned char c)
     w->col += 3;
 }
 
+static void qp_literal(struct walker *w, unsigned char c)
+{
+    qp_room(w, 1);
+    /* A "-" starting an output line could, after a soft break, make
+     * "--boundary" from text that was in the middle of a line. */
+    if (w->col == 0 && c == '-') {
+        qp_encoded(w, c);
+        return;
+    }
+    emit(w, (const char *)&c, 1);
+    w->col++;
+}
+
+/* Ends the current output line for good (a hard line break). */
+static void qp_hard_break(struct walker *w)
+{
+    if (w->pending_ws)
+        qp_encoded(w, (unsigned char)w->pending_ws);
+    w->pending_ws = 0;
+    emit_str(w, "\r\n");
+    w->col = 0;
+}
+
 /* A blank at the end of a line must be encoded (RFC 2045 6.7 rule 3),
- * so each one waits until the next octet shows where it stands. */
+ * so each one waits until the next octet shows where it stands.  Text
+ * keeps its line breaks as hard ones (rule 4); in other types a CRLF is
+ * data and is encoded, except the one before a boundary, which belongs to
+ * the delimiter: it waits too (pending_eol). */
 static void qp_segment(struct walker *w, const unsigned char *p, size_t len,
                        bool eol)
 {
+    if (w->pending_eol && (len || eol)) {
+        w->pending_eol = false;
+        if (w->pending_ws) {
+            qp_literal(w, (unsigned char)w->pending_ws);
+            w->pending_ws = 0;
+        }
+        qp_encoded(w, '\r');
+        qp_encoded(w, '\n');
+    }
     for (size_t i = 0; i < len; i++) {
         if (w->pending_ws) {
             qp_literal(w, (unsigned char)w->pending_ws);
@@ -143,12 +177,21 @@ static void qp_segment(struct walker *w, const unsigned char *p, size_t len,
         else
             qp_encoded(w, c);
     }
-    if (eol) {
-        if (w->pending_ws)
-            qp_encoded(w, (unsigned char)w->pending_ws);
+    if (eol && w->binary)
+        w->pending_eol = true;
+    else if (eol)
+        qp_hard_break(w);
+}
+
+/* The body being encoded ends (a boundary or the end of the message). */
+static void qp_end(struct walker *w)
+{
+    if (w->pending_eol) {
+        w->pending_eol = false;
+        qp_hard_break(w);
+    } else if (w->pending_ws) {
+        qp_encoded(w, (unsigned char)w->pending_ws);
         w->pending_ws = 0;
-        emit_str(w, "\r\n");
-        w->col = 0;
     }
 }
 
@@ -176,10 +219,17 @@ static size_t field_len(const char *p, const char *end)
     }
 }
 
-static bool field_is(const char *f, size_t flen, const char *name)
+/* Where the value of field f starts when it is called name (blanks before
+ * the colon are obsolete syntax, RFC 5322 4.5.3, but still seen); 0 when
+ * it is another field. */
+static size_t field_is(const char *f, size_t flen, const char *name)
 {
     size_t n = strlen(name);
-    return flen > n && f[n] == ':' && !strncasecmp(f, name, n);
+    if (flen <= n || strncasecmp(f, name, n))
+        return 0;
+    while (n < flen && (f[n] == ' ' || f[n] == '\t'))
+        n++;
+    return n < flen && f[n] == ':' ? n + 1 : 0;
 }
 
 /* The unfolded, trimmed value of the first field called name; false when
@@ -190,9 +240,10 @@ static bool field_value(const char *hdr, size_t hlen, const char *name,
     const char *p = hdr, *end = hdr + hlen;
     while (p < end) {
         size_t flen = field_len(p, end);
-        if (field_is(p, flen, name)) {
+        size_t start = field_is(p, flen, name);
+        if (start) {
             size_t k = 0;
-            for (size_t i = strlen(name) + 1; i < flen && k + 1 < n; i++)
+            for (size_t i = start; i < flen && k + 1 < n; i++)
                 if (p[i] != '\r' && p[i] != '\n')
                     out[k++] = p[i];
             while (k && (out[k - 1] == ' ' || out[k - 1] == '\t'))
@@ -277,8 +328,10 @@ static void classify_part(const char *hdr, size_t hlen, bool in_digest,
         const char *p = v;
         take_token(&p, type, sizeof type);
     }
+    pi->labelled_text = !strncmp(type, "text/", 5);
     if (!type[0] || !strchr(type, '/'))   /* RFC 2045 5.2 defaults */
         snprintf(type, sizeof type, "%s", in_digest ? "message/rfc822" : "text/plain");
+    pi->text = !strncmp(type, "text/", 5) || !strncmp(type, "message/", 8);
     if (!strncmp(type, "multipart/", 10)) {
         boundary_param(v, pi->boundary, sizeof pi->boundary);
         pi->kind = pi->boundary[0] ? P_MULTI : P_OPAQUE;
@@ -319,6 +372,8 @@ static void emit_headers(struct walker *w, const char *const *drop,
 static const char *const DROP_CTE[] = {"Content-Transfer-Encoding", NULL};
 static const char *const DROP_MIME[] = {"Content-Transfer-Encoding",
                                         "Content-Type", "MIME-Version", NULL};
+static const char *const DROP_MIME_ONLY[] = {"Content-Transfer-Encoding",
+                                             "MIME-Version", NULL};
 
 static bool push_leaf(struct walker *w)
 {
@@ -348,8 +403,13 @@ static void end_leaf_headers(struct walker *w, const struct part_info *pi,
     w->convertible = w->leaf && pi->cte == CTE_IDENTITY;
     w->qp = w->writing && w->convertible && w->leaf_index < w->plan->nleaves &&
             w->plan->leaf_8bit[w->leaf_index];
+    w->binary = !nonmime && !pi->text;
+    w->pending_eol = false;
     if (!w->qp)
         emit(w, w->hdr, w->hlen);
+    else if (nonmime && pi->labelled_text)   /* keep its charset */
+        emit_headers(w, DROP_MIME_ONLY, "MIME-Version: 1.0\r\n"
+                     "Content-Transfer-Encoding: quoted-printable\r\n");
     else if (nonmime)
         emit_headers(w, DROP_MIME, "MIME-Version: 1.0\r\n"
                      "Content-Type: text/plain; charset=unknown-8bit\r\n"
@@ -438,6 +498,8 @@ static void at_boundary(struct walker *w, const char *p, size_t len,
 {
     if (w->in_headers && !w->hdr_full)
         emit(w, w->hdr, w->hlen);   /* a part cut short: as it came */
+    if (w->qp)
+        qp_end(w);
     w->hlen = 0;
     w->hdr_full = false;
     emit(w, p, len);
@@ -446,6 +508,7 @@ static void at_boundary(struct walker *w, const char *p, size_t len,
     w->qp = w->leaf = w->convertible = false;
     w->col = 0;
     w->pending_ws = 0;
+    w->pending_eol = false;
 }
 
 static void header_segment(struct walker *w, const char *p, size_t len)
@@ -488,7 +551,8 @@ static void walk_segment(struct walker *w, const char *p, size_t len, bool eol)
     int level;
     bool close;
     w->line_start = eol;
-    if (starts && eol && w->depth > 0 && is_boundary(w, p, len, &level, &close)) {
+    if (starts && (eol || w->at_eof) && w->depth > 0 &&
+        is_boundary(w, p, len, &level, &close)) {
         at_boundary(w, p, len, level, close);
         return;
     }
@@ -508,8 +572,8 @@ static void walk_end(struct walker *w)
 {
     if (w->in_headers && !w->hdr_full)
         emit(w, w->hdr, w->hlen);
-    if (w->qp && w->pending_ws)
-        qp_encoded(w, (unsigned char)w->pending_ws);
+    if (w->qp)
+        qp_end(w);
     flush_out(w);
 }
 
@@ -546,8 +610,10 @@ static bool walk(int fd, struct walker *w)
             w->plan->size += (uint64_t)got;
     }
     bool ok = got == 0 && !w->failed;
-    if (ok && slen)
+    if (ok && slen) {
+        w->at_eof = true;   /* a last line without CRLF may still be a delimiter */
         walk_segment(w, seg, slen, false);
+    }
     if (ok)
         walk_end(w);
     free(w->hdr);

@@ -48,6 +48,8 @@ struct odmr {
 struct domain_set {
     char *names[MAX_ATRN_DOMAINS];
     int locks[MAX_ATRN_DOMAINS];
+    bool optional[MAX_ATRN_DOMAINS];   /* bare ATRN, no mail yet: skipped
+                                          when another session holds it */
     size_t n;
 };
 
@@ -286,6 +288,7 @@ static bool add_domain(struct domain_set *set, const char *domain)
         return false;
     set->names[set->n] = strdup(key);
     set->locks[set->n] = -1;
+    set->optional[set->n] = false;
     if (!set->names[set->n])
         return false;
     set->n++;
@@ -297,6 +300,8 @@ struct own_ctx {
     struct queue *q;
     struct domain_set *set;
     size_t left_over;          /* domains with mail beyond the set's size */
+    char *empty[MAX_ATRN_DOMAINS];   /* owned domains without mail */
+    size_t nempty;
 };
 
 static int count_one(void *ctx, const char *id)
@@ -306,9 +311,10 @@ static int count_one(void *ctx, const char *id)
     return 1;   /* one is enough to know there is mail */
 }
 
-/* A bare ATRN takes the account's domains that have mail.  Only those:
- * an account may own more domains than one session serves, and drained
- * domains drop out, so every ATRN makes progress. */
+/* A bare ATRN takes the account's domains that have mail first: an
+ * account may own more domains than one session serves, and drained
+ * domains drop out, so every ATRN makes progress.  Free places go to the
+ * domains without mail, for mail that arrives during the session. */
 static void collect_owned(void *ctx, const char *domain, const char *name)
 {
     struct own_ctx *o = ctx;
@@ -316,10 +322,24 @@ static void collect_owned(void *ctx, const char *domain, const char *name)
     if (strcmp(name, o->user))
         return;
     addr_domain_key(domain, key, sizeof key);
-    if (queue_ids(o->q, key, count_one, NULL) == 0)
+    if (queue_ids(o->q, key, count_one, NULL) == 0) {
+        if (o->nempty < MAX_ATRN_DOMAINS && (o->empty[o->nempty] = strdup(key)))
+            o->nempty++;
         return;
+    }
     if (!add_domain(o->set, domain))
         o->left_over++;
+}
+
+static void add_empty_domains(struct own_ctx *o)
+{
+    for (size_t i = 0; i < o->nempty; i++) {
+        size_t before = o->set->n;
+        if (add_domain(o->set, o->empty[i]) && o->set->n > before)
+            o->set->optional[before] = true;
+        free(o->empty[i]);
+    }
+    o->nempty = 0;
 }
 
 /* Parses "d1,d2,..."; false on a syntax error. */
@@ -364,12 +384,26 @@ static bool check_ownership(struct odmr *s, struct domain_set *set)
     return true;
 }
 
+/* Leaves set[i] out (its lock is not held). */
+static void drop_domain(struct domain_set *set, size_t i)
+{
+    free(set->names[i]);
+    set->n--;
+    set->names[i] = set->names[set->n];
+    set->locks[i] = set->locks[set->n];
+    set->optional[i] = set->optional[set->n];
+}
+
 static bool lock_all(struct odmr *s, struct domain_set *set)
 {
     for (size_t i = 0; i < set->n; i++) {
         set->locks[i] = queue_lock_domain(&s->q, set->names[i]);
         if (set->locks[i] >= 0)
             continue;
+        if (set->locks[i] == -2 && set->optional[i]) {
+            drop_domain(set, i--);   /* nothing to wait for there */
+            continue;
+        }
         if (set->locks[i] == -2) {
             log_info("%s: ATRN for %s: being dequeued by another session",
                      s->peer->addr, set->names[i]);
@@ -401,8 +435,9 @@ static bool atrn_domains(struct odmr *s, const char *arg, struct domain_set *set
         }
         return check_ownership(s, set);
     }
-    struct own_ctx o = {s->user, &s->q, set, 0};
+    struct own_ctx o = {.user = s->user, .q = &s->q, .set = set};
     enum acct_result r = accounts_domains(s->conf->accounts_db, collect_owned, &o);
+    add_empty_domains(&o);
     if (r != ACCT_OK) {
         reply(s, "451 4.3.0 Temporary lookup failure");
         return false;

@@ -1237,6 +1237,22 @@ def test_mail_arriving_during_session(env):
           % c.transactions)
     check(c.transactions[1].data == late["data"], "late message differs")
     check(env.queued() == [], "queue: %r" % env.queued())
+    # a bare ATRN covers the account's domains without mail too: mail that
+    # arrives for one of them during the session is delivered in it
+    enqueue(env, ["first@example.org"], message("first2"))
+    late.clear()
+
+    def hold_other(tx):
+        if tx.rcpts == ["first@example.org"]:
+            late["id"] = smtp_in(env, ["late@example.net"], message("late2"))
+        return "250 2.0.0 Ok"
+
+    c = reverse(env, data_reply=hold_other).run()
+    check([t.rcpts for t in c.transactions] ==
+          [["first@example.org"], ["late@example.net"]],
+          "bare ATRN: mail for an empty domain queued during the session: %r"
+          % c.transactions)
+    check(env.queued() == [], "queue: %r" % env.queued())
 
 
 def test_dot_stuffing_on_the_wire(env):

@@ -148,8 +148,9 @@ static void test_non_mime_message(void)
     CHECK(plan.has_8bit && plan.convert);
     CHECK(plan.residual_8bit);                       /* the Subject */
     CHECK(strstr(out.p, "MIME-Version: 1.0\r\n") != NULL);
-    CHECK(strstr(out.p, "Content-Type: text/plain; charset=unknown-8bit\r\n") != NULL);
-    CHECK(strstr(out.p, "Content-Type: text/html") == NULL);
+    /* a text Content-Type (and its charset) is kept */
+    CHECK(strstr(out.p, "Content-Type: text/html\r\n") != NULL);
+    CHECK(strstr(out.p, "unknown-8bit") == NULL);
     CHECK(strstr(out.p, "Content-Transfer-Encoding: quoted-printable\r\n") != NULL);
     CHECK(strstr(out.p, "Subject: caf\xc3\xa9?\r\n") != NULL);
     CHECK_STR(body_of(out.p), "Gr=C3=BC=C3=9Fe =3D 1=20\r\n.leading dot\r\n");
@@ -158,6 +159,77 @@ static void test_non_mime_message(void)
     downgrade_free(&plan);
     free(out.p);
     free(dec.p);
+}
+
+static void test_non_mime_without_type(void)
+{
+    static const char m[] = "From: a@b.example\r\n\r\nK\xc3\xb6ln\r\n";
+    struct dg_plan plan;
+    struct buf out;
+    convert(m, strlen(m), &plan, &out);
+    CHECK(plan.convert && !plan.residual_8bit);
+    CHECK_STR(out.p, "From: a@b.example\r\nMIME-Version: 1.0\r\n"
+                     "Content-Type: text/plain; charset=unknown-8bit\r\n"
+                     "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+                     "K=C3=B6ln\r\n");
+    downgrade_free(&plan);
+    free(out.p);
+}
+
+/* A soft break must not leave "--boundary" at the start of a line: text
+ * that was in the middle of a line would become a delimiter. */
+static void test_soft_break_before_dashes(void)
+{
+    char m[512];
+    size_t len = (size_t)snprintf(m, sizeof m,
+        "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+        "--b\r\nContent-Type: text/plain; charset=latin1\r\n\r\n"
+        "\xe9%s--b\r\n--b--\r\n", "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx");
+    struct dg_plan plan;
+    struct buf out;
+    convert(m, len, &plan, &out);
+    CHECK(plan.convert);
+    CHECK(strstr(out.p, "\r\n--b\r\n--b--") == NULL);
+    CHECK(strstr(out.p, "=\r\n=2D-b\r\n--b--\r\n") != NULL);
+    downgrade_free(&plan);
+    free(out.p);
+}
+
+/* In a non-text part a CRLF is data: encoded, except the one before the
+ * boundary, which belongs to the delimiter. */
+static void test_binary_part(void)
+{
+    static const char m[] =
+        "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+        "--b\r\nContent-Type: application/octet-stream\r\n"
+        "Content-Transfer-Encoding : binary\r\n\r\n"   /* obsolete blank */
+        "\xff\xd8 \r\n\x00\x01\r\n"
+        "--b--\r\n";
+    struct dg_plan plan;
+    struct buf out;
+    convert(m, sizeof m - 1, &plan, &out);   /* it holds a NUL */
+    CHECK(plan.convert && !plan.residual_8bit);
+    CHECK(all_7bit(&out));
+    CHECK(strstr(out.p, "binary") == NULL);   /* the old label is gone */
+    CHECK(strstr(out.p, "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+                        "=FF=D8 =0D=0A=00=01\r\n--b--\r\n") != NULL);
+    downgrade_free(&plan);
+    free(out.p);
+}
+
+/* The delimiter that closes the message needs no CRLF after it. */
+static void test_close_delimiter_at_end(void)
+{
+    static const char m[] =
+        "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+        "--b\r\n\r\n\xe9 \r\n--b-- ";
+    struct dg_plan plan;
+    struct buf out;
+    convert(m, strlen(m), &plan, &out);
+    CHECK(plan.convert);
+    CHECK(out.len > 6 && !memcmp(out.p + out.len - 6, "--b-- ", 6));
+    downgrade_free(&plan);
+    free(out.p);
 }
 
 static const char MULTI[] =
@@ -339,6 +411,10 @@ int main(void)
 {
     test_seven_bit_untouched();
     test_non_mime_message();
+    test_non_mime_without_type();
+    test_soft_break_before_dashes();
+    test_binary_part();
+    test_close_delimiter_at_end();
     test_multipart();
     test_encoded_part_is_residual();
     test_digest_defaults_to_message();
