@@ -184,7 +184,16 @@ static int expire_id(void *ctx, const char *id)
     envelope_init(&e);
     errno = 0;
     if (!queue_load(x->q, x->domain, id, &e, err, sizeof err)) {
-        if (errno != ENOENT)   /* ENOENT: removed since the listing */
+        /* ENOENT: removed since the listing.  EINVAL: damaged (a parse
+         * error, or it names another message): it would never be
+         * delivered nor expire, so it goes where an administrator can
+         * look at it, as Postfix's "corrupt" queue does. */
+        char where[PATH_MAX];
+        if (errno == EINVAL && queue_quarantine(x->q, x->domain, id, where,
+                                                sizeof where))
+            log_warn("%s: damaged envelope in the queue of %s (%s); message "
+                     "moved to %s", id, x->domain, err, where);
+        else if (errno != ENOENT)
             log_warn("%s: cannot read the envelope in the queue of %s: %s",
                      id, x->domain, err);
     } else if (e.arrival < x->cutoff) {

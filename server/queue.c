@@ -563,6 +563,32 @@ bool queue_remove(struct queue *q, const char *domain, const char *id)
     return true;
 }
 
+bool queue_quarantine(struct queue *q, const char *domain, const char *id,
+                      char *where, size_t n)
+{
+    char env[PATH_MAX], data[PATH_MAX], dir[PATH_MAX], to_e[PATH_MAX], to_m[PATH_MAX];
+    if (!qpath(env, q, domain, id, ".e") || !qpath(data, q, domain, id, ".m") ||
+        !qpath(dir, q, domain, NULL, "") ||
+        !str_fmt(where, n, "%s/corrupt", q->spool) ||
+        !str_fmt(to_e, sizeof to_e, "%s/%s.%s.e", where, domain, id) ||
+        !str_fmt(to_m, sizeof to_m, "%s/%s.%s.m", where, domain, id)) {
+        errno = ENAMETOOLONG;
+        return false;
+    }
+    if (!make_dir(where))
+        return false;
+    struct stat st;
+    uint64_t size = stat(data, &st) == 0 ? (uint64_t)st.st_size : 0;
+    /* Data first: the envelope leaving the queue is what dequeues it. */
+    if (rename(data, to_m) != 0 && errno != ENOENT)
+        return false;
+    if (rename(env, to_e) != 0)
+        return false;
+    fsync_dir(dir);
+    usage_adjust(q, domain, -1, size);
+    return true;
+}
+
 struct find_ctx {
     struct queue *q;
     const char *id;

@@ -92,6 +92,11 @@ bool queue_load(struct queue *q, const char *domain, const char *id,
 int queue_open_data(struct queue *q, const char *domain, const char *id);
 /* Rewrites the envelope atomically (tmp + rename + fsync). */
 bool queue_update(struct queue *q, const struct envelope *e);
+/* Moves a message whose envelope cannot be read into spool/corrupt/
+ * (as <domain>.<id>.e and .m), out of the queue but kept for the
+ * administrator; where receives that directory. */
+bool queue_quarantine(struct queue *q, const char *domain, const char *id,
+                      char *where, size_t n);
 /* Removes a message from a domain (envelope first, then data). */
 bool queue_remove(struct queue *q, const char *domain, const char *id);
 /* Finds which domain(s) hold id; calls fn for each. */

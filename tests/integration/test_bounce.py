@@ -392,3 +392,32 @@ def test_expiry(env):
               "no non-delivery notification line for %s in the log" % qid)
         check("%s: expired" % qid in log, "no expiry line for %s" % qid)
         check(len(sink.transactions) == 1, "DSNs: %r" % sink.transactions)
+
+
+def test_expiry_moves_damaged_envelope(env):
+    """An envelope that cannot be read would never be delivered nor
+    expire: when its message would have expired, the maintenance pass
+    moves it to spool/corrupt/ (kept for the administrator, logged)."""
+    env.setup_accounts()
+    with Sink() as sink:
+        use_relay(env, sink)
+        env.write_conf(queue_lifetime="2s")
+        env.start()
+        qid = send(env, "s@remote.test", ["u1@example.org"])
+        path = os.path.join(env.queue_dir("example.org"), qid + ".e")
+        with open(path, "w") as f:
+            f.write("this is not an envelope\n")
+        time.sleep(3)
+        mark = len(env.log())
+        os.kill(env.daemon.pid, signal.SIGUSR1)
+        corrupt = os.path.join(env.spool, "corrupt")
+        wait_for(lambda: not os.path.exists(path), timeout=10,
+                 what="the damaged envelope to leave the queue")
+        for ext in (".e", ".m"):
+            f = os.path.join(corrupt, "example.org.%s%s" % (qid, ext))
+            check(os.path.exists(f), "%s not in %s: %r" % (
+                f, corrupt, os.listdir(corrupt)))
+        wait_for(lambda: "damaged envelope in the queue of example.org"
+                 in env.log()[mark:], timeout=5, what="the log line")
+        check(env.queued() == [], "queue: %r" % env.queued())
+        check(sink.transactions == [], "a report for a damaged envelope")
