@@ -8,6 +8,7 @@
 #include "session.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,7 +29,6 @@
 #include "queue.h"
 
 #define MAX_AUTH_FAILURES 3      /* SPEC 3.5: then 421 */
-#define MAX_BAD_COMMANDS 20
 #define MAX_ATRN_DOMAINS 100
 
 struct odmr {
@@ -304,13 +304,6 @@ struct own_ctx {
     size_t nempty;
 };
 
-static int count_one(void *ctx, const char *id)
-{
-    (void)ctx;
-    (void)id;
-    return 1;   /* one is enough to know there is mail */
-}
-
 /* A bare ATRN takes the account's domains that have mail first: an
  * account may own more domains than one session serves, and drained
  * domains drop out, so every ATRN makes progress.  Free places go to the
@@ -322,7 +315,7 @@ static void collect_owned(void *ctx, const char *domain, const char *name)
     if (strcmp(name, o->user))
         return;
     addr_domain_key(domain, key, sizeof key);
-    if (queue_ids(o->q, key, count_one, NULL) == 0) {
+    if (!queue_has_mail(o->q, key)) {
         if (o->nempty < MAX_ATRN_DOMAINS && (o->empty[o->nempty] = strdup(key)))
             o->nempty++;
         return;
@@ -420,7 +413,7 @@ static bool lock_all(struct odmr *s, struct domain_set *set)
 static bool any_mail(struct odmr *s, const struct domain_set *set)
 {
     for (size_t i = 0; i < set->n; i++)
-        if (queue_ids(&s->q, set->names[i], count_one, NULL) != 0)
+        if (queue_has_mail(&s->q, set->names[i]))
             return true;
     return false;
 }
@@ -520,46 +513,28 @@ static void dispatch(struct odmr *s, const struct smtp_cmd *cmd)
     }
 }
 
+/* AUTH may carry an initial response of up to 12288 octets (RFC 4954
+ * section 4, within the line buffer); every other command is held to 512. */
+static size_t command_limit(int verb)
+{
+    return verb == SMTP_AUTH ? SIZE_MAX : SMTP_LINE_MAX;
+}
+
 static void session_loop(struct odmr *s)
 {
-    /* AUTH may carry an initial response of up to 12288 octets (RFC 4954
-     * section 4); every other command is held to 512. */
-    static char line[SASL_GLUE_B64_MAX + 64];
+    static char line[SASL_GLUE_B64_MAX + 64];   /* see command_limit */
     while (!s->done) {
         if (session_stop_requested) {
             reply(s, "421 4.3.2 %s Service shutting down", s->conf->hostname);
             return;
         }
-        long n = io_getline(&s->io, line, sizeof line, NULL);
-        if (n == IO_TIMEOUT) {
-            reply(s, "421 4.4.2 %s Error: timeout exceeded", s->conf->hostname);
-            return;
-        }
         struct smtp_cmd cmd;
-        const char *bad = NULL;
-        if (n == IO_TOOLONG) {
-            s->io.status = IO_OK;
-            bad = "500 5.5.6 Line too long";
-        } else if (n < 0) {
+        enum command_read r = session_read_command(
+            &s->io, s->peer->addr, s->conf->hostname, line, sizeof line,
+            command_limit, &s->bad_commands, &cmd);
+        if (r == COMMAND_END)
             return;
-        } else if (strlen(line) != (size_t)n) {
-            bad = "500 5.5.2 NUL character in command line";
-        } else {
-            log_debug("%s < %s", s->peer->addr,
-                      str_casestart(line, "AUTH ") ? "AUTH (redacted)" : line);
-            smtp_cmd_parse(line, &cmd);
-            if (cmd.verb != SMTP_AUTH && (size_t)n + 2 > SMTP_LINE_MAX)
-                bad = "500 5.5.6 Line too long";
-        }
-        if (bad) {   /* counted, or endless long lines would hold the session */
-            reply(s, "%s", bad);
-            s->bad_commands++;
-        }
-        if (s->bad_commands >= MAX_BAD_COMMANDS) {
-            reply(s, "421 4.7.0 %s Too many errors", s->conf->hostname);
-            return;
-        }
-        if (bad)
+        if (r == COMMAND_BAD)
             continue;
         dispatch(s, &cmd);
     }

@@ -30,6 +30,22 @@ void odmr_session_run(const struct odmrd_conf *conf, SSL_CTX *tls,
 void session_reply(struct io *io, const char *peer, const char *fmt, ...)
     PRINTF_LIKE(3, 4);
 
+/* After this many bad commands the client is not talking SMTP: 421. */
+#define SESSION_MAX_BAD_COMMANDS 20
+
+enum command_read { COMMAND_OK, COMMAND_BAD, COMMAND_END };
+struct smtp_cmd;
+/* Reads one command line into line (n bytes) and parses it into cmd.  A
+ * line with a NUL or longer than limit(verb) + CRLF gets its 500 here and
+ * counts in *bad_commands (COMMAND_BAD), so that endless junk cannot hold
+ * a session.  COMMAND_END: the session is over — connection gone, timeout
+ * (421 4.4.2 sent) or too many bad commands (421 4.7.0 sent). */
+enum command_read session_read_command(struct io *io, const char *peer,
+                                       const char *hostname, char *line,
+                                       size_t n, size_t (*limit)(int verb),
+                                       unsigned *bad_commands,
+                                       struct smtp_cmd *cmd);
+
 enum starttls_result { STARTTLS_ON, STARTTLS_REFUSED, STARTTLS_FAILED };
 /* The STARTTLS command (RFC 3207): refuses when unavailable, with an
  * argument or with pipelined plaintext behind it; otherwise runs the

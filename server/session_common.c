@@ -1,9 +1,10 @@
 /* session_common.c - what the inbound SMTP/LMTP session and the ODMR
- * session share: reply lines and the STARTTLS exchange. */
+ * session share: reading commands, reply lines, the STARTTLS exchange. */
 #include "session.h"
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "../common/log.h"
 #include "../common/smtp.h"
@@ -46,4 +47,44 @@ enum starttls_result session_starttls(struct io *io, SSL_CTX *ctx, bool tls_on,
         return STARTTLS_FAILED;
     }
     return STARTTLS_ON;
+}
+
+enum command_read session_read_command(struct io *io, const char *peer,
+                                       const char *hostname, char *line,
+                                       size_t n, size_t (*limit)(int verb),
+                                       unsigned *bad_commands,
+                                       struct smtp_cmd *cmd)
+{
+    long len = io_getline(io, line, n, NULL);
+    const char *bad = NULL;
+    if (len == IO_TIMEOUT) {
+        session_reply(io, peer, "421 4.4.2 %s Error: timeout exceeded", hostname);
+        io_flush(io);
+        io->status = IO_TIMEOUT;   /* for the disconnect line */
+        return COMMAND_END;
+    }
+    if (len == IO_TOOLONG) {
+        io->status = IO_OK;   /* the rest of the line was skipped */
+        bad = "500 5.5.6 Line too long";
+    } else if (len < 0) {
+        return COMMAND_END;
+    } else if (strlen(line) != (size_t)len) {
+        bad = "500 5.5.2 NUL character in command line";
+    } else {
+        log_debug("%s < %s", peer,
+                  str_casestart(line, "AUTH ") ? "AUTH (redacted)" : line);
+        smtp_cmd_parse(line, cmd);
+        if ((size_t)len + 2 > limit(cmd->verb))
+            bad = "500 5.5.6 Line too long";
+    }
+    if (bad) {
+        session_reply(io, peer, "%s", bad);
+        ++*bad_commands;
+    }
+    if (*bad_commands >= SESSION_MAX_BAD_COMMANDS) {
+        session_reply(io, peer, "421 4.7.0 %s Too many errors", hostname);
+        io_flush(io);
+        return COMMAND_END;
+    }
+    return bad ? COMMAND_BAD : COMMAND_OK;
 }

@@ -24,7 +24,6 @@
 
 #define MAX_RECEIVED 50          /* SPEC 3.4: more means a mail loop */
 #define DATA_CHUNK 8192          /* longest piece of a data line we look at */
-#define MAX_BAD_COMMANDS 20      /* then the client is not talking SMTP */
 
 volatile sig_atomic_t session_stop_requested;
 volatile sig_atomic_t session_idle;
@@ -542,6 +541,13 @@ static void log_end(struct smtp *s)
     log_info("disconnect from %s (%s)", s->peer->addr, why);
 }
 
+/* MAIL and RCPT may carry long parameters (RFC 5321 4.5.3.1.4 plus DSN). */
+static size_t command_limit(int verb)
+{
+    return verb == SMTP_MAIL || verb == SMTP_RCPT ? SMTP_MAILRCPT_LINE_MAX
+                                                  : SMTP_LINE_MAX;
+}
+
 static void session_loop(struct smtp *s)
 {
     char line[SMTP_MAILRCPT_LINE_MAX + 1];
@@ -551,40 +557,13 @@ static void session_loop(struct smtp *s)
             io_flush(&s->io);
             return;
         }
-        long n = io_getline(&s->io, line, sizeof line, NULL);
-        if (n == IO_TIMEOUT) {
-            reply(s, "421 4.4.2 %s Error: timeout exceeded", s->conf->hostname);
-            io_flush(&s->io);
-            s->io.status = IO_TIMEOUT;
-            return;
-        }
         struct smtp_cmd cmd;
-        const char *bad = NULL;
-        if (n == IO_TOOLONG) {
-            s->io.status = IO_OK;
-            bad = "500 5.5.6 Line too long";
-        } else if (n < 0) {
+        enum command_read r = session_read_command(
+            &s->io, s->peer->addr, s->conf->hostname, line, sizeof line,
+            command_limit, &s->bad_commands, &cmd);
+        if (r == COMMAND_END)
             return;
-        } else if (strlen(line) != (size_t)n) {
-            bad = "500 5.5.2 NUL character in command line";
-        } else {
-            log_debug("%s < %s", s->peer->addr, line);
-            smtp_cmd_parse(line, &cmd);
-            size_t limit = (cmd.verb == SMTP_MAIL || cmd.verb == SMTP_RCPT)
-                               ? SMTP_MAILRCPT_LINE_MAX : SMTP_LINE_MAX;
-            if ((size_t)n + 2 > limit)
-                bad = "500 5.5.6 Line too long";
-        }
-        if (bad) {   /* counted, or endless long lines would hold the session */
-            reply(s, "%s", bad);
-            s->bad_commands++;
-        }
-        if (s->bad_commands >= MAX_BAD_COMMANDS) {
-            reply(s, "421 4.7.0 %s Too many errors", s->conf->hostname);
-            io_flush(&s->io);
-            return;
-        }
-        if (bad)
+        if (r == COMMAND_BAD)
             continue;
         if (!dispatch(s, &cmd) || s->io.status != IO_OK) {
             io_flush(&s->io);
