@@ -348,6 +348,25 @@ int queue_ids(struct queue *q, const char *domain,
     return r < 0 ? -1 : (int)i;
 }
 
+bool queue_has_mail(struct queue *q, const char *domain)
+{
+    char dir[PATH_MAX];
+    if (!qpath(dir, q, domain, NULL, ""))
+        return false;
+    DIR *d = opendir(dir);
+    if (!d)
+        return errno != ENOENT;
+    bool found = false;
+    struct dirent *de;
+    while (!found && (de = readdir(d)) != NULL) {
+        size_t len = strlen(de->d_name);
+        found = de->d_name[0] != '.' && len > 2 &&
+                !strcmp(de->d_name + len - 2, ".e");
+    }
+    closedir(d);
+    return found;
+}
+
 struct usage_ctx {
     struct queue *q;
     const char *domain;

@@ -76,6 +76,10 @@ int queue_domains(struct queue *q,
  * Returns the number of ids or -1 (errno set). */
 int queue_ids(struct queue *q, const char *domain,
               int (*fn)(void *ctx, const char *id), void *ctx);
+/* Is anything queued for the domain?  Stops at the first envelope, so it
+ * costs little however much is queued.  True on a read error too (the
+ * caller then looks closer and reports it). */
+bool queue_has_mail(struct queue *q, const char *domain);
 /* Bytes (data sizes) and messages queued for the domain, from the
  * domain's usage counter (constant time; may be off after a crash until
  * the next queue_usage_refresh). */
