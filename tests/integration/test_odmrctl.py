@@ -357,7 +357,8 @@ def test_odmrd_config_check(env):
     check(r.returncode == 78 and "hostname: set again (first on line" in out,
           "odmrd -t with hostname twice: exit %d, %r" % (r.returncode, out))
     r = env.odmrd_check()
-    check(r.returncode == 0, "hints for '#': %r" % r.stderr)
+    check(r.returncode == 0, "odmrd -t on the unchanged configuration: %r"
+          % r.stderr)
     # listeners: an address this host does not have, a socket directory
     # that does not exist; a port in use (the running daemon) is fine
     for what, line, want in (
