@@ -599,10 +599,16 @@ bool queue_quarantine(struct queue *q, const char *domain, const char *id,
     struct stat st;
     uint64_t size = stat(data, &st) == 0 ? (uint64_t)st.st_size : 0;
     /* Data first: the envelope leaving the queue is what dequeues it. */
-    if (rename(data, to_m) != 0 && errno != ENOENT)
+    bool moved_data = rename(data, to_m) == 0;
+    if (!moved_data && errno != ENOENT)
         return false;
-    if (rename(env, to_e) != 0)
+    if (rename(env, to_e) != 0) {
+        int err = errno;
+        if (moved_data && rename(to_m, data) != 0)   /* keep the pair together */
+            log_err("%s: data left in %s: %s", id, to_m, strerror(errno));
+        errno = err;
         return false;
+    }
     fsync_dir(dir);
     usage_adjust(q, domain, -1, size);
     return true;
