@@ -34,6 +34,7 @@ LDFLAGS += -pie -Wl,-z,relro,-z,now $(LDSAN)
 LIBS_SSL  := -lssl -lcrypto
 LIBS_SASL := -lsasl2
 LIBS_GDBM := -lgdbm
+LIBS_IDN  := -lidn2
 
 COMMON_SRC := $(wildcard common/*.c)
 SERVER_LIB_SRC := $(wildcard server/conf.c server/envelope.c server/queue.c \
@@ -73,17 +74,17 @@ $(B)/obj/%.o: %.c $(SYSCONF_STAMP) | deps
 	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
 
 $(B)/odmrd: $(call obj,$(ODMRD_SRC)) $(SERVER_LIB_OBJ) $(COMMON_OBJ)
-	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_SASL) $(LIBS_SSL) $(LIBS_GDBM)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_SASL) $(LIBS_SSL) $(LIBS_GDBM) $(LIBS_IDN)
 
 $(B)/odmrctl: $(call obj,server/odmrctl.c) $(SERVER_LIB_OBJ) $(COMMON_OBJ)
-	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_SASL) $(LIBS_SSL) $(LIBS_GDBM)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_SASL) $(LIBS_SSL) $(LIBS_GDBM) $(LIBS_IDN)
 
 $(B)/odmr-fetch: $(call obj,$(CLIENT_SRC)) $(COMMON_OBJ)
-	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_SASL) $(LIBS_SSL)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_SASL) $(LIBS_SSL) $(LIBS_IDN)
 
 $(B)/tests/%: tests/unit/%.c $(SERVER_LIB_OBJ) $(COMMON_OBJ)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_SASL) $(LIBS_SSL) $(LIBS_GDBM)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_SASL) $(LIBS_SSL) $(LIBS_GDBM) $(LIBS_IDN)
 
 check: all test-deps $(UNIT_BIN)
 	@python3 tests/run.py --build $(B)

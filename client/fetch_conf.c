@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "../common/addr.h"
+#include "../common/idna.h"
 #include "../common/config.h"
 #include "../common/sasl.h"
 
@@ -208,12 +209,15 @@ static bool domains_add(struct fetch_conf *c, const char *list, char *err,
     }
     for (char *d = strtok_r(buf, ", ", &save); d;
          d = strtok_r(NULL, ", ", &save)) {
-        char key[ADDR_DOMAIN_MAX + 1], probe[ADDR_DOMAIN_MAX + 3];
-        if (!addr_valid_domain(d, false)) {
-            snprintf(err, n, "not a domain name: \"%.80s\"", d);
+        /* ATRN names domains in ASCII (RFC 2645): a U-label domain is
+         * sent as its A-labels, which every server understands. */
+        char key[IDNA_KEY_MAX + 1], probe[IDNA_KEY_MAX + 3];
+        const char *why = "not a domain name";
+        if (!addr_valid_domain(d, true) ||
+            idna_domain_key(d, key, sizeof key, &why) != IDNA_OK) {
+            snprintf(err, n, "not a domain name: \"%.80s\" (%s)", d, why);
             return false;
         }
-        addr_domain_key(d, key, sizeof key);
         snprintf(probe, sizeof probe, ",%s,", key);
         char have[SMTP_LINE_MAX + 2];
         snprintf(have, sizeof have, ",%s,", c->domains);

@@ -404,8 +404,15 @@ static const char *scan_mailbox(const char *p, bool bare,
     } else {
         while (*q != '\0' && *q != (bare ? ' ' : '>'))
             q++;
-        if (!domain_syntax(p, (size_t)(q - p), &sm->nonascii))
+        /* "user@example.com." names the same domain (the DNS root); as
+         * Postfix does, the dot is accepted and dropped. */
+        size_t n = (size_t)(q - p);
+        if (n > 1 && p[n - 1] == '.' && p[n - 2] != '.')
+            n--;
+        if (!domain_syntax(p, n, &sm->nonascii))
             return NULL;
+        sm->domain_len = n;
+        return q;
     }
     sm->domain_len = (size_t)(q - p);
     return q;

@@ -9,7 +9,7 @@
  * Invalid arguments (a bad account name or domain, a password that cannot
  * be stored) are reported as ACCT_NOTFOUND: nothing by that name can exist
  * in the database.  Callers that want a precise message validate first
- * (account_name_valid, addr_valid_domain).
+ * (account_name_valid, idna_domain_key).
  *
  * Passwords are never logged, and buffers that held one are wiped. */
 #include "accounts.h"
@@ -23,6 +23,7 @@
 #include <time.h>
 
 #include "../common/addr.h"
+#include "../common/idna.h"
 #include "../common/log.h"
 #include "../common/util.h"
 
@@ -76,7 +77,9 @@ static bool password_storable(const char *password)
 
 static bool domain_usable(const char *domain)
 {
-    return domain && addr_valid_domain(domain, true);
+    char key[IDNA_KEY_MAX + 1];
+    return domain && addr_valid_domain(domain, true) &&
+           idna_domain_key(domain, key, sizeof key, NULL) == IDNA_OK;
 }
 
 /* "u:<name>" into key (KEY_MAX + 1 bytes). */
@@ -88,16 +91,30 @@ static bool user_key(char *key, const char *name)
     return true;
 }
 
-/* "d:<domain in lower case>" into key (KEY_MAX + 1 bytes).  Lookups accept
- * any string that fits: a name that was never stored is simply not found. */
+/* "d:<domain key>" into key (KEY_MAX + 1 bytes): the IDNA key, so a
+ * U-label domain and its A-label form are one binding.  A name that is not
+ * a valid domain has no key and is simply not found. */
 static bool domain_key(char *key, const char *domain)
+{
+    char dkey[IDNA_KEY_MAX + 1];
+    if (!domain || idna_domain_key(domain, dkey, sizeof dkey, NULL) != IDNA_OK)
+        return false;
+    snprintf(key, KEY_MAX + 1, DOMAIN_PREFIX "%s", dkey);
+    return true;
+}
+
+/* Databases written before IDNA keys stored a UTF-8 domain as written
+ * (lower-cased ASCII only).  Such a binding is still found by this key
+ * when the IDNA key finds nothing; false when there is no other key to
+ * try (idna, the IDNA key or "", is the same). */
+static bool legacy_domain_key(char *key, const char *domain, const char *idna)
 {
     if (!domain || !*domain || strnlen(domain, ADDR_DOMAIN_MAX + 1) > ADDR_DOMAIN_MAX)
         return false;
     char lower[ADDR_DOMAIN_MAX + 1];
     addr_domain_key(domain, lower, sizeof lower);
     snprintf(key, KEY_MAX + 1, DOMAIN_PREFIX "%s", lower);
-    return true;
+    return strcmp(key, idna) != 0;
 }
 
 static datum make_datum(const char *s, size_t len)
@@ -457,12 +474,14 @@ static char *read_record(const char *db, const char *key, size_t *len,
 enum acct_result accounts_domain_owner(const char *db, const char *domain,
                                        char *account, size_t n)
 {
-    char key[KEY_MAX + 1];
+    char key[KEY_MAX + 1], legacy[KEY_MAX + 1];
     if (!domain_key(key, domain))
         return ACCT_NOTFOUND;
     size_t len;
     enum acct_result r;
     char *owner = read_record(db, key, &len, &r);
+    if (!owner && r == ACCT_NOTFOUND && legacy_domain_key(legacy, domain, key))
+        owner = read_record(db, legacy, &len, &r);
     if (owner && account && n > 0 && !str_copy(account, owner, n)) {
         log_err("accounts database %s: account name of %s too long", db, key);
         r = ACCT_TEMPFAIL;
@@ -640,14 +659,20 @@ enum acct_result accounts_domain_add(const char *db, const char *domain,
 
 enum acct_result accounts_domain_del(const char *db, const char *domain)
 {
-    char key[KEY_MAX + 1];
-    if (!domain_key(key, domain))
+    /* A legacy binding whose name is not valid IDNA has only its old key:
+     * it must still be removable. */
+    char key[KEY_MAX + 1] = "", legacy[KEY_MAX + 1];
+    bool has_key = domain_key(key, domain);
+    bool has_legacy = legacy_domain_key(legacy, domain, key);
+    if (!has_key && !has_legacy)
         return ACCT_NOTFOUND;
     GDBM_FILE dbf;
     enum acct_result r = db_open(db, DB_WRITE, &dbf);
     if (r != ACCT_OK)
         return r;
-    r = delete_record(db, dbf, key);
+    r = has_key ? delete_record(db, dbf, key) : ACCT_NOTFOUND;
+    if (r == ACCT_NOTFOUND && has_legacy)
+        r = delete_record(db, dbf, legacy);
     return db_close_writer(db, dbf, r);
 }
 

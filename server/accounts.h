@@ -2,7 +2,8 @@
  *
  * Keys and values (all NUL-free text):
  *   "u:<name>"   -> "v1\n<password>\n"     account (password as SASL needs it)
- *   "d:<domain>" -> "<name>"              domain binding (domain lower-case)
+ *   "d:<domain>" -> "<name>"              domain binding (the domain's key,
+ *                                          common/idna.h: A-labels, lower case)
  * The file is opened for every lookup and closed at once: GDBM keeps a lock
  * while a handle is open, and re-opening is how a running daemon sees what
  * odmrctl changed, without a restart. */

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "../common/addr.h"
+#include "../common/idna.h"
 #include "../common/io.h"
 #include "../common/log.h"
 #include "../common/sasl.h"
@@ -231,6 +232,10 @@ static void do_auth(struct odmr *s, const char *arg)
         return;
     }
     if (s->conf->require_tls && !s->tls_on) {
+        /* the administrator's only clue why a customer cannot log in */
+        log_info("%s: AUTH refused: require_tls = yes and the session is not "
+                 "encrypted (fetchmail never uses STARTTLS for ODMR)",
+                 s->peer->addr);
         reply(s, "530 5.7.0 Must issue a STARTTLS command first");
         return;
     }
@@ -277,10 +282,13 @@ static void release(struct domain_set *set)
     set->n = 0;
 }
 
+/* Adds a domain by its key (either IDNA spelling is the same domain);
+ * false when it has none or the set is full. */
 static bool add_domain(struct domain_set *set, const char *domain)
 {
-    char key[ADDR_DOMAIN_MAX + 1];
-    addr_domain_key(domain, key, sizeof key);
+    char key[IDNA_KEY_MAX + 1];
+    if (idna_domain_key(domain, key, sizeof key, NULL) != IDNA_OK)
+        return false;
     for (size_t i = 0; i < set->n; i++)
         if (!strcmp(set->names[i], key))
             return true;
@@ -311,10 +319,10 @@ struct own_ctx {
 static void collect_owned(void *ctx, const char *domain, const char *name)
 {
     struct own_ctx *o = ctx;
-    char key[ADDR_DOMAIN_MAX + 1];
-    if (strcmp(name, o->user))
+    char key[IDNA_KEY_MAX + 1];
+    if (strcmp(name, o->user) ||
+        idna_domain_key(domain, key, sizeof key, NULL) != IDNA_OK)
         return;
-    addr_domain_key(domain, key, sizeof key);
     if (!queue_has_mail(o->q, key)) {
         if (o->nempty < MAX_ATRN_DOMAINS && (o->empty[o->nempty] = strdup(key)))
             o->nempty++;
@@ -346,7 +354,7 @@ static bool parse_domains(const char *arg, struct domain_set *set)
     if (len == 0 || buf[0] == ',' || buf[len - 1] == ',' || strstr(buf, ",,"))
         return false;
     for (char *d = strtok_r(buf, ",", &save); d; d = strtok_r(NULL, ",", &save)) {
-        if (!addr_valid_domain(d, false) || !add_domain(set, d))
+        if (!addr_valid_domain(d, true) || !add_domain(set, d))
             return false;
     }
     return set->n > 0;
@@ -401,6 +409,11 @@ static bool lock_all(struct odmr *s, struct domain_set *set)
             log_info("%s: ATRN for %s: being dequeued by another session",
                      s->peer->addr, set->names[i]);
             reply(s, "451 4.4.0 Unable to process ATRN request now");
+        } else if (errno == ELOOP || errno == ENOTDIR) {
+            log_err("ATRN for %s refused: %s/q/%s is not a directory of the "
+                    "queue (a symbolic link?); left alone", set->names[i],
+                    s->q.spool, set->names[i]);
+            reply(s, "451 4.3.0 Unable to process ATRN request now");
         } else {
             log_err("cannot lock queue of %s: %s", set->names[i], strerror(errno));
             reply(s, "451 4.3.0 Unable to process ATRN request now");

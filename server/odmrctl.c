@@ -56,6 +56,7 @@
 #include <unistd.h>
 
 #include "../common/addr.h"
+#include "../common/idna.h"
 #include "../common/log.h"
 #include "../common/util.h"
 #include "accounts.h"
@@ -558,9 +559,22 @@ static int cmd_user(struct ctl *c, int argc, char **argv)
 
 static int check_domain(const char *domain)
 {
-    if (addr_valid_domain(domain, true))
+    char key[IDNA_KEY_MAX + 1];
+    const char *why = "not a domain name";
+    if (addr_valid_domain(domain, true) &&
+        idna_domain_key(domain, key, sizeof key, &why) == IDNA_OK)
         return EX_OK;
-    return fail(EX_DATAERR, "invalid domain name \"%s\"", domain);
+    return fail(EX_DATAERR, "invalid domain name \"%s\" (%s)", domain, why);
+}
+
+/* A queue or binding key as people read it: U-labels for A-labels.  The
+ * listing columns stay "one word", so scripts can split them; every
+ * command takes either spelling back. */
+static const char *readable_domain(const char *key, char *buf, size_t n)
+{
+    char shown[4 * IDNA_KEY_MAX + 1];
+    idna_display(key, shown, sizeof shown);
+    return printable(shown, buf, n);
 }
 
 static int domain_add(struct ctl *c, const char *domain, const char *name)
@@ -602,8 +616,9 @@ static int domain_del(struct ctl *c, const char *domain)
 
 static void print_binding(void *ctx, const char *domain, const char *name)
 {
+    char shown[4 * IDNA_KEY_MAX + 1];
     (void)ctx;
-    printf("%s %s\n", domain, name);
+    printf("%s %s\n", readable_domain(domain, shown, sizeof shown), name);
 }
 
 /* "domain list": "DOMAIN ACCOUNT" lines sorted by domain. */
@@ -665,12 +680,12 @@ static int open_queue_for_reading(struct ctl *c, bool *exists)
     return EX_OK;
 }
 
-/* A domain argument as the queue names it: lower case. */
+/* A domain argument as the queue names it: its key (common/idna.h). */
 static int queue_domain_arg(const char *arg, char *key, size_t n)
 {
     int rc = check_domain(arg);
     if (rc == EX_OK)
-        addr_domain_key(arg, key, n);
+        idna_domain_key(arg, key, n, NULL);
     return rc;
 }
 
@@ -729,7 +744,8 @@ static void print_envelope(const struct envelope *e)
     printf("%-*s %8" PRIu64 " %s %s\n", QID_COLUMN, printable(e->id, buf, sizeof buf),
            e->size, when,
            e->sender[0] ? printable(e->sender, buf2, sizeof buf2) : "<>");
-    printf("%*sdomain: %s\n", LIST_INDENT, "", printable(e->domain, buf, sizeof buf));
+    printf("%*sdomain: %s\n", LIST_INDENT, "",
+           readable_domain(e->domain, buf, sizeof buf));
     for (size_t i = 0; i < e->nrcpt; i++) {
         const struct env_rcpt *r = &e->rcpt[i];
         printf("%*s%s", LIST_INDENT, "", printable(r->addr, buf2, sizeof buf2));
@@ -895,7 +911,9 @@ static int summary_domain(void *ctx, const char *domain)
         format_age(o.arrival, age, sizeof age);
     if (o.rc != EX_OK)
         s->rc = o.rc;
-    printf("%-32s %8lu %12" PRIu64 " %s\n", domain, count, bytes, age);
+    char shown[4 * IDNA_KEY_MAX + 1];
+    printf("%-32s %8lu %12" PRIu64 " %s\n",
+           readable_domain(domain, shown, sizeof shown), count, bytes, age);
     return 0;
 }
 
@@ -1078,10 +1096,10 @@ static int delete_domain(struct ctl *c, const char *domain_arg)
 static void print_bounce_result(const struct envelope *e, const char *domains,
                                 enum bounce_result res)
 {
-    char sender[ADDR_MAX + 1], key[ADDR_DOMAIN_MAX + 1] = "";
+    char sender[ADDR_MAX + 1], key[IDNA_KEY_MAX + 1] = "";
     const char *sd = addr_domain_of(e->sender);
     printable(e->sender, sender, sizeof sender);
-    if (sd)
+    if (sd && idna_domain_key(sd, key, sizeof key, NULL) != IDNA_OK)
         addr_domain_key(sd, key, sizeof key);
     switch (res) {
     case BOUNCE_SENT:
@@ -1342,7 +1360,10 @@ static int add_recipient(struct ctl *c, struct submission *s, const char *arg)
                     r == ADDR_TOOLONG ? " (too long)" : "");
     if (mb.literal)
         return fail(EX_NOUSER, "%s: address literals are not hosted here", arg);
-    addr_domain_key(mb.domain, key, sizeof key);
+    const char *why = NULL;
+    if (idna_domain_key(mb.domain, key, sizeof key, &why) != IDNA_OK)
+        return fail(EX_DATAERR, "invalid recipient address \"%s\": invalid "
+                    "domain (%s)", arg, why);
     struct envelope *e = envelope_for(s, key);
     if (!e)
         return fail(EX_TEMPFAIL, "out of memory");
@@ -1466,6 +1487,11 @@ static int copy_stdin(struct reader *r)
                         strerror(errno));
         if (got == 0)
             break;
+        /* RFC 5321 and RFC 2045 2.8 allow no NUL in mail data, and a later
+         * hop that strips it could end the data early (smuggling). */
+        if (memchr(chunk, '\0', (size_t)got))
+            return fail(EX_DATAERR, "the message contains a NUL character "
+                        "(not accepted)");
         convert_chunk(r, chunk, (size_t)got);
         int rc = flush_output(r);
         if (rc != EX_OK)

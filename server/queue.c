@@ -17,7 +17,9 @@
 #include "../common/util.h"
 
 /* Queue ids and domain keys become file names: refuse anything that could
- * climb out of the spool or hide as a dot file. */
+ * climb out of the spool or hide as a dot file.  Domain keys come from
+ * idna_domain_key(), which never makes such a name; this is the last line
+ * of defence, not the rule. */
 static bool safe_name(const char *s)
 {
     if (!*s || *s == '.' || strlen(s) > ADDR_DOMAIN_MAX)
@@ -41,6 +43,35 @@ static bool qpath(char *buf, const struct queue *q, const char *domain,
 static bool make_dir(const char *path)
 {
     return mkdir(path, 0700) == 0 || errno == EEXIST;
+}
+
+/* Queue directories are opened without following a symbolic link: the
+ * spool delivers only what odmrd wrote, never a file elsewhere that a link
+ * in the spool points at. */
+static DIR *open_dir_nofollow(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return NULL;
+    DIR *d = fdopendir(fd);
+    if (!d) {
+        int err = errno;
+        close(fd);
+        errno = err;
+    }
+    return d;
+}
+
+/* 0 when path is a real directory, ELOOP for a symbolic link (O_NOFOLLOW's
+ * errno), another errno otherwise. */
+static int real_dir(const char *path)
+{
+    struct stat st;
+    if (lstat(path, &st) != 0)
+        return errno;
+    if (S_ISLNK(st.st_mode))
+        return ELOOP;
+    return S_ISDIR(st.st_mode) ? 0 : ENOTDIR;
 }
 
 bool queue_open(struct queue *q, const char *spool_dir, char *err, size_t n)
@@ -92,6 +123,7 @@ static bool in_begin(struct queue *q, struct queue_in *in, const char *home)
     in->error = 0;
     in->blen = 0;
     in->home[0] = '\0';
+    in->tmp_path[0] = '\0';
     queue_new_id(in->id, sizeof in->id);
     bool named = home ? qpath(in->tmp_path, q, home, in->id, ".m")
                       : str_fmt(in->tmp_path, sizeof in->tmp_path, "%s/tmp/%s.m",
@@ -108,7 +140,8 @@ static bool in_begin(struct queue *q, struct queue_in *in, const char *home)
         }
         str_copy(in->home, home, sizeof in->home);
     }
-    in->fd = open(in->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    in->fd = open(in->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW,
+                  0600);
     return in->fd >= 0;
 }
 
@@ -159,7 +192,7 @@ void queue_in_abort(struct queue_in *in)
 static int write_envelope_file(const char *tmp, const char *final,
                                const struct envelope *e)
 {
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (fd < 0)
         return errno;
     FILE *f = fdopen(fd, "w");
@@ -196,7 +229,7 @@ static int ensure_domain_dir(struct queue *q, const char *domain)
             return errno;
         return 0;
     }
-    return errno == EEXIST ? 0 : errno;
+    return errno == EEXIST ? real_dir(dir) : errno;
 }
 
 /* Links the data and commits the envelope of one domain. */
@@ -213,7 +246,7 @@ static int commit_domain(struct queue *q, struct queue_in *in,
     if (!qpath(data, q, e->domain, in->id, ".m") ||
         !qpath(env, q, e->domain, in->id, ".e") ||
         !qpath(dir, q, e->domain, NULL, "") ||
-        !str_fmt(tmp, sizeof tmp, "%s/tmp/%s.%s.e", q->spool, in->id, e->domain))
+        !str_fmt(tmp, sizeof tmp, "%s/tmp/%s.e", q->spool, in->id))
         return ENAMETOOLONG;
     bool home = !strcmp(e->domain, in->home);   /* data already in place */
     if (!home && link(in->tmp_path, data) != 0)
@@ -275,7 +308,7 @@ static int cmp_str(const void *a, const void *b)
  * non-dot entries when suffix is NULL. Caller frees. */
 static char **list_dir(const char *dir, const char *suffix, size_t *count)
 {
-    DIR *d = opendir(dir);
+    DIR *d = open_dir_nofollow(dir);
     *count = 0;
     if (!d)
         return NULL;
@@ -353,7 +386,7 @@ bool queue_has_mail(struct queue *q, const char *domain)
     char dir[PATH_MAX];
     if (!qpath(dir, q, domain, NULL, ""))
         return false;
-    DIR *d = opendir(dir);
+    DIR *d = open_dir_nofollow(dir);
     if (!d)
         return errno != ENOENT;
     bool found = false;
@@ -513,9 +546,15 @@ bool queue_load(struct queue *q, const char *domain, const char *id,
         snprintf(err, n, "bad queue id or domain");
         return false;
     }
-    FILE *f = fopen(path, "re");
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    FILE *f = fd >= 0 ? fdopen(fd, "r") : NULL;
     if (!f) {
-        snprintf(err, n, "%s: %s", path, strerror(errno));
+        int oerr = errno;
+        if (fd >= 0)
+            close(fd);
+        snprintf(err, n, "%s: %s", path, oerr == ELOOP ? "a symbolic link, "
+                 "not a queue file (left alone)" : strerror(oerr));
+        errno = oerr;
         return false;
     }
     bool ok = envelope_read(f, e, err, n);
@@ -544,7 +583,7 @@ int queue_open_data(struct queue *q, const char *domain, const char *id)
         errno = EINVAL;
         return -1;
     }
-    return open(path, O_RDONLY | O_CLOEXEC);
+    return open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 }
 
 bool queue_update(struct queue *q, const struct envelope *e)
@@ -552,8 +591,8 @@ bool queue_update(struct queue *q, const struct envelope *e)
     char env[PATH_MAX], tmp[PATH_MAX], dir[PATH_MAX];
     if (!qpath(env, q, e->domain, e->id, ".e") ||
         !qpath(dir, q, e->domain, NULL, "") ||
-        !str_fmt(tmp, sizeof tmp, "%s/tmp/%s.%s.%ld.u", q->spool, e->id,
-                 e->domain, (long)getpid()))
+        !str_fmt(tmp, sizeof tmp, "%s/tmp/%s.%ld.u", q->spool, e->id,
+                 (long)getpid()))
         return false;
     int err = write_envelope_file(tmp, env, e);
     if (!err && !fsync_dir(dir))
@@ -586,15 +625,17 @@ bool queue_quarantine(struct queue *q, const char *domain, const char *id,
                       char *where, size_t n)
 {
     char env[PATH_MAX], data[PATH_MAX], dir[PATH_MAX], to_e[PATH_MAX], to_m[PATH_MAX];
+    char top[PATH_MAX];
     if (!qpath(env, q, domain, id, ".e") || !qpath(data, q, domain, id, ".m") ||
         !qpath(dir, q, domain, NULL, "") ||
-        !str_fmt(where, n, "%s/corrupt", q->spool) ||
-        !str_fmt(to_e, sizeof to_e, "%s/%s.%s.e", where, domain, id) ||
-        !str_fmt(to_m, sizeof to_m, "%s/%s.%s.m", where, domain, id)) {
+        !str_fmt(top, sizeof top, "%s/corrupt", q->spool) ||
+        !str_fmt(where, n, "%s/%s", top, domain) ||
+        !str_fmt(to_e, sizeof to_e, "%s/%s.e", where, id) ||
+        !str_fmt(to_m, sizeof to_m, "%s/%s.m", where, id)) {
         errno = ENAMETOOLONG;
         return false;
     }
-    if (!make_dir(where))
+    if (!make_dir(top) || !make_dir(where))
         return false;
     struct stat st;
     uint64_t size = stat(data, &st) == 0 ? (uint64_t)st.st_size : 0;
@@ -647,13 +688,18 @@ int queue_find(struct queue *q, const char *id,
 int queue_lock_domain(struct queue *q, const char *domain)
 {
     char path[PATH_MAX];
-    if (ensure_domain_dir(q, domain) != 0 || !qpath(path, q, domain, NULL, "/.lock"))
+    int err = ensure_domain_dir(q, domain);
+    if (err) {
+        errno = err;
         return -1;
-    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    }
+    if (!qpath(path, q, domain, NULL, "/.lock"))
+        return -1;
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (fd < 0)
         return -1;
     if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-        int err = errno;
+        err = errno;
         close(fd);
         errno = err;
         return err == EWOULDBLOCK ? -2 : -1;

@@ -1,7 +1,9 @@
 /* queue.h - the durable per-domain filesystem queue.
  *
  * Layout under spool_dir:
- *   tmp/                    files being written; never part of the queue
+ *   tmp/                    files being written, named by queue id only
+ *                           (<id>.m, <id>.e, <id>.<pid>.u); never part of
+ *                           the queue
  *   q/<domain>/<id>.m       message data (RFC 5322 text, CRLF lines, no
  *                           dot-stuffing); one inode hard-linked into every
  *                           domain the message is for
@@ -9,6 +11,16 @@
  *                           makes the message queued
  *   q/<domain>/.lock        flock()ed by the session dequeuing the domain;
  *                           the kernel drops the lock when that process dies
+ *   q/<domain>/.usage       the domain's usage counter (queue_usage)
+ *   corrupt/<domain>/<id>.e/.m  messages whose envelope could not be read
+ *
+ * <domain> is the domain's key (common/idna.h): lower-case ASCII with
+ * A-labels, at most 255 octets, so every domain that can be hosted fits in
+ * one file name, and both spellings of an IDN domain are one queue.
+ *
+ * The queue never follows a symbolic link: domain directories, data and
+ * envelope files are opened with O_NOFOLLOW (or checked with lstat), so a
+ * link planted in the spool is refused and logged, never delivered.
  *
  * Commit order: data written and fsynced in tmp/, linked into each domain,
  * each envelope written to tmp/, fsynced, renamed to q/<domain>/<id>.e, the

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "../common/addr.h"
+#include "../common/idna.h"
 #include "../common/io.h"
 #include "../common/log.h"
 #include "../common/smtp.h"
@@ -175,8 +176,15 @@ static bool over_quota(struct smtp *s, const char *domain, uint64_t extra)
  * first use; NULL after replying when the recipient cannot be accepted. */
 static struct envelope *domain_envelope(struct smtp *s, const struct mailbox *to)
 {
-    char key[ADDR_DOMAIN_MAX + 1], owner[ACCOUNT_NAME_MAX + 1];
-    addr_domain_key(to->domain, key, sizeof key);
+    char key[IDNA_KEY_MAX + 1] = "", owner[ACCOUNT_NAME_MAX + 1];
+    const char *why = NULL;
+    if (!to->literal && idna_domain_key(to->domain, key, sizeof key, &why) != IDNA_OK) {
+        log_info("reject: RCPT from %s: 501 5.1.3 <%s@%s>: invalid domain (%s)",
+                 s->peer->addr, to->local, to->domain, why);
+        reply(s, "501 5.1.3 <%s@%s>: Invalid domain name (IDNA: %s)", to->local,
+              to->domain, why);
+        return NULL;
+    }
     struct envelope *e = find_env(s, key);
     if (e)
         return e;
@@ -270,6 +278,7 @@ struct data_state {
     bool prev_cr;         /* last byte written was CR (line split at CR) */
     bool in_headers;
     bool bad_eol;         /* bare CR or LF seen */
+    bool nul;             /* a NUL octet seen */
     bool too_big;
     unsigned received;
     uint64_t size;
@@ -308,6 +317,11 @@ static bool data_piece(struct smtp *s, struct queue_in *in, struct data_state *d
     bool crlf_end = complete && ((len >= 2 && p[len - 2] == '\r') ||
                                  (len == 1 && d->prev_cr));
     check_line_ends(d, p, len);
+    /* RFC 2045 2.8 allows no NUL in 8bit data and BINARYMIME is not
+     * offered; a later hop that strips NULs would see "\r\n\0.\r\n" as
+     * the end of data, so the message is refused, not passed on. */
+    if (memchr(p, '\0', len))
+        d->nul = true;
     if (d->line_start && d->in_headers) {
         if ((len == 2 && p[0] == '\r') || (len == 1 && p[0] == '\n'))
             d->in_headers = false;
@@ -319,7 +333,7 @@ static bool data_piece(struct smtp *s, struct queue_in *in, struct data_state *d
     d->size += len;
     if (d->size > s->conf->max_message_size)
         d->too_big = true;
-    if (!d->too_big && !d->bad_eol)
+    if (!d->too_big && !d->bad_eol && !d->nul)
         queue_in_write(in, p, len);
     return false;
 }
@@ -365,6 +379,16 @@ static void add_received(struct smtp *s, struct queue_in *in)
     queue_in_write(in, hdr, strlen(hdr));
 }
 
+/* 452 4.3.1 means the disk is full: the client should try again later.
+ * Anything else (permissions, a link in the spool, I/O errors) is a local
+ * error that the administrator must look at (the log names the path). */
+static const char *storage_reply(int err)
+{
+    if (err == ENOSPC || err == EDQUOT || err == ENOMEM)
+        return "452 4.3.1 Insufficient system storage";
+    return "451 4.3.0 Local error in processing";
+}
+
 /* Replies once for SMTP, once per recipient for LMTP (RFC 2033 4.2). */
 static void reply_all(struct smtp *s, const char *text)
 {
@@ -402,6 +426,12 @@ static void finish_data(struct smtp *s, struct queue_in *in, struct data_state *
         log_info("%s: rejected: bare CR or LF in data from %s", in->id, s->peer->addr);
         return;
     }
+    if (d->nul) {
+        queue_in_abort(in);
+        reply_all(s, "554 5.6.0 NUL character in message data (not accepted)");
+        log_info("%s: rejected: NUL in data from %s", in->id, s->peer->addr);
+        return;
+    }
     if (d->too_big) {
         queue_in_abort(in);
         reply_all(s, "552 5.3.4 Message size exceeds fixed limit");
@@ -433,8 +463,9 @@ static void finish_data(struct smtp *s, struct queue_in *in, struct data_state *
     free(list);
     if (err) {
         queue_in_abort(in);
-        log_err("%s: cannot queue message: %s", in->id, strerror(err));
-        reply_all(s, "452 4.3.1 Insufficient system storage");
+        log_err("%s: cannot queue message in %s: %s", in->id, s->q.spool,
+                strerror(err));
+        reply_all(s, storage_reply(err));
         return;
     }
     log_info("%s: client=%s, helo=%s, from=<%s>, size=%llu, nrcpt=%zu, "
@@ -459,9 +490,9 @@ static void do_data(struct smtp *s, const char *arg)
         return;
     }
     if (!queue_in_begin_at(&s->q, &in, s->envs[0].domain)) {
-        log_err("cannot create queue file in %s/tmp: %s", s->q.spool,
-                strerror(errno));
-        reply(s, "452 4.3.1 Insufficient system storage");
+        int err = errno;
+        log_err("cannot create queue file %s: %s", in.tmp_path, strerror(err));
+        reply(s, "%s", storage_reply(err));
         return;
     }
     reply(s, "354 End data with <CR><LF>.<CR><LF>");

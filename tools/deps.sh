@@ -1,6 +1,6 @@
 #!/bin/sh
 # Installs the Debian packages odmr needs when they are missing.
-#   tools/deps.sh build   - compilers' libraries (OpenSSL, Cyrus SASL, GDBM)
+#   tools/deps.sh build   - compilers' libraries (OpenSSL, Cyrus SASL, GDBM, libidn2)
 #   tools/deps.sh run     - plus what "make run" uses (openssl, swaks)
 #   tools/deps.sh test    - plus the real mail software the tests talk to
 # Postfix is installed without configuring or starting the system instance:
@@ -10,7 +10,7 @@ what=${1:-build}
 
 need=""
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
-for p in libssl-dev libsasl2-dev libsasl2-modules libgdbm-dev make gcc; do
+for p in libssl-dev libsasl2-dev libsasl2-modules libgdbm-dev libidn2-dev make gcc; do
     have_pkg "$p" || need="$need $p"
 done
 if [ "$what" = run ]; then

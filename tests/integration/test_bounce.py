@@ -410,11 +410,11 @@ def test_expiry_moves_damaged_envelope(env):
         time.sleep(3)
         mark = len(env.log())
         os.kill(env.daemon.pid, signal.SIGUSR1)
-        corrupt = os.path.join(env.spool, "corrupt")
+        corrupt = os.path.join(env.spool, "corrupt", "example.org")
         wait_for(lambda: not os.path.exists(path), timeout=10,
                  what="the damaged envelope to leave the queue")
         for ext in (".e", ".m"):
-            f = os.path.join(corrupt, "example.org.%s%s" % (qid, ext))
+            f = os.path.join(corrupt, qid + ext)
             check(os.path.exists(f), "%s not in %s: %r" % (
                 f, corrupt, os.listdir(corrupt)))
         wait_for(lambda: "damaged envelope in the queue of example.org"

@@ -444,7 +444,7 @@ def test_dot_stuffing_exact(env):
             b".\r\n..\r\n...\r\n.x\r\n..x\r\n x\r\n\r\n"
             b"." + b"L" * 5000 + b"\r\n"          # long line: no line limit
             b"tab\tand trailing  \r\n"
-            b"\x00nul\x7f\r\n"
+            b"ctl\x01\x7f\r\n"                  # NUL is refused: test_field
             b"end.\r\n")
     s = session(env)
     check_reply(s.cmd("MAIL FROM:<s@src.test>"), 250, "2.1.0")

@@ -273,7 +273,11 @@ static void test_domain(void)
     CHECK(!addr_valid_domain("[1.2.3.4]", false));
     CHECK(!addr_valid_domain("a,b", false));
     CHECK(parse("<u@.example.com>", 0) == ADDR_SYNTAX);
-    CHECK(parse("<u@example.com.>", 0) == ADDR_SYNTAX);
+    /* one trailing root dot is the same domain, dropped (as Postfix) */
+    expect_ok("<u@Example.COM.>", 0, "u", "Example.COM");
+    expect_ok("u@example.com.", BARE, "u", "example.com");
+    CHECK(parse("<u@example.com..>", 0) == ADDR_SYNTAX);
+    CHECK(parse("<u@.>", 0) == ADDR_SYNTAX);
     CHECK(parse("<u@example..com>", 0) == ADDR_SYNTAX);
     CHECK(parse("<u@-example.com>", 0) == ADDR_SYNTAX);
     CHECK(parse("<u@example-.com>", 0) == ADDR_SYNTAX);
