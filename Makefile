@@ -95,6 +95,23 @@ bench: all test-deps
 run: all
 	@sh tools/run-demo.sh $(B)
 
+# fuzz: each harness in tests/fuzz under libFuzzer (clang) for FUZZ_SECONDS.
+FUZZ_SECONDS ?= 60
+FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
+.PHONY: fuzz
+fuzz:
+	@command -v clang >/dev/null || sh tools/deps.sh fuzz
+	@mkdir -p build-fuzz
+	@for f in $(FUZZ_SRC); do \
+	    n=$$(basename $$f .c); \
+	    clang $(STD) -g -O1 -fsanitize=fuzzer,address,undefined $(DEFS) \
+	        -o build-fuzz/$$n $$f $(COMMON_SRC) $(LIBS_SASL) $(LIBS_SSL) $(LIBS_IDN) \
+	        || exit 1; \
+	    mkdir -p build-fuzz/$$n.corpus; \
+	    build-fuzz/$$n -max_total_time=$(FUZZ_SECONDS) build-fuzz/$$n.corpus \
+	        tests/fuzz/corpus/$$n || exit 1; \
+	done
+
 # install: programs, man pages, example configurations (never over a real
 # one), systemd units and a cron example.  The units and the cron example
 # name /usr/sbin, /usr/bin and /etc/odmr; the installed copies get this

@@ -3,6 +3,7 @@
 #   tools/deps.sh build   - compilers' libraries (OpenSSL, Cyrus SASL, GDBM, libidn2)
 #   tools/deps.sh run     - plus what "make run" uses (openssl, swaks)
 #   tools/deps.sh test    - plus the real mail software the tests talk to
+#   tools/deps.sh fuzz    - clang and its libFuzzer runtime (make fuzz)
 # Postfix is installed without configuring or starting the system instance:
 # tests and benchmarks run private instances of their own.
 set -eu
@@ -15,6 +16,11 @@ for p in libssl-dev libsasl2-dev libsasl2-modules libgdbm-dev libidn2-dev make g
 done
 if [ "$what" = run ]; then
     for p in openssl swaks; do
+        have_pkg "$p" || need="$need $p"
+    done
+fi
+if [ "$what" = fuzz ]; then
+    for p in clang libclang-rt-14-dev; do
         have_pkg "$p" || need="$need $p"
     done
 fi
