@@ -2,6 +2,9 @@
 # make run: a demo provider on loopback, everything under a work directory.
 #   ODMR_WORKDIR  where to put it (default ./work)
 #   ODMR_SMTP_PORT / ODMR_ODMR_PORT / ODMR_LMTP_PORT  (10025 / 10366 / 10024)
+# A port that is taken is named (with its variable) before anything is
+# written or started, and the script exits 1.  Otherwise odmrd replaces
+# this shell (exec, in the foreground): its pid is this script's pid.
 set -eu
 B=${1:-build}
 top=$(pwd)
@@ -10,6 +13,48 @@ smtp_port=${ODMR_SMTP_PORT:-10025}
 odmr_port=${ODMR_ODMR_PORT:-10366}
 lmtp_port=${ODMR_LMTP_PORT:-10024}
 sh tools/deps.sh run
+
+# Every port must be free before anything is written or started: a port
+# that is taken (amavisd-new listens on 10024 and 10025 by default) would
+# otherwise show up as odmrd failing after the walk-through.
+# bind_error PORT: nothing when 127.0.0.1:PORT can be bound the way odmrd
+# binds it (SO_REUSEADDR), else the reason (perl is Essential on Debian).
+bind_error() {
+    perl -MIO::Socket::INET -e '
+        IO::Socket::INET->new(LocalAddr => "127.0.0.1", LocalPort => $ARGV[0],
+                              Proto => "tcp", ReuseAddr => 1, Listen => 1)
+            or print "$!";' "$1"
+}
+# check_port WHAT VARIABLE EXAMPLE-PORT PORT: complains unless PORT is free
+check_port() {
+    case $4 in
+    ''|*[!0-9]*|0*) why="$2=$4 is not a port number" ;;
+    *) if [ "$4" -gt 65535 ]; then
+           why="$2=$4 is not a port number"
+       elif [ "${seen#* $4 }" != "$seen" ]; then
+           why="port $4 is also given to another listener"
+       else
+           why=$(bind_error "$4")
+           [ -z "$why" ] || why="127.0.0.1:$4 is not free ($why)"
+       fi ;;
+    esac
+    seen="$seen$4 "
+    if [ -n "$why" ]; then
+        example=$3
+        [ "$4" != "$example" ] || example=$(($3 + 1000))
+        echo "make run: $1 listener: $why; move it with $2," \
+             "e.g. $2=$example make run (see README.md)" >&2
+        bad=1
+    fi
+}
+bad=0 seen=" "
+check_port SMTP ODMR_SMTP_PORT 12525 "$smtp_port"
+check_port LMTP ODMR_LMTP_PORT 12424 "$lmtp_port"
+check_port ODMR ODMR_ODMR_PORT 12366 "$odmr_port"
+if [ "$bad" != 0 ]; then
+    echo "make run: nothing started" >&2
+    exit 1
+fi
 
 mkdir -p "$work/spool"
 chmod 700 "$work" "$work/spool"

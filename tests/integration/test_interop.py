@@ -651,16 +651,46 @@ class TLSFront:
         self.close()
 
 
+TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+FETCHMAILRC_EXAMPLE = os.path.join(TOP, "contrib", "fetchmail",
+                                   "fetchmailrc.example")
+ADMIN_GUIDE = os.path.join(TOP, "docs", "admin-guide.md")
+
+
+def fetchmailrc_from_example(host, port, user, password, domains, smtphost,
+                             tls):
+    """The fetchmailrc of the documentation (contrib/fetchmail/
+    fetchmailrc.example) with its example values replaced by the test's.
+    Every example value must occur exactly once, so that the test keeps
+    running what the file says."""
+    with open(FETCHMAILRC_EXAMPLE) as f:
+        text = f.read()
+    for old, new in (("poll mx.provider.example ", "poll %s " % host),
+                     ("service 366\n", "service %d\n" % port),
+                     ('user "example-org"', 'user "%s"' % user),
+                     ('password "the-account-password"',
+                      'password "%s"' % password),
+                     ("fetchdomains example.org,example.net\n",
+                      "fetchdomains %s\n" % domains),
+                     ("smtphost 127.0.0.1/25\n", "smtphost %s\n" % smtphost),
+                     ('sslproto ""\n', tls + "\n")):
+        check(text.count(old) == 1, "%s: %r occurs %d times, expected once"
+              % (FETCHMAILRC_EXAMPLE, old, text.count(old)))
+        text = text.replace(old, new)
+    return text
+
+
 def fetchmail_run(env, name, port, sink, extra, host="127.0.0.1",
                   domains="example.org,example.net"):
+    """fetchmail -f RC with the documented example fetchmailrc; `extra`
+    replaces its `sslproto ""` line."""
     fetchmail = need("fetchmail")
     rc = env.path("fetchmailrc-" + name)
     with open(rc, "w") as f:
-        f.write('poll %s protocol odmr service %d auth cram-md5 timeout 20\n'
-                '  user "alice" password "%s"\n'
-                '  fetchdomains %s\n'
-                '  smtphost 127.0.0.1/%d\n'
-                '  %s\n' % (host, port, ALICE_PW, domains, sink.port, extra))
+        f.write(fetchmailrc_from_example(
+            host, port, "alice", ALICE_PW, domains,
+            "127.0.0.1/%d" % sink.port, extra))
     os.chmod(rc, 0o600)
     fenv = dict(os.environ, HOME=env.dir, FETCHMAILHOME=env.dir, LC_ALL="C")
     r = env.run([fetchmail, "-f", rc, "--nosyslog", "-v", "-N",
@@ -668,6 +698,21 @@ def fetchmail_run(env, name, port, sink, extra, host="127.0.0.1",
                  "-i", env.path("fetchids-" + name)], timeout=90, env=fenv)
     env.info("fetchmail %s exit %d" % (name, r.returncode))
     return r
+
+
+def test_fetchmail_example_is_in_the_admin_guide(env):
+    """The admin guide shows contrib/fetchmail/fetchmailrc.example verbatim
+    (the file the fetchmail tests run), so the documented text is the
+    tested one."""
+    with open(FETCHMAILRC_EXAMPLE) as f:
+        example = f.read()
+    with open(ADMIN_GUIDE) as f:
+        guide = f.read()
+    check("contrib/fetchmail/fetchmailrc.example" in guide,
+          "docs/admin-guide.md does not name the example file")
+    check("```\n" + example + "```\n" in guide,
+          "docs/admin-guide.md does not show %s verbatim in a code block"
+          % FETCHMAILRC_EXAMPLE)
 
 
 def inject_two(env):
@@ -821,23 +866,41 @@ def test_fetchmail_odmr_implicit_tls(env):
 
 def test_fetchmail_refused_by_require_tls(env):
     """odmrd with require_tls = yes offers STARTTLS; fetchmail (no STARTTLS
-    for ODMR, even with `sslproto tls1.2+`) must be refused at AUTH with
-    530 5.7.0 and nothing may be dequeued."""
-    env.make_cert("localhost")
+    for ODMR, even with `sslproto tls1.2+` and sslcertck) must be refused
+    at AUTH with 530 5.7.0, nothing may be dequeued, and odmrd's log must
+    say why in one line (the administrator's only clue)."""
+    cert = env.make_cert("localhost")
     env.write_conf(require_tls="yes")
     env.setup_accounts()
     env.start()
     inject_two(env)
+    why = ("127.0.0.1: AUTH refused: require_tls = yes and the session is "
+           "not encrypted (fetchmail never uses STARTTLS for ODMR)")
     with Sink() as sink:
-        r = fetchmail_run(env, "require-tls", env.odmr_port, sink,
-                          "sslproto tls1.2+", host="localhost")
-        check(r.returncode != 0, "fetchmail exited 0 against require_tls")
-        check("530" in r.stdout + r.stderr, "fetchmail did not see 530:\n%s"
-              % (r.stdout + r.stderr)[-1500:])
+        for n, tls in enumerate(('sslproto ""', "sslproto tls1.2+",
+                                 "sslproto tls1.2+ sslcertck sslcertfile %s"
+                                 % cert)):
+            r = fetchmail_run(env, "require-tls-%d" % n, env.odmr_port, sink,
+                              tls, host="localhost")
+            out = r.stdout + r.stderr
+            check(r.returncode != 0, "fetchmail (%s) exited 0 against "
+                  "require_tls" % tls)
+            # fetchmail -v shows what it sends as "SMTP> ..." / "ODMR> ..."
+            check("> STARTTLS" not in out,
+                  "fetchmail (%s) tried STARTTLS after all; the "
+                  "documentation says it never does:\n%s" % (tls, out[-1500:]))
+            check("530 5.7.0" in out, "fetchmail (%s) did not see 530:\n%s"
+                  % (tls, out[-1500:]))
+            wait_for(lambda: env.log().count(why) == n + 1, 10,
+                     what="odmrd's log line for refused AUTH number %d:\n%s"
+                     % (n + 1, env.log_tail(15)))
         check(sink.connections == 0, "fetchmail reached the site's MTA")
     check(len(env.queued()) == 2, "mail dequeued: %r" % env.queued())
-    check("authenticated as" not in env.log(), "odmrd log:\n%s"
-          % env.log_tail(15))
+    log = env.log()
+    check("authenticated as" not in log, "odmrd log:\n%s" % env.log_tail(15))
+    lines = [l for l in log.splitlines() if "AUTH refused" in l]
+    check(len(lines) == 3 and all(l.endswith(why) for l in lines),
+          "odmrd's AUTH refused lines: %r" % lines)
 
 
 # ==========================================================================

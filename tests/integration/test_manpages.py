@@ -410,6 +410,7 @@ INSTALLED = {
     "usr/share/man/man8/odmrctl.8": 0o644,
     "usr/share/doc/odmr/examples/odmrd.conf.example": 0o644,
     "usr/share/doc/odmr/examples/odmr-fetch.conf.example": 0o644,
+    "usr/share/doc/odmr/examples/fetchmailrc.example": 0o644,
     "usr/share/doc/odmr/examples/odmr-fetch.cron": 0o644,
     "usr/lib/systemd/system/odmrd.service": 0o644,
     "usr/lib/systemd/system/odmr-fetch.service": 0o644,
