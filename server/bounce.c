@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "../common/addr.h"
+#include "../common/idna.h"
 #include "../common/connect.h"
 #include "../common/io.h"
 #include "../common/log.h"
@@ -705,10 +706,9 @@ static enum bounce_result fallback(const struct odmrd_conf *conf,
     char key[ADDR_DOMAIN_MAX + 1] = "", newid[QID_MAX], list[LOG_LIST_MAX];
     const char *domain = addr_domain_of(e->sender);
     enum acct_result hosted = ACCT_NOTFOUND;
-    if (domain && domain[0] != '[') {
-        addr_domain_key(domain, key, sizeof key);
+    if (domain && domain[0] != '[' &&
+        idna_domain_key(domain, key, sizeof key, NULL) == IDNA_OK)
         hosted = accounts_domain_owner(conf->accounts_db, key, NULL, 0);
-    }
     if (hosted == ACCT_OK) {
         int err = queue_dsn(q, d, key, newid, sizeof newid);
         if (!err) {

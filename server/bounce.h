@@ -40,6 +40,8 @@
 /* Enhanced status codes (RFC 3463) the server itself uses. */
 #define BOUNCE_STATUS_EXPIRED "4.4.7"
 #define BOUNCE_STATUS_ADMIN "5.0.0"
+/* 8-bit data for a receiver without 8BITMIME that cannot be made 7-bit. */
+#define BOUNCE_STATUS_NO_CONVERSION "5.6.3"
 
 struct bounce_rcpt {
     const char *addr;        /* the recipient, "local@domain" */

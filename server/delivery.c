@@ -5,7 +5,11 @@
  * dot-stuffing.  Per recipient: 2xx delivered, 4xx kept, 5xx returned to
  * the sender.  The outcome is made durable in this order: bounces first,
  * then the envelope rewritten (or removed when nobody is left), so a crash
- * at any point can at worst repeat a delivery, never lose one. */
+ * at any point can at worst repeat a delivery, never lose one.
+ *
+ * Every wait for the customer names what it waited for when it fails, as
+ * Postfix does: "timeout after RCPT TO to customer 192.0.2.1", "lost
+ * connection after DATA with customer 192.0.2.1" (phase names below). */
 #include "delivery.h"
 
 #include <errno.h>
@@ -35,13 +39,47 @@ enum outcome { OUT_NONE = 0, OUT_SENT, OUT_DEFER, OUT_BOUNCE };
 
 struct rcpt_state {
     enum outcome out;
+    const char *status;          /* OUT_BOUNCE decided here, not by a reply */
     char reply[LAST_REPLY_MAX + 1];
 };
 
+/* Phases of the reversed session: what odmrd last said (the greeting is
+ * awaited after our reply to ATRN). */
+#define PH_GREETING "ATRN"
+#define PH_MAIL "MAIL FROM"
+#define PH_RCPT "RCPT TO"
+#define PH_DATA "DATA"
+#define PH_DOT "END-OF-MESSAGE"
+
+/* ------------------------------------------------------------ failures */
+
+static const char *qid_prefix(const struct delivery_ctx *d)
+{
+    return d->qid ? d->qid : "";
+}
+
+static const char *qid_sep(const struct delivery_ctx *d)
+{
+    return d->qid ? ": " : "";
+}
+
+/* The connection failed in phase: one line saying how (Postfix style). */
+static void log_conn_failure(struct delivery_ctx *d, const char *phase)
+{
+    if (d->io->status == IO_TIMEOUT)
+        log_info("%s%stimeout after %s to customer %s", qid_prefix(d),
+                 qid_sep(d), phase, d->peer);
+    else
+        log_info("%s%slost connection after %s with customer %s",
+                 qid_prefix(d), qid_sep(d), phase, d->peer);
+}
+
 /* ------------------------------------------------------------ replies */
 
-/* Reads one complete reply; false on I/O failure or a malformed reply. */
-static bool read_reply(struct delivery_ctx *d, struct smtp_reply *r)
+/* Reads one complete reply to phase; false (logged) on I/O failure or a
+ * malformed reply. */
+static bool read_reply(struct delivery_ctx *d, struct smtp_reply *r,
+                       const char *phase)
 {
     char line[REPLY_LINE_MAX];
     smtp_reply_init(r);
@@ -54,19 +92,21 @@ static bool read_reply(struct delivery_ctx *d, struct smtp_reply *r)
             d->io->status = IO_OK;
             n = (long)strlen(line);
             log_info("%s%sover-long reply line from customer %s, cut to %ld "
-                     "bytes", d->qid ? d->qid : "", d->qid ? ": " : "",
-                     d->peer, n);
+                     "bytes", qid_prefix(d), qid_sep(d), d->peer, n);
         }
-        if (n < 0 || strlen(line) != (size_t)n) {
-            if (n >= 0)
-                log_info("%s%smalformed reply from customer %s: NUL byte",
-                         d->qid ? d->qid : "", d->qid ? ": " : "", d->peer);
+        if (n < 0) {
+            log_conn_failure(d, phase);
+            return false;
+        }
+        if (strlen(line) != (size_t)n) {
+            log_info("%s%smalformed reply to %s from customer %s: NUL byte",
+                     qid_prefix(d), qid_sep(d), phase, d->peer);
             return false;
         }
         int rc = smtp_reply_feed(r, line);
         if (rc < 0) {
-            log_info("%s%smalformed reply from customer %s: %.100s",
-                     d->qid ? d->qid : "", d->qid ? ": " : "", d->peer, line);
+            log_info("%s%smalformed reply to %s from customer %s: %.100s",
+                     qid_prefix(d), qid_sep(d), phase, d->peer, line);
             return false;
         }
         if (rc == 1)
@@ -94,10 +134,31 @@ static enum outcome classify(int code)
 
 /* ------------------------------------------------------------ session */
 
-static bool send_line(struct delivery_ctx *d, const char *line)
+/* Queues a command line (sent when the buffer fills or on flush). */
+static bool send_line(struct delivery_ctx *d, const char *line,
+                      const char *phase)
 {
     log_debug("%s > %s", d->peer, line);
-    return io_puts(d->io, line) && io_puts(d->io, "\r\n");
+    if (io_puts(d->io, line) && io_puts(d->io, "\r\n"))
+        return true;
+    log_conn_failure(d, phase);
+    return false;
+}
+
+static bool flush(struct delivery_ctx *d, const char *phase)
+{
+    if (io_flush(d->io))
+        return true;
+    log_conn_failure(d, phase);
+    return false;
+}
+
+/* One command, one reply: the dialogue without pipelining. */
+static bool ask(struct delivery_ctx *d, const char *line, const char *phase,
+                struct smtp_reply *r)
+{
+    return send_line(d, line, phase) && flush(d, phase) &&
+           read_reply(d, r, phase);
 }
 
 static void parse_caps(const struct smtp_reply *r, struct caps *c)
@@ -120,7 +181,7 @@ static bool open_session(struct delivery_ctx *d, struct caps *c)
 {
     struct smtp_reply r;
     char line[300];
-    if (!read_reply(d, &r))
+    if (!flush(d, PH_GREETING) || !read_reply(d, &r, PH_GREETING))
         return false;
     if (r.code != 220) {
         reply_text(&r, line, sizeof line);
@@ -128,7 +189,7 @@ static bool open_session(struct delivery_ctx *d, struct caps *c)
         return false;
     }
     snprintf(line, sizeof line, "EHLO %s", d->conf->hostname);
-    if (!send_line(d, line) || !io_flush(d->io) || !read_reply(d, &r))
+    if (!ask(d, line, "EHLO", &r))
         return false;
     memset(c, 0, sizeof *c);
     if (r.code == 250) {
@@ -136,11 +197,18 @@ static bool open_session(struct delivery_ctx *d, struct caps *c)
         parse_caps(&r, c);
         return true;
     }
-    if (r.code < 500)
-        return false;
-    snprintf(line, sizeof line, "HELO %s", d->conf->hostname);
-    return send_line(d, line) && io_flush(d->io) && read_reply(d, &r) &&
-           r.code == 250;
+    const char *verb = "EHLO";
+    if (r.code >= 500) {   /* an SMTP server without extensions */
+        verb = "HELO";
+        snprintf(line, sizeof line, "HELO %s", d->conf->hostname);
+        if (!ask(d, line, verb, &r))
+            return false;
+        if (r.code == 250)
+            return true;
+    }
+    reply_text(&r, line, sizeof line);
+    log_info("%s: customer refused %s: %s", d->peer, verb, line);
+    return false;
 }
 
 /* ------------------------------------------------------------ message */
@@ -224,26 +292,33 @@ static bool stuff_write(void *ctx, const char *p, size_t len)
 }
 
 /* Streams the data file (converted to 7 bit when plan says so) and the
- * final ".". */
+ * final ".".  A failure ends the session either way: the customer holds a
+ * partial message that only closing the connection takes back. */
 static bool send_data(struct delivery_ctx *d, int fd, const struct dg_plan *plan)
 {
     static char buf[DATA_READ];
     struct stuffer st = {d, true, true};
+    bool ok = true;
     if (plan->convert) {
-        if (!downgrade_write(fd, plan, stuff_write, &st))
-            return false;
+        ok = downgrade_write(fd, plan, stuff_write, &st);
     } else {
         ssize_t got;
-        while ((got = read(fd, buf, sizeof buf)) != 0) {
+        while (ok && (got = read(fd, buf, sizeof buf)) != 0) {
             if (got < 0 && errno == EINTR)
                 continue;
-            if (got < 0 || !stuff_write(&st, buf, (size_t)got))
-                return false;
+            ok = got > 0 && stuff_write(&st, buf, (size_t)got);
         }
     }
-    if (!st.last_lf && !io_write(d->io, "\r\n", 2))
-        return false;
-    return io_puts(d->io, ".\r\n") && io_flush(d->io);
+    if (ok && !st.last_lf)
+        ok = io_write(d->io, "\r\n", 2);
+    if (ok && io_puts(d->io, ".\r\n") && io_flush(d->io))
+        return true;
+    if (d->io->status != IO_OK)
+        log_conn_failure(d, PH_DATA);
+    else
+        log_err("%s: cannot read message data: %s; ending the session",
+                qid_prefix(d), strerror(errno));
+    return false;
 }
 
 /* Sets the outcome of every recipient currently in state only_if. */
@@ -265,21 +340,23 @@ static bool send_envelope(struct delivery_ctx *d, const struct caps *c,
 {
     char cmd[SMTP_MAILRCPT_LINE_MAX];
     mail_command(c, e, size, cmd, sizeof cmd);
-    if (!send_line(d, cmd))
+    if (!send_line(d, cmd, PH_MAIL))
         return false;
     for (size_t i = 0; i < e->nrcpt; i++) {
         rcpt_command(c, &e->rcpt[i], cmd, sizeof cmd);
-        if (!send_line(d, cmd))
+        if (!send_line(d, cmd, PH_RCPT))
             return false;
     }
-    return send_line(d, "DATA") && io_flush(d->io);
+    /* the customer has not taken even the MAIL command when this fails */
+    return send_line(d, "DATA", PH_DATA) && flush(d, PH_MAIL);
 }
 
-/* Reads one reply; text receives it in one-line form. */
-static bool next_reply(struct delivery_ctx *d, int *code, char *text, size_t n)
+/* Reads one reply to phase; text receives it in one-line form. */
+static bool next_reply(struct delivery_ctx *d, const char *phase, int *code,
+                       char *text, size_t n)
 {
     struct smtp_reply r;
-    if (!read_reply(d, &r))
+    if (!read_reply(d, &r, phase))
         return false;
     *code = r.code;
     reply_text(&r, text, n);
@@ -312,10 +389,11 @@ static bool envelope_pipelined(struct delivery_ctx *d, const struct caps *c,
 {
     char mail_text[LAST_REPLY_MAX + 1], text[LAST_REPLY_MAX + 1];
     int mail_code, code;
-    if (!send_envelope(d, c, e, size) || !next_reply(d, &mail_code, mail_text, sizeof mail_text))
+    if (!send_envelope(d, c, e, size) ||
+        !next_reply(d, PH_MAIL, &mail_code, mail_text, sizeof mail_text))
         return false;
     for (size_t i = 0; i < e->nrcpt; i++) {
-        if (!next_reply(d, &code, st[i].reply, sizeof st[i].reply))
+        if (!next_reply(d, PH_RCPT, &code, st[i].reply, sizeof st[i].reply))
             return false;
         st[i].out = classify(code);
     }
@@ -325,12 +403,12 @@ static bool envelope_pipelined(struct delivery_ctx *d, const struct caps *c,
             st[i].out = OUT_NONE;
         set_all(st, e->nrcpt, OUT_NONE, classify(mail_code), mail_text);
     }
-    if (!next_reply(d, &code, text, sizeof text))
+    if (!next_reply(d, PH_DATA, &code, text, sizeof text))
         return false;
     if (count_accepted(st, e->nrcpt) == 0) {
         /* A server may still say 354 (RFC 2920 3.1): end the empty data. */
-        return code != 354 || (io_puts(d->io, ".\r\n") && io_flush(d->io) &&
-                               next_reply(d, &code, text, sizeof text));
+        return code != 354 || (send_line(d, ".", PH_DOT) && flush(d, PH_DOT) &&
+                               next_reply(d, PH_DOT, &code, text, sizeof text));
     }
     *go = data_reply(st, e->nrcpt, code, text);
     return true;
@@ -344,7 +422,8 @@ static bool envelope_stepwise(struct delivery_ctx *d, const struct caps *c,
     char cmd[SMTP_MAILRCPT_LINE_MAX], text[LAST_REPLY_MAX + 1];
     int code;
     mail_command(c, e, size, cmd, sizeof cmd);
-    if (!send_line(d, cmd) || !io_flush(d->io) || !next_reply(d, &code, text, sizeof text))
+    if (!send_line(d, cmd, PH_MAIL) || !flush(d, PH_MAIL) ||
+        !next_reply(d, PH_MAIL, &code, text, sizeof text))
         return false;
     if (code / 100 != 2) {
         set_all(st, e->nrcpt, OUT_NONE, classify(code), text);
@@ -352,14 +431,15 @@ static bool envelope_stepwise(struct delivery_ctx *d, const struct caps *c,
     }
     for (size_t i = 0; i < e->nrcpt; i++) {
         rcpt_command(c, &e->rcpt[i], cmd, sizeof cmd);
-        if (!send_line(d, cmd) || !io_flush(d->io) ||
-            !next_reply(d, &code, st[i].reply, sizeof st[i].reply))
+        if (!send_line(d, cmd, PH_RCPT) || !flush(d, PH_RCPT) ||
+            !next_reply(d, PH_RCPT, &code, st[i].reply, sizeof st[i].reply))
             return false;
         st[i].out = classify(code);
     }
     if (count_accepted(st, e->nrcpt) == 0)
         return true;
-    if (!send_line(d, "DATA") || !io_flush(d->io) || !next_reply(d, &code, text, sizeof text))
+    if (!send_line(d, "DATA", PH_DATA) || !flush(d, PH_DATA) ||
+        !next_reply(d, PH_DATA, &code, text, sizeof text))
         return false;
     *go = data_reply(st, e->nrcpt, code, text);
     return true;
@@ -396,7 +476,9 @@ static void return_bounced(struct delivery_ctx *d, const struct envelope *e,
         /* "550 5.1.1 ..." -> "5.1.1"; a reply without one gets 5.0.0 */
         const char *sp = strchr(st[i].reply, ' ');
         size_t len = sp ? strcspn(sp + 1, " ") : 0;
-        if (sp && sp[1] == '5' && sp[2] == '.' && len < sizeof status[0])
+        if (st[i].status)
+            str_copy(status[n], st[i].status, sizeof status[n]);
+        else if (sp && sp[1] == '5' && sp[2] == '.' && len < sizeof status[0])
             memcpy(status[n], sp + 1, len);
         else
             str_copy(status[n], "5.0.0", sizeof status[n]);
@@ -444,8 +526,40 @@ static void settle(struct delivery_ctx *d, struct envelope *e, int fd,
         log_err("%s: cannot update envelope: %s", e->id, strerror(errno));
 }
 
+/* RFC 6152 section 3: 8-bit data that no MIME rule turns into 7 bits
+ * must not reach a customer without 8BITMIME.  The message is returned
+ * (5.6.3, "conversion required but not supported"; RFC 3463) like one the
+ * customer refused.  Raw UTF-8 header text is fine when both sides use
+ * SMTPUTF8 (RFC 6531). */
+static bool refuse_unconvertible(struct delivery_ctx *d, const struct caps *c,
+                                 const struct envelope *e,
+                                 const struct dg_plan *plan,
+                                 struct rcpt_state *st)
+{
+    if (c->eightbit || e->body != BODY_8BITMIME)
+        return false;
+    enum dg_problem p = e->smtputf8 && c->smtputf8 ? plan->body_problem
+                                                   : plan->problem;
+    if (p == DG_NONE)
+        return false;
+    char why[LAST_REPLY_MAX + 1];
+    /* For the sender's report: the customer's address is not theirs. */
+    snprintf(why, sizeof why, "the receiving site does not support "
+             "8BITMIME and the message cannot be converted to 7 bit: %s",
+             downgrade_problem_text(p));
+    log_warn("%s: cannot be sent to customer %s, which does not offer "
+             "8BITMIME: %s; %s (5.6.3)", e->id, d->peer,
+             downgrade_problem_text(p), e->sender[0] ? "returning it to the "
+             "sender" : "null sender, dropped without a report");
+    set_all(st, e->nrcpt, OUT_NONE, OUT_BOUNCE, why);
+    for (size_t i = 0; i < e->nrcpt; i++)
+        st[i].status = BOUNCE_STATUS_NO_CONVERSION;
+    return true;
+}
+
 /* Recipients that cannot be offered to this customer at all. */
-static bool precheck(const struct caps *c, const struct envelope *e,
+static bool precheck(struct delivery_ctx *d, const struct caps *c,
+                     const struct envelope *e, const struct dg_plan *plan,
                      uint64_t size, struct rcpt_state *st)
 {
     const char *why = NULL;
@@ -453,17 +567,24 @@ static bool precheck(const struct caps *c, const struct envelope *e,
         why = "552 5.3.4 Message too big for the receiving site";
     else if (e->smtputf8 && !c->smtputf8)
         why = "553 5.6.7 The receiving site does not support SMTPUTF8";
-    if (!why)
-        return true;
-    set_all(st, e->nrcpt, OUT_NONE, OUT_BOUNCE, why);
-    return false;
+    if (why) {
+        set_all(st, e->nrcpt, OUT_NONE, OUT_BOUNCE, why);
+        return false;
+    }
+    if (refuse_unconvertible(d, c, e, plan, st))
+        return false;
+    if (plan->convert)
+        log_info("%s: 8-bit MIME parts converted to quoted-printable for %s "
+                 "(no 8BITMIME)", e->id, d->peer);
+    return true;
 }
 
-/* RFC 6152 section 3: a customer without 8BITMIME gets 8-bit MIME parts
- * re-encoded.  Messages not declared 8BITMIME go as they are, as they
- * came.  False when the data could not be read. */
-static bool plan_downgrade(struct delivery_ctx *d, const struct caps *c,
-                           const struct envelope *e, int fd, struct dg_plan *plan)
+/* RFC 6152 section 3: for a customer without 8BITMIME, finds the 8-bit
+ * MIME parts to re-encode, and what cannot be.  Messages not declared
+ * 8BITMIME go as they are, as they came.  False when the data could not
+ * be read. */
+static bool plan_downgrade(const struct caps *c, const struct envelope *e,
+                           int fd, struct dg_plan *plan)
 {
     memset(plan, 0, sizeof *plan);
     if (c->eightbit || e->body != BODY_8BITMIME)
@@ -472,12 +593,6 @@ static bool plan_downgrade(struct delivery_ctx *d, const struct caps *c,
         log_err("%s: cannot read message data: %s", e->id, strerror(errno));
         return false;
     }
-    if (plan->convert)
-        log_info("%s: 8-bit MIME parts converted to quoted-printable for %s "
-                 "(no 8BITMIME)", e->id, d->peer);
-    if (plan->residual_8bit)
-        log_warn("%s: 8-bit octets that MIME cannot encode (header text or an "
-                 "encoded part) sent to %s, which has no 8BITMIME", e->id, d->peer);
     return true;
 }
 
@@ -488,21 +603,21 @@ static bool transact(struct delivery_ctx *d, const struct caps *c,
 {
     uint64_t size = plan->convert ? plan->size : e->size;
     bool go = false;
-    if (!precheck(c, e, size, st) || e->nrcpt == 0)
+    if (e->nrcpt == 0 || !precheck(d, c, e, plan, size, st))
         return true;
     bool ok = c->pipelining ? envelope_pipelined(d, c, e, size, st, &go)
                             : envelope_stepwise(d, c, e, size, st, &go);
     struct smtp_reply r;
     if (ok && go) {
         char text[LAST_REPLY_MAX + 1];
-        ok = send_data(d, fd, plan) && read_reply(d, &r);
+        ok = send_data(d, fd, plan) && read_reply(d, &r, PH_DOT);
         if (ok) {
             reply_text(&r, text, sizeof text);
             set_all(st, e->nrcpt, OUT_SENT, classify(r.code), text);
         }
     } else if (ok) {
         /* nothing was accepted: leave the customer in a clean state */
-        ok = send_line(d, "RSET") && io_flush(d->io) && read_reply(d, &r);
+        ok = ask(d, "RSET", "RSET", &r);
     }
     return ok;
 }
@@ -524,7 +639,7 @@ static bool deliver_one(struct delivery_ctx *d, const struct caps *c,
     bool ok = true;
     if (fd < 0 || !st) {
         log_err("%s: cannot open message data: %s", id, strerror(errno));
-    } else if (plan_downgrade(d, c, &e, fd, &plan)) {
+    } else if (plan_downgrade(c, &e, fd, &plan)) {
         d->stats.messages++;
         d->qid = id;
         ok = transact(d, c, &e, fd, &plan, st);
@@ -617,9 +732,8 @@ bool deliver_domains(struct delivery_ctx *d, char *const *domains, size_t n)
 {
     struct caps c;
     memset(&d->stats, 0, sizeof d->stats);
-    if (!open_session(d, &c))
-        return false;
-    bool ok = true;
+    /* a session that fails at the greeting gets its summary line too */
+    bool ok = open_session(d, &c);
     for (size_t i = 0; ok && i < n; i++) {
         struct id_list done = {0};
         size_t found = 1;
@@ -632,9 +746,9 @@ bool deliver_domains(struct delivery_ctx *d, char *const *domains, size_t n)
     }
     if (ok) {
         struct smtp_reply r;
-        send_line(d, "QUIT");
-        io_flush(d->io);
-        read_reply(d, &r);   /* the customer's 221; nothing depends on it */
+        /* The customer's 221: nothing depends on it, but a customer that
+         * stops answering here is logged like one that stops earlier. */
+        ask(d, "QUIT", "QUIT", &r);
     }
     log_info("%s: account=%s, messages=%lu, sent=%lu, deferred=%lu, "
              "bounced=%lu, bytes=%llu%s", d->peer, d->account, d->stats.messages,

@@ -19,6 +19,9 @@
 #define FIELD_VALUE_MAX 2048  /* Content-Type value looked at */
 #define QP_LINE 76            /* RFC 2045 6.7 rule 5, counting the "=" */
 #define OUT_BUF 16384
+/* A numeric macro as a string, for the texts of downgrade_problem_text. */
+#define DG_STR_(x) #x
+#define DG_STR(x) DG_STR_(x)
 
 enum part_kind { P_OPAQUE, P_LEAF, P_MULTI, P_MESSAGE };
 enum cte { CTE_IDENTITY, CTE_ENCODED };
@@ -30,6 +33,7 @@ struct part_info {
     bool text;                /* line-oriented: text/ or message/ */
     bool labelled_text;       /* a Content-Type field says text/ */
     bool digest;              /* multipart/digest: parts default to message */
+    enum dg_problem why;      /* P_OPAQUE: why its body stays as it is */
     char boundary[BOUNDARY_MAX + 1];
 };
 
@@ -60,6 +64,8 @@ struct walker {
     bool qp;                     /* the current body is being encoded */
     bool leaf;                   /* the current body is a leaf part ... */
     bool convertible;            /* ... with an identity encoding */
+    bool filler;                 /* ... or a preamble or an epilogue */
+    enum dg_problem stuck;       /* ... or why it cannot be converted */
     size_t leaf_index;
     size_t leaf_count;
 
@@ -335,11 +341,13 @@ static void classify_part(const char *hdr, size_t hlen, bool in_digest,
     if (!strncmp(type, "multipart/", 10)) {
         boundary_param(v, pi->boundary, sizeof pi->boundary);
         pi->kind = pi->boundary[0] ? P_MULTI : P_OPAQUE;
+        pi->why = DG_UNENCODABLE_TYPE;   /* its parts cannot be found */
         pi->digest = !strcmp(type, "multipart/digest");
     } else if (!strcmp(type, "message/rfc822")) {
         pi->kind = P_MESSAGE;
     } else if (!strncmp(type, "message/", 8) && strncmp(type, "message/global", 14)) {
         pi->kind = P_OPAQUE;   /* partial, external-body: 7bit by rule */
+        pi->why = DG_UNENCODABLE_TYPE;
     } else {
         /* message/global and its -headers and -delivery-status kin may be
          * encoded (RFC 6532 3.5, RFC 6533 6) */
@@ -401,6 +409,8 @@ static void end_leaf_headers(struct walker *w, const struct part_info *pi,
 {
     w->leaf = push_leaf(w);
     w->convertible = w->leaf && pi->cte == CTE_IDENTITY;
+    w->stuck = !w->leaf ? DG_TOO_MANY_PARTS
+               : w->convertible ? DG_NONE : DG_ENCODED_8BIT;
     w->qp = w->writing && w->convertible && w->leaf_index < w->plan->nleaves &&
             w->plan->leaf_8bit[w->leaf_index];
     w->binary = !nonmime && !pi->text;
@@ -419,16 +429,40 @@ static void end_leaf_headers(struct walker *w, const struct part_info *pi,
     w->in_headers = false;
 }
 
+/* A multipart's or message/rfc822's header block.  A multipart nested
+ * deeper than the limit is not walked into: its body stays as it is. */
+static void end_composite_headers(struct walker *w, const struct part_info *pi)
+{
+    bool label_7bit = w->writing && w->plan->convert && pi->cte_8bit;
+    if (pi->kind == P_MULTI && w->depth < DOWNGRADE_MAX_DEPTH) {
+        struct level *l = &w->lv[w->depth++];
+        memcpy(l->boundary, pi->boundary, sizeof l->boundary);
+        l->blen = strlen(pi->boundary);
+        l->digest = pi->digest;
+        w->filler = true;   /* the preamble */
+    } else if (pi->kind == P_MULTI) {
+        w->stuck = DG_TOO_DEEP;
+    }
+    /* a composite part's body is never encoded itself */
+    if (label_7bit)
+        emit_headers(w, DROP_CTE, "Content-Transfer-Encoding: 7bit\r\n");
+    else
+        emit(w, w->hdr, w->hlen);
+    w->in_headers = pi->kind == P_MESSAGE;   /* the enclosed header block */
+}
+
 /* The blank line after a header block was seen. */
 static void end_headers(struct walker *w)
 {
     struct part_info pi;
     bool digest = w->in_multi && w->depth > 0 && w->lv[w->depth - 1].digest;
     bool nonmime = false;
-    w->leaf = w->qp = w->convertible = false;
+    w->leaf = w->qp = w->convertible = w->filler = false;
+    w->stuck = DG_NONE;
     if (w->hdr_full) {
         memset(&pi, 0, sizeof pi);
         pi.kind = P_OPAQUE;
+        pi.why = DG_HEADER_TOO_LONG;
     } else {
         char v[8];
         classify_part(w->hdr, w->hlen, digest, &pi);
@@ -438,29 +472,18 @@ static void end_headers(struct walker *w)
             pi.cte = CTE_IDENTITY;
         }
     }
-    bool label_7bit = w->writing && w->plan->convert && pi.cte_8bit;
     switch (pi.kind) {
     case P_LEAF:
         end_leaf_headers(w, &pi, nonmime);
         break;
     case P_MULTI:
     case P_MESSAGE:
-        if (pi.kind == P_MULTI && w->depth < DOWNGRADE_MAX_DEPTH) {
-            struct level *l = &w->lv[w->depth++];
-            memcpy(l->boundary, pi.boundary, sizeof l->boundary);
-            l->blen = strlen(pi.boundary);
-            l->digest = pi.digest;
-        }
-        /* a composite part's body is never encoded itself */
-        if (label_7bit)
-            emit_headers(w, DROP_CTE, "Content-Transfer-Encoding: 7bit\r\n");
-        else
-            emit(w, w->hdr, w->hlen);
-        w->in_headers = pi.kind == P_MESSAGE;   /* the enclosed header block */
+        end_composite_headers(w, &pi);
         break;
     case P_OPAQUE:
         if (!w->hdr_full)
             emit(w, w->hdr, w->hlen);
+        w->stuck = pi.why;
         w->in_headers = false;
         break;
     }
@@ -506,15 +529,27 @@ static void at_boundary(struct walker *w, const char *p, size_t len,
     w->depth = close ? level : level + 1;   /* an epilogue is the parent's */
     w->in_headers = w->in_multi = !close;
     w->qp = w->leaf = w->convertible = false;
+    w->filler = close;   /* the epilogue */
+    w->stuck = DG_NONE;
     w->col = 0;
     w->pending_ws = 0;
     w->pending_eol = false;
 }
 
+/* Records 8-bit data that stays 8-bit; the first reason is kept. */
+static void note_problem(struct dg_plan *pl, enum dg_problem why)
+{
+    pl->has_8bit = pl->residual_8bit = true;
+    if (pl->problem == DG_NONE)
+        pl->problem = why;
+    if (why != DG_HEADER_8BIT && pl->body_problem == DG_NONE)
+        pl->body_problem = why;
+}
+
 static void header_segment(struct walker *w, const char *p, size_t len)
 {
     if (!w->writing && has_8bit(p, len))
-        w->plan->has_8bit = w->plan->residual_8bit = true;
+        note_problem(w->plan, DG_HEADER_8BIT);
     if (!w->hdr_full && w->hlen + len <= DOWNGRADE_HEADER_MAX) {
         memcpy(w->hdr + w->hlen, p, len);
         w->hlen += len;
@@ -526,11 +561,23 @@ static void header_segment(struct walker *w, const char *p, size_t len)
     emit(w, p, len);
 }
 
+/* Preamble and epilogue text is there for readers without MIME only
+ * (RFC 2046 5.1.1): an 8-bit octet there becomes "?". */
+static void emit_filler(struct walker *w, const char *p, size_t len)
+{
+    char seg[SEG_MAX];
+    for (size_t i = 0; i < len; i++)
+        seg[i] = (unsigned char)p[i] & 0x80 ? '?' : p[i];
+    emit(w, seg, len);
+}
+
 static void body_segment(struct walker *w, const char *p, size_t len, bool eol)
 {
     if (w->writing) {
         if (w->qp)
             qp_segment(w, (const unsigned char *)p, eol ? len - 2 : len, eol);
+        else if (w->filler && len <= SEG_MAX)
+            emit_filler(w, p, len);
         else
             emit(w, p, len);
         return;
@@ -540,8 +587,10 @@ static void body_segment(struct walker *w, const char *p, size_t len, bool eol)
     w->plan->has_8bit = true;
     if (w->convertible)
         w->plan->leaf_8bit[w->leaf_index] = 1;
+    else if (w->filler)
+        w->plan->filler_8bit = true;
     else
-        w->plan->residual_8bit = true;
+        note_problem(w->plan, w->stuck != DG_NONE ? w->stuck : DG_UNENCODABLE_TYPE);
 }
 
 /* One piece of a line; eol: it ends the line (with CRLF). */
@@ -635,6 +684,7 @@ bool downgrade_plan(int fd, struct dg_plan *plan)
     struct walker w = {.plan = plan};
     if (!walk(fd, &w))
         return false;
+    plan->convert = plan->filler_8bit;
     for (size_t i = 0; i < plan->nleaves && !plan->convert; i++)
         plan->convert = plan->leaf_8bit[i] != 0;
     if (!plan->convert)
@@ -657,4 +707,30 @@ void downgrade_free(struct dg_plan *plan)
 {
     free(plan->leaf_8bit);
     memset(plan, 0, sizeof *plan);
+}
+
+const char *downgrade_problem_text(enum dg_problem problem)
+{
+    switch (problem) {
+    case DG_NONE:
+        break;
+    case DG_HEADER_8BIT:
+        return "8-bit octets in header text, which MIME cannot encode";
+    case DG_ENCODED_8BIT:
+        return "8-bit octets inside a part that is already encoded "
+               "(base64, quoted-printable or another encoding)";
+    case DG_TOO_DEEP:
+        return "8-bit octets in a part nested more than "
+               DG_STR(DOWNGRADE_MAX_DEPTH) " multiparts deep";
+    case DG_TOO_MANY_PARTS:
+        return "8-bit octets after the first " DG_STR(DOWNGRADE_MAX_PARTS)
+               " MIME parts";
+    case DG_HEADER_TOO_LONG:
+        return "8-bit octets in a MIME part whose header block is longer than "
+               DG_STR(DOWNGRADE_HEADER_MAX) " bytes";
+    case DG_UNENCODABLE_TYPE:
+        return "8-bit octets in a part that must not be encoded (a multipart "
+               "without boundary, message/partial or message/external-body)";
+    }
+    return "no problem";
 }

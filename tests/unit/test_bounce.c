@@ -383,6 +383,37 @@ static void test_age(void)
     CHECK_STR(buf, "0 seconds");
 }
 
+/* A message that a customer without 8BITMIME cannot take (delivery.c):
+ * 5.6.3 with odmrd's own diagnostic, the 8-bit original returned as it
+ * is, labelled 8bit. */
+static void test_conversion_status(void)
+{
+    static const char m[] = "From: <sender@remote.test>\r\n"
+                            "Subject: Gr\xc3\xbc\xc3\x9f""e\r\n\r\nbody\r\n";
+    static const char diag[] = "the receiving site does not support 8BITMIME "
+                               "and the message cannot be converted to 7 bit: "
+                               "8-bit octets in header text";
+    struct envelope e;
+    test_envelope(&e);
+    e.body = BODY_8BITMIME;
+    int fd = data_file("m9", m, strlen(m));
+    struct bounce_rcpt r[] = {{"u1@example.org", "", 0,
+                               BOUNCE_STATUS_NO_CONVERSION, diag}};
+    char *dsn = make_dsn(&e, fd, r, 1);
+    CHECK(dsn != NULL);
+    if (dsn) {
+        CHECK(strstr(dsn, "\r\nStatus: 5.6.3\r\nDiagnostic-Code: x-odmr; "
+                          "the receiving site does not support 8BITMIME") != NULL);
+        CHECK(strstr(dsn, "<u1@example.org>: the receiving site") != NULL);
+        CHECK(strstr(dsn, "Content-Type: message/rfc822\r\n"
+                          "Content-Transfer-Encoding: 8bit\r\n\r\n") != NULL);
+        CHECK(strstr(dsn, m) != NULL);
+    }
+    free(dsn);
+    close(fd);
+    envelope_free(&e);
+}
+
 static int collect_id(void *ctx, const char *id)
 {
     str_copy(ctx, id, QID_MAX);
@@ -459,6 +490,7 @@ int main(void)
     test_smtputf8();
     test_no_data();
     test_age();
+    test_conversion_status();
     test_fallback();
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);

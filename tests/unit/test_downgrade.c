@@ -147,6 +147,8 @@ static void test_non_mime_message(void)
     convert(m, strlen(m), &plan, &out);
     CHECK(plan.has_8bit && plan.convert);
     CHECK(plan.residual_8bit);                       /* the Subject */
+    CHECK(plan.problem == DG_HEADER_8BIT);
+    CHECK(plan.body_problem == DG_NONE);
     CHECK(strstr(out.p, "MIME-Version: 1.0\r\n") != NULL);
     /* a text Content-Type (and its charset) is kept */
     CHECK(strstr(out.p, "Content-Type: text/html\r\n") != NULL);
@@ -299,6 +301,7 @@ static void test_encoded_part_is_residual(void)
     struct buf out;
     convert(m, strlen(m), &plan, &out);
     CHECK(plan.has_8bit && plan.residual_8bit && !plan.convert);
+    CHECK(plan.problem == DG_ENCODED_8BIT && plan.body_problem == DG_ENCODED_8BIT);
     CHECK(out.len == strlen(m) && !memcmp(out.p, m, out.len));
     downgrade_free(&plan);
     free(out.p);
@@ -319,6 +322,174 @@ static void test_digest_defaults_to_message(void)
     CHECK(strstr(out.p, "--d\r\n\r\nSubject: one\r\n"
                         "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
                         "digest body =C3=A5\r\n--d--\r\n") != NULL);
+    downgrade_free(&plan);
+    free(out.p);
+}
+
+/* depth multiparts, each the only part of the one around it, around an
+ * 8-bit text part (or a 7-bit one). */
+static char *nested(int depth, bool eight, size_t *len)
+{
+    size_t cap = (size_t)depth * 120 + 512, n = 0;
+    char *m = malloc(cap);
+    n += (size_t)snprintf(m + n, cap - n, "MIME-Version: 1.0\r\n");
+    for (int i = 1; i <= depth; i++)
+        n += (size_t)snprintf(m + n, cap - n, "Content-Type: multipart/mixed; "
+                              "boundary=\"b%d\"\r\n\r\n--b%d\r\n", i, i);
+    n += (size_t)snprintf(m + n, cap - n, "Content-Type: text/plain; "
+                          "charset=utf-8\r\n\r\n%s\r\n", eight ? "K\xc3\xb6ln" : "Koeln");
+    for (int i = depth; i >= 1; i--)
+        n += (size_t)snprintf(m + n, cap - n, "--b%d--\r\n", i);
+    *len = n;
+    return m;
+}
+
+/* Postfix's mime_nesting_limit: 100 levels are converted, 101 are not. */
+static void test_nesting_limit(void)
+{
+    static const int depths[] = {1, 60, 99, 100};
+    for (size_t k = 0; k < sizeof depths / sizeof depths[0]; k++) {
+        size_t len;
+        char *m = nested(depths[k], true, &len);
+        struct dg_plan plan;
+        struct buf out;
+        convert(m, len, &plan, &out);
+        CHECK(plan.convert && !plan.residual_8bit && plan.problem == DG_NONE);
+        CHECK(all_7bit(&out));
+        CHECK(strstr(out.p, "Content-Transfer-Encoding: quoted-printable\r\n"
+                            "\r\nK=C3=B6ln\r\n--b") != NULL);
+        downgrade_free(&plan);
+        free(out.p);
+        free(m);
+    }
+    size_t len;
+    char *m = nested(DOWNGRADE_MAX_DEPTH + 1, true, &len);
+    struct dg_plan plan;
+    struct buf out;
+    convert(m, len, &plan, &out);
+    CHECK(plan.residual_8bit && !plan.convert);
+    CHECK(plan.problem == DG_TOO_DEEP && plan.body_problem == DG_TOO_DEEP);
+    CHECK(strstr(downgrade_problem_text(plan.problem), "100 multiparts") != NULL);
+    downgrade_free(&plan);
+    free(out.p);
+    free(m);
+    /* too deep but all 7-bit: nothing to convert, nothing wrong */
+    m = nested(DOWNGRADE_MAX_DEPTH + 1, false, &len);
+    convert(m, len, &plan, &out);
+    CHECK(!plan.has_8bit && !plan.residual_8bit && plan.problem == DG_NONE);
+    downgrade_free(&plan);
+    free(out.p);
+    free(m);
+}
+
+/* The planned reason for data that stays 8-bit. */
+static enum dg_problem problem_of(const char *m, size_t len, enum dg_problem *body)
+{
+    struct dg_plan plan;
+    struct buf out;
+    convert(m, len, &plan, &out);
+    enum dg_problem p = plan.problem;
+    *body = plan.body_problem;
+    CHECK(plan.residual_8bit == (p != DG_NONE));
+    downgrade_free(&plan);
+    free(out.p);
+    return p;
+}
+
+#define MULTI_HEAD "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+
+static void test_unconvertible_reasons(void)
+{
+    static const struct {
+        const char *m;
+        enum dg_problem problem, body;
+    } cases[] = {
+        {MULTI_HEAD "--b\r\nContent-Type: text/plain\r\nContent-Disposition: "
+         "inline; filename=\"\xc3\xa9.txt\"\r\n\r\nascii\r\n--b--\r\n",
+         DG_HEADER_8BIT, DG_NONE},
+        {MULTI_HEAD "--b\r\nContent-Type: message/rfc822\r\n\r\n"
+         "Subject: \xe9t\xe9\r\n\r\nbody\r\n--b--\r\n", DG_HEADER_8BIT, DG_NONE},
+        {MULTI_HEAD "--b\r\nContent-Type: application/pdf\r\n"
+         "Content-Transfer-Encoding: base64\r\n\r\nAA\xff\r\n--b--\r\n",
+         DG_ENCODED_8BIT, DG_ENCODED_8BIT},
+        {MULTI_HEAD "--b\r\nContent-Type: text/plain\r\n"
+         "Content-Transfer-Encoding: quoted-printable\r\n\r\n\xe9=3D\r\n--b--\r\n",
+         DG_ENCODED_8BIT, DG_ENCODED_8BIT},
+        {MULTI_HEAD "--b\r\nContent-Type: message/partial; id=x; number=1\r\n"
+         "\r\n\xe9\r\n--b--\r\n", DG_UNENCODABLE_TYPE, DG_UNENCODABLE_TYPE},
+        {MULTI_HEAD "--b\r\nContent-Type: multipart/mixed\r\n\r\n\xe9\r\n--b--\r\n",
+         DG_UNENCODABLE_TYPE, DG_UNENCODABLE_TYPE},
+        /* the first reason found is the one reported */
+        {"MIME-Version: 1.0\r\nSubject: \xe9\r\nContent-Type: text/plain\r\n"
+         "Content-Transfer-Encoding: base64\r\n\r\n\xe9\r\n",
+         DG_HEADER_8BIT, DG_ENCODED_8BIT},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        enum dg_problem body;
+        enum dg_problem p = problem_of(cases[i].m, strlen(cases[i].m), &body);
+        CHECK(p == cases[i].problem);
+        CHECK(body == cases[i].body);
+        if (p != cases[i].problem)
+            printf("    case %zu: problem %d\n", i, (int)p);
+    }
+    const char *texts[] = {downgrade_problem_text(DG_HEADER_8BIT),
+                           downgrade_problem_text(DG_ENCODED_8BIT),
+                           downgrade_problem_text(DG_TOO_DEEP),
+                           downgrade_problem_text(DG_TOO_MANY_PARTS),
+                           downgrade_problem_text(DG_HEADER_TOO_LONG),
+                           downgrade_problem_text(DG_UNENCODABLE_TYPE)};
+    CHECK(strstr(texts[0], "header text") != NULL);
+    CHECK(strstr(texts[1], "already encoded") != NULL);
+    for (size_t i = 0; i < 6; i++)
+        for (size_t j = i + 1; j < 6; j++)
+            CHECK(strcmp(texts[i], texts[j]) != 0);
+}
+
+/* A part header block over DOWNGRADE_HEADER_MAX, and more leaf parts than
+ * DOWNGRADE_MAX_PARTS: what follows is not looked into. */
+static void test_limits_reported(void)
+{
+    size_t cap = DOWNGRADE_HEADER_MAX + 4096, n = 0;
+    char *m = malloc(cap);
+    n += (size_t)snprintf(m, cap, MULTI_HEAD "--b\r\n");
+    while (n < DOWNGRADE_HEADER_MAX + 100)
+        n += (size_t)snprintf(m + n, cap - n, "X-Filler: %070d\r\n", 0);
+    n += (size_t)snprintf(m + n, cap - n, "\r\n\xe9\r\n--b--\r\n");
+    enum dg_problem body;
+    CHECK(problem_of(m, n, &body) == DG_HEADER_TOO_LONG);
+    free(m);
+
+    static const char part[] = "--b\r\n\r\nx\r\n";
+    size_t parts = DOWNGRADE_MAX_PARTS + 1;
+    cap = sizeof MULTI_HEAD + parts * (sizeof part - 1) + 64;
+    m = malloc(cap);
+    n = (size_t)snprintf(m, cap, MULTI_HEAD);
+    for (size_t i = 0; i < parts; i++) {
+        memcpy(m + n, part, sizeof part - 1);
+        n += sizeof part - 1;
+    }
+    m[n - 3] = (char)0xe9;   /* the last part's "x" */
+    n += (size_t)snprintf(m + n, cap - n, "--b--\r\n");
+    CHECK(problem_of(m, n, &body) == DG_TOO_MANY_PARTS);
+    free(m);
+}
+
+/* 8-bit preamble and epilogue text, which MIME readers do not show, is
+ * made 7-bit rather than blocking the message. */
+static void test_preamble_and_epilogue(void)
+{
+    static const char m[] =
+        MULTI_HEAD "Dies ist eine mehrteilige Nachricht \xe2\x80\x93 MIME\r\n"
+        "--b\r\nContent-Type: text/plain\r\n\r\nascii\r\n--b--\r\n"
+        "Epilog \xc3\xa4\r\n";
+    struct dg_plan plan;
+    struct buf out;
+    convert(m, strlen(m), &plan, &out);
+    CHECK(plan.convert && !plan.residual_8bit && plan.problem == DG_NONE);
+    CHECK(all_7bit(&out));
+    CHECK(strstr(out.p, "Nachricht ??? MIME\r\n--b\r\n") != NULL);
+    CHECK(strstr(out.p, "ascii\r\n--b--\r\nEpilog ??\r\n") != NULL);
+    CHECK(out.len == strlen(m));
     downgrade_free(&plan);
     free(out.p);
 }
@@ -418,6 +589,10 @@ int main(void)
     test_multipart();
     test_encoded_part_is_residual();
     test_digest_defaults_to_message();
+    test_nesting_limit();
+    test_unconvertible_reasons();
+    test_limits_reported();
+    test_preamble_and_epilogue();
     test_long_lines();
     test_random();
     CHECK_DONE();
