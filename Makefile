@@ -39,7 +39,9 @@ LIBS_IDN  := -lidn2
 COMMON_SRC := $(wildcard common/*.c)
 SERVER_LIB_SRC := $(wildcard server/conf.c server/envelope.c server/queue.c \
                   server/accounts.c server/auxprop.c server/bounce.c server/expire.c \
-                  server/downgrade.c)
+                  server/downgrade.c server/throttle.c server/recipients.c)
+# odmrctl switches users the way odmrd does (server/ownership.h).
+SERVER_LIB_SRC += server/ownership.c
 ODMRD_SRC  := $(filter-out server/odmrctl.c $(SERVER_LIB_SRC),$(wildcard server/*.c))
 CLIENT_SRC := $(wildcard client/*.c)
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)

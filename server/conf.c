@@ -2,6 +2,7 @@
 #include "conf.h"
 
 #include <ctype.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/un.h>
@@ -24,6 +25,10 @@ void conf_defaults(struct odmrd_conf *c)
     c->max_connections = 500;
     c->max_connections_per_ip = 20;
     c->timeout = 300;
+    c->auth_failure_limit = 10;
+    c->auth_failure_window = 600;
+    c->command_deadline = 60;
+    c->data_min_rate = 500;
     static const struct listen_addr odmr[] = {{false, "0.0.0.0", "366"},
                                               {false, "::", "366"}};
     static const struct listen_addr smtp[] = {{false, "0.0.0.0", "25"},
@@ -179,11 +184,85 @@ static bool count_key(const char *v, unsigned long *out, char *err, size_t n)
     return true;
 }
 
+/* Keys that are one number, one duration, one size or yes/no, by name:
+ * adding such a key is one line here and one field in conf.h. */
+enum key_kind {
+    KEY_COUNT,       /* 1..1000000 */
+    KEY_COUNT0,      /* 0..1000000, 0 meaning off */
+    KEY_DURATION,
+    KEY_SIZE,
+    KEY_BOOL,
+};
+
+struct simple_key {
+    const char *name;
+    enum key_kind kind;
+    size_t offset;
+};
+
+#define FIELD(f) offsetof(struct odmrd_conf, f)
+static const struct simple_key simple_keys[] = {
+    {"require_tls", KEY_BOOL, FIELD(require_tls)},
+    {"max_recipients", KEY_COUNT, FIELD(max_recipients)},
+    {"domain_quota", KEY_SIZE, FIELD(domain_quota)},
+    {"queue_lifetime", KEY_DURATION, FIELD(queue_lifetime)},
+    {"max_connections", KEY_COUNT, FIELD(max_connections)},
+    {"max_connections_per_ip", KEY_COUNT, FIELD(max_connections_per_ip)},
+    {"smtp_max_connections", KEY_COUNT, FIELD(smtp_max_connections)},
+    {"lmtp_max_connections", KEY_COUNT, FIELD(lmtp_max_connections)},
+    {"odmr_max_connections", KEY_COUNT, FIELD(odmr_max_connections)},
+    {"timeout", KEY_DURATION, FIELD(timeout)},
+    {"command_deadline", KEY_DURATION, FIELD(command_deadline)},
+    {"data_min_rate", KEY_COUNT0, FIELD(data_min_rate)},
+    {"auth_failure_limit", KEY_COUNT, FIELD(auth_failure_limit)},
+    {"auth_failure_window", KEY_DURATION, FIELD(auth_failure_window)},
+};
+
+static bool simple_value(struct odmrd_conf *c, const struct simple_key *k,
+                         const char *v, char *err, size_t n)
+{
+    void *field = (char *)c + k->offset;
+    switch (k->kind) {
+    case KEY_COUNT:
+        return count_key(v, field, err, n);
+    case KEY_COUNT0:
+        if (parse_ulong(v, 1000000, field))
+            return true;
+        snprintf(err, n, "\"%s\": expected a number from 0 to 1000000", v);
+        return false;
+    case KEY_DURATION:
+        return duration_key(v, field, err, n);
+    case KEY_SIZE:
+        return size_key(v, field, err, n);
+    case KEY_BOOL:
+        if (parse_bool(v, field))
+            return true;
+        snprintf(err, n, "\"%s\": expected yes or no", v);
+        return false;
+    }
+    return false;
+}
+
+/* 1 when k is a simple key (then *ok tells whether v was good), else 0. */
+static int simple_key(struct odmrd_conf *c, const char *k, const char *v,
+                      bool *ok, char *err, size_t n)
+{
+    for (size_t i = 0; i < sizeof simple_keys / sizeof simple_keys[0]; i++) {
+        if (!strcmp(k, simple_keys[i].name)) {
+            *ok = simple_value(c, &simple_keys[i], v, err, n);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 static int conf_key(void *ctx, const char *k, const char *v, char *err, size_t n)
 {
     struct odmrd_conf *c = ctx;
     bool ok;
-    if (!strcmp(k, "hostname")) {
+    if (simple_key(c, k, v, &ok, err, n))
+        ;
+    else if (!strcmp(k, "hostname")) {
         ok = addr_valid_domain(v, false) && str_copy(c->hostname, v, sizeof c->hostname);
         if (!ok)
             snprintf(err, n, "\"%s\": not a valid host name", v);
@@ -201,11 +280,7 @@ static int conf_key(void *ctx, const char *k, const char *v, char *err, size_t n
         ok = set_path(c->tls_cert_file, sizeof c->tls_cert_file, v, err, n, true);
     else if (!strcmp(k, "tls_key_file"))
         ok = set_path(c->tls_key_file, sizeof c->tls_key_file, v, err, n, true);
-    else if (!strcmp(k, "require_tls")) {
-        ok = parse_bool(v, &c->require_tls);
-        if (!ok)
-            snprintf(err, n, "\"%s\": expected yes or no", v);
-    } else if (!strcmp(k, "sasl_mechanisms"))
+    else if (!strcmp(k, "sasl_mechanisms"))
         ok = valid_mechanisms(v, err, n) &&
              str_copy(c->sasl_mechanisms, v, sizeof c->sasl_mechanisms);
     else if (!strcmp(k, "max_message_size")) {
@@ -214,22 +289,10 @@ static int conf_key(void *ctx, const char *k, const char *v, char *err, size_t n
         if (ok == false && !err[0])
             snprintf(err, n, "must be more than 0");
     }
-    else if (!strcmp(k, "max_recipients"))
-        ok = count_key(v, &c->max_recipients, err, n);
-    else if (!strcmp(k, "domain_quota"))
-        ok = size_key(v, &c->domain_quota, err, n);
-    else if (!strcmp(k, "queue_lifetime"))
-        ok = duration_key(v, &c->queue_lifetime, err, n);
     else if (!strcmp(k, "bounce_relay"))
         ok = parse_hostport(v, c->bounce_relay_host, sizeof c->bounce_relay_host,
                             c->bounce_relay_port, sizeof c->bounce_relay_port,
                             err, n);
-    else if (!strcmp(k, "max_connections"))
-        ok = count_key(v, &c->max_connections, err, n);
-    else if (!strcmp(k, "max_connections_per_ip"))
-        ok = count_key(v, &c->max_connections_per_ip, err, n);
-    else if (!strcmp(k, "timeout"))
-        ok = duration_key(v, &c->timeout, err, n);
     else if (!strcmp(k, "user"))
         ok = str_copy(c->user, v, sizeof c->user);
     else if (!strcmp(k, "pid_file"))
@@ -260,12 +323,39 @@ static int forward_key(void *ctx, const char *k, const char *v, char *err,
     return conf_key(r->conf, k, v, err, n);
 }
 
+/* Per-service budgets not given are shares of max_connections (60% SMTP,
+ * 20% LMTP, the rest ODMR), so that by default they add up to the total
+ * and a flood of one service cannot take the others' room. */
+static void derive_budgets(struct odmrd_conf *c)
+{
+    unsigned long total = c->max_connections;
+    if (!c->smtp_max_connections)
+        c->smtp_max_connections = total * 6 / 10 ? total * 6 / 10 : 1;
+    if (!c->lmtp_max_connections)
+        c->lmtp_max_connections = total * 2 / 10 ? total * 2 / 10 : 1;
+    if (!c->odmr_max_connections) {
+        unsigned long used = c->smtp_max_connections + c->lmtp_max_connections;
+        c->odmr_max_connections = total > used ? total - used : 1;
+    }
+}
+
 /* Checks that need the whole file: keys that only make sense together. */
-static int conf_check(const struct odmrd_conf *c,
+static int conf_check(struct odmrd_conf *c,
                       void (*report)(void *ctx, const char *msg), void *ctx)
 {
-    char msg[PATH_MAX + 128];
+    char msg[PATH_MAX + 256];
     int problems = 0;
+    derive_budgets(c);
+    if (c->smtp_max_connections + c->lmtp_max_connections +
+        c->odmr_max_connections > c->max_connections) {
+        /* allowed (a busy service may borrow), but then no longer a
+         * guarantee: say so, without refusing the file */
+        snprintf(msg, sizeof msg, "%s: warning: smtp_, lmtp_ and "
+                 "odmr_max_connections add up to more than max_connections "
+                 "(%lu): a flood of one service can refuse another", c->path,
+                 c->max_connections);
+        report(ctx, msg);
+    }
     if (!!c->tls_cert_file[0] != !!c->tls_key_file[0]) {
         snprintf(msg, sizeof msg, "%s: tls_cert_file and tls_key_file go "
                  "together", c->path);

@@ -43,8 +43,17 @@ struct odmrd_conf {
     char bounce_relay_host[256];
     char bounce_relay_port[8];
     unsigned long max_connections;
-    unsigned long max_connections_per_ip;
-    long timeout;
+    unsigned long max_connections_per_ip;   /* per service */
+    /* Session budgets per service inside max_connections; 0 in the file
+     * is never stored: conf_load derives unset ones (conf.c). */
+    unsigned long smtp_max_connections;
+    unsigned long lmtp_max_connections;
+    unsigned long odmr_max_connections;
+    long timeout;                    /* per read or write, seconds */
+    long command_deadline;           /* a whole command line, seconds */
+    unsigned long data_min_rate;     /* DATA bytes/s beyond timeout; 0 off */
+    unsigned long auth_failure_limit;   /* per client address and window */
+    long auth_failure_window;        /* seconds */
     char user[64];
     char pid_file[PATH_MAX];
 };

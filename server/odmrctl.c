@@ -33,15 +33,16 @@
  * Privileges: run as root, odmrctl becomes the owner of spool_dir (or the
  * configured `user` when the spool does not exist yet) before touching the
  * queue or the database, so files it creates stay owned by the daemon user,
- * the way Postfix's postdrop works.  umask is 077: nothing it creates is
- * readable by others.
+ * the way Postfix's postdrop works; it switches exactly as odmrd does
+ * (server/ownership.h).  A permission error (exit 77) ends with whom it
+ * acted as, e.g. "(acting as user odmr, the owner of the spool)", since
+ * a root shell would otherwise not see why root was refused.  umask is
+ * 077: nothing it creates is readable by others.
  *
  * Output formats are documented next to the functions printing them. */
 #include <ctype.h>
 #include <errno.h>
-#include <grp.h>
 #include <inttypes.h>
-#include <pwd.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -63,6 +64,7 @@
 #include "bounce.h"
 #include "conf.h"
 #include "envelope.h"
+#include "ownership.h"
 #include "queue.h"
 
 /* RFC 5321 6.3: a message that went through this many hops is looping. */
@@ -89,9 +91,15 @@ struct ctl {
 
 /* ================================================================ errors */
 
+/* Who odmrctl is when it touches the spool and the database, for
+ * permission errors: "acting as user odmr" after root switched, else
+ * "running as user alice".  Empty until the configuration is loaded. */
+static char identity_note[128];
+
 static int fail(int code, const char *fmt, ...) PRINTF_LIKE(2, 3);
 
-/* Prints "odmrctl: <message>" on stderr and returns code. */
+/* Prints "odmrctl: <message>" on stderr and returns code.  A permission
+ * error says whose permission it was: root acts as another user here. */
 static int fail(int code, const char *fmt, ...)
 {
     va_list ap;
@@ -100,6 +108,8 @@ static int fail(int code, const char *fmt, ...)
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
     va_end(ap);
+    if (code == EX_NOPERM && identity_note[0])
+        fprintf(stderr, " (%s)", identity_note);
     fputc('\n', stderr);
     return code;
 }
@@ -171,46 +181,46 @@ static void print_report(void *ctx, const char *msg)
     fail(0, "%s", msg);
 }
 
-/* The uid/gid the daemon runs as, judged by who owns the spool. */
-static int daemon_identity(const struct odmrd_conf *conf, uid_t *uid,
-                           gid_t *gid)
+/* The user the daemon runs as, judged by who owns the spool (odmrd gives
+ * it the whole spool at start); the configured user before the spool
+ * exists; root when neither says otherwise. */
+static int daemon_identity(const struct odmrd_conf *conf, struct own_user *u,
+                           const char **why)
 {
     struct stat st;
-    *uid = 0;
-    *gid = 0;
+    *why = "the configured user";
     if (stat(conf->spool_dir, &st) == 0) {
-        struct passwd *pw = getpwuid(st.st_uid);
-        *uid = st.st_uid;
-        *gid = pw ? pw->pw_gid : st.st_gid;
+        own_user_by_uid(st.st_uid, st.st_gid, u);
+        *why = "the owner of the spool";
         return EX_OK;
     }
-    if (conf->user[0]) {
-        struct passwd *pw = getpwnam(conf->user);
-        if (!pw)
-            return fail(EX_CONFIG, "%s: user %s does not exist", conf->path,
-                        conf->user);
-        *uid = pw->pw_uid;
-        *gid = pw->pw_gid;
-    }
+    if (conf->user[0] && !own_user_by_name(conf->user, u))
+        return fail(EX_CONFIG, "%s: user %s does not exist", conf->path,
+                    conf->user);
+    if (!conf->user[0])
+        own_user_by_uid(0, 0, u);
     return EX_OK;
 }
 
-/* Root becomes the daemon user, so that what odmrctl creates in the spool
- * and the database stays usable (and owned) by odmrd. */
+/* Root becomes the daemon user, exactly as odmrd does, so that what
+ * odmrctl creates in the spool and the database stays usable (and owned)
+ * by odmrd. */
 static int drop_privileges(const struct odmrd_conf *conf)
 {
+    struct own_user u;
+    own_user_by_uid(geteuid(), getegid(), &u);
+    snprintf(identity_note, sizeof identity_note, "running as user %s", u.name);
     if (geteuid() != 0)
         return EX_OK;
-    uid_t uid;
-    gid_t gid;
-    int rc = daemon_identity(conf, &uid, &gid);
-    if (rc != EX_OK || uid == 0)
+    const char *why;
+    int rc = daemon_identity(conf, &u, &why);
+    if (rc != EX_OK || u.uid == 0)
         return rc;
-    if (setgroups(1, &gid) != 0 || setgid(gid) != 0 || setuid(uid) != 0)
-        return fail(EX_NOPERM, "cannot switch to uid %lu: %s",
-                    (unsigned long)uid, strerror(errno));
-    if (setuid(0) == 0)   /* must be impossible now */
-        return fail(EX_NOPERM, "could not give up root privileges");
+    char err[256];
+    if (!own_become(&u, err, sizeof err))
+        return fail(EX_NOPERM, "cannot switch to user %s: %s", u.name, err);
+    snprintf(identity_note, sizeof identity_note, "acting as user %s, %s",
+             u.name, why);
     return EX_OK;
 }
 

@@ -7,7 +7,6 @@
  * small: it only accepts, counts connections and reaps children. */
 #include <errno.h>
 #include <fcntl.h>
-#include <grp.h>
 #include <netdb.h>
 #include <poll.h>
 #include <pwd.h>
@@ -30,6 +29,8 @@
 #include "auxprop.h"
 #include "conf.h"
 #include "expire.h"
+#include "guard.h"
+#include "ownership.h"
 #include "queue.h"
 #include "session.h"
 #include "workers.h"
@@ -223,33 +224,66 @@ static void close_listeners(void)
 
 /* ---------------------------------------------------------- privileges */
 
-static bool drop_privileges(const char *spool, const char *db)
+static struct own_user daemon_user;   /* whom start-up switches to */
+static bool switch_user;
+
+static struct own_paths own_paths(void)
 {
+    return (struct own_paths){conf.spool_dir, conf.accounts_db, conf.pid_file};
+}
+
+static void log_finding(void *ctx, enum own_level level, const char *msg)
+{
+    (void)ctx;
+    if (level == OWN_NOTE)
+        log_info("%s", msg);
+    else
+        log_err("%s", msg);
+}
+
+/* Before anything is bound: the identity the daemon will run as must be
+ * able to use the spool, the database and the pid file's directory, all
+ * of them.  Started as root with "user", odmrd first gives the spool tree
+ * and the database to that user (ownership.h: completely or not at all);
+ * a problem found here is one odmrd cannot fix, so it does not start. */
+static bool prepare_identity(void)
+{
+    struct own_paths p = own_paths();
     if (!conf.user[0]) {
-        if (geteuid() == 0)
+        if (geteuid() == 0) {   /* root can use everything */
             log_warn("running as root: set \"user\" in %s", conf.path);
-        return true;
+            return true;
+        }
+        own_user_by_uid(geteuid(), getegid(), &daemon_user);
+        return own_check(&p, &daemon_user, OWN_SELF, log_finding, NULL) == 0;
     }
-    struct passwd *pw = getpwnam(conf.user);
-    if (!pw) {
+    if (!own_user_by_name(conf.user, &daemon_user)) {
         log_err("user %s: no such user", conf.user);
         return false;
     }
-    /* The spool and the database belong to the daemon user, readable by
-     * nobody else. */
-    if (chown(spool, pw->pw_uid, pw->pw_gid) != 0)
-        log_warn("chown %s: %s", spool, strerror(errno));
-    static const char *const subs[] = {"tmp", "q"};
-    char dir[PATH_MAX];
-    for (size_t i = 0; i < 2; i++)
-        if (str_fmt(dir, sizeof dir, "%s/%s", spool, subs[i]) &&
-            chown(dir, pw->pw_uid, pw->pw_gid) != 0)
-            log_warn("chown %s: %s", dir, strerror(errno));
-    if (access(db, F_OK) == 0 && chown(db, pw->pw_uid, pw->pw_gid) != 0)
-        log_warn("chown %s: %s", db, strerror(errno));
-    if (setgroups(0, NULL) != 0 || setgid(pw->pw_gid) != 0 ||
-        setuid(pw->pw_uid) != 0) {
-        log_err("cannot switch to user %s: %s", conf.user, strerror(errno));
+    if (geteuid() == daemon_user.uid)
+        return own_check(&p, &daemon_user, OWN_SELF, log_finding, NULL) == 0;
+    if (geteuid() != 0) {
+        log_err("cannot switch to user %s: odmrd must be started as root "
+                "(or as %s)", conf.user, conf.user);
+        return false;
+    }
+    switch_user = true;
+    int problems = own_check(&p, &daemon_user, OWN_TAKE, log_finding, NULL);
+    if (problems)
+        log_err("not started: %d problem%s with what user %s must use (see "
+                "above)", problems, problems == 1 ? "" : "s", conf.user);
+    return problems == 0;
+}
+
+/* After binding: become the user for good. */
+static bool drop_privileges(void)
+{
+    char err[256];
+    if (!switch_user)
+        return true;
+    if (!own_become(&daemon_user, err, sizeof err)) {
+        log_err("cannot switch to user %s: %s", conf.user, err);
         return false;
     }
     return true;
@@ -306,6 +340,7 @@ static void worker_session(int fd, const struct worker_job *job)
 {
     struct session_peer peer = {.fd = fd};
     str_copy(peer.addr, job->addr, sizeof peer.addr);
+    peer.stress = job->stress;
     session_stop_requested = 0;
     if (job->service == SVC_ODMR)
         odmr_session_run(&conf, tls_ctx, &peer);
@@ -314,6 +349,29 @@ static void worker_session(int fd, const struct worker_job *job)
     session_idle = 1;   /* between sessions a stop request ends us at once */
     if (session_stop_requested)
         _exit(0);
+}
+
+static const char *service_name(enum service svc)
+{
+    return svc == SVC_ODMR ? "odmr" : svc == SVC_SMTP ? "smtp" : "lmtp";
+}
+
+static size_t service_budget(enum service svc)
+{
+    return svc == SVC_ODMR ? conf.odmr_max_connections
+           : svc == SVC_SMTP ? conf.smtp_max_connections
+                             : conf.lmtp_max_connections;
+}
+
+/* The pool's budgets and the failure table's settings, at start and at
+ * every reload (the table itself is kept: throttle.h). */
+static void apply_limits(void)
+{
+    size_t budgets[POOL_SERVICES];
+    for (int svc = 0; svc < POOL_SERVICES; svc++)
+        budgets[svc] = service_budget((enum service)svc);
+    pool_set_limits(budgets, conf.max_connections_per_ip);
+    guard_configure(&conf);
 }
 
 static void accept_one(const struct listener *l)
@@ -326,7 +384,7 @@ static void accept_one(const struct listener *l)
         return;   /* EAGAIN, ECONNABORTED, EMFILE: try again at next poll */
     fcntl(fd, F_SETFD, FD_CLOEXEC);
     peer_name(&ss, job.addr, sizeof job.addr);
-    switch (pool_dispatch(fd, &job, conf.max_connections_per_ip)) {
+    switch (pool_dispatch(fd, &job)) {
     case POOL_OK:
         return;
     case POOL_FULL:
@@ -334,9 +392,14 @@ static void accept_one(const struct listener *l)
                  job.addr, conf.max_connections);
         refuse(fd, "Too many connections, try again later");
         return;
+    case POOL_SERVICE_FULL:
+        log_warn("connection from %s refused: %s_max_connections (%zu) reached",
+                 job.addr, service_name(l->svc), service_budget(l->svc));
+        refuse(fd, "Too many connections, try again later");
+        return;
     case POOL_PER_IP:
-        log_warn("connection from %s refused: max_connections_per_ip (%lu)",
-                 job.addr, conf.max_connections_per_ip);
+        log_warn("connection from %s refused: max_connections_per_ip (%lu) for %s",
+                 job.addr, conf.max_connections_per_ip, service_name(l->svc));
         refuse(fd, "Too many connections from your address");
         return;
     default:
@@ -402,6 +465,7 @@ static void reload(void)
     tls_ctx = ctx;
     conf = fresh;
     auxprop_set_db(conf.accounts_db);
+    apply_limits();
     pool_retire_all();   /* sessions from now on use the new settings */
     log_info("configuration reloaded from %s", conf.path);
 }
@@ -461,6 +525,31 @@ static void main_loop(void)
 }
 
 /* ------------------------------------------------------------ startup */
+
+/* "127.0.0.1:25 (smtp), [::1]:366 (odmr), unix:/run/odmr/lmtp (lmtp)":
+ * what an operator compares with ss -ltnp and the MTA's configuration. */
+static void describe_listeners(char *buf, size_t n)
+{
+    const struct { const char *name; const struct listen_addr *list; size_t count; }
+        kinds[] = {{"smtp", conf.smtp_listen, conf.n_smtp_listen},
+                   {"odmr", conf.odmr_listen, conf.n_odmr_listen},
+                   {"lmtp", conf.lmtp_listen, conf.n_lmtp_listen}};
+    size_t len = 0;
+    str_copy(buf, "nothing", n);
+    for (size_t k = 0; k < 3; k++)
+        for (size_t i = 0; i < kinds[k].count && len < n; i++) {
+            const struct listen_addr *a = &kinds[k].list[i];
+            const char *sep = len ? ", " : "";
+            int w = a->is_unix ? snprintf(buf + len, n - len, "%sunix:%s (%s)",
+                                          sep, a->host, kinds[k].name)
+                  : strchr(a->host, ':')
+                      ? snprintf(buf + len, n - len, "%s[%s]:%s (%s)", sep,
+                                 a->host, a->port, kinds[k].name)
+                      : snprintf(buf + len, n - len, "%s%s:%s (%s)", sep,
+                                 a->host, a->port, kinds[k].name);
+            len = w < 0 ? n : len + (size_t)w;
+        }
+}
 
 static bool daemonize(void)
 {
@@ -614,6 +703,46 @@ static int check_mechanisms(void)
     return 0;
 }
 
+static void print_finding(void *ctx, enum own_level level, const char *msg)
+{
+    (void)ctx;
+    fprintf(stderr, "odmrd: %s%s\n", level == OWN_NOTE ? "note: " : "", msg);
+}
+
+static void ignore_finding(void *ctx, enum own_level level, const char *msg)
+{
+    (void)ctx;
+    (void)level;
+    (void)msg;
+}
+
+/* -t: can the identity odmrd will run as use the spool, the database and
+ * the pid file's directory?  Root checks as "user" (what start-up gives
+ * to the user by chown is a note, the rest a problem), the user as
+ * itself.  Anybody else can only check as itself, which proves nothing
+ * about "user" (and its fixes would name the wrong user): one note says
+ * so, with how many problems it saw for itself. */
+static int check_daemon_user(void)
+{
+    struct own_paths p = own_paths();
+    struct own_user u, self;
+    own_user_by_uid(geteuid(), getegid(), &self);
+    if (!conf.user[0])
+        return geteuid() == 0 ? 0 : own_check(&p, &self, OWN_SELF, print_finding, NULL);
+    if (!own_user_by_name(conf.user, &u))
+        return 0;   /* "no such user" is reported by check_usable */
+    if (geteuid() == 0)
+        return own_check(&p, &u, OWN_PREDICT, print_finding, NULL);
+    if (geteuid() == u.uid)
+        return own_check(&p, &u, OWN_SELF, print_finding, NULL);
+    int seen = own_check(&p, &self, OWN_SELF, ignore_finding, NULL);
+    fprintf(stderr, "odmrd: note: run as %s, not as root or %s: whether %s "
+            "can use spool_dir, accounts_db and pid_file is not checked (as "
+            "%s: %d problem%s); run odmrd -t as root for that\n", self.name,
+            u.name, u.name, self.name, seen, seen == 1 ? "" : "s");
+    return 0;
+}
+
 /* -t: beyond syntax, what start-up would trip over. */
 static int check_usable(void)
 {
@@ -626,6 +755,7 @@ static int check_usable(void)
         fprintf(stderr, "odmrd: %s: user %s: no such user\n", conf.path, conf.user);
         problems++;
     }
+    problems += check_daemon_user();
     if (conf.tls_cert_file[0]) {
         SSL_CTX *ctx = tls_server_ctx(conf.tls_cert_file, conf.tls_key_file, err,
                                       sizeof err);
@@ -694,15 +824,19 @@ static int start(const struct options *o)
         log_err("spool: %s", err);
         return EX_CONFIG_;
     }
+    if (!prepare_identity())
+        return EX_CONFIG_;
     if (!open_listeners(conf.odmr_listen, conf.n_odmr_listen, SVC_ODMR) ||
         !open_listeners(conf.smtp_listen, conf.n_smtp_listen, SVC_SMTP) ||
         !open_listeners(conf.lmtp_listen, conf.n_lmtp_listen, SVC_LMTP))
         return EX_OSERR_;
-    if (!drop_privileges(conf.spool_dir, conf.accounts_db))
+    if (!drop_privileges())
         return EX_CONFIG_;
-    if (!pool_init(conf.max_connections, worker_session, worker_setup) ||
+    if (!pool_init(conf.max_connections, worker_session, worker_setup,
+                   guard_handle) ||
         !setup_signals())
         return EX_OSERR_;
+    apply_limits();
     if (!o->foreground && !daemonize())
         return EX_OSERR_;
     write_pid_file();
@@ -710,8 +844,10 @@ static int start(const struct options *o)
      * files older than a minute go now, so a concurrent odmrctl enqueue
      * is never disturbed; the periodic run catches the rest. */
     queue_cleanup(&q, 60);
-    log_info("started: odmrd %s, %zu listeners, spool %s", ODMR_VERSION,
-             nlisteners, conf.spool_dir);
+    char where[1024];
+    describe_listeners(where, sizeof where);
+    log_info("started: odmrd %s, listening on %s, spool %s", ODMR_VERSION,
+             where, conf.spool_dir);
     return 0;
 }
 

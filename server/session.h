@@ -16,6 +16,7 @@
 struct session_peer {
     int fd;
     char addr[64];        /* printable client address, "unix" for sockets */
+    bool stress;          /* the service is above 80% of its budget */
 };
 
 /* Inbound SMTP (lmtp = false) or LMTP (lmtp = true) on an accepted socket. */
@@ -26,6 +27,17 @@ void smtp_session_run(const struct odmrd_conf *conf, SSL_CTX *tls,
 void odmr_session_run(const struct odmrd_conf *conf, SSL_CTX *tls,
                       const struct session_peer *peer);
 
+/* Idle timeout of a session that starts while its service is above 80% of
+ * its budget (Postfix's stress-dependent smtpd_timeout): idle clients then
+ * make room for new ones sooner. */
+#define SESSION_STRESS_TIMEOUT 10
+
+/* Starts the session's I/O on peer->fd: `timeout` per wait (or
+ * SESSION_STRESS_TIMEOUT under stress, logged), `command_deadline` for
+ * every line read with io_getline, and marks the session idle. */
+void session_start_io(struct io *io, const struct odmrd_conf *conf,
+                      const struct session_peer *peer);
+
 /* One reply line (CRLF added), traced with -d. */
 void session_reply(struct io *io, const char *peer, const char *fmt, ...)
     PRINTF_LIKE(3, 4);
@@ -33,13 +45,28 @@ void session_reply(struct io *io, const char *peer, const char *fmt, ...)
 /* After this many bad commands the client is not talking SMTP: 421. */
 #define SESSION_MAX_BAD_COMMANDS 20
 
+/* NOOP, RSET, HELP and VRFY move no mail; more than this many (Postfix's
+ * smtpd_junk_command_limit) and the session is ended, or a client sending
+ * NOOP just inside the timeout would hold its slot forever. */
+#define SESSION_MAX_JUNK_COMMANDS 100
+
+/* Counts verb in *junk when it is a junk command; true after sending
+ * 421 4.7.0 when that makes too many (the session is then over). */
+bool session_too_much_junk(struct io *io, const char *peer,
+                           const char *hostname, int verb, unsigned *junk);
+
+/* After a timeout or deadline while reading from the client: sends the
+ * matching 421 4.4.2 and returns true; false for any other status. */
+bool session_timed_out(struct io *io, const char *peer, const char *hostname);
+
 enum command_read { COMMAND_OK, COMMAND_BAD, COMMAND_END };
 struct smtp_cmd;
 /* Reads one command line into line (n bytes) and parses it into cmd.  A
  * line with a NUL or longer than limit(verb) + CRLF gets its 500 here and
  * counts in *bad_commands (COMMAND_BAD), so that endless junk cannot hold
  * a session.  COMMAND_END: the session is over — connection gone, timeout
- * (421 4.4.2 sent) or too many bad commands (421 4.7.0 sent). */
+ * or command_deadline (421 4.4.2 sent) or too many bad commands (421 4.7.0
+ * sent). */
 enum command_read session_read_command(struct io *io, const char *peer,
                                        const char *hostname, char *line,
                                        size_t n, size_t (*limit)(int verb),

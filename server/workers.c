@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,14 +27,30 @@ static struct worker *workers;
 static size_t nworkers, max_workers;
 static worker_session_fn run_session;
 static worker_setup_fn setup_worker;
+static worker_request_fn handle_request;
+static size_t budgets[POOL_SERVICES], per_ip_limit;
+static bool stressed[POOL_SERVICES];
+static int own_chan = -1;        /* in a worker: its end of the channel */
+static const char *const service_names[POOL_SERVICES] = {"odmr", "smtp", "lmtp"};
 
-bool pool_init(size_t max, worker_session_fn session, worker_setup_fn setup)
+bool pool_init(size_t max, worker_session_fn session, worker_setup_fn setup,
+               worker_request_fn request)
 {
     workers = calloc(max ? max : 1, sizeof *workers);
     max_workers = max;
     run_session = session;
     setup_worker = setup;
+    handle_request = request;
+    for (size_t i = 0; i < POOL_SERVICES; i++)
+        budgets[i] = max;
     return workers != NULL;
+}
+
+void pool_set_limits(const size_t budget[POOL_SERVICES], size_t per_ip_max)
+{
+    for (size_t i = 0; i < POOL_SERVICES; i++)
+        budgets[i] = budget[i] ? budget[i] : max_workers;
+    per_ip_limit = per_ip_max;
 }
 
 size_t pool_busy(void)
@@ -74,6 +91,7 @@ static bool receive_job(int chan, int *fd, struct worker_job *job)
 
 static void worker_main(int chan)
 {
+    own_chan = chan;
     setup_worker();
     for (unsigned used = 1;; used++) {
         int fd;
@@ -86,20 +104,61 @@ static void worker_main(int chan)
          * exit (EOF on the channel) tells it instead. */
         if (used >= WORKER_MAX_USE)
             break;
-        char done = 'd';
-        if (write(chan, &done, 1) != 1)
+        struct worker_msg done = {.type = WMSG_DONE};
+        if (send(chan, &done, sizeof done, MSG_NOSIGNAL) != (ssize_t)sizeof done)
             break;
     }
     _exit(0);
 }
 
+bool worker_ask(struct worker_msg *msg, int timeout_ms)
+{
+    static unsigned seq;
+    if (own_chan < 0)
+        return false;
+    msg->type = WMSG_REQUEST;
+    msg->seq = ++seq;
+    if (send(own_chan, msg, sizeof *msg, MSG_NOSIGNAL) != (ssize_t)sizeof *msg)
+        return false;
+    int64_t deadline = now_ms() + timeout_ms;
+    for (;;) {
+        int64_t left = deadline - now_ms();
+        struct pollfd p = {.fd = own_chan, .events = POLLIN};
+        int rc = left > 0 ? poll(&p, 1, (int)left) : 0;
+        if (rc < 0 && errno == EINTR)
+            continue;
+        if (rc <= 0)
+            return false;
+        struct worker_msg in;
+        ssize_t got = recv(own_chan, &in, sizeof in, 0);
+        if (got <= 0)
+            return false;
+        /* an answer that came too late for an earlier question is dropped */
+        if (got == (ssize_t)sizeof in && in.type == WMSG_ANSWER && in.seq == msg->seq) {
+            *msg = in;
+            return true;
+        }
+    }
+}
+
+void worker_tell(const struct worker_msg *msg)
+{
+    struct worker_msg m = *msg;
+    m.type = WMSG_NOTE;
+    if (own_chan >= 0 && send(own_chan, &m, sizeof m, MSG_NOSIGNAL) < 0)
+        log_debug("cannot report to the master: %s", strerror(errno));
+}
+
 /* ------------------------------------------------------------- master */
 
-static struct worker *spawn(void)
+/* A new worker.  client is the connection being dispatched: the child
+ * must not keep its inherited copy, or that connection would stay open
+ * after the session closes it (the worker lives on for more sessions). */
+static struct worker *spawn(int client)
 {
     int sv[2];
     if (nworkers >= max_workers ||
-        socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
+        socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0)
         return NULL;
     pid_t pid = fork();
     if (pid < 0) {
@@ -110,6 +169,7 @@ static struct worker *spawn(void)
     }
     if (pid == 0) {
         close(sv[0]);
+        close(client);
         for (size_t i = 0; i < nworkers; i++)   /* other workers' channels */
             if (workers[i].chan >= 0)
                 close(workers[i].chan);
@@ -158,28 +218,59 @@ static struct worker *idle_worker(void)
     return NULL;
 }
 
-static size_t sessions_from(const char *addr)
+static size_t sessions_from(const char *addr, int service)
 {
     size_t n = 0;
     for (size_t i = 0; i < nworkers; i++)
-        n += workers[i].busy && !strcmp(workers[i].job.addr, addr);
+        n += workers[i].busy && workers[i].job.service == service &&
+             !strcmp(workers[i].job.addr, addr);
     return n;
 }
 
-enum pool_result pool_dispatch(int fd, const struct worker_job *job,
-                               size_t per_ip_max)
+size_t pool_service_busy(int service)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < nworkers; i++)
+        n += workers[i].busy && workers[i].job.service == service;
+    return n;
+}
+
+/* Above 80% of its budget a service is under stress; each change is one
+ * log line. */
+static bool update_stress(int service, size_t busy)
+{
+    bool now = busy * 10 > budgets[service] * 8;
+    if (now != stressed[service]) {
+        stressed[service] = now;
+        if (now)
+            log_warn("stress: %s sessions %zu of %zu (over 80%% of %s_max_connections):"
+                     " idle timeouts shortened", service_names[service], busy,
+                     budgets[service], service_names[service]);
+        else
+            log_info("stress: %s sessions %zu of %zu: back to normal timeouts",
+                     service_names[service], busy, budgets[service]);
+    }
+    return now;
+}
+
+enum pool_result pool_dispatch(int fd, struct worker_job *job)
 {
     enum pool_result r = POOL_OK;
-    if (per_ip_max && strcmp(job->addr, "unix") &&
-        sessions_from(job->addr) >= per_ip_max)
+    int svc = job->service >= 0 && job->service < POOL_SERVICES ? job->service : 0;
+    if (per_ip_limit && strcmp(job->addr, "unix") &&
+        sessions_from(job->addr, svc) >= per_ip_limit)
         return POOL_PER_IP;
+    size_t busy = pool_service_busy(svc);
+    if (busy >= budgets[svc])
+        return POOL_SERVICE_FULL;
     if (pool_busy() >= max_workers)
         return POOL_FULL;
+    job->stress = update_stress(svc, busy + 1);
     /* Two tries: an idle worker may have died a moment ago. */
     for (int attempt = 0; attempt < 2; attempt++) {
         struct worker *w = idle_worker();
         if (!w)
-            w = spawn();
+            w = spawn(fd);
         if (!w) {
             r = POOL_ERROR;
             break;
@@ -221,6 +312,25 @@ static size_t idle_count(void)
     return n;
 }
 
+/* A request or note from a busy worker, about the session it serves. */
+static void answer(struct worker *w, struct worker_msg *msg, size_t len)
+{
+    if (len != sizeof *msg || !w->busy || !handle_request ||
+        (msg->type != WMSG_REQUEST && msg->type != WMSG_NOTE))
+        return;   /* nothing a well-behaved worker sends: ignored */
+    msg->account[sizeof msg->account - 1] = '\0';
+    bool wants_answer = msg->type == WMSG_REQUEST;
+    handle_request(&w->job, msg);
+    if (!wants_answer)
+        return;
+    msg->type = WMSG_ANSWER;
+    /* Never block the master: a worker that does not read its answers
+     * only loses them (it then proceeds without, see worker_ask). */
+    if (send(w->chan, msg, sizeof *msg, MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
+        log_debug("answer to session process %ld lost: %s", (long)w->pid,
+                  strerror(errno));
+}
+
 void pool_handle(const struct pollfd *pfd, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
@@ -229,15 +339,20 @@ void pool_handle(const struct pollfd *pfd, size_t n)
         struct worker *w = by_chan(pfd[i].fd);
         if (!w)
             continue;
-        char buf[16];
-        ssize_t got = read(w->chan, buf, sizeof buf);
+        struct worker_msg msg;
+        ssize_t got = recv(w->chan, &msg, sizeof msg, MSG_DONTWAIT);
         if (got <= 0) {
             if (got < 0 && (errno == EINTR || errno == EAGAIN))
                 continue;
             retire(w);   /* exited or crashed: SIGCHLD removes it */
             continue;
         }
+        if (got != (ssize_t)sizeof msg || msg.type != WMSG_DONE) {
+            answer(w, &msg, (size_t)got);
+            continue;
+        }
         w->busy = false;
+        update_stress(w->job.service, pool_service_busy(w->job.service));
         w->job.addr[0] = '\0';
         if (w->retire || idle_count() > WORKER_MAX_IDLE)
             retire(w);

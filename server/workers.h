@@ -6,7 +6,18 @@
  * a time, reports back, and is reused for up to WORKER_MAX_USE sessions,
  * like Postfix's max_use: forking per connection cost more than the whole
  * SMTP transaction on small machines.  Workers are forked on demand up to
- * max_connections, and idle ones beyond WORKER_MAX_IDLE are retired. */
+ * max_connections, and idle ones beyond WORKER_MAX_IDLE are retired.
+ *
+ * Each service has its own budget of sessions inside max_connections, and
+ * the per-address limit counts per service, so a flood of one service
+ * cannot refuse another.  A service above 80% of its budget is "under
+ * stress": its new sessions are told so (shorter idle timeouts).
+ *
+ * The channel is a SOCK_SEQPACKET pair, so messages keep their bounds:
+ * the master sends jobs (with the socket), the worker sends struct
+ * worker_msg - requests the master answers at once (the authentication
+ * failure table lives in the master, shared by all sessions) and, last,
+ * "done". */
 #ifndef ODMR_WORKERS_H
 #define ODMR_WORKERS_H
 
@@ -18,25 +29,64 @@
 #define WORKER_MAX_USE 200
 #define WORKER_MAX_IDLE 32
 
+#define POOL_SERVICES 3
+
 struct worker_job {
-    int service;                 /* which listener kind (odmrd's enum) */
+    int service;                 /* which listener kind (odmrd's enum), < POOL_SERVICES */
+    bool stress;                 /* the service is above 80% of its budget */
     char addr[64];               /* client address, printable */
+};
+
+enum worker_msg_type {
+    WMSG_DONE = 1,               /* session over: worker is idle */
+    WMSG_REQUEST,                /* answered with WMSG_ANSWER */
+    WMSG_NOTE,                   /* not answered */
+    WMSG_ANSWER,
+};
+
+/* A message between a worker and the master.  kind and the fields are
+ * the business of the request handler (odmrd.c); the pool only carries
+ * them, and fills in nothing the worker could fake: the client address
+ * is the one the master gave the worker with the job. */
+struct worker_msg {
+    int type;                    /* enum worker_msg_type */
+    unsigned seq;                /* an answer carries its request's */
+    int kind;                    /* what is asked or told */
+    long long value;             /* an answer's number, e.g. a delay */
+    int verdict;
+    char account[256];
 };
 
 /* Runs in the worker process for each session; fd belongs to it. */
 typedef void (*worker_session_fn)(int fd, const struct worker_job *job);
 /* Runs once in each new worker process right after fork. */
 typedef void (*worker_setup_fn)(void);
+/* Runs in the master for a worker's request or note: job is the session
+ * the worker serves; for a request, msg is turned into the answer. */
+typedef void (*worker_request_fn)(const struct worker_job *job,
+                                  struct worker_msg *msg);
 
 bool pool_init(size_t max_workers, worker_session_fn session,
-               worker_setup_fn setup);
+               worker_setup_fn setup, worker_request_fn request);
 
-enum pool_result { POOL_OK, POOL_FULL, POOL_PER_IP, POOL_ERROR };
+/* Session budgets per service (index = worker_job.service) and sessions
+ * allowed from one address in one service (0 = no limit). */
+void pool_set_limits(const size_t budget[POOL_SERVICES], size_t per_ip_max);
 
-/* Hands fd to a worker (the master's copy is closed in every case).
- * per_ip_max: sessions allowed from one address (0 = no limit). */
-enum pool_result pool_dispatch(int fd, const struct worker_job *job,
-                               size_t per_ip_max);
+enum pool_result { POOL_OK, POOL_FULL, POOL_SERVICE_FULL, POOL_PER_IP, POOL_ERROR };
+
+/* Hands fd to a worker (the master's copy is closed in every case unless
+ * the result is not POOL_OK: then the caller refuses and closes it).
+ * Sets job->stress. */
+enum pool_result pool_dispatch(int fd, struct worker_job *job);
+/* Sessions running for a service. */
+size_t pool_service_busy(int service);
+
+/* In a worker, during a session: asks the master and waits at most
+ * timeout_ms for its answer (msg becomes the answer); false without one. */
+bool worker_ask(struct worker_msg *msg, int timeout_ms);
+/* In a worker: tells the master something that needs no answer. */
+void worker_tell(const struct worker_msg *msg);
 
 /* Adds the workers' channels to a poll set; returns how many were added. */
 size_t pool_pollfds(struct pollfd *pfd, size_t max);

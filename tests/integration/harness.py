@@ -188,13 +188,17 @@ class SMTP:
     "\\n".  `lines` of the last reply is kept in self.last_lines."""
 
     def __init__(self, port=None, host="127.0.0.1", unix=None, timeout=15.0,
-                 greeting=True):
+                 greeting=True, source=None):
+        """source: the local address to connect from (127.0.0.0/8 lets a
+        test be many clients)."""
         if unix:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.settimeout(timeout)
             self.sock.connect(unix)
         else:
-            self.sock = socket.create_connection((host, port), timeout=timeout)
+            self.sock = socket.create_connection(
+                (host, port), timeout=timeout,
+                source_address=(source, 0) if source else None)
         self.buf = b""
         self.last_lines = []
         self.transcript = []

@@ -245,7 +245,8 @@ def test_conf_page_documents_every_key(env):
     for tag, body in entries(secs["KEYS"]):
         for key in tag.split(" / "):
             documented[key.strip()] = body
-    in_code = code_keys("server/conf.c", r'strcmp\(k, "([a-z_]+)"\)')
+    in_code = (code_keys("server/conf.c", r'strcmp\(k, "([a-z_]+)"\)') |
+               code_keys("server/conf.c", r'\{"([a-z_]+)", KEY_'))
     for key in sorted(set(SPEC_CONF_KEYS) | in_code):
         check(key in documented,
               "odmrd.conf(5) has no entry for the key %s" % key)

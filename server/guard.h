@@ -1,0 +1,41 @@
+/* guard.h - authentication throttling across sessions (issue: password
+ * guessing).  The table is in the master (throttle.h); sessions reach it
+ * through their worker channel (workers.h).
+ *
+ * Guarantee: every AUTH of every session is checked against, and reported
+ * to, the one table, so the limits hold across connections and session
+ * processes.  If the master does not answer within GUARD_ANSWER_MS (it
+ * never blocks, so only when it is gone), a session goes on: AUTH is
+ * allowed and a failure waits GUARD_FALLBACK_DELAY_MS - failing open
+ * keeps customers served, and the per-session limit of three failures
+ * still holds. */
+#ifndef ODMR_GUARD_H
+#define ODMR_GUARD_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "conf.h"
+#include "workers.h"
+
+#define GUARD_ANSWER_MS 2000
+#define GUARD_FALLBACK_DELAY_MS 1000
+
+/* --- in the master --- */
+void guard_configure(const struct odmrd_conf *conf);
+/* The pool's request handler (workers.h): answers the requests below. */
+void guard_handle(const struct worker_job *job, struct worker_msg *msg);
+
+/* --- in a session --- */
+/* May this client try AUTH now?  false: refuse with 454 and end. */
+bool guard_may_auth(void);
+/* Before checking a password of account: false = refuse (454); true
+ * after waiting for the account's turn when it is under attack. */
+bool guard_account_turn(const char *account);
+/* After a failed AUTH: reports it and waits as long as the table says
+ * (this session only) before the caller replies 535. */
+void guard_failed(const char *account);
+/* After a successful AUTH. */
+void guard_succeeded(const char *account);
+
+#endif
