@@ -7,6 +7,13 @@
  *    progress for timeout_ms"; a poll interrupted by a signal is resumed
  *    with the time that is left, measured on CLOCK_MONOTONIC.
  *
+ *  - A per-wait bound alone lets a peer that sends one byte every few
+ *    seconds hold a session forever, so two deadlines shorten it: the line
+ *    deadline (from the first byte of a line read by io_getline to its LF)
+ *    and an absolute one set by the caller (a whole phase, e.g. DATA).  A
+ *    wait cut short by either fails with IO_DEADLINE, not IO_TIMEOUT, so
+ *    that the log can tell a trickling peer from a silent one.
+ *
  *  - Output is buffered and flushed before any read that would have to wait
  *    for the peer.  A pipelining client (RFC 2920) therefore always gets the
  *    replies it waits for, and replies to a batch of pipelined commands leave
@@ -75,6 +82,11 @@ static int64_t mono_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+int64_t io_clock_ms(void)
+{
+    return mono_ms();
+}
+
 static int timeout_of(const struct io *io)
 {
     return io->timeout_ms > 0 ? io->timeout_ms : IO_DEFAULT_TIMEOUT_MS;
@@ -100,6 +112,41 @@ static enum io_status wait_fd(int fd, short events, int timeout_ms)
         if (errno != EINTR)
             return IO_ERROR;
     }
+}
+
+/* The bound of the next wait and what running out of it means: the idle
+ * timeout, or IO_DEADLINE when a deadline (the caller's phase deadline or
+ * line_due, 0 = none) comes first. */
+struct wait_limit {
+    int ms;
+    enum io_status expiry;
+};
+
+static struct wait_limit wait_limit(const struct io *io, int64_t line_due)
+{
+    struct wait_limit w = { timeout_of(io), IO_TIMEOUT };
+    int64_t due = io->deadline;
+
+    if (line_due && (!due || line_due < due))
+        due = line_due;
+    if (due) {
+        int64_t left = due - mono_ms();
+        if (left < w.ms) {
+            w.ms = left > 0 ? (int)left : 0;
+            w.expiry = IO_DEADLINE;
+        }
+    }
+    return w;
+}
+
+/* wait_fd on the io's socket within its timeout and deadlines. */
+static enum io_status wait_io(const struct io *io, short events,
+                              int64_t line_due)
+{
+    struct wait_limit w = wait_limit(io, line_due);
+    enum io_status st = wait_fd(io->fd, events, w.ms);
+
+    return st == IO_TIMEOUT ? w.expiry : st;
 }
 
 static enum io_status fail(struct io *io, enum io_status st)
@@ -213,6 +260,8 @@ void io_init(struct io *io, int fd, int timeout_ms)
     io->fd = fd;
     io->ssl = NULL;
     io->timeout_ms = timeout_ms;
+    io->line_deadline_ms = 0;
+    io->deadline = 0;
     io->status = IO_OK;
     io->rpos = io->rlen = io->wlen = 0;
     io->bytes_in = io->bytes_out = 0;
@@ -230,10 +279,23 @@ void io_init(struct io *io, int fd, int timeout_ms)
     (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 }
 
+void io_set_line_deadline(struct io *io, int ms)
+{
+    io->line_deadline_ms = ms > 0 ? ms : 0;
+}
+
+void io_set_deadline(struct io *io, int64_t when)
+{
+    io->deadline = when;
+}
+
 void io_close(struct io *io)
 {
     if (io->fd < 0)
         return;
+    /* Closing has its own short bound; a deadline that has passed must
+     * not keep the last reply (a 421 saying so) from going out. */
+    io->deadline = 0;
     if (timeout_of(io) > IO_CLOSE_TIMEOUT_MS)
         io->timeout_ms = IO_CLOSE_TIMEOUT_MS;
     if (io->wlen > 0)
@@ -257,9 +319,10 @@ void io_close(struct io *io)
 
 /* ---- reading ----------------------------------------------------------- */
 
-/* Refills the empty rbuf.  Pending output is flushed before waiting, never
- * before a read that succeeds at once (see the top of the file). */
-static enum io_status fill(struct io *io)
+/* Refills the empty rbuf, waiting no later than line_due (0: no line
+ * deadline).  Pending output is flushed before waiting, never before a read
+ * that succeeds at once (see the top of the file). */
+static enum io_status fill(struct io *io, int64_t line_due)
 {
     io->rpos = io->rlen = 0;
     for (;;) {
@@ -277,7 +340,7 @@ static enum io_status fill(struct io *io)
                 return io->status;
             continue;   /* the flush took time: maybe input arrived */
         }
-        enum io_status st = wait_fd(io->fd, ev, timeout_of(io));
+        enum io_status st = wait_io(io, ev, line_due);
         if (st != IO_OK)
             return st;
     }
@@ -297,12 +360,15 @@ long io_getline(struct io *io, char *buf, size_t max, bool *bare_lf)
     size_t total = 0;                     /* bytes before the LF so far */
     size_t stored = 0;                    /* of those, copied into buf */
     char last = 0;                        /* last of them: CR or not */
+    int64_t line_due = 0;                 /* set once the line has begun */
 
     if (bare_lf)
         *bare_lf = false;
     for (;;) {
         if (io->rpos == io->rlen) {
-            enum io_status st = fill(io);
+            if (total > 0 && !line_due && io->line_deadline_ms > 0)
+                line_due = mono_ms() + io->line_deadline_ms;
+            enum io_status st = fill(io, line_due);
             if (st != IO_OK) {
                 if (max > 0)
                     buf[0] = '\0';
@@ -351,7 +417,7 @@ long io_getseg(struct io *io, char *buf, size_t max, bool *complete)
     if (max == 0)
         return fail(io, IO_ERROR);   /* a caller bug: nothing can fit */
     if (io->rpos == io->rlen) {
-        enum io_status st = fill(io);
+        enum io_status st = fill(io, 0);
         if (st != IO_OK)
             return fail(io, st);
     }
@@ -390,8 +456,7 @@ bool io_flush(struct io *io)
             io->bytes_out += (unsigned long long)n;
             continue;
         }
-        enum io_status st = n < 0 ? (enum io_status)n
-                                  : wait_fd(io->fd, ev, timeout_of(io));
+        enum io_status st = n < 0 ? (enum io_status)n : wait_io(io, ev, 0);
         if (st != IO_OK) {
             write_failed(io, st);
             return false;
@@ -519,7 +584,7 @@ static enum io_status tls_handshake(struct io *io)
         long st = tls_blocked(io, r, &ev);
         if (st < 0)
             return (enum io_status)st;
-        enum io_status w = wait_fd(io->fd, ev, timeout_of(io));
+        enum io_status w = wait_io(io, ev, 0);
         if (w != IO_OK)
             return w;
     }
@@ -548,7 +613,7 @@ static void handshake_err(SSL *ssl, bool server, enum io_status st,
     else if (!server && v != X509_V_OK)
         snprintf(err, n, "certificate verify failed: %s",
                  X509_verify_cert_error_string(v));
-    else if (st == IO_TIMEOUT)
+    else if (st == IO_TIMEOUT || st == IO_DEADLINE)
         snprintf(err, n, "TLS handshake timed out");
     else if (st == IO_EOF)
         snprintf(err, n, "connection closed during TLS handshake");

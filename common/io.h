@@ -1,10 +1,11 @@
 /* io.h - buffered line I/O over a plain or TLS socket.
  *
- * Every read and write waits at most io->timeout_ms for progress; every
- * line has a caller-supplied maximum.  Replies written with io_write/io_printf
- * are buffered and flushed automatically before the next read that would
- * block, which is exactly what RFC 2920 (PIPELINING) asks of a server and
- * keeps small command/reply exchanges to one packet. */
+ * Every read and write waits at most io->timeout_ms for progress, and never
+ * past the deadlines set below; every line has a caller-supplied maximum.
+ * Replies written with io_write/io_printf are buffered and flushed
+ * automatically before the next read that would block, which is exactly
+ * what RFC 2920 (PIPELINING) asks of a server and keeps small
+ * command/reply exchanges to one packet. */
 #ifndef ODMR_IO_H
 #define ODMR_IO_H
 
@@ -12,6 +13,7 @@
 
 #include "util.h"
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 #include <openssl/ssl.h>
@@ -24,12 +26,15 @@ enum io_status {
     IO_TIMEOUT = -2,  /* no progress within timeout_ms */
     IO_ERROR = -3,    /* socket or TLS error */
     IO_TOOLONG = -4,  /* line longer than the caller's maximum */
+    IO_DEADLINE = -5, /* a line or a phase took longer than its deadline */
 };
 
 struct io {
     int fd;
     SSL *ssl;
     int timeout_ms;
+    int line_deadline_ms;    /* 0: none; see io_set_line_deadline */
+    int64_t deadline;        /* io_clock_ms() time, 0: none; io_set_deadline */
     enum io_status status;   /* last failure, IO_OK otherwise */
     char rbuf[IO_BUFSIZE];
     size_t rpos, rlen;
@@ -43,6 +48,18 @@ struct io {
 
 /* Takes ownership of fd and makes it non-blocking. */
 void io_init(struct io *io, int fd, int timeout_ms);
+/* Once the first byte of a line has arrived, io_getline returns
+ * IO_DEADLINE unless the whole line is in within ms (0: no limit).  The wait
+ * for that first byte is bounded by timeout_ms alone: a slow line is a
+ * trickling peer, a late one merely an idle peer. */
+void io_set_line_deadline(struct io *io, int ms);
+/* No wait, read or write, goes past `when` (an io_clock_ms() value; 0
+ * removes the deadline); one that would fails with IO_DEADLINE.  For
+ * limits on a whole phase such as DATA. */
+void io_set_deadline(struct io *io, int64_t when);
+/* Milliseconds on CLOCK_MONOTONIC, the clock of io_set_deadline. */
+int64_t io_clock_ms(void);
+
 /* Shuts TLS down (best effort) and closes the socket. */
 void io_close(struct io *io);
 

@@ -220,6 +220,12 @@ static bool b64_encode(const char *data, unsigned len, char *out, size_t n)
 static bool server_ready;
 static char server_plugin[64];
 static char server_log_level[4];
+static const struct sasl_glue_accounts *accounts;
+
+void sasl_glue_server_set_accounts(const struct sasl_glue_accounts *a)
+{
+    accounts = a && a->forget && a->last ? a : NULL;
+}
 
 /* The options that make our auxprop plugin the only password source.
  * Anything else falls back to Cyrus' defaults (no configuration file is
@@ -326,7 +332,7 @@ struct sasl_glue_server {
     char offer[512];           /* what mechanisms() returned */
     char mech[SASL_GLUE_MECH_MAX + 1];
     char user[256];
-    char reason[256];
+    char reason[384];          /* room for a quoted 255-byte name */
     sasl_callback_t callbacks[2];   /* the connection's log, with remote */
 };
 
@@ -502,11 +508,68 @@ static enum sasl_glue_result server_map(int r)
     }
 }
 
+#define ACCOUNT_QUOTED_MAX 288
+
+/* name as "name" for a log line: the client chose it, so quotes,
+ * backslashes and unprintable bytes become \xNN; cut to fit. */
+static void quote_name(char *out, size_t n, const char *name)
+{
+    size_t o = 0;
+    if (n < 3)
+        return;
+    out[o++] = '"';
+    for (const unsigned char *p = (const unsigned char *)name; *p; p++) {
+        bool plain = *p > ' ' && *p < 0x7f && *p != '"' && *p != '\\';
+        if (o + (plain ? 1 : 4) + 2 > n)
+            break;
+        if (plain)
+            out[o++] = (char)*p;
+        else
+            o += (size_t)snprintf(out + o, n - o, "\\x%02X", *p);
+    }
+    out[o++] = '"';
+    out[o] = '\0';
+}
+
+/* For a failure after a password lookup, the account tells an
+ * administrator (and fail2ban) more than Cyrus' text: an unknown name
+ * is probing, a known one with a bad proof is a wrong password. */
 static void server_set_reason(struct sasl_glue_server *s, int r)
 {
     const char *detail = s->conn ? sasl_errdetail(s->conn) : NULL;
-    str_fmt(s->reason, sizeof s->reason, "%s",
-            detail ? detail : sasl_errstring(r, NULL, NULL));
+    if (!detail)
+        detail = sasl_errstring(r, NULL, NULL);
+    bool exists = false;
+    const char *name = accounts ? accounts->last(&exists) : NULL;
+    char quoted[ACCOUNT_QUOTED_MAX];
+    if (!name || server_map(r) != SASL_GLUE_FAIL) {
+        str_fmt(s->reason, sizeof s->reason, "%s", detail);
+        return;
+    }
+    quote_name(quoted, sizeof quoted, name);
+    if (!exists)
+        str_fmt(s->reason, sizeof s->reason, "unknown account %s", quoted);
+    else if (r == SASL_BADAUTH)
+        str_fmt(s->reason, sizeof s->reason, "wrong password for %s",
+                quoted);
+    else
+        str_fmt(s->reason, sizeof s->reason, "%s (account %s)", detail,
+                quoted);
+}
+
+/* Defence in depth behind the stand-in secrets of unknown names: Cyrus'
+ * yes only counts when this exchange looked up exactly this account and
+ * it exists. */
+static bool server_account_real(struct sasl_glue_server *s, const char *user)
+{
+    bool exists = false;
+    const char *name = accounts ? accounts->last(&exists) : NULL;
+    if (!accounts || (name && exists && !strcmp(name, user)))
+        return true;
+    char quoted[ACCOUNT_QUOTED_MAX];
+    quote_name(quoted, sizeof quoted, user);
+    str_fmt(s->reason, sizeof s->reason, "unknown account %s", quoted);
+    return false;
 }
 
 /* Success: remember who.  Cyrus' SASL_USERNAME is the canonical
@@ -515,10 +578,15 @@ static void server_set_reason(struct sasl_glue_server *s, int r)
 static enum sasl_glue_result server_success(struct sasl_glue_server *s)
 {
     const void *user = NULL;
-    if (sasl_getprop(s->conn, SASL_USERNAME, &user) != SASL_OK || !user ||
-        !str_copy(s->user, user, sizeof s->user)) {
+    if (sasl_getprop(s->conn, SASL_USERNAME, &user) != SASL_OK || !user) {
         str_copy(s->reason, "no user name after authentication",
                  sizeof s->reason);
+        return SASL_GLUE_ERROR;
+    }
+    if (!server_account_real(s, user))
+        return SASL_GLUE_FAIL;
+    if (!str_copy(s->user, user, sizeof s->user)) {
+        str_copy(s->reason, "user name too long", sizeof s->reason);
         return SASL_GLUE_ERROR;
     }
     s->done = true;
@@ -591,6 +659,8 @@ enum sasl_glue_result sasl_glue_server_start(struct sasl_glue_server *s,
     s->reason[0] = '\0';
     s->mech[0] = '\0';
     s->active = false;
+    if (accounts)
+        accounts->forget();
     if (s->done) {
         str_copy(s->reason, "already authenticated", sizeof s->reason);
         return SASL_GLUE_ERROR;

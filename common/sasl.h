@@ -93,6 +93,25 @@ bool sasl_glue_server_init(sasl_glue_auxprop_init *plugin_init,
                            const char *plugin_name, char *err, size_t n);
 void sasl_glue_server_done(void);
 
+/* What the password source remembers of its lookups (server/auxprop.c
+ * registers it from its plugin init; NULL unregisters).  The source
+ * answers an unknown name with a stand-in secret that never verifies, so
+ * that no reply tells an unknown name from a wrong password; this is how
+ * the glue still knows the difference:
+ *   forget(): called as every exchange begins, so that what last()
+ *     reports belongs to this exchange;
+ *   last(): the name of this exchange's last password lookup (NULL when
+ *     none happened) and whether that account exists.
+ * With it registered, a success is only accepted when last() names the
+ * authenticated identity and it exists (a stand-in secret that matched,
+ * however unlikely, is refused), and the failure reason says
+ * `unknown account "x"` or `wrong password for "x"`. */
+struct sasl_glue_accounts {
+    void (*forget)(void);
+    const char *(*last)(bool *exists);
+};
+void sasl_glue_server_set_accounts(const struct sasl_glue_accounts *a);
+
 struct sasl_glue_server;
 
 /* service: "smtp" (RFC 4954's service name, used by DIGEST-MD5 and
@@ -133,7 +152,8 @@ enum sasl_glue_result sasl_glue_server_step(struct sasl_glue_server *s,
 const char *sasl_glue_server_username(const struct sasl_glue_server *s);
 /* The mechanism of the last start(), for logs ("" before). */
 const char *sasl_glue_server_mech(const struct sasl_glue_server *s);
-/* Why the last start()/step() did not succeed, for logs (no secrets). */
+/* Why the last start()/step() did not succeed, for logs (no secrets; an
+ * account name in it is quoted, with unprintable bytes as \xNN). */
 const char *sasl_glue_server_reason(const struct sasl_glue_server *s);
 
 /* --- client ------------------------------------------------------------ */

@@ -13,6 +13,7 @@
  *
  * Passwords are never logged, and buffers that held one are wiped. */
 #include "accounts.h"
+#include "accounts_db.h"
 
 #include <errno.h>
 #include <gdbm.h>
@@ -42,11 +43,6 @@
 #define LOCK_WAIT_STEP_MAX_MS 100
 #define LOCK_WAIT_TOTAL_MS 3000
 
-enum db_mode {
-    DB_READ,     /* lookups and listings */
-    DB_WRITE,    /* changes to an existing database */
-    DB_CREATE,   /* changes that may create the database (user add) */
-};
 
 /* ------------------------------------------------------------ validation */
 
@@ -94,7 +90,7 @@ static bool user_key(char *key, const char *name)
 /* "d:<domain key>" into key (KEY_MAX + 1 bytes): the IDNA key, so a
  * U-label domain and its A-label form are one binding.  A name that is not
  * a valid domain has no key and is simply not found. */
-static bool domain_key(char *key, const char *domain)
+bool acctdb_domain_key(char *key, const char *domain)
 {
     char dkey[IDNA_KEY_MAX + 1];
     if (!domain || idna_domain_key(domain, dkey, sizeof dkey, NULL) != IDNA_OK)
@@ -178,7 +174,7 @@ static void set_private_mode(GDBM_FILE dbf)
  * For DB_READ, *dbf may be NULL with ACCT_OK: the file exists but is empty
  * (a writer is creating it right now, or it was created by hand), which
  * means "no entries". */
-static enum acct_result db_open(const char *db, enum db_mode mode,
+enum acct_result acctdb_open(const char *db, enum db_mode mode,
                                 GDBM_FILE *dbf)
 {
     int flags = mode == DB_READ ? GDBM_READER
@@ -212,7 +208,7 @@ static enum acct_result db_open(const char *db, enum db_mode mode,
     }
 }
 
-static void db_close_reader(GDBM_FILE dbf)
+void acctdb_close_reader(GDBM_FILE dbf)
 {
     if (dbf)
         gdbm_close(dbf);
@@ -220,7 +216,7 @@ static void db_close_reader(GDBM_FILE dbf)
 
 /* Writers sync before closing: a change odmrctl reported as done must
  * survive a crash.  A failure here turns an OK into TEMPFAIL. */
-static enum acct_result db_close_writer(const char *db, GDBM_FILE dbf,
+enum acct_result acctdb_close_writer(const char *db, GDBM_FILE dbf,
                                         enum acct_result r)
 {
     bool ok = gdbm_sync(dbf) == 0;
@@ -240,7 +236,7 @@ static enum acct_result db_close_writer(const char *db, GDBM_FILE dbf,
 /* Value of key as a NUL-terminated heap string (caller frees; wipe it when
  * it may hold a password), or NULL with *r set to ACCT_NOTFOUND or
  * ACCT_TEMPFAIL. */
-static char *fetch_string(const char *db, GDBM_FILE dbf, const char *key,
+char *acctdb_fetch(const char *db, GDBM_FILE dbf, const char *key,
                           size_t *len, enum acct_result *r)
 {
     *len = 0;
@@ -273,13 +269,13 @@ static char *fetch_string(const char *db, GDBM_FILE dbf, const char *key,
     return s;
 }
 
-static bool record_exists(GDBM_FILE dbf, const char *key)
+bool acctdb_exists(GDBM_FILE dbf, const char *key)
 {
     return dbf && gdbm_exists(dbf, make_datum(key, strlen(key)));
 }
 
 /* Stores a text value; GDBM_INSERT or GDBM_REPLACE. */
-static enum acct_result store_string(const char *db, GDBM_FILE dbf,
+enum acct_result acctdb_store(const char *db, GDBM_FILE dbf,
                                      const char *key, const char *value,
                                      size_t len, int how)
 {
@@ -294,7 +290,7 @@ static enum acct_result store_string(const char *db, GDBM_FILE dbf,
     return ACCT_OK;
 }
 
-static enum acct_result delete_record(const char *db, GDBM_FILE dbf,
+enum acct_result acctdb_delete(const char *db, GDBM_FILE dbf,
                                       const char *key)
 {
     if (gdbm_delete(dbf, make_datum(key, strlen(key))) == 0)
@@ -423,7 +419,7 @@ static enum acct_result fetch_bindings(const char *db, GDBM_FILE dbf,
         size_t len;
         enum acct_result r;
         snprintf(key, sizeof key, DOMAIN_PREFIX "%s", l->v[i].key);
-        l->v[i].value = fetch_string(db, dbf, key, &len, &r);
+        l->v[i].value = acctdb_fetch(db, dbf, key, &len, &r);
         if (r == ACCT_TEMPFAIL)
             return r;
     }
@@ -441,13 +437,13 @@ static enum acct_result read_entries(const char *db, const char *prefix,
                                      bool with_values, struct entry_list *l)
 {
     GDBM_FILE dbf;
-    enum acct_result r = db_open(db, DB_READ, &dbf);
+    enum acct_result r = acctdb_open(db, DB_READ, &dbf);
     if (r != ACCT_OK)
         return r;
     r = collect_keys(db, dbf, prefix, l);
     if (r == ACCT_OK && with_values)
         r = fetch_bindings(db, dbf, l);
-    db_close_reader(dbf);
+    acctdb_close_reader(dbf);
     if (r != ACCT_OK)
         entries_free(l);
     else if (l->n > 1)
@@ -463,11 +459,11 @@ static char *read_record(const char *db, const char *key, size_t *len,
                          enum acct_result *r)
 {
     GDBM_FILE dbf;
-    *r = db_open(db, DB_READ, &dbf);
+    *r = acctdb_open(db, DB_READ, &dbf);
     if (*r != ACCT_OK)
         return NULL;
-    char *value = fetch_string(db, dbf, key, len, r);
-    db_close_reader(dbf);
+    char *value = acctdb_fetch(db, dbf, key, len, r);
+    acctdb_close_reader(dbf);
     return value;
 }
 
@@ -475,7 +471,7 @@ enum acct_result accounts_domain_owner(const char *db, const char *domain,
                                        char *account, size_t n)
 {
     char key[KEY_MAX + 1], legacy[KEY_MAX + 1];
-    if (!domain_key(key, domain))
+    if (!acctdb_domain_key(key, domain))
         return ACCT_NOTFOUND;
     size_t len;
     enum acct_result r;
@@ -554,13 +550,13 @@ static enum acct_result store_password(const char *db, const char *name,
     if (!value)
         return ACCT_TEMPFAIL;
     GDBM_FILE dbf;
-    enum acct_result r = db_open(db, mode, &dbf);
+    enum acct_result r = acctdb_open(db, mode, &dbf);
     if (r == ACCT_OK) {
-        if (how == GDBM_REPLACE && !record_exists(dbf, key))
+        if (how == GDBM_REPLACE && !acctdb_exists(dbf, key))
             r = ACCT_NOTFOUND;
         else
-            r = store_string(db, dbf, key, value, len, how);
-        r = db_close_writer(db, dbf, r);
+            r = acctdb_store(db, dbf, key, value, len, how);
+        r = acctdb_close_writer(db, dbf, r);
     }
     wipe_free(value, len);
     return r;
@@ -591,7 +587,7 @@ static enum acct_result delete_bindings_of(const char *db, GDBM_FILE dbf,
         if (!l.v[i].value || strcmp(l.v[i].value, name) != 0)
             continue;
         snprintf(key, sizeof key, DOMAIN_PREFIX "%s", l.v[i].key);
-        r = delete_record(db, dbf, key);
+        r = acctdb_delete(db, dbf, key);
         if (r == ACCT_NOTFOUND)
             r = ACCT_OK;
     }
@@ -605,18 +601,18 @@ enum acct_result accounts_user_del(const char *db, const char *name)
     if (!user_key(key, name))
         return ACCT_NOTFOUND;
     GDBM_FILE dbf;
-    enum acct_result r = db_open(db, DB_WRITE, &dbf);
+    enum acct_result r = acctdb_open(db, DB_WRITE, &dbf);
     if (r != ACCT_OK)
         return r;
     /* Bindings go first: a crash in between leaves an account with fewer
      * domains, never a domain bound to an account that does not exist. */
-    if (!record_exists(dbf, key))
+    if (!acctdb_exists(dbf, key))
         r = ACCT_NOTFOUND;
     else
         r = delete_bindings_of(db, dbf, name);
     if (r == ACCT_OK)
-        r = delete_record(db, dbf, key);
-    return db_close_writer(db, dbf, r);
+        r = acctdb_delete(db, dbf, key);
+    return acctdb_close_writer(db, dbf, r);
 }
 
 /* Binds dkey to name inside an open writer. */
@@ -625,11 +621,11 @@ static enum acct_result bind_domain(const char *db, GDBM_FILE dbf,
 {
     char ukey[KEY_MAX + 1];
     user_key(ukey, name);
-    if (!record_exists(dbf, ukey))
+    if (!acctdb_exists(dbf, ukey))
         return ACCT_NOTFOUND;
     size_t len;
     enum acct_result r;
-    char *owner = fetch_string(db, dbf, dkey, &len, &r);
+    char *owner = acctdb_fetch(db, dbf, dkey, &len, &r);
     if (owner) {
         /* Binding a domain to the account it already has is not an error:
          * provisioning scripts may run twice. */
@@ -639,22 +635,22 @@ static enum acct_result bind_domain(const char *db, GDBM_FILE dbf,
     }
     if (r != ACCT_NOTFOUND)
         return r;
-    return store_string(db, dbf, dkey, name, strlen(name), GDBM_INSERT);
+    return acctdb_store(db, dbf, dkey, name, strlen(name), GDBM_INSERT);
 }
 
 enum acct_result accounts_domain_add(const char *db, const char *domain,
                                      const char *name)
 {
     char dkey[KEY_MAX + 1];
-    if (!domain_usable(domain) || !domain_key(dkey, domain) ||
+    if (!domain_usable(domain) || !acctdb_domain_key(dkey, domain) ||
         !account_name_valid(name))
         return ACCT_NOTFOUND;
     GDBM_FILE dbf;
-    enum acct_result r = db_open(db, DB_WRITE, &dbf);
+    enum acct_result r = acctdb_open(db, DB_WRITE, &dbf);
     if (r != ACCT_OK)
         return r;
     r = bind_domain(db, dbf, dkey, name);
-    return db_close_writer(db, dbf, r);
+    return acctdb_close_writer(db, dbf, r);
 }
 
 enum acct_result accounts_domain_del(const char *db, const char *domain)
@@ -662,18 +658,18 @@ enum acct_result accounts_domain_del(const char *db, const char *domain)
     /* A legacy binding whose name is not valid IDNA has only its old key:
      * it must still be removable. */
     char key[KEY_MAX + 1] = "", legacy[KEY_MAX + 1];
-    bool has_key = domain_key(key, domain);
+    bool has_key = acctdb_domain_key(key, domain);
     bool has_legacy = legacy_domain_key(legacy, domain, key);
     if (!has_key && !has_legacy)
         return ACCT_NOTFOUND;
     GDBM_FILE dbf;
-    enum acct_result r = db_open(db, DB_WRITE, &dbf);
+    enum acct_result r = acctdb_open(db, DB_WRITE, &dbf);
     if (r != ACCT_OK)
         return r;
-    r = has_key ? delete_record(db, dbf, key) : ACCT_NOTFOUND;
+    r = has_key ? acctdb_delete(db, dbf, key) : ACCT_NOTFOUND;
     if (r == ACCT_NOTFOUND && has_legacy)
-        r = delete_record(db, dbf, legacy);
-    return db_close_writer(db, dbf, r);
+        r = acctdb_delete(db, dbf, legacy);
+    return acctdb_close_writer(db, dbf, r);
 }
 
 const char *acct_strerror(enum acct_result r)

@@ -30,11 +30,14 @@ void guard_configure(const struct odmrd_conf *conf)
 
 static void answer_may_auth(const char *addr, struct worker_msg *msg)
 {
-    unsigned long failures;
-    msg->verdict = throttle_may_auth(addr, now_ms(), &failures);
-    if (!msg->verdict)
+    struct throttle_begin b = throttle_auth_begins(addr, now_ms());
+    msg->verdict = b.allowed;
+    if (!b.allowed)
         log_info("throttle: %s: AUTH refused: blocked after %lu authentication "
-                 "failures in %lds", addr, failures, window_s);
+                 "attempts in %lds", addr, b.attempts, window_s);
+    else if (b.now_blocked)
+        log_warn("throttle: %s: AUTH blocked for %lds after %lu authentication "
+                 "attempts without success", addr, window_s, b.attempts);
 }
 
 static void answer_turn(const char *addr, struct worker_msg *msg)
@@ -56,10 +59,6 @@ static void answer_failed(const char *addr, struct worker_msg *msg)
 {
     struct throttle_failure f = throttle_failed(addr, msg->account, now_ms());
     msg->value = f.delay_ms;
-    if (f.now_blocked)
-        log_warn("throttle: %s: AUTH blocked for %lds after %lu authentication "
-                 "failures (account %s)", addr, window_s, f.addr_failures,
-                 msg->account[0] ? msg->account : "-");
     if (f.account_attacked)
         log_warn("throttle: account %s: %lu authentication failures from other "
                  "addresses in %lds: its password checks are spaced %dms apart "
@@ -81,6 +80,9 @@ void guard_handle(const struct worker_job *job, struct worker_msg *msg)
 
 /* --------------------------------------------------------- a session */
 
+static char granted[sizeof ((struct worker_msg *)0)->account];
+static int64_t granted_at;
+
 static void sleep_ms(int64_t ms)
 {
     struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
@@ -99,17 +101,27 @@ static bool ask(int kind, const char *account, struct worker_msg *msg)
 bool guard_may_auth(void)
 {
     struct worker_msg m;
+    granted[0] = '\0';
     return !ask(GUARD_MAY_AUTH, NULL, &m) || m.verdict;
 }
 
 bool guard_account_turn(const char *account)
 {
-    struct worker_msg m;
-    if (!ask(GUARD_ACCOUNT_TURN, account, &m))
+    /* Cyrus may look the password up more than once in one exchange: one
+     * turn covers them all (guard_may_auth starts each exchange afresh) */
+    if (granted[0] && !strcmp(granted, account) &&
+        now_ms() - granted_at < GUARD_TURN_MS)
         return true;
-    if (m.verdict && m.value > 0)
-        sleep_ms(m.value);
-    return m.verdict;
+    struct worker_msg m;
+    if (ask(GUARD_ACCOUNT_TURN, account, &m)) {
+        if (!m.verdict)
+            return false;
+        if (m.value > 0)
+            sleep_ms(m.value);
+    }
+    str_copy(granted, account, sizeof granted);
+    granted_at = now_ms();
+    return true;
 }
 
 void guard_failed(const char *account)

@@ -20,6 +20,7 @@
 
 #define GUARD_ANSWER_MS 2000
 #define GUARD_FALLBACK_DELAY_MS 1000
+#define GUARD_TURN_MS 5000          /* one turn covers an exchange's lookups */
 
 /* --- in the master --- */
 void guard_configure(const struct odmrd_conf *conf);
@@ -27,7 +28,8 @@ void guard_configure(const struct odmrd_conf *conf);
 void guard_handle(const struct worker_job *job, struct worker_msg *msg);
 
 /* --- in a session --- */
-/* May this client try AUTH now?  false: refuse with 454 and end. */
+/* An AUTH begins: may this client try now?  false: refuse with 454 and
+ * end.  Counts the attempt against the address (throttle.h). */
 bool guard_may_auth(void);
 /* Before checking a password of account: false = refuse (454); true
  * after waiting for the account's turn when it is under attack. */

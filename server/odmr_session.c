@@ -26,7 +26,9 @@
 #include "../common/smtp.h"
 #include "../common/util.h"
 #include "accounts.h"
+#include "auxprop.h"
 #include "delivery.h"
+#include "guard.h"
 #include "queue.h"
 
 #define MAX_AUTH_FAILURES 3      /* SPEC 3.5: then 421 */
@@ -187,16 +189,29 @@ static void auth_failed(struct odmr *s, const char *mech)
     reply(s, "535 5.7.8 Authentication credentials invalid");
 }
 
+/* The account name the failed exchange was about (the last password
+ * lookup's, known or not), "" when it got no further than that. */
+static const char *attempted_account(void)
+{
+    const char *name = auxprop_last_account(NULL);
+    return name ? name : "";
+}
+
 static void auth_result(struct odmr *s, enum sasl_glue_result r, const char *mech)
 {
     switch (r) {
     case SASL_GLUE_OK:
         str_copy(s->user, sasl_glue_server_username(s->sasl), sizeof s->user);
+        guard_succeeded(s->user);
         log_info("%s: authenticated as %s with %s%s", s->peer->addr, s->user,
                  mech, s->tls_on ? " over TLS" : "");
         reply(s, "235 2.7.0 Authentication successful");
         break;
-    case SASL_GLUE_FAIL: auth_failed(s, mech); break;
+    case SASL_GLUE_FAIL:
+        /* the master's table decides how long this failure waits */
+        guard_failed(attempted_account());
+        auth_failed(s, mech);
+        break;
     case SASL_GLUE_BADMECH:
         reply(s, "504 5.5.4 Unrecognized authentication type");
         break;
@@ -254,6 +269,12 @@ static void do_auth(struct odmr *s, const char *arg)
         return;
     }
     const char *initial = arg[mlen] == ' ' ? arg + mlen + 1 : NULL;
+    if (!guard_may_auth()) {
+        /* this address failed auth_failure_limit times in the window */
+        reply(s, "454 4.7.0 Too many authentication failures, try again later");
+        s->done = true;
+        return;
+    }
     if (!s->sasl && !sasl_renew(s)) {
         reply(s, "454 4.7.0 Temporary authentication failure");
         return;
@@ -536,6 +557,7 @@ static size_t command_limit(int verb)
 static void session_loop(struct odmr *s)
 {
     static char line[SASL_GLUE_B64_MAX + 64];   /* see command_limit */
+    unsigned junk_commands = 0;
     while (!s->done) {
         if (session_stop_requested) {
             reply(s, "421 4.3.2 %s Service shutting down", s->conf->hostname);
@@ -549,7 +571,15 @@ static void session_loop(struct odmr *s)
             return;
         if (r == COMMAND_BAD)
             continue;
+        if (session_too_much_junk(&s->io, s->peer->addr, s->conf->hostname,
+                                  cmd.verb, &junk_commands))
+            return;
         dispatch(s, &cmd);
+        /* A SASL response line that timed out or trickled past
+         * command_deadline ended the exchange; say why (the connection is
+         * not reversed yet, so a reply still goes to the client). */
+        if (cmd.verb == SMTP_AUTH && s->done)
+            session_timed_out(&s->io, s->peer->addr, s->conf->hostname);
     }
 }
 
@@ -562,10 +592,9 @@ void odmr_session_run(const struct odmrd_conf *conf, SSL_CTX *tls,
     s.conf = conf;
     s.tls_ctx = tls;
     s.peer = peer;
-    io_init(&s.io, peer->fd, (int)(conf->timeout * 1000));
-    session_idle = 1;
     socket_names(&s);
     log_info("connect from %s (ODMR)", peer->addr);
+    session_start_io(&s.io, conf, peer);
     if (!queue_open(&s.q, conf->spool_dir, err, sizeof err)) {
         log_err("queue: %s", err);
         reply(&s, "421 4.3.0 %s Service temporarily unavailable", conf->hostname);

@@ -334,6 +334,7 @@ static void worker_setup(void)
     close(sig_pipe[0]);
     close(sig_pipe[1]);
     close_listeners();
+    auxprop_set_guard(guard_account_turn);   /* per-account pacing (guard.h) */
 }
 
 static void worker_session(int fd, const struct worker_job *job)

@@ -1,13 +1,38 @@
 /* session_common.c - what the inbound SMTP/LMTP session and the ODMR
- * session share: reading commands, reply lines, the STARTTLS exchange. */
+ * session share: the start of the connection with its timeouts, reading
+ * commands, reply lines, the STARTTLS exchange. */
 #include "session.h"
 
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "../common/log.h"
 #include "../common/smtp.h"
+
+/* Configured seconds as io milliseconds; durations are checked to be > 0
+ * by conf.c, but may be longer than an int of milliseconds holds. */
+static int seconds_to_ms(long seconds)
+{
+    if (seconds <= 0)
+        return 0;
+    return seconds < INT_MAX / 1000 ? (int)(seconds * 1000) : INT_MAX / 1000 * 1000;
+}
+
+void session_start_io(struct io *io, const struct odmrd_conf *conf,
+                      const struct session_peer *peer)
+{
+    long timeout = conf->timeout;
+    if (peer->stress && timeout > SESSION_STRESS_TIMEOUT) {
+        timeout = SESSION_STRESS_TIMEOUT;
+        log_info("%s: stress mode: idle timeout %ds", peer->addr,
+                 SESSION_STRESS_TIMEOUT);
+    }
+    io_init(io, peer->fd, seconds_to_ms(timeout));
+    io_set_line_deadline(io, seconds_to_ms(conf->command_deadline));
+    session_idle = 1;
+}
 
 void session_reply(struct io *io, const char *peer, const char *fmt, ...)
 {
@@ -49,6 +74,39 @@ enum starttls_result session_starttls(struct io *io, SSL_CTX *ctx, bool tls_on,
     return STARTTLS_ON;
 }
 
+bool session_too_much_junk(struct io *io, const char *peer,
+                           const char *hostname, int verb, unsigned *junk)
+{
+    if (verb != SMTP_NOOP && verb != SMTP_RSET && verb != SMTP_HELP &&
+        verb != SMTP_VRFY)
+        return false;
+    if (++*junk <= SESSION_MAX_JUNK_COMMANDS)
+        return false;
+    log_info("%s: more than %d NOOP/RSET/HELP/VRFY commands: session ended",
+             peer, SESSION_MAX_JUNK_COMMANDS);
+    session_reply(io, peer, "421 4.7.0 %s Too many commands", hostname);
+    io_flush(io);
+    return true;
+}
+
+bool session_timed_out(struct io *io, const char *peer, const char *hostname)
+{
+    enum io_status st = io->status;
+    if (st == IO_TIMEOUT) {
+        session_reply(io, peer, "421 4.4.2 %s Error: timeout exceeded", hostname);
+    } else if (st == IO_DEADLINE) {
+        log_info("%s: command line not complete within command_deadline (%ds)",
+                 peer, io->line_deadline_ms / 1000);
+        session_reply(io, peer, "421 4.4.2 %s Error: command deadline exceeded",
+                      hostname);
+    } else {
+        return false;
+    }
+    io_flush(io);
+    io->status = st;   /* for the disconnect line, whatever the flush did */
+    return true;
+}
+
 enum command_read session_read_command(struct io *io, const char *peer,
                                        const char *hostname, char *line,
                                        size_t n, size_t (*limit)(int verb),
@@ -57,10 +115,8 @@ enum command_read session_read_command(struct io *io, const char *peer,
 {
     long len = io_getline(io, line, n, NULL);
     const char *bad = NULL;
-    if (len == IO_TIMEOUT) {
-        session_reply(io, peer, "421 4.4.2 %s Error: timeout exceeded", hostname);
-        io_flush(io);
-        io->status = IO_TIMEOUT;   /* for the disconnect line */
+    if (len == IO_TIMEOUT || len == IO_DEADLINE) {
+        session_timed_out(io, peer, hostname);
         return COMMAND_END;
     }
     if (len == IO_TOOLONG) {

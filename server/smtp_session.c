@@ -22,6 +22,7 @@
 #include "../common/util.h"
 #include "accounts.h"
 #include "queue.h"
+#include "recipients.h"
 
 #define MAX_RECEIVED 50          /* SPEC 3.4: more means a mail loop */
 #define DATA_CHUNK 8192          /* longest piece of a data line we look at */
@@ -43,10 +44,12 @@ struct smtp {
     char helo[HELO_MAX + 1];
     bool greeted, esmtp, tls_on;
     unsigned bad_commands;
+    unsigned junk_commands;      /* since the last message (Postfix's rule) */
     /* transaction */
     bool have_mail;
     struct mail_args mail;
     struct envelope *envs;       /* one per recipient domain */
+    bool *listed;                /* per envs[i]: its domain has a recipient list */
     size_t nenv;
     struct accepted *rcpts;
     size_t nrcpt;
@@ -61,6 +64,8 @@ static void reset_transaction(struct smtp *s)
     for (size_t i = 0; i < s->nenv; i++)
         envelope_free(&s->envs[i]);
     free(s->envs);
+    free(s->listed);
+    s->listed = NULL;
     free(s->rcpts);
     s->envs = NULL;
     s->rcpts = NULL;
@@ -172,11 +177,74 @@ static bool over_quota(struct smtp *s, const char *domain, uint64_t extra)
     return bytes + extra > s->conf->domain_quota || bytes >= s->conf->domain_quota;
 }
 
-/* Checks the recipient's domain and returns its envelope, creating it on
- * first use; NULL after replying when the recipient cannot be accepted. */
+/* Sender-specified routing inside a hosted domain - "user%other@hosted",
+ * "a!b@hosted", "\"user@other\"@hosted" - asks the customer's MTA to relay
+ * on (many still honour the percent hack): refused like relaying, as
+ * Postfix does for clients it does not trust. */
+static bool sender_routed(const char *local)
+{
+    if (strpbrk(local, "%!"))
+        return true;
+    return local[0] == '"' && strchr(local, '@');
+}
+
+/* Asks the account database about the recipient (sender routing is
+ * refused without asking); false after replying when it is refused. */
+static bool recipient_ok(struct smtp *s, const struct mailbox *to,
+                         const char *key, bool *has_list)
+{
+    char owner[ACCOUNT_NAME_MAX + 1];
+    enum rcpt_result r = to->literal || sender_routed(to->local) ? RCPT_NO_DOMAIN
+                         : recipients_check(s->conf->accounts_db, key, to->local,
+                                            owner, sizeof owner, has_list);
+    if (r == RCPT_NO_DOMAIN) {
+        log_info("reject: RCPT from %s: 550 5.7.1 <%s@%s>: Relay access denied",
+                 s->peer->addr, to->local, to->domain);
+        reply(s, "550 5.7.1 <%s@%s>: Relay access denied", to->local, to->domain);
+    } else if (r == RCPT_UNKNOWN_USER) {
+        log_info("reject: RCPT from %s: 550 5.1.1 <%s@%s>: Recipient address "
+                 "rejected: User unknown", s->peer->addr, to->local, to->domain);
+        reply(s, "550 5.1.1 <%s@%s>: Recipient address rejected: User unknown",
+              to->local, to->domain);
+    } else if (r != RCPT_VALID) {
+        log_err("accounts database %s: temporary failure", s->conf->accounts_db);
+        reply(s, "451 4.3.0 Temporary lookup failure");
+    }
+    return r == RCPT_VALID;
+}
+
+/* A new envelope for the domain key; NULL after replying. */
+static struct envelope *new_envelope(struct smtp *s, const char *key,
+                                     bool has_list)
+{
+    if (over_quota(s, key, s->mail.size)) {
+        log_info("reject: RCPT from %s: 452 4.2.2 quota exceeded for %s",
+                 s->peer->addr, key);
+        reply(s, "452 4.2.2 Mailbox full: quota exceeded for %s", key);
+        return NULL;
+    }
+    struct envelope *grown = realloc(s->envs, (s->nenv + 1) * sizeof *grown);
+    if (grown)
+        s->envs = grown;
+    bool *flags = grown ? realloc(s->listed, (s->nenv + 1) * sizeof *flags) : NULL;
+    if (!flags) {
+        reply(s, "452 4.3.1 Insufficient system resources");
+        return NULL;
+    }
+    s->listed = flags;
+    s->listed[s->nenv] = has_list;
+    struct envelope *e = &s->envs[s->nenv++];
+    envelope_init(e);
+    str_copy(e->domain, key, sizeof e->domain);
+    return e;
+}
+
+/* Checks the recipient (its domain, its list, routing tricks) and returns
+ * its domain's envelope, creating it on first use; NULL after replying
+ * when the recipient cannot be accepted. */
 static struct envelope *domain_envelope(struct smtp *s, const struct mailbox *to)
 {
-    char key[IDNA_KEY_MAX + 1] = "", owner[ACCOUNT_NAME_MAX + 1];
+    char key[IDNA_KEY_MAX + 1] = "";
     const char *why = NULL;
     if (!to->literal && idna_domain_key(to->domain, key, sizeof key, &why) != IDNA_OK) {
         log_info("reject: RCPT from %s: 501 5.1.3 <%s@%s>: invalid domain (%s)",
@@ -186,38 +254,12 @@ static struct envelope *domain_envelope(struct smtp *s, const struct mailbox *to
         return NULL;
     }
     struct envelope *e = find_env(s, key);
-    if (e)
-        return e;
-    enum acct_result r = to->literal ? ACCT_NOTFOUND
-                         : accounts_domain_owner(s->conf->accounts_db, key,
-                                                 owner, sizeof owner);
-    if (r == ACCT_NOTFOUND) {
-        log_info("reject: RCPT from %s: 550 5.7.1 <%s@%s>: Relay access denied",
-                 s->peer->addr, to->local, to->domain);
-        reply(s, "550 5.7.1 <%s@%s>: Relay access denied", to->local, to->domain);
+    if (e && !s->listed[e - s->envs] && !sender_routed(to->local))
+        return e;   /* looked up in this transaction: no list, nothing to ask */
+    bool has_list = false;
+    if (!recipient_ok(s, to, key, &has_list))
         return NULL;
-    }
-    if (r != ACCT_OK) {
-        log_err("accounts database %s: %s", s->conf->accounts_db, acct_strerror(r));
-        reply(s, "451 4.3.0 Temporary lookup failure");
-        return NULL;
-    }
-    if (over_quota(s, key, s->mail.size)) {
-        log_info("reject: RCPT from %s: 452 4.2.2 quota exceeded for %s",
-                 s->peer->addr, key);
-        reply(s, "452 4.2.2 Mailbox full: quota exceeded for %s", key);
-        return NULL;
-    }
-    struct envelope *grown = realloc(s->envs, (s->nenv + 1) * sizeof *grown);
-    if (!grown) {
-        reply(s, "452 4.3.1 Insufficient system resources");
-        return NULL;
-    }
-    s->envs = grown;
-    e = &s->envs[s->nenv++];
-    envelope_init(e);
-    str_copy(e->domain, key, sizeof e->domain);
-    return e;
+    return e ? e : new_envelope(s, key, has_list);
 }
 
 static bool already_listed(const struct envelope *e, const char *addr)
@@ -282,6 +324,8 @@ struct data_state {
     bool too_big;
     unsigned received;
     uint64_t size;
+    int64_t start_ms;             /* io_clock_ms() when DATA began */
+    unsigned long long start_in;  /* io bytes_in then */
 };
 
 /* Flags CR and LF that are not part of a CRLF pair. */
@@ -338,14 +382,32 @@ static bool data_piece(struct smtp *s, struct queue_in *in, struct data_state *d
     return false;
 }
 
+/* Postfix's smtpd_min_data_rate: the whole DATA phase may last `timeout`
+ * plus one second per data_min_rate bytes received.  The per-read timeout
+ * alone would let a client sending a byte every few seconds hold the
+ * session forever; a client that really sends data keeps moving its
+ * deadline forward. */
+static void set_data_deadline(struct smtp *s, const struct data_state *d)
+{
+    unsigned long rate = s->conf->data_min_rate;
+    if (!rate)
+        return;
+    unsigned long long got = s->io.bytes_in - d->start_in;
+    io_set_deadline(&s->io, d->start_ms + s->io.timeout_ms +
+                                (int64_t)(got * 1000 / rate));
+}
+
 /* Reads message data to the terminating CRLF.CRLF. Returns false when the
- * connection failed (nothing may be acknowledged then). */
+ * connection failed or was too slow (nothing may be acknowledged then). */
 static bool read_data(struct smtp *s, struct queue_in *in, struct data_state *d)
 {
     char piece[DATA_CHUNK];
     size_t plen = 0;
+    d->start_ms = io_clock_ms();
+    d->start_in = s->io.bytes_in;
     for (;;) {
         bool complete = false;
+        set_data_deadline(s, d);
         long n = io_getseg(&s->io, piece + plen, sizeof piece - plen, &complete);
         if (n < 0)
             return false;
@@ -475,6 +537,30 @@ static void finish_data(struct smtp *s, struct queue_in *in, struct data_state *
     reply_all(s, text);
 }
 
+/* The connection failed or was too slow during DATA: nothing is queued; a
+ * client that is still there hears why. */
+static void data_lost(struct smtp *s, struct queue_in *in,
+                      const struct data_state *d)
+{
+    enum io_status st = s->io.status;
+    if (st == IO_DEADLINE) {
+        log_info("%s: lost connection with %s during DATA (data rate below "
+                 "data_min_rate: %llu bytes in %lld s)", in->id, s->peer->addr,
+                 s->io.bytes_in - d->start_in,
+                 (long long)((io_clock_ms() - d->start_ms) / 1000));
+    } else {
+        log_info("%s: lost connection with %s during DATA (%s)", in->id,
+                 s->peer->addr, st == IO_TIMEOUT ? "timeout" : "closed");
+    }
+    queue_in_abort(in);
+    if (st == IO_DEADLINE)
+        reply(s, "421 4.4.2 %s Error: data rate too low", s->conf->hostname);
+    else if (st == IO_TIMEOUT)
+        reply(s, "421 4.4.2 %s Error: timeout exceeded", s->conf->hostname);
+    io_flush(&s->io);
+    s->io.status = st;   /* for the disconnect line */
+}
+
 static void do_data(struct smtp *s, const char *arg)
 {
     struct queue_in in;
@@ -497,19 +583,16 @@ static void do_data(struct smtp *s, const char *arg)
     }
     reply(s, "354 End data with <CR><LF>.<CR><LF>");
     add_received(s, &in);
-    if (!read_data(s, &in, &d)) {
-        bool timeout = s->io.status == IO_TIMEOUT;
-        log_info("%s: lost connection with %s during DATA (%s)", in.id,
-                 s->peer->addr, timeout ? "timeout" : "closed");
-        queue_in_abort(&in);
-        if (timeout) {
-            reply(s, "421 4.4.2 %s Error: timeout exceeded", s->conf->hostname);
-            io_flush(&s->io);
-        }
+    bool complete = read_data(s, &in, &d);
+    io_set_deadline(&s->io, 0);   /* DATA is over, and a 421 must go out */
+    if (!complete) {
+        data_lost(s, &in, &d);
         return;
     }
     finish_data(s, &in, &d);
     reset_transaction(s);
+    /* A client that sends whole messages is not idling. */
+    s->junk_commands = 0;
 }
 
 /* ------------------------------------------------------------ dispatch */
@@ -567,6 +650,7 @@ static bool dispatch(struct smtp *s, const struct smtp_cmd *cmd)
 static void log_end(struct smtp *s)
 {
     const char *why = s->io.status == IO_TIMEOUT ? "timeout"
+                      : s->io.status == IO_DEADLINE ? "deadline exceeded"
                       : s->io.status == IO_EOF  ? "lost connection"
                       : s->io.status == IO_ERROR ? "I/O error" : "quit";
     log_info("disconnect from %s (%s)", s->peer->addr, why);
@@ -596,6 +680,9 @@ static void session_loop(struct smtp *s)
             return;
         if (r == COMMAND_BAD)
             continue;
+        if (session_too_much_junk(&s->io, s->peer->addr, s->conf->hostname,
+                                  cmd.verb, &s->junk_commands))
+            return;
         if (!dispatch(s, &cmd) || s->io.status != IO_OK) {
             io_flush(&s->io);
             return;
@@ -613,9 +700,8 @@ void smtp_session_run(const struct odmrd_conf *conf, SSL_CTX *tls,
     s.tls_ctx = tls;
     s.peer = peer;
     s.lmtp = lmtp;
-    io_init(&s.io, peer->fd, (int)(conf->timeout * 1000));
-    session_idle = 1;
     log_info("connect from %s (%s)", peer->addr, lmtp ? "LMTP" : "SMTP");
+    session_start_io(&s.io, conf, peer);
     if (!queue_open(&s.q, conf->spool_dir, err, sizeof err)) {
         log_err("queue: %s", err);
         reply(&s, "421 4.3.0 %s Service temporarily unavailable", conf->hostname);

@@ -3,9 +3,11 @@
  * Guarantees, whatever the number of connections and session processes
  * (they all report to the one master, which keeps this table):
  *   - one client address (IPv6: its /64) gets at most auth_failure_limit
- *     failed AUTHs per auth_failure_window; after that every AUTH from it
- *     is refused until the window has passed.  Each failure is answered
- *     later than the one before (0.5 s doubling, at most 15 s);
+ *     AUTH attempts per auth_failure_window that do not succeed; after
+ *     that every AUTH from it is refused until the window has passed.
+ *     An attempt counts when it begins, not when its failure is known, so
+ *     parallel connections cannot squeeze in more.  Each failure is
+ *     answered later than the one before (0.5 s doubling, at most 15 s);
  *   - once an account has THROTTLE_ATTACK_FAILURES failures in the window,
  *     passwords for it are checked at most once per THROTTLE_SPACING_MS for
  *     all addresses together, except from the addresses that logged in to
@@ -50,9 +52,14 @@ void throttle_addr_key(const char *addr, char *key, size_t n);
 void throttle_configure(const struct throttle_conf *c);
 void throttle_reset(void);
 
-/* May this address try AUTH at all?  false: blocked; *failures tells how
- * many failures blocked it. */
-bool throttle_may_auth(const char *addr, int64_t now_ms, unsigned long *failures);
+struct throttle_begin {
+    bool allowed;                        /* false: blocked */
+    bool now_blocked;                    /* this attempt reached the limit */
+    unsigned long attempts;              /* in the window, this one included */
+};
+/* An AUTH begins: counts it against the address, or refuses it when the
+ * address is blocked. */
+struct throttle_begin throttle_auth_begins(const char *addr, int64_t now_ms);
 
 enum throttle_verdict { THROTTLE_GO, THROTTLE_WAIT, THROTTLE_REFUSE };
 /* Before a password of account is checked for addr: go now, wait
@@ -63,12 +70,11 @@ enum throttle_verdict throttle_account_turn(const char *addr, const char *accoun
 
 struct throttle_failure {
     int64_t delay_ms;                    /* wait this long before 535 */
-    unsigned long addr_failures;         /* in the window, this one included */
     unsigned long account_failures;
-    bool now_blocked;                    /* this failure reached the limit */
     bool account_attacked;               /* this failure started the spacing */
 };
-/* Records a failed AUTH (account may be "" when no name was given). */
+/* Records a failed AUTH that began with throttle_auth_begins (account
+ * may be "" when no name was given). */
 struct throttle_failure throttle_failed(const char *addr, const char *account,
                                         int64_t now_ms);
 /* Records a success: the address is forgiven and remembered as good for

@@ -284,6 +284,116 @@ static void count_trace(void *ctx, bool out, const char *data, size_t len)
     }
 }
 
+/* ---- deadlines --------------------------------------------------------- */
+
+/* Writes s one byte every step_ms (a trickling peer). */
+static bool trickle(int fd, const char *s, int step_ms)
+{
+    for (; *s; s++) {
+        if (!put_raw(fd, s, 1))
+            return false;
+        usleep((useconds_t)step_ms * 1000);
+    }
+    return true;
+}
+
+/* An idle pause longer than the line deadline, a line that arrives in
+ * pieces within it, a line trickled past it, and a line stalled halfway. */
+static int deadline_child(int fd, void *arg)
+{
+    (void)arg;
+    usleep(600 * 1000);
+    if (!trickle(fd, "NOOP\r\n", 20))
+        return 2;
+    if (!trickle(fd, "HELO slow.example\r\n", 100))
+        return 3;
+    if (!put_raw(fd, "HE", 2))
+        return 4;
+    drain_to_eof(fd);
+    return 0;
+}
+
+static void test_line_deadline(void)
+{
+    int fd;
+    pid_t pid = spawn(&fd, deadline_child, NULL);
+    struct io io;
+    char buf[64];
+
+    io_init(&io, fd, 1000);
+    io_set_line_deadline(&io, 400);
+    /* the idle wait before a line is the timeout's, not the deadline's */
+    int64_t t0 = ms_now();
+    CHECK(io_getline(&io, buf, sizeof buf, NULL) == 4);
+    CHECK_STR(buf, "NOOP");
+    CHECK(ms_now() - t0 >= 550);
+    /* 19 bytes at 100 ms each cannot make it in 400 ms */
+    t0 = ms_now();
+    CHECK(io_getline(&io, buf, sizeof buf, NULL) == IO_DEADLINE);
+    int64_t dt = ms_now() - t0;
+    CHECK(io.status == IO_DEADLINE);
+    CHECK(dt >= 380 && dt < 900);
+    CHECK_STR(buf, "");
+    /* a reply still goes out after a deadline (421) */
+    CHECK(io_puts(&io, "421 deadline\r\n") && io_flush(&io));
+    /* skip the rest of the slow line; then "HE" stalls: the timeout comes
+     * first when it is shorter than the line deadline */
+    io_set_line_deadline(&io, 0);
+    CHECK(io_getline(&io, buf, sizeof buf, NULL) > 0);
+    io.timeout_ms = 300;
+    io_set_line_deadline(&io, 5000);
+    CHECK(io_getline(&io, buf, sizeof buf, NULL) == IO_TIMEOUT);
+    io_close(&io);
+    CHECK(reap(pid) == 0);
+}
+
+static int slow_data_child(int fd, void *arg)
+{
+    (void)arg;
+    return trickle(fd, "one byte every 50 ms, far too slowly\r\n", 50) ? 0 : 2;
+}
+
+static void test_phase_deadline(void)
+{
+    int fd;
+    pid_t pid = spawn(&fd, slow_data_child, NULL);
+    struct io io;
+    char seg[64];
+    long n = 0;
+
+    io_init(&io, fd, 2000);
+    int64_t t0 = ms_now();
+    io_set_deadline(&io, io_clock_ms() + 300);
+    while (n >= 0)   /* every byte is progress: only the deadline ends it */
+        n = io_getseg(&io, seg, sizeof seg, NULL);
+    int64_t dt = ms_now() - t0;
+    CHECK(n == IO_DEADLINE && io.status == IO_DEADLINE);
+    CHECK(dt >= 280 && dt < 900);
+    CHECK(io.bytes_in >= 3 && io.bytes_in <= 12);
+    /* once removed, reads wait for the timeout again */
+    io_set_deadline(&io, 0);
+    CHECK(io_getseg(&io, seg, sizeof seg, NULL) > 0);
+    io_close(&io);
+    kill(pid, SIGKILL);
+    reap(pid);
+
+    /* writes respect it too: a peer that does not read */
+    static char chunk[65536];
+    bool ok = true;
+    pid = spawn(&fd, stalled_child, NULL);
+    io_init(&io, fd, 5000);
+    io_set_deadline(&io, io_clock_ms() + 200);
+    t0 = ms_now();
+    for (int i = 0; i < 256 && ok; i++)
+        ok = io_write(&io, chunk, sizeof chunk);
+    CHECK(!ok || !io_flush(&io));
+    CHECK(io.status == IO_DEADLINE);
+    CHECK(ms_now() - t0 < 2000);
+    io_close(&io);
+    kill(pid, SIGKILL);
+    CHECK(reap(pid) == 128 + SIGKILL);
+}
+
 /* ---- getseg ------------------------------------------------------------ */
 
 #define SEG_BIG 10000
@@ -748,6 +858,8 @@ int main(void)
     test_getline();
     test_read_timeout();
     test_write_timeout();
+    test_line_deadline();
+    test_phase_deadline();
     test_getseg();
     test_pipelining();
     test_tls();

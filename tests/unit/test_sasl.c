@@ -43,6 +43,7 @@ struct outcome {
     enum sasl_glue_result server;
     char mech[32];
     char user[256];
+    char reason[400];
     bool client_done;
     int rounds;
 };
@@ -76,6 +77,7 @@ static struct outcome exchange(const char *offer, const char *allowed,
     }
     if (o.server == SASL_GLUE_OK)
         snprintf(o.user, sizeof o.user, "%s", sasl_glue_server_username(s));
+    snprintf(o.reason, sizeof o.reason, "%s", sasl_glue_server_reason(s));
     o.client_done = sasl_glue_client_complete(c);
     if (getenv("TEST_SASL_DEBUG"))
         printf("# %s %s: %s after %d rounds\n", o.mech, user,
@@ -468,6 +470,200 @@ static void test_client_refusals(void)
     sasl_glue_client_free(c);
 }
 
+/* No account probing: an unknown name fails like a wrong password, after
+ * as many rounds, and only the reason (for the log) tells them apart. */
+static void test_unknown_like_wrong(const char *mech)
+{
+    bool exists = true;
+    struct outcome wrong = exchange(mech, NULL, true, "alice", "wrong");
+    CHECK(wrong.server == SASL_GLUE_FAIL);
+    CHECK_STR(wrong.reason, "wrong password for \"alice\"");
+    CHECK_STR(auxprop_last_account(&exists), "alice");
+    CHECK(exists);
+    struct outcome unknown = exchange(mech, NULL, true, "mallory", "wrong");
+    CHECK(unknown.server == SASL_GLUE_FAIL);
+    CHECK(unknown.rounds == wrong.rounds);
+    CHECK_STR(unknown.reason, "unknown account \"mallory\"");
+    CHECK_STR(auxprop_last_account(&exists), "mallory");
+    CHECK(!exists);
+    if (unknown.rounds != wrong.rounds)
+        printf("# %s: %d rounds for an unknown name, %d for a wrong "
+               "password\n", mech, unknown.rounds, wrong.rounds);
+}
+
+/* SCRAM server-first for user (client nonce "fixedclientnonce"): salt and
+ * iteration count; false when the server did not send one. */
+static bool scram_first(const char *mech, const char *user, char *salt,
+                        size_t n, unsigned *salt_len, unsigned long *iters)
+{
+    char first[256], b64[512], chal[1024], raw[1024];
+    unsigned len;
+    snprintf(first, sizeof first, "n,,n=%s,r=fixedclientnonce", user);
+    sasl_encode64(first, (unsigned)strlen(first), b64, sizeof b64, &len);
+    struct sasl_glue_server *s = new_server(false);
+    bool ok = s && sasl_glue_server_start(s, mech, b64, chal, sizeof chal) ==
+                       SASL_GLUE_CONTINUE;
+    sasl_glue_server_free(s);
+    if (!ok || sasl_decode64(chal, (unsigned)strlen(chal), raw,
+                             sizeof raw - 1, &len) != SASL_OK)
+        return false;
+    raw[len] = '\0';
+    char *sp = strstr(raw, ",s="), *ip = strstr(raw, ",i=");
+    if (strncmp(raw, "r=fixedclientnonce", 18) || !sp || !ip || ip < sp)
+        return false;
+    *iters = strtoul(ip + 3, NULL, 10);
+    return sasl_decode64(sp + 3, (unsigned)(ip - sp - 3), salt, (unsigned)n,
+                         salt_len) == SASL_OK;
+}
+
+/* Cyrus derives a real account's salt from the name and a key drawn at
+ * plugin init, so it is stable; an unknown name gets the same treatment. */
+static void test_scram_unknown_server_first(const char *mech, unsigned size)
+{
+    char a1[128], a2[128], m1[128], m2[128], e1[128];
+    unsigned la1 = 0, la2 = 0, lm1 = 0, lm2 = 0, le1 = 0;
+    unsigned long ia = 0, im = 0, x = 0;
+    CHECK(scram_first(mech, "alice", a1, sizeof a1, &la1, &ia));
+    CHECK(scram_first(mech, "alice", a2, sizeof a2, &la2, &x));
+    CHECK(scram_first(mech, "mallory", m1, sizeof m1, &lm1, &im));
+    CHECK(scram_first(mech, "mallory", m2, sizeof m2, &lm2, &x));
+    CHECK(scram_first(mech, "eve", e1, sizeof e1, &le1, &x));
+    CHECK(la1 == size && lm1 == size && le1 == size);
+    CHECK(ia == im && ia >= 4096);
+    CHECK(la1 == la2 && !memcmp(a1, a2, la1));
+    CHECK(lm1 == lm2 && !memcmp(m1, m2, lm1));
+    CHECK(memcmp(a1, m1, size) != 0 && memcmp(m1, e1, size) != 0);
+}
+
+/* The stand-in secret of an unknown name never authenticates, not even
+ * when a client somehow presents it. */
+static void test_fake_never_authenticates(void)
+{
+    char fake[AUXPROP_FAKE_PASSWORD_SIZE], other[AUXPROP_FAKE_PASSWORD_SIZE];
+    CHECK(!auxprop_fake_password("mallory", fake, sizeof fake - 1));
+    CHECK(auxprop_fake_password("mallory", fake, sizeof fake));
+    CHECK(auxprop_fake_password("eve", other, sizeof other));
+    CHECK(strlen(fake) == 44 && strcmp(fake, other) != 0);
+    const char *mechs[] = {"PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256",
+                           "SCRAM-SHA-1"};
+    for (size_t i = 0; i < sizeof mechs / sizeof *mechs; i++) {
+        struct outcome o = exchange(mechs[i], NULL, true, "mallory", fake);
+        CHECK(o.server == SASL_GLUE_FAIL);
+        CHECK_STR(o.user, "");
+        CHECK_STR(o.reason, "unknown account \"mallory\"");
+    }
+    /* A real account's name is checked against its real password. */
+    CHECK(auxprop_fake_password("alice", fake, sizeof fake));
+    CHECK(exchange("PLAIN", NULL, true, "alice", fake).server ==
+          SASL_GLUE_FAIL);
+}
+
+/* What the plugin remembers belongs to the current exchange only. */
+static void test_forget_between_exchanges(void)
+{
+    char chal[1024];
+    CHECK(exchange("CRAM-MD5", NULL, true, "mallory", "x").server ==
+          SASL_GLUE_FAIL);
+    CHECK(auxprop_last_account(NULL) != NULL);
+    struct sasl_glue_server *s = new_server(true);
+    CHECK(s != NULL);
+    if (!s)
+        return;
+    /* "eA==" is "x": not a SCRAM client-first message, no lookup */
+    CHECK(sasl_glue_server_start(s, "SCRAM-SHA-256", "eA==", chal,
+                                 sizeof chal) == SASL_GLUE_FAIL);
+    CHECK(auxprop_last_account(NULL) == NULL);
+    CHECK(strstr(sasl_glue_server_reason(s), "mallory") == NULL);
+    CHECK(strstr(sasl_glue_server_reason(s), "account") == NULL);
+    sasl_glue_server_free(s);
+}
+
+/* A name from the client is quoted for the log, never copied raw. */
+static void test_reason_quoting(void)
+{
+    struct outcome o =
+        exchange("PLAIN", NULL, true, "ev\"il\\ \x01\x7f\xc3\xa9", "x");
+    CHECK(o.server == SASL_GLUE_FAIL);
+    CHECK_STR(o.reason,
+              "unknown account \"ev\\x22il\\x5C\\x20\\x01\\x7F\\xC3\\xA9\"");
+    /* The right password but a refused authorization: not "wrong". */
+    char chal[1024], b64[1024];
+    plain_b64("bob@customer.example", "alice", PASSWORD, b64, sizeof b64);
+    struct sasl_glue_server *s = new_server(true);
+    CHECK(s != NULL);
+    if (!s)
+        return;
+    CHECK(sasl_glue_server_start(s, "PLAIN", b64, chal, sizeof chal) ==
+          SASL_GLUE_FAIL);
+    const char *why = sasl_glue_server_reason(s);
+    printf("# proxy refused: %s\n", why);
+    CHECK(strstr(why, "(account \"alice\")") != NULL);
+    CHECK(strstr(why, "wrong password") == NULL);
+    sasl_glue_server_free(s);
+}
+
+static char guard_saw[8][64];
+static int guard_calls;
+static bool guard_answer;
+
+static bool test_guard_fn(const char *account)
+{
+    if (guard_calls < 8)
+        snprintf(guard_saw[guard_calls], sizeof guard_saw[0], "%s", account);
+    guard_calls++;
+    return guard_answer;
+}
+
+/* The hook before each password lookup: false is a temporary failure
+ * (not a failed attempt), for known and unknown names alike.  (Not with
+ * LOGIN here: Cyrus' LOGIN plugin leaks the password it was sent when the
+ * check fails temporarily, which the sanitizer build would report.) */
+static void test_guard(void)
+{
+    const char *mechs[] = {"CRAM-MD5", "SCRAM-SHA-256", "PLAIN"};
+    auxprop_set_guard(test_guard_fn);
+    for (size_t i = 0; i < sizeof mechs / sizeof *mechs; i++) {
+        guard_answer = false;
+        guard_calls = 0;
+        struct outcome o = exchange(mechs[i], NULL, true, "alice", PASSWORD);
+        CHECK(o.server == SASL_GLUE_ERROR);
+        CHECK(guard_calls >= 1);
+        CHECK_STR(guard_saw[0], "alice");
+        guard_calls = 0;
+        o = exchange(mechs[i], NULL, true, "mallory", PASSWORD);
+        CHECK(o.server == SASL_GLUE_ERROR);
+        CHECK(guard_calls >= 1);
+        CHECK_STR(guard_saw[0], "mallory");
+        guard_answer = true;
+        guard_calls = 0;
+        o = exchange(mechs[i], NULL, true, "alice", PASSWORD);
+        CHECK(o.server == SASL_GLUE_OK);
+        CHECK(guard_calls >= 1);
+        printf("# %s: %d password lookups in a successful exchange\n",
+               mechs[i], guard_calls);
+    }
+    auxprop_set_guard(NULL);
+    guard_calls = 0;
+    CHECK(exchange("CRAM-MD5", NULL, true, "alice", PASSWORD).server ==
+          SASL_GLUE_OK);
+    CHECK(guard_calls == 0);
+}
+
+/* Issue 10: unknown names cannot be told from wrong passwords. */
+static void test_no_probing(void)
+{
+    const char *mechs[] = {"SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5",
+                           "PLAIN", "LOGIN"};
+    for (size_t i = 0; i < sizeof mechs / sizeof *mechs; i++)
+        test_unknown_like_wrong(mechs[i]);
+    test_scram_unknown_server_first("SCRAM-SHA-256", 32);
+    test_scram_unknown_server_first("SCRAM-SHA-1", 20);
+    test_fake_never_authenticates();
+    test_forget_between_exchanges();
+    test_reason_quoting();
+    test_guard();
+}
+
 /* A SASL configuration file must not change anything. */
 static void write_hostile_conf(void)
 {
@@ -527,6 +723,7 @@ int main(void)
     test_fork_randomness("CRAM-MD5");
     test_fork_randomness("SCRAM-SHA-256");
     test_database_trouble();
+    test_no_probing();
 
     sasl_glue_client_done();
     sasl_glue_server_done();

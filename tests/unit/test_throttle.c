@@ -25,48 +25,64 @@ static void test_addr_key(void)
     CHECK_STR(k, "unix");
 }
 
+/* One attempt that fails; returns its delay. */
+static int64_t fail_once(const char *addr, const char *account, int64_t t)
+{
+    struct throttle_begin b = throttle_auth_begins(addr, t);
+    CHECK(b.allowed);
+    return throttle_failed(addr, account, t).delay_ms;
+}
+
 static void test_address_limit(void)
 {
-    unsigned long n;
     setup(10, 600000);
     int64_t t = 1000, last_delay = 0;
     for (int i = 1; i <= 10; i++) {
-        CHECK(throttle_may_auth("192.0.2.1", t, &n));
-        struct throttle_failure f = throttle_failed("192.0.2.1", "alice", t);
-        CHECK(f.addr_failures == (unsigned long)i);
-        CHECK(f.delay_ms >= last_delay && f.delay_ms <= THROTTLE_DELAY_MAX_MS);
-        CHECK(f.now_blocked == (i == 10));
-        last_delay = f.delay_ms;
+        struct throttle_begin b = throttle_auth_begins("192.0.2.1", t);
+        CHECK(b.allowed);
+        CHECK(b.attempts == (unsigned long)i);
+        CHECK(b.now_blocked == (i == 10));
+        int64_t d = throttle_failed("192.0.2.1", "alice", t).delay_ms;
+        CHECK(d >= last_delay && d <= THROTTLE_DELAY_MAX_MS);
+        last_delay = d;
         t += 100;
     }
     CHECK(last_delay == THROTTLE_DELAY_MAX_MS);
-    CHECK(!throttle_may_auth("192.0.2.1", t, &n));
-    CHECK(n == 10);
-    CHECK(throttle_may_auth("192.0.2.2", t, &n));        /* others are not blocked */
-    CHECK(!throttle_may_auth("192.0.2.1", t + 599000, &n));
-    CHECK(throttle_may_auth("192.0.2.1", t + 601000, &n));   /* window passed */
-    struct throttle_failure f = throttle_failed("192.0.2.1", "alice", t + 601000);
-    CHECK(f.addr_failures == 1 && !f.now_blocked);
+    struct throttle_begin b = throttle_auth_begins("192.0.2.1", t);
+    CHECK(!b.allowed && b.attempts == 10);
+    CHECK(throttle_auth_begins("192.0.2.2", t).allowed);   /* others are not blocked */
+    CHECK(!throttle_auth_begins("192.0.2.1", t + 599000).allowed);
+    b = throttle_auth_begins("192.0.2.1", t + 601000);     /* window passed */
+    CHECK(b.allowed && b.attempts == 1);
     /* IPv6 counts by /64: ten hosts of one /64 are one address */
     for (int i = 0; i < 10; i++) {
         char a[64];
         snprintf(a, sizeof a, "2001:db8::%x", i + 1);
-        throttle_failed(a, "bob", t);
+        fail_once(a, "bob", t);
     }
-    CHECK(!throttle_may_auth("2001:db8::ffff", t, &n));
-    CHECK(throttle_may_auth("2001:db8:0:1::1", t, &n));
+    CHECK(!throttle_auth_begins("2001:db8::ffff", t).allowed);
+    CHECK(throttle_auth_begins("2001:db8:0:1::1", t).allowed);
+}
+
+/* Attempts count when they begin: twenty at once cannot get past ten. */
+static void test_parallel_attempts(void)
+{
+    setup(10, 600000);
+    int allowed = 0;
+    for (int i = 0; i < 20; i++)
+        allowed += throttle_auth_begins("192.0.2.9", 5).allowed;
+    CHECK(allowed == 10);
 }
 
 static void test_success_resets(void)
 {
-    unsigned long n;
     setup(3, 600000);
-    throttle_failed("192.0.2.1", "alice", 0);
-    throttle_failed("192.0.2.1", "alice", 1);
+    fail_once("192.0.2.1", "alice", 0);
+    fail_once("192.0.2.1", "alice", 1);
+    CHECK(throttle_auth_begins("192.0.2.1", 2).allowed);
     throttle_succeeded("192.0.2.1", "alice", 2);
-    struct throttle_failure f = throttle_failed("192.0.2.1", "alice", 3);
-    CHECK(f.addr_failures == 1);
-    CHECK(throttle_may_auth("192.0.2.1", 4, &n));
+    struct throttle_begin b = throttle_auth_begins("192.0.2.1", 3);
+    CHECK(b.allowed && b.attempts == 1);
 }
 
 static void test_account_spacing(void)
@@ -80,6 +96,7 @@ static void test_account_spacing(void)
     for (int i = 0; i < THROTTLE_ATTACK_FAILURES; i++) {
         snprintf(a, sizeof a, "192.0.2.%d", i + 1);
         CHECK(throttle_account_turn(a, "alice", t, &wait) == THROTTLE_GO);
+        CHECK(throttle_auth_begins(a, t).allowed);
         struct throttle_failure f = throttle_failed(a, "alice", t);
         CHECK(f.account_attacked == (i + 1 == THROTTLE_ATTACK_FAILURES));
     }
@@ -107,26 +124,27 @@ static void test_account_spacing(void)
 
 static void test_bounded_memory(void)
 {
-    unsigned long n;
     setup(2, 600000);
-    throttle_failed("192.0.2.1", "", 0);
-    throttle_failed("192.0.2.1", "", 0);
-    CHECK(!throttle_may_auth("192.0.2.1", 1, &n));
+    fail_once("192.0.2.1", "", 0);
+    fail_once("192.0.2.1", "", 0);
+    CHECK(!throttle_auth_begins("192.0.2.1", 1).allowed);
     /* a flood of other addresses and names fills the tables ... */
     char a[64], name[64];
     for (int i = 0; i < 3 * THROTTLE_ADDRS; i++) {
         snprintf(a, sizeof a, "10.%d.%d.%d", i >> 16 & 255, i >> 8 & 255, i & 255);
         snprintf(name, sizeof name, "guess%d", i);
+        throttle_auth_begins(a, 2 + i);   /* no CHECK: 12,288 of them */
         throttle_failed(a, name, 2 + i);
     }
     /* ... without lifting the block, as long as unblocked entries remain */
-    CHECK(!throttle_may_auth("192.0.2.1", 3, &n));
+    CHECK(!throttle_auth_begins("192.0.2.1", 3).allowed);
 }
 
 int main(void)
 {
     test_addr_key();
     test_address_limit();
+    test_parallel_attempts();
     test_success_resets();
     test_account_spacing();
     test_bounded_memory();

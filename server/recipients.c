@@ -1,0 +1,281 @@
+/* recipients.c - per-domain recipient lists (recipients.h). */
+#include "recipients.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../common/addr.h"
+#include "../common/idna.h"
+#include "../common/log.h"
+#include "../common/util.h"
+#include "accounts_db.h"
+
+#define LIST_PREFIX "R:"
+#define ENTRY_PREFIX "r:"
+#define RKEY_MAX (2 + IDNA_KEY_MAX + 1 + ADDR_LOCAL_MAX)
+
+/* "R:<domain key>"; false when the domain has no key. */
+static bool list_key(char *buf, size_t n, const char *domain, char *dkey)
+{
+    return idna_domain_key(domain, dkey, IDNA_KEY_MAX + 1, NULL) == IDNA_OK &&
+           str_fmt(buf, n, LIST_PREFIX "%s", dkey);
+}
+
+/* "r:<domain key>:<local, ASCII lower-cased>"; false for a local part that
+ * cannot be one (empty, too long, control characters). */
+static bool entry_key(char *buf, size_t n, const char *dkey, const char *local,
+                      size_t len)
+{
+    if (len == 0 || len > ADDR_LOCAL_MAX)
+        return false;
+    int head = snprintf(buf, n, ENTRY_PREFIX "%s:", dkey);
+    if (head < 0 || (size_t)head + len >= n)
+        return false;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)local[i];
+        if (c < 0x21 || c == 0x7f)
+            return false;
+        buf[head + i] = (char)(c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c);
+    }
+    buf[head + len] = '\0';
+    return true;
+}
+
+static bool has_entry(GDBM_FILE dbf, const char *dkey, const char *local,
+                      size_t len)
+{
+    char key[RKEY_MAX + 1];
+    return entry_key(key, sizeof key, dkey, local, len) && acctdb_exists(dbf, key);
+}
+
+/* Listed as is, as "user" for "user+detail", or caught by "@". */
+static bool listed(GDBM_FILE dbf, const char *dkey, const char *local)
+{
+    size_t len = strlen(local);
+    const char *plus = local[0] != '"' ? strchr(local, '+') : NULL;
+    return has_entry(dbf, dkey, local, len) ||
+           (plus && plus > local && has_entry(dbf, dkey, local, (size_t)(plus - local))) ||
+           has_entry(dbf, dkey, RECIPIENT_CATCHALL, 1);
+}
+
+static enum rcpt_result owner_of(const char *db, GDBM_FILE dbf, const char *domain,
+                                 char *owner, size_t n)
+{
+    char dk[ACCOUNTS_KEY_MAX + 1];
+    size_t len;
+    enum acct_result r;
+    if (!acctdb_domain_key(dk, domain))
+        return RCPT_NO_DOMAIN;
+    char *name = acctdb_fetch(db, dbf, dk, &len, &r);
+    if (!name)
+        return r == ACCT_NOTFOUND ? RCPT_NO_DOMAIN : RCPT_TEMPFAIL;
+    bool fits = !owner || str_copy(owner, name, n);
+    free(name);
+    return fits ? RCPT_VALID : RCPT_TEMPFAIL;
+}
+
+static enum rcpt_result from_acct(enum acct_result r)
+{
+    return r == ACCT_OK ? RCPT_VALID : r == ACCT_NOTFOUND ? RCPT_NO_DOMAIN
+                                                          : RCPT_TEMPFAIL;
+}
+
+enum rcpt_result recipients_check(const char *db, const char *domain,
+                                  const char *local, char *owner, size_t n,
+                                  bool *has_list)
+{
+    char lkey[RKEY_MAX + 1], dkey[IDNA_KEY_MAX + 1];
+    bool list = false;
+    if (has_list)
+        *has_list = false;
+    if (!list_key(lkey, sizeof lkey, domain, dkey))
+        return RCPT_NO_DOMAIN;
+    GDBM_FILE dbf;
+    enum acct_result ar = acctdb_open(db, DB_READ, &dbf);
+    if (ar != ACCT_OK)
+        return from_acct(ar == ACCT_NODB ? ACCT_NOTFOUND : ar);
+    enum rcpt_result r = owner_of(db, dbf, domain, owner, n);
+    if (r == RCPT_VALID && (list = acctdb_exists(dbf, lkey)) &&
+        !listed(dbf, dkey, local))
+        r = RCPT_UNKNOWN_USER;
+    acctdb_close_reader(dbf);
+    if (has_list)
+        *has_list = list;
+    /* a binding stored by an older version under its UTF-8 spelling:
+     * accounts.c knows how to find it (such domains have no list) */
+    if (r == RCPT_NO_DOMAIN)
+        r = from_acct(accounts_domain_owner(db, domain, owner, n));
+    return r;
+}
+
+/* ------------------------------------------------------------ changes */
+
+static unsigned long list_count(const char *db, GDBM_FILE dbf, const char *lkey)
+{
+    size_t len;
+    enum acct_result r;
+    char *v = acctdb_fetch(db, dbf, lkey, &len, &r);
+    unsigned long count = 0;
+    if (v && !parse_ulong(v, ~0UL, &count))
+        count = 0;
+    free(v);
+    return count;
+}
+
+static enum acct_result set_count(const char *db, GDBM_FILE dbf, const char *lkey,
+                                  unsigned long count)
+{
+    char v[32];
+    if (count == 0)
+        return acctdb_exists(dbf, lkey) ? acctdb_delete(db, dbf, lkey) : ACCT_OK;
+    snprintf(v, sizeof v, "%lu", count);
+    return acctdb_store(db, dbf, lkey, v, strlen(v), GDBM_REPLACE);
+}
+
+static enum acct_result change_one(const char *db, GDBM_FILE dbf, const char *dkey,
+                                   const char *local, bool add, size_t *changed)
+{
+    char key[RKEY_MAX + 1];
+    if (!entry_key(key, sizeof key, dkey, local, strlen(local)))
+        return ACCT_NOTFOUND;
+    enum acct_result r = add ? acctdb_store(db, dbf, key, "", 0, GDBM_INSERT)
+                         : acctdb_exists(dbf, key) ? acctdb_delete(db, dbf, key)
+                                                   : ACCT_EXISTS;
+    if (r == ACCT_OK)
+        ++*changed;
+    return r == ACCT_EXISTS ? ACCT_OK : r;   /* already so: nothing to do */
+}
+
+enum acct_result recipients_change(const char *db, const char *domain,
+                                   const char *const *locals, size_t n,
+                                   bool add, size_t *changed)
+{
+    char lkey[RKEY_MAX + 1], dkey[IDNA_KEY_MAX + 1];
+    *changed = 0;
+    if (!list_key(lkey, sizeof lkey, domain, dkey))
+        return ACCT_NOTFOUND;
+    GDBM_FILE dbf;
+    enum acct_result r = acctdb_open(db, DB_WRITE, &dbf);
+    if (r != ACCT_OK)
+        return r;
+    if (owner_of(db, dbf, domain, NULL, 0) != RCPT_VALID)
+        r = ACCT_NOTFOUND;   /* lists belong to hosted domains only */
+    for (size_t i = 0; r == ACCT_OK && i < n; i++)
+        r = change_one(db, dbf, dkey, locals[i], add, changed);
+    if (r == ACCT_OK) {
+        unsigned long count = list_count(db, dbf, lkey);
+        count = add ? count + *changed : count > *changed ? count - *changed : 0;
+        r = set_count(db, dbf, lkey, count);
+    }
+    return acctdb_close_writer(db, dbf, r);
+}
+
+/* ------------------------------------------------------------ listing */
+
+struct local_list {
+    char **v;
+    size_t n, cap;
+};
+
+static void locals_free(struct local_list *l)
+{
+    for (size_t i = 0; i < l->n; i++)
+        free(l->v[i]);
+    free(l->v);
+}
+
+static bool locals_add(struct local_list *l, const char *s, size_t len)
+{
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 64;
+        char **v = realloc(l->v, cap * sizeof *v);
+        if (!v)
+            return false;
+        l->v = v;
+        l->cap = cap;
+    }
+    l->v[l->n] = strndup(s, len);
+    if (!l->v[l->n])
+        return false;
+    l->n++;
+    return true;
+}
+
+/* The local parts of every key that starts with prefix (a traversal of
+ * the whole file: for odmrctl, never for a session). */
+static enum acct_result collect(const char *db, GDBM_FILE dbf, const char *prefix,
+                                struct local_list *l)
+{
+    size_t plen = strlen(prefix);
+    datum k = gdbm_firstkey(dbf);
+    while (k.dptr) {
+        size_t len = k.dsize > 0 ? (size_t)k.dsize : 0;
+        bool ok = len <= plen || memcmp(k.dptr, prefix, plen) ||
+                  memchr(k.dptr, '\0', len) ||
+                  locals_add(l, k.dptr + plen, len - plen);
+        datum next = gdbm_nextkey(dbf, k);
+        free(k.dptr);
+        if (!ok)
+            return ACCT_TEMPFAIL;
+        k = next;
+    }
+    if (gdbm_errno != GDBM_ITEM_NOT_FOUND) {
+        log_err("accounts database %s: traversal: %s", db, gdbm_strerror(gdbm_errno));
+        return ACCT_TEMPFAIL;
+    }
+    return ACCT_OK;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+enum acct_result recipients_list(const char *db, const char *domain,
+                                 void (*fn)(void *ctx, const char *local),
+                                 void *ctx)
+{
+    char lkey[RKEY_MAX + 1], dkey[IDNA_KEY_MAX + 1], prefix[RKEY_MAX + 1];
+    if (!list_key(lkey, sizeof lkey, domain, dkey))
+        return ACCT_NOTFOUND;
+    GDBM_FILE dbf;
+    enum acct_result r = acctdb_open(db, DB_READ, &dbf);
+    if (r != ACCT_OK || !dbf)
+        return r == ACCT_OK || r == ACCT_NODB ? ACCT_NOTFOUND : r;
+    struct local_list l = {0};
+    snprintf(prefix, sizeof prefix, ENTRY_PREFIX "%s:", dkey);
+    r = acctdb_exists(dbf, lkey) ? collect(db, dbf, prefix, &l) : ACCT_NOTFOUND;
+    acctdb_close_reader(dbf);
+    if (r == ACCT_OK) {
+        qsort(l.v, l.n, sizeof *l.v, cmp_str);
+        for (size_t i = 0; i < l.n; i++)
+            fn(ctx, l.v[i]);
+    }
+    locals_free(&l);
+    return r;
+}
+
+enum acct_result recipients_drop(const char *db, const char *domain)
+{
+    char lkey[RKEY_MAX + 1], dkey[IDNA_KEY_MAX + 1], prefix[RKEY_MAX + 1];
+    char key[RKEY_MAX + 1];
+    if (!list_key(lkey, sizeof lkey, domain, dkey))
+        return ACCT_NOTFOUND;
+    GDBM_FILE dbf;
+    enum acct_result r = acctdb_open(db, DB_WRITE, &dbf);
+    if (r != ACCT_OK)
+        return r;
+    struct local_list l = {0};
+    snprintf(prefix, sizeof prefix, ENTRY_PREFIX "%s:", dkey);
+    /* the whole list is collected first: deleting during a traversal can
+     * skip keys */
+    r = collect(db, dbf, prefix, &l);
+    for (size_t i = 0; r == ACCT_OK && i < l.n; i++)
+        if (str_fmt(key, sizeof key, "%s%s", prefix, l.v[i]))
+            r = acctdb_delete(db, dbf, key);
+    if (r == ACCT_OK)
+        r = set_count(db, dbf, lkey, 0);
+    locals_free(&l);
+    return acctdb_close_writer(db, dbf, r);
+}
