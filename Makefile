@@ -42,7 +42,7 @@ SERVER_LIB_SRC := $(wildcard server/conf.c server/envelope.c server/queue.c \
                   server/downgrade.c server/throttle.c server/recipients.c)
 # odmrctl switches users the way odmrd does (server/ownership.h).
 SERVER_LIB_SRC += server/ownership.c
-ODMRD_SRC  := $(filter-out server/odmrctl.c $(SERVER_LIB_SRC),$(wildcard server/*.c))
+ODMRD_SRC  := $(filter-out server/odmrctl%.c $(SERVER_LIB_SRC),$(wildcard server/*.c))
 CLIENT_SRC := $(wildcard client/*.c)
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)
 
@@ -78,7 +78,7 @@ $(B)/obj/%.o: %.c $(SYSCONF_STAMP) | deps
 $(B)/odmrd: $(call obj,$(ODMRD_SRC)) $(SERVER_LIB_OBJ) $(COMMON_OBJ)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_SASL) $(LIBS_SSL) $(LIBS_GDBM) $(LIBS_IDN)
 
-$(B)/odmrctl: $(call obj,server/odmrctl.c) $(SERVER_LIB_OBJ) $(COMMON_OBJ)
+$(B)/odmrctl: $(call obj,$(wildcard server/odmrctl*.c)) $(SERVER_LIB_OBJ) $(COMMON_OBJ)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_SASL) $(LIBS_SSL) $(LIBS_GDBM) $(LIBS_IDN)
 
 $(B)/odmr-fetch: $(call obj,$(CLIENT_SRC)) $(COMMON_OBJ)

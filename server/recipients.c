@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "../common/addr.h"
 #include "../common/idna.h"
@@ -22,11 +23,30 @@ static bool list_key(char *buf, size_t n, const char *domain, char *dkey)
            str_fmt(buf, n, LIST_PREFIX "%s", dkey);
 }
 
+/* "\"john\"" and "john" are one mailbox (RFC 5321 4.1.2): quotes around
+ * a plain dot-atom go, so either spelling finds the entry. */
+static void strip_needless_quotes(const char **local, size_t *len)
+{
+    const char *s = *local;
+    size_t n = *len;
+    if (n < 3 || s[0] != '"' || s[n - 1] != '"' || s[1] == '.' || s[n - 2] == '.')
+        return;
+    for (size_t i = 1; i + 1 < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c <= ' ' || c >= 0x7f || strchr("\"\\(),:;<>@[]", c) ||
+            (c == '.' && s[i + 1] == '.'))
+            return;
+    }
+    *local = s + 1;
+    *len = n - 2;
+}
+
 /* "r:<domain key>:<local, ASCII lower-cased>"; false for a local part that
  * cannot be one (empty, too long, control characters). */
 static bool entry_key(char *buf, size_t n, const char *dkey, const char *local,
                       size_t len)
 {
+    strip_needless_quotes(&local, &len);
     if (len == 0 || len > ADDR_LOCAL_MAX)
         return false;
     int head = snprintf(buf, n, ENTRY_PREFIX "%s:", dkey);
@@ -49,10 +69,13 @@ static bool has_entry(GDBM_FILE dbf, const char *dkey, const char *local,
     return entry_key(key, sizeof key, dkey, local, len) && acctdb_exists(dbf, key);
 }
 
-/* Listed as is, as "user" for "user+detail", or caught by "@". */
+/* Listed as is, as "user" for "user+detail", caught by "@", or the
+ * postmaster, whom every domain must accept (RFC 5321 4.5.1). */
 static bool listed(GDBM_FILE dbf, const char *dkey, const char *local)
 {
     size_t len = strlen(local);
+    if (!strcasecmp(local, "postmaster"))
+        return true;
     const char *plus = local[0] != '"' ? strchr(local, '+') : NULL;
     return has_entry(dbf, dkey, local, len) ||
            (plus && plus > local && has_entry(dbf, dkey, local, (size_t)(plus - local))) ||
@@ -169,6 +192,24 @@ enum acct_result recipients_change(const char *db, const char *domain,
         r = set_count(db, dbf, lkey, count);
     }
     return acctdb_close_writer(db, dbf, r);
+}
+
+enum acct_result recipients_count(const char *db, const char *domain,
+                                  unsigned long *count)
+{
+    char lkey[RKEY_MAX + 1], dkey[IDNA_KEY_MAX + 1];
+    *count = 0;
+    if (!list_key(lkey, sizeof lkey, domain, dkey))
+        return ACCT_NOTFOUND;
+    GDBM_FILE dbf;
+    enum acct_result r = acctdb_open(db, DB_READ, &dbf);
+    if (r != ACCT_OK || !dbf)
+        return r == ACCT_OK || r == ACCT_NODB ? ACCT_NOTFOUND : r;
+    r = acctdb_exists(dbf, lkey) ? ACCT_OK : ACCT_NOTFOUND;
+    if (r == ACCT_OK)
+        *count = list_count(db, dbf, lkey);
+    acctdb_close_reader(dbf);
+    return r;
 }
 
 /* ------------------------------------------------------------ listing */

@@ -4,8 +4,9 @@
  *
  * Guarantees: a domain without a list accepts every recipient, as before;
  * a domain with a list accepts exactly its entries - "user" (ASCII letters
- * compared without case, "user+anything" too), or everything when the list
- * has the catch-all "@".  A lookup is two or three GDBM fetches in one
+ * compared without case, "user+anything" too, and a quoted "user" that
+ * needs no quotes is the same user), "postmaster" always (RFC 5321
+ * 4.5.1), or everything when the list has the catch-all "@".  A lookup is two or three GDBM fetches in one
  * open of the database, whatever the length of the lists, and sees every
  * change at once (the file is opened per lookup, as accounts.h explains).
  *
@@ -50,6 +51,11 @@ enum acct_result recipients_change(const char *db, const char *domain,
 enum acct_result recipients_list(const char *db, const char *domain,
                                  void (*fn)(void *ctx, const char *local),
                                  void *ctx);
+
+/* The number of entries of domain's list (from its record, constant
+ * time); ACCT_NOTFOUND when it has none. */
+enum acct_result recipients_count(const char *db, const char *domain,
+                                  unsigned long *count);
 
 /* Removes a domain's whole list (domain del). */
 enum acct_result recipients_drop(const char *db, const char *domain);

@@ -58,6 +58,12 @@ static void test_catch_all_until_a_list(void)
     CHECK(check_rcpt("example.org", "carol") == RCPT_VALID);
     CHECK(check_rcpt("example.org", "dave") == RCPT_UNKNOWN_USER);
     CHECK(check_rcpt("example.org", "+bob") == RCPT_UNKNOWN_USER);
+    CHECK(check_rcpt("example.org", "\"bob\"") == RCPT_VALID);    /* same mailbox */
+    CHECK(check_rcpt("example.org", "\"bob x\"") == RCPT_UNKNOWN_USER);
+    CHECK(check_rcpt("example.org", "PostMaster") == RCPT_VALID);  /* RFC 5321 4.5.1 */
+    unsigned long count = 0;
+    CHECK(recipients_count(db, "example.org", &count) == ACCT_OK && count == 2);
+    CHECK(recipients_count(db, "example.net", &count) == ACCT_NOTFOUND);
     CHECK(check_rcpt("example.net", "dave") == RCPT_VALID);   /* no list there */
     CHECK(change("example.org", true, "bob", NULL) == 0);     /* already there */
     CHECK(change("example.org", true, RECIPIENT_CATCHALL, NULL) == 1);
