@@ -5,7 +5,8 @@
 #   tools/deps.sh test    - plus the real mail software the tests talk to
 #   tools/deps.sh fuzz    - clang and its libFuzzer runtime (make fuzz)
 # Postfix is installed without configuring or starting the system instance:
-# tests and benchmarks run private instances of their own.
+# tests and benchmarks run private instances of their own.  fail2ban is
+# installed for its fail2ban-regex only; its service is not started.
 set -eu
 what=${1:-build}
 
@@ -25,7 +26,7 @@ if [ "$what" = fuzz ]; then
     done
 fi
 if [ "$what" = test ]; then
-    for p in swaks fetchmail postfix sasl2-bin python3 openssl groff-base; do
+    for p in swaks fetchmail postfix sasl2-bin python3 openssl groff-base fail2ban; do
         have_pkg "$p" || need="$need $p"
     done
 fi
@@ -44,8 +45,14 @@ case "$need" in
 *postfix*)
     echo "postfix postfix/main_mailer_type select No configuration" |
         $SUDO debconf-set-selections
-    # Keep the package's maintainer scripts from starting the system
-    # instance; our tests start private ones.
+    ;;
+esac
+case "$need" in
+*postfix*|*fail2ban*)
+    # Keep the packages' maintainer scripts from starting the system
+    # instances: our tests start private Postfix instances, and only run
+    # fail2ban-regex -- a fail2ban-server would ban the tests' 127.0.0.x
+    # clients.
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
         $SUDO chmod 755 /usr/sbin/policy-rc.d
