@@ -27,6 +27,9 @@ Benchmarks:
   smtp-inbound-reuse  the same with smtp-source -d: the messages go over
                  the 20 connections (one session each), which separates
                  the cost per message from the cost per connection.
+  auth-guess-1addr, auth-guess-50addr, port25-flood  password guessing
+                 from one and from 50 addresses, and customers polling
+                 while port 25 is full (tests/bench_abuse.py).
   odmr-drain, odmr-polls, odmr-polls-tls  the ODMR service: M messages
                  delivered over one ATRN session to a Python customer and
                  to fetchmail + smtp-sink; C concurrent customers polling
@@ -453,12 +456,13 @@ def bench_smtp_inbound_reuse(ctx):
 # above from this module (also when it runs as __main__).
 sys.modules.setdefault("bench", sys.modules[__name__])
 import bench_odmr  # noqa: E402
+import bench_abuse  # noqa: E402
 
 # (name, function): each function takes a Context and returns [Row]
 BENCHMARKS = [
     ("smtp-inbound", bench_smtp_inbound),
     ("smtp-inbound-reuse", bench_smtp_inbound_reuse),
-] + bench_odmr.BENCHMARKS
+] + bench_odmr.BENCHMARKS + bench_abuse.BENCHMARKS
 
 
 # ---------------------------------------------------------------- output

@@ -129,9 +129,10 @@ def quiet_cpu(od, settle=0.3):
 class Conn:
     """A lean SMTP client connection (the benchmark's own CPU matters)."""
 
-    def __init__(self, port, timeout=IO_TIMEOUT):
-        self.sock = socket.create_connection(("127.0.0.1", port),
-                                             timeout=timeout)
+    def __init__(self, port, timeout=IO_TIMEOUT, source=None):
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout,
+            source_address=(source, 0) if source else None)
         self.buf = b""
 
     def line(self):
