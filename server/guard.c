@@ -34,10 +34,7 @@ static void answer_may_auth(const char *addr, struct worker_msg *msg)
     msg->verdict = b.allowed;
     if (!b.allowed)
         log_info("throttle: %s: AUTH refused: blocked after %lu authentication "
-                 "attempts in %lds", addr, b.attempts, window_s);
-    else if (b.now_blocked)
-        log_warn("throttle: %s: AUTH blocked for %lds after %lu authentication "
-                 "attempts without success", addr, window_s, b.attempts);
+                 "failures in %lds", addr, b.attempts, window_s);
 }
 
 static void answer_turn(const char *addr, struct worker_msg *msg)
@@ -59,6 +56,10 @@ static void answer_failed(const char *addr, struct worker_msg *msg)
 {
     struct throttle_failure f = throttle_failed(addr, msg->account, now_ms());
     msg->value = f.delay_ms;
+    if (f.now_blocked)
+        log_warn("throttle: %s: AUTH blocked for %lds after %lu authentication "
+                 "failures (account %s)", addr, window_s, f.addr_failures,
+                 msg->account[0] ? msg->account : "-");
     if (f.account_attacked)
         log_warn("throttle: account %s: %lu authentication failures from other "
                  "addresses in %lds: its password checks are spaced %dms apart "

@@ -102,21 +102,15 @@ static void addr_age(struct addr_entry *e, int64_t now)
 
 struct throttle_begin throttle_auth_begins(const char *addr, int64_t now_ms)
 {
-    struct throttle_begin b = {false, false, 0};
+    struct throttle_begin b = {true, 0};
     char key[THROTTLE_KEY_MAX];
     throttle_addr_key(addr, key, sizeof key);
-    struct addr_entry *e = addr_entry(key, true, now_ms);
-    e->last_ms = now_ms;
+    struct addr_entry *e = addr_entry(key, false, now_ms);
+    if (!e)
+        return b;
     addr_age(e, now_ms);
     b.attempts = e->failures;
-    if (e->blocked_until > now_ms)
-        return b;
-    b.allowed = true;
-    b.attempts = ++e->failures;
-    if (e->failures >= conf.limit) {
-        e->blocked_until = now_ms + conf.window_ms;
-        b.now_blocked = true;
-    }
+    b.allowed = e->blocked_until <= now_ms;
     return b;
 }
 
@@ -223,8 +217,12 @@ struct throttle_failure throttle_failed(const char *addr, const char *account,
     throttle_addr_key(addr, key, sizeof key);
     struct addr_entry *e = addr_entry(key, true, now_ms);
     e->last_ms = now_ms;
-    if (e->failures == 0)
-        e->failures = 1;   /* its entry made room meanwhile: count anew */
+    addr_age(e, now_ms);
+    f.addr_failures = ++e->failures;
+    if (e->failures >= conf.limit && e->blocked_until <= now_ms) {
+        e->blocked_until = now_ms + conf.window_ms;
+        f.now_blocked = true;
+    }
     f.delay_ms = failure_delay(e->failures);
     account_failed(&f, key, account ? account : "", now_ms);
     return f;

@@ -3,11 +3,13 @@
  * Guarantees, whatever the number of connections and session processes
  * (they all report to the one master, which keeps this table):
  *   - one client address (IPv6: its /64) gets at most auth_failure_limit
- *     AUTH attempts per auth_failure_window that do not succeed; after
+ *     failed AUTHs per auth_failure_window, plus those already under way
+ *     when the limit was reached (at most max_connections_per_ip - 1:
+ *     attempts are counted when they fail, so that many customers behind
+ *     one address - a NAT, a CGNAT - can log in at the same moment); after
  *     that every AUTH from it is refused until the window has passed.
- *     An attempt counts when it begins, not when its failure is known, so
- *     parallel connections cannot squeeze in more.  Each failure is
- *     answered later than the one before (0.5 s doubling, at most 15 s);
+ *     Each failure is answered later than the one before (0.5 s
+ *     doubling, at most 15 s);
  *   - once an account has THROTTLE_ATTACK_FAILURES failures in the window,
  *     passwords for it are checked at most once per THROTTLE_SPACING_MS for
  *     all addresses together, except from the addresses that logged in to
@@ -54,11 +56,9 @@ void throttle_reset(void);
 
 struct throttle_begin {
     bool allowed;                        /* false: blocked */
-    bool now_blocked;                    /* this attempt reached the limit */
-    unsigned long attempts;              /* in the window, this one included */
+    unsigned long attempts;              /* failures in the window */
 };
-/* An AUTH begins: counts it against the address, or refuses it when the
- * address is blocked. */
+/* An AUTH begins: refused when the address is blocked. */
 struct throttle_begin throttle_auth_begins(const char *addr, int64_t now_ms);
 
 enum throttle_verdict { THROTTLE_GO, THROTTLE_WAIT, THROTTLE_REFUSE };
@@ -70,7 +70,9 @@ enum throttle_verdict throttle_account_turn(const char *addr, const char *accoun
 
 struct throttle_failure {
     int64_t delay_ms;                    /* wait this long before 535 */
+    unsigned long addr_failures;         /* in the window, this one included */
     unsigned long account_failures;
+    bool now_blocked;                    /* this failure reached the limit */
     bool account_attacked;               /* this failure started the spacing */
 };
 /* Records a failed AUTH that began with throttle_auth_begins (account

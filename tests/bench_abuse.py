@@ -115,7 +115,8 @@ def bench_guess_one(ctx):
         Row("auth-guess-1addr", "passwords checked for one address",
             "%.3f" % (n / GUESS_SECONDS), "guesses/s",
             "%d checked, %d sent in %ds by 20 connections; limit 10 per 10 min "
-            "(before the failure table: ~3,700/s)" % (n, sent, GUESS_SECONDS)),
+            "plus those under way when it is reached (before the failure "
+            "table: ~3,700/s)" % (n, sent, GUESS_SECONDS)),
     ]
 
 
