@@ -32,6 +32,7 @@ static void answer_may_auth(const char *addr, struct worker_msg *msg)
 {
     struct throttle_begin b = throttle_auth_begins(addr, now_ms());
     msg->verdict = b.allowed;
+    msg->value = throttle_any_attack(now_ms());
     if (!b.allowed)
         log_info("throttle: %s: AUTH refused: blocked after %lu authentication "
                  "failures in %lds", addr, b.attempts, window_s);
@@ -83,6 +84,11 @@ void guard_handle(const struct worker_job *job, struct worker_msg *msg)
 
 static char granted[sizeof ((struct worker_msg *)0)->account];
 static int64_t granted_at;
+/* From the last guard_may_auth: whether any account is under attack.  If
+ * none is, this exchange's password lookups need not ask for a turn - one
+ * round trip to the master less per login in the common case; an attack
+ * that starts during the exchange is seen from the next AUTH on. */
+static bool attack_seen = true;
 
 static void sleep_ms(int64_t ms)
 {
@@ -103,15 +109,20 @@ bool guard_may_auth(void)
 {
     struct worker_msg m;
     granted[0] = '\0';
-    return !ask(GUARD_MAY_AUTH, NULL, &m) || m.verdict;
+    if (!ask(GUARD_MAY_AUTH, NULL, &m)) {
+        attack_seen = true;   /* no answer: ask again at the lookup */
+        return true;
+    }
+    attack_seen = m.value != 0;
+    return m.verdict;
 }
 
 bool guard_account_turn(const char *account)
 {
     /* Cyrus may look the password up more than once in one exchange: one
      * turn covers them all (guard_may_auth starts each exchange afresh) */
-    if (granted[0] && !strcmp(granted, account) &&
-        now_ms() - granted_at < GUARD_TURN_MS)
+    if (!attack_seen || (granted[0] && !strcmp(granted, account) &&
+                         now_ms() - granted_at < GUARD_TURN_MS))
         return true;
     struct worker_msg m;
     if (ask(GUARD_ACCOUNT_TURN, account, &m)) {

@@ -21,8 +21,113 @@ struct account_entry {
 };
 
 static struct throttle_conf conf = {10, 600000};
+static int64_t last_attack_ms = -1;      /* an account last came under attack */
 static struct addr_entry addrs[THROTTLE_ADDRS];
 static struct account_entry accounts[THROTTLE_ACCOUNTS];
+
+/* ------------------------------------------------------------- indexes */
+
+/* Every AUTH looks an address and an account up: a hash index (open
+ * addressing, twice the table's size, tombstones) finds an entry in about
+ * one probe instead of a scan of thousands.  Only a new entry, which must
+ * find room, scans its table. */
+#define SLOT_FREE (-1)
+#define SLOT_GONE (-2)
+
+struct name_index {
+    int16_t slot[2 * THROTTLE_ADDRS];
+    size_t nslots, gone;
+    const char *(*key_of)(size_t entry);
+};
+
+static const char *addr_key_of(size_t i) { return addrs[i].key; }
+static const char *account_key_of(size_t i) { return accounts[i].name; }
+
+static struct name_index addr_index = {.nslots = 2 * THROTTLE_ADDRS,
+                                       .key_of = addr_key_of};
+static struct name_index account_index = {.nslots = 2 * THROTTLE_ACCOUNTS,
+                                          .key_of = account_key_of};
+
+static size_t name_hash(const char *s, size_t nslots)
+{
+    uint32_t h = 2166136261u;   /* FNV-1a */
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 16777619u;
+    return h % nslots;
+}
+
+static void index_clear(struct name_index *ix)
+{
+    for (size_t i = 0; i < ix->nslots; i++)
+        ix->slot[i] = SLOT_FREE;
+    ix->gone = 0;
+}
+
+/* The slot holding key, or -1. */
+static long index_find(const struct name_index *ix, const char *key)
+{
+    size_t h = name_hash(key, ix->nslots);
+    for (size_t n = 0; n < ix->nslots; n++, h = (h + 1) % ix->nslots) {
+        int e = ix->slot[h];
+        if (e == SLOT_FREE)
+            return -1;
+        if (e >= 0 && !strcmp(ix->key_of((size_t)e), key))
+            return (long)h;
+    }
+    return -1;
+}
+
+static void index_add(struct name_index *ix, const char *key, size_t entry)
+{
+    size_t h = name_hash(key, ix->nslots);
+    while (ix->slot[h] >= 0)
+        h = (h + 1) % ix->nslots;
+    if (ix->slot[h] == SLOT_GONE)
+        ix->gone--;
+    ix->slot[h] = (int16_t)entry;
+}
+
+static void index_rebuild(struct name_index *ix, size_t entries)
+{
+    index_clear(ix);
+    for (size_t i = 0; i < entries; i++)
+        if (ix->key_of(i)[0])
+            index_add(ix, ix->key_of(i), i);
+}
+
+/* key (still in its entry) leaves the index; the caller then changes the
+ * entry and calls index_tidy. */
+static void index_remove(struct name_index *ix, const char *key)
+{
+    long h = index_find(ix, key);
+    if (h >= 0) {
+        ix->slot[h] = SLOT_GONE;
+        ix->gone++;
+    }
+}
+
+/* Too many tombstones make probes long: start afresh. */
+static void index_tidy(struct name_index *ix, size_t entries)
+{
+    if (ix->gone > ix->nslots / 4)
+        index_rebuild(ix, entries);
+}
+
+static void tables_ready(void)
+{
+    static bool ready;
+    if (!ready) {
+        index_clear(&addr_index);
+        index_clear(&account_index);
+        ready = true;
+    }
+}
+
+static long index_entry(const struct name_index *ix, const char *key)
+{
+    long h = index_find(ix, key);
+    return h < 0 ? -1 : ix->slot[h];
+}
 
 void throttle_configure(const struct throttle_conf *c)
 {
@@ -35,6 +140,9 @@ void throttle_reset(void)
 {
     memset(addrs, 0, sizeof addrs);
     memset(accounts, 0, sizeof accounts);
+    last_attack_ms = -1;
+    index_clear(&addr_index);
+    index_clear(&account_index);
 }
 
 void throttle_addr_key(const char *addr, char *key, size_t n)
@@ -72,20 +180,32 @@ static bool better_victim(const struct addr_entry *cand,
 /* The entry of key, or (create) a new one in the room of a victim. */
 static struct addr_entry *addr_entry(const char *key, bool create, int64_t now)
 {
-    struct addr_entry *victim = NULL;
-    for (size_t i = 0; i < THROTTLE_ADDRS; i++) {
-        struct addr_entry *e = &addrs[i];
-        if (e->key[0] && !strcmp(e->key, key))
-            return e;
-        if (better_victim(e, victim, now))
-            victim = e;
-    }
+    tables_ready();
+    long found = index_entry(&addr_index, key);
+    if (found >= 0)
+        return &addrs[found];
     if (!create)
         return NULL;
+    struct addr_entry *victim = NULL;
+    for (size_t i = 0; i < THROTTLE_ADDRS; i++)
+        if (better_victim(&addrs[i], victim, now))
+            victim = &addrs[i];
+    if (victim->key[0])
+        index_remove(&addr_index, victim->key);
     memset(victim, 0, sizeof *victim);
     str_copy(victim->key, key, sizeof victim->key);
     victim->first_ms = now;
+    index_add(&addr_index, victim->key, (size_t)(victim - addrs));
+    index_tidy(&addr_index, THROTTLE_ADDRS);
     return victim;
+}
+
+/* A success forgets the address. */
+static void addr_forget(struct addr_entry *e)
+{
+    index_remove(&addr_index, e->key);
+    memset(e, 0, sizeof *e);
+    index_tidy(&addr_index, THROTTLE_ADDRS);
 }
 
 /* A window that has passed (and no block running) starts over. */
@@ -127,19 +247,25 @@ static int64_t failure_delay(unsigned long failures)
 static struct account_entry *account_entry(const char *name, bool create,
                                            int64_t now)
 {
+    tables_ready();
+    long found = index_entry(&account_index, name);
+    if (found >= 0)
+        return &accounts[found];
+    if (!create)
+        return NULL;
     struct account_entry *victim = NULL;
     for (size_t i = 0; i < THROTTLE_ACCOUNTS; i++) {
         struct account_entry *e = &accounts[i];
-        if (e->name[0] && !strcmp(e->name, name))
-            return e;
-        if (!e->name[0] || !victim || (victim->name[0] && e->last_ms < victim->last_ms))
+        if (!victim || (victim->name[0] && (!e->name[0] || e->last_ms < victim->last_ms)))
             victim = e;
     }
-    if (!create)
-        return NULL;
+    if (victim->name[0])
+        index_remove(&account_index, victim->name);
     memset(victim, 0, sizeof *victim);
     str_copy(victim->name, name, sizeof victim->name);
     victim->first_ms = now;
+    index_add(&account_index, victim->name, (size_t)(victim - accounts));
+    index_tidy(&account_index, THROTTLE_ACCOUNTS);
     return victim;
 }
 
@@ -204,8 +330,10 @@ static void account_failed(struct throttle_failure *f, const char *key,
     struct account_entry *e = account_entry(account, true, now);
     e->last_ms = now;
     account_age(e, now);
-    if (!known_address(e, key) && ++e->failures == THROTTLE_ATTACK_FAILURES)
-        f->account_attacked = true;
+    if (!known_address(e, key) && ++e->failures >= THROTTLE_ATTACK_FAILURES) {
+        f->account_attacked = e->failures == THROTTLE_ATTACK_FAILURES;
+        last_attack_ms = now;
+    }
     f->account_failures = e->failures;
 }
 
@@ -228,13 +356,18 @@ struct throttle_failure throttle_failed(const char *addr, const char *account,
     return f;
 }
 
+bool throttle_any_attack(int64_t now_ms)
+{
+    return last_attack_ms >= 0 && now_ms - last_attack_ms <= conf.window_ms;
+}
+
 void throttle_succeeded(const char *addr, const char *account, int64_t now_ms)
 {
     char key[THROTTLE_KEY_MAX];
     throttle_addr_key(addr, key, sizeof key);
     struct addr_entry *e = addr_entry(key, false, now_ms);
     if (e)
-        memset(e, 0, sizeof *e);
+        addr_forget(e);
     if (!account || !account[0])
         return;
     struct account_entry *a = account_entry(account, true, now_ms);

@@ -68,6 +68,10 @@ enum throttle_verdict { THROTTLE_GO, THROTTLE_WAIT, THROTTLE_REFUSE };
 enum throttle_verdict throttle_account_turn(const char *addr, const char *account,
                                             int64_t now_ms, int64_t *wait_ms);
 
+/* Has any account been under attack within the window?  When not, no
+ * account's turn needs asking for (sessions skip that question). */
+bool throttle_any_attack(int64_t now_ms);
+
 struct throttle_failure {
     int64_t delay_ms;                    /* wait this long before 535 */
     unsigned long addr_failures;         /* in the window, this one included */

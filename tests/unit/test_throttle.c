@@ -68,6 +68,7 @@ static void test_address_limit(void)
 static void test_parallel_logins(void)
 {
     setup(10, 600000);
+    CHECK(!throttle_any_attack(5));
     int allowed = 0;
     for (int i = 0; i < 50; i++)
         allowed += throttle_auth_begins("192.0.2.9", 5).allowed;
@@ -117,6 +118,8 @@ static void test_account_spacing(void)
     CHECK(wait == 0);
     /* other accounts are not affected */
     CHECK(throttle_account_turn("203.0.113.1", "bob", t, &wait) == THROTTLE_GO);
+    CHECK(throttle_any_attack(t));
+    CHECK(!throttle_any_attack(t + 700000));
     /* the window passes: back to normal */
     CHECK(throttle_account_turn("203.0.113.1", "alice", t + 700000, &wait) == THROTTLE_GO);
 }
@@ -137,6 +140,18 @@ static void test_bounded_memory(void)
     }
     /* ... without lifting the block, as long as unblocked entries remain */
     CHECK(!throttle_auth_begins("192.0.2.1", 3).allowed);
+    /* and the index still finds what the churn left: the newest entries */
+    snprintf(a, sizeof a, "10.%d.%d.%d", (3 * THROTTLE_ADDRS - 1) >> 16 & 255,
+             (3 * THROTTLE_ADDRS - 1) >> 8 & 255, (3 * THROTTLE_ADDRS - 1) & 255);
+    CHECK(throttle_auth_begins(a, 4).attempts == 1);
+    CHECK(throttle_failed(a, "", 4).addr_failures == 2);
+    /* forgetting and finding again, many times over (tombstones) */
+    for (int i = 0; i < 5 * THROTTLE_ADDRS; i++) {
+        snprintf(a, sizeof a, "172.16.%d.%d", i >> 8 & 255, i & 255);
+        throttle_failed(a, "", 10);
+        throttle_succeeded(a, "", 10);
+    }
+    CHECK(!throttle_auth_begins("192.0.2.1", 11).allowed);
 }
 
 int main(void)
