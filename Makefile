@@ -5,6 +5,7 @@
 #   make bench           benchmarks against Postfix / fetchmail in one run
 #   make run             demo provider on loopback (see README.md)
 #   make install PREFIX=/usr/local DESTDIR=
+#   make deb             Debian packages odmrd and odmr-fetch in build/deb/
 
 PREFIX     ?= /usr/local
 SBINDIR    ?= $(PREFIX)/sbin
@@ -52,7 +53,7 @@ SERVER_LIB_OBJ := $(call obj,$(SERVER_LIB_SRC))
 PROGRAMS := $(B)/odmrd $(B)/odmrctl $(B)/odmr-fetch
 UNIT_BIN := $(patsubst tests/unit/%.c,$(B)/tests/%,$(UNIT_SRC))
 
-.PHONY: all deps check bench run install clean test-deps
+.PHONY: all deps check bench run install clean test-deps deb
 all: deps $(PROGRAMS)
 
 deps:
@@ -162,6 +163,28 @@ uninstall:
 	rm -f $(addprefix $(DESTDIR)$(EXAMPLEDIR)/,$(notdir $(EXAMPLES)) odmr-fetch.cron)
 	rm -f $(addprefix $(DESTDIR)$(SYSTEMDDIR)/,$(UNITS))
 	rmdir $(DESTDIR)$(EXAMPLEDIR) $(DESTDIR)$(DOCDIR) 2>/dev/null || true
+
+# deb: dpkg-buildpackage -us -uc -b on a copy of the tree (it writes
+# ../*.deb, and "debian/rules clean" would remove build/), then lintian.
+# The packages, .changes and .buildinfo end up in DEB_DIR.
+DEB_DIR ?= $(B)/deb
+deb:
+	@command -v dpkg-buildpackage >/dev/null && command -v lintian >/dev/null \
+	    && command -v dh >/dev/null || sh tools/deps.sh test
+	@set -e; tmp=$$(mktemp -d /tmp/odmr-deb.XXXXXX); \
+	trap 'rm -rf "$$tmp"' EXIT; mkdir "$$tmp/odmr"; \
+	if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	    git ls-files -co --exclude-standard -z | \
+	        tar --null -T - --ignore-failed-read -cf - 2>/dev/null; \
+	else tar --exclude='./build*' --exclude=./.git -cf - .; fi | \
+	    tar -C "$$tmp/odmr" -xf -; \
+	(cd "$$tmp/odmr" && DEB_BUILD_OPTIONS="parallel=$$(nproc) $$DEB_BUILD_OPTIONS" \
+	    dpkg-buildpackage -us -uc -b) > "$$tmp/build.log" 2>&1 || \
+	    { tail -n 60 "$$tmp/build.log"; exit 1; }; \
+	mkdir -p $(DEB_DIR); rm -f $(DEB_DIR)/*.deb $(DEB_DIR)/*.changes $(DEB_DIR)/*.buildinfo; \
+	cp "$$tmp"/*.deb "$$tmp"/*.changes "$$tmp"/*.buildinfo $(DEB_DIR)/; \
+	echo "deb: $$(cd $(DEB_DIR) && ls *.deb | tr '\n' ' ')in $(DEB_DIR)"; \
+	lintian --fail-on error $(DEB_DIR)/*.changes
 
 clean:
 	rm -rf build build-san

@@ -2,7 +2,8 @@
 # Installs the Debian packages odmr needs when they are missing.
 #   tools/deps.sh build   - compilers' libraries (OpenSSL, Cyrus SASL, GDBM, libidn2)
 #   tools/deps.sh run     - plus what "make run" uses (openssl, swaks)
-#   tools/deps.sh test    - plus the real mail software the tests talk to
+#   tools/deps.sh test    - plus the real mail software the tests talk to,
+#                           and the Debian packaging tools (make deb)
 #   tools/deps.sh fuzz    - clang and its libFuzzer runtime (make fuzz)
 # Postfix is installed without configuring or starting the system instance:
 # tests and benchmarks run private instances of their own.  fail2ban is
@@ -26,7 +27,13 @@ if [ "$what" = fuzz ]; then
     done
 fi
 if [ "$what" = test ]; then
-    for p in swaks fetchmail postfix sasl2-bin python3 openssl groff-base fail2ban; do
+    # dpkg-dev .. adduser: "make deb" and test_package (systemd only for
+    # systemd-analyze; its service manager is not started).
+    # rspamd, opendkim, opendkim-tools: the milters test_milter runs
+    # privately on loopback (their system services are never started).
+    for p in swaks fetchmail postfix sasl2-bin python3 openssl groff-base fail2ban \
+             dpkg-dev debhelper lintian devscripts ssl-cert adduser systemd \
+             rspamd opendkim opendkim-tools; do
         have_pkg "$p" || need="$need $p"
     done
 fi
@@ -48,11 +55,12 @@ case "$need" in
     ;;
 esac
 case "$need" in
-*postfix*|*fail2ban*)
+*postfix*|*fail2ban*|*rspamd*|*opendkim*)
     # Keep the packages' maintainer scripts from starting the system
-    # instances: our tests start private Postfix instances, and only run
-    # fail2ban-regex -- a fail2ban-server would ban the tests' 127.0.0.x
-    # clients.
+    # instances: our tests start private Postfix, rspamd and opendkim
+    # instances, and only run fail2ban-regex -- a fail2ban-server would
+    # ban the tests' 127.0.0.x clients, a system rspamd would query
+    # DNS servers on the network.
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
         $SUDO chmod 755 /usr/sbin/policy-rc.d
