@@ -340,7 +340,8 @@ def _uncommented(path, keys, drop=()):
 
 def test_example_configs(env):
     # odmrd.conf.example: every key, and every value valid
-    keys = code_keys("server/conf.c", r'strcmp\(k, "([a-z_]+)"\)')
+    keys = (code_keys("server/conf.c", r'strcmp\(k, "([a-z_]+)"\)') |
+            code_keys("server/conf.c", r'\{"([a-z_]+)", KEY_'))
     example = os.path.join(CONTRIB, "odmrd.conf.example")
     r = env.run([env.odmrd_bin, "-t", "-c", example], timeout=30)
     check(r.returncode == 0, "odmrd -t on the example as shipped: exit %d %s"
