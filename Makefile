@@ -40,7 +40,8 @@ LIBS_IDN  := -lidn2
 COMMON_SRC := $(wildcard common/*.c)
 SERVER_LIB_SRC := $(wildcard server/conf.c server/envelope.c server/queue.c \
                   server/accounts.c server/auxprop.c server/bounce.c server/expire.c \
-                  server/downgrade.c server/throttle.c server/recipients.c)
+                  server/downgrade.c server/throttle.c server/recipients.c \
+                  server/milter.c server/milter_edit.c)
 # odmrctl switches users the way odmrd does (server/ownership.h).
 SERVER_LIB_SRC += server/ownership.c
 ODMRD_SRC  := $(filter-out server/odmrctl%.c $(SERVER_LIB_SRC),$(wildcard server/*.c))
@@ -184,7 +185,7 @@ deb:
 	mkdir -p $(DEB_DIR); rm -f $(DEB_DIR)/*.deb $(DEB_DIR)/*.changes $(DEB_DIR)/*.buildinfo; \
 	cp "$$tmp"/*.deb "$$tmp"/*.changes "$$tmp"/*.buildinfo $(DEB_DIR)/; \
 	echo "deb: $$(cd $(DEB_DIR) && ls *.deb | tr '\n' ' ')in $(DEB_DIR)"; \
-	lintian --fail-on error $(DEB_DIR)/*.changes
+	TMPDIR="$$tmp" lintian --fail-on error $(DEB_DIR)/*.changes
 
 clean:
 	rm -rf build build-san

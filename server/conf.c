@@ -29,6 +29,11 @@ void conf_defaults(struct odmrd_conf *c)
     c->auth_failure_window = 600;
     c->command_deadline = 60;
     c->data_min_rate = 500;
+    c->milter_default_action = MILTER_FAIL_TEMPFAIL;
+    c->milter_connect_timeout = 30;     /* Postfix's milter_connect_timeout */
+    c->milter_command_timeout = 30;
+    c->milter_content_timeout = 300;
+    c->milter_protocol = 6;
     static const struct listen_addr odmr[] = {{false, "0.0.0.0", "366"},
                                               {false, "::", "366"}};
     static const struct listen_addr smtp[] = {{false, "0.0.0.0", "25"},
@@ -184,6 +189,68 @@ static bool count_key(const char *v, unsigned long *out, char *err, size_t n)
     return true;
 }
 
+/* "inet:HOST:PORT", "inet:[V6]:PORT" or "unix:/path" (Postfix's forms). */
+static bool parse_one_milter(const char *w, struct milter_addr *m, char *err,
+                             size_t n)
+{
+    struct listen_addr a;
+    if (strncmp(w, "inet:", 5) == 0) {
+        if (!parse_one_listen(w + 5, false, &a, err, n))
+            return false;
+    } else if (strncmp(w, "unix:", 5) == 0) {
+        if (!parse_one_listen(w, true, &a, err, n))
+            return false;
+    } else {
+        snprintf(err, n, "\"%.60s\": expected inet:HOST:PORT or unix:/path", w);
+        return false;
+    }
+    memset(m, 0, sizeof *m);
+    m->is_unix = a.is_unix;
+    str_copy(m->host, a.host, sizeof m->host);
+    str_copy(m->port, a.port, sizeof m->port);
+    if (!str_copy(m->name, w, sizeof m->name)) {
+        snprintf(err, n, "\"%.60s...\": too long", w);
+        return false;
+    }
+    return true;
+}
+
+static bool parse_milters(struct odmrd_conf *c, const char *value, char *err,
+                          size_t n)
+{
+    char buf[CFG_LINE_MAX];
+    str_copy(buf, value, sizeof buf);
+    c->n_milters = 0;
+    char *save = NULL;
+    for (char *w = strtok_r(buf, " \t,", &save); w;
+         w = strtok_r(NULL, " \t,", &save)) {
+        if (c->n_milters == MILTERS_MAX) {
+            snprintf(err, n, "at most %d milters", MILTERS_MAX);
+            return false;
+        }
+        if (!parse_one_milter(w, &c->milters[c->n_milters], err, n))
+            return false;
+        c->n_milters++;
+    }
+    return true;
+}
+
+static bool parse_milter_action(const char *v, enum milter_failure *out,
+                                char *err, size_t n)
+{
+    if (!strcmp(v, "tempfail"))
+        *out = MILTER_FAIL_TEMPFAIL;
+    else if (!strcmp(v, "accept"))
+        *out = MILTER_FAIL_ACCEPT;
+    else if (!strcmp(v, "reject"))
+        *out = MILTER_FAIL_REJECT;
+    else {
+        snprintf(err, n, "\"%s\": expected tempfail, accept or reject", v);
+        return false;
+    }
+    return true;
+}
+
 /* Keys that are one number, one duration, one size or yes/no, by name:
  * adding such a key is one line here and one field in conf.h. */
 enum key_kind {
@@ -216,6 +283,9 @@ static const struct simple_key simple_keys[] = {
     {"data_min_rate", KEY_COUNT0, FIELD(data_min_rate)},
     {"auth_failure_limit", KEY_COUNT, FIELD(auth_failure_limit)},
     {"auth_failure_window", KEY_DURATION, FIELD(auth_failure_window)},
+    {"milter_connect_timeout", KEY_DURATION, FIELD(milter_connect_timeout)},
+    {"milter_command_timeout", KEY_DURATION, FIELD(milter_command_timeout)},
+    {"milter_content_timeout", KEY_DURATION, FIELD(milter_content_timeout)},
 };
 
 static bool simple_value(struct odmrd_conf *c, const struct simple_key *k,
@@ -255,6 +325,9 @@ static int simple_key(struct odmrd_conf *c, const char *k, const char *v,
     }
     return 0;
 }
+
+static int milter_key(struct odmrd_conf *c, const char *k, const char *v,
+                      char *err, size_t n);
 
 static int conf_key(void *ctx, const char *k, const char *v, char *err, size_t n)
 {
@@ -297,6 +370,25 @@ static int conf_key(void *ctx, const char *k, const char *v, char *err, size_t n
         ok = str_copy(c->user, v, sizeof c->user);
     else if (!strcmp(k, "pid_file"))
         ok = set_path(c->pid_file, sizeof c->pid_file, v, err, n, true);
+    else
+        return milter_key(c, k, v, err, n);
+    return ok ? 0 : -1;
+}
+
+/* The milter keys that are not simple keys; -1 for an unknown key. */
+static int milter_key(struct odmrd_conf *c, const char *k, const char *v,
+                      char *err, size_t n)
+{
+    bool ok;
+    if (!strcmp(k, "milters"))
+        ok = parse_milters(c, v, err, n);
+    else if (!strcmp(k, "milter_default_action"))
+        ok = parse_milter_action(v, &c->milter_default_action, err, n);
+    else if (!strcmp(k, "milter_protocol")) {
+        ok = parse_ulong(v, 6, &c->milter_protocol) && c->milter_protocol >= 2;
+        if (!ok)
+            snprintf(err, n, "\"%s\": expected a protocol version from 2 to 6", v);
+    }
     else {
         snprintf(err, n, "unknown key");
         return -1;

@@ -14,6 +14,22 @@
 #define ODMRD_CONF_DEFAULT SYSCONFDIR "/odmr/odmrd.conf"
 
 #define LISTEN_MAX 8
+#define MILTERS_MAX 8
+
+/* What a session does when a milter is down, too slow or breaks the
+ * protocol (milter_default_action). */
+enum milter_failure {
+    MILTER_FAIL_TEMPFAIL,   /* 4xx: the client tries again later */
+    MILTER_FAIL_ACCEPT,     /* go on as if that milter were not configured */
+    MILTER_FAIL_REJECT,     /* 5xx */
+};
+
+struct milter_addr {
+    char name[300];        /* as configured ("inet:127.0.0.1:11332"), for logs */
+    bool is_unix;
+    char host[256];        /* address or unix socket path */
+    char port[8];
+};
 
 struct listen_addr {
     bool is_unix;
@@ -56,6 +72,14 @@ struct odmrd_conf {
     long auth_failure_window;        /* seconds */
     char user[64];
     char pid_file[PATH_MAX];
+    /* mail filters on smtp and lmtp intake, applied in order */
+    struct milter_addr milters[MILTERS_MAX];
+    size_t n_milters;
+    enum milter_failure milter_default_action;
+    long milter_connect_timeout;     /* seconds: connect and OPTNEG */
+    long milter_command_timeout;     /* seconds: each SMTP-stage exchange */
+    long milter_content_timeout;     /* seconds: headers, body, end of message */
+    unsigned long milter_protocol;   /* 2..6 */
 };
 
 /* Fills defaults, then reads path.  Every problem is passed to report()

@@ -1,5 +1,5 @@
 /* odmrctl_queue.c - odmrctl queue commands (SPEC 3.3): listing, summary,
- * delete and bounce. */
+ * delete and bounce, and the quarantine milters fill (list, release). */
 #include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
@@ -94,7 +94,8 @@ static void print_list_header(void)
            "-Arrival Time, UTC-", "-Sender/Domain/Recipients-");
 }
 
-static void print_envelope(const struct envelope *e)
+/* The entry without the empty line that ends it. */
+static void print_envelope_lines(const struct envelope *e)
 {
     char when[32], buf[LAST_REPLY_MAX + 1], buf2[ADDR_MAX + 1];
     format_utc(e->arrival, when, sizeof when);
@@ -110,6 +111,11 @@ static void print_envelope(const struct envelope *e)
             printf(" (%s)", printable(r->last_reply, buf, sizeof buf));
         putchar('\n');
     }
+}
+
+static void print_envelope(const struct envelope *e)
+{
+    print_envelope_lines(e);
     putchar('\n');
 }
 
@@ -361,6 +367,8 @@ static bool find_copies(struct ctl *c, const char *id, struct strlist *domains,
     return true;
 }
 
+static int delete_held_copies(struct ctl *c, const char *id, bool *found);
+
 /* queue delete: removes every copy of id, each under its domain's lock.
  * *unknown is set when no domain holds it. */
 static int delete_copies(struct ctl *c, const char *id, bool *unknown)
@@ -369,7 +377,9 @@ static int delete_copies(struct ctl *c, const char *id, bool *unknown)
     int rc = EX_OK;
     if (!find_copies(c, id, &domains, &rc))
         return rc;
-    *unknown = domains.n == 0;
+    bool held = false;
+    rc = delete_held_copies(c, id, &held);
+    *unknown = domains.n == 0 && !held;
     for (size_t i = 0; i < domains.n; i++) {
         int one = EX_OK;
         int fd = lock_domain(c, domains.v[i], &one);
@@ -591,16 +601,139 @@ static int bounce_copies(struct ctl *c, const char *id, bool *unknown)
     return rc;
 }
 
+/* ====================================================== queue: quarantine */
+
+static int list_held_message(void *ctx, const char *id)
+{
+    struct listing *l = ctx;
+    struct envelope e;
+    char reason[1024], err[PATH_MAX + 128], buf[1024];
+    envelope_init(&e);
+    if (!queue_held_load(&l->c->q, l->domain, id, &e, reason, sizeof reason, err,
+                         sizeof err)) {
+        if (errno != ENOENT)
+            l->rc = fail(EX_DATAERR, "%s: unreadable envelope: %s", id, err);
+        return 0;
+    }
+    if (l->messages == 0)
+        print_list_header();
+    print_envelope_lines(&e);
+    printf("%*sreason: %s\n\n", LIST_INDENT, "",
+           printable(reason, buf, sizeof buf));
+    l->messages++;
+    l->bytes += e.size;
+    envelope_free(&e);
+    return 0;
+}
+
+static int list_held_domain(void *ctx, const char *domain)
+{
+    struct listing *l = ctx;
+    l->domain = domain;
+    if (queue_held_ids(&l->c->q, domain, list_held_message, l) < 0)
+        l->rc = queue_read_error(l->c, domain);
+    return 0;
+}
+
+/* queue quarantine [DOMAIN]: what milters held, with their reasons. */
+static int held_list(struct ctl *c, const char *domain_arg)
+{
+    char domain[ADDR_DOMAIN_MAX + 1] = "";
+    int rc = domain_arg ? queue_domain_arg(domain_arg, domain, sizeof domain)
+                        : EX_OK;
+    if (rc == EX_OK)
+        rc = ctl_prepare(c);
+    bool exists;
+    if (rc == EX_OK)
+        rc = open_queue_for_reading(c, &exists);
+    if (rc != EX_OK)
+        return rc;
+    struct listing l = {c, domain, 0, 0, EX_OK};
+    if (exists && domain_arg)
+        list_held_domain(&l, domain);
+    else if (exists && queue_held_domains(&c->q, list_held_domain, &l) < 0)
+        l.rc = queue_read_error(c, NULL);
+    if (l.messages == 0 && l.rc == EX_OK)
+        printf("Quarantine is empty\n");
+    else if (l.messages)
+        printf("-- %lu message%s, %" PRIu64 " byte%s held\n", l.messages,
+               l.messages == 1 ? "" : "s", l.bytes, l.bytes == 1 ? "" : "s");
+    return l.rc;
+}
+
+static bool find_held_copies(struct ctl *c, const char *id,
+                             struct strlist *domains, int *rc)
+{
+    memset(domains, 0, sizeof *domains);
+    if (queue_held_find(&c->q, id, collect_string, domains) < 0 ||
+        domains->failed) {
+        strlist_free(domains);
+        *rc = queue_read_error(c, NULL);
+        return false;
+    }
+    return true;
+}
+
+/* queue release: every held copy of id back into the queue. */
+static int release_copies(struct ctl *c, const char *id, bool *unknown)
+{
+    struct strlist domains;
+    int rc = EX_OK;
+    if (!find_held_copies(c, id, &domains, &rc))
+        return rc;
+    *unknown = domains.n == 0;
+    for (size_t i = 0; i < domains.n; i++) {
+        if (queue_release(&c->q, domains.v[i], id)) {
+            log_info("%s: released from the quarantine of %s by odmrctl (uid %lu)",
+                     id, domains.v[i], (unsigned long)c->caller);
+            printf("%s: released for %s\n", id, domains.v[i]);
+        } else if (errno != ENOENT) {
+            rc = fail(access_status(errno), "%s: cannot release for %s: %s", id,
+                      domains.v[i], strerror(errno));
+        }
+    }
+    strlist_free(&domains);
+    return rc;
+}
+
+/* The held copies of id go too when it is deleted. */
+static int delete_held_copies(struct ctl *c, const char *id, bool *found)
+{
+    struct strlist domains;
+    int rc = EX_OK;
+    if (!find_held_copies(c, id, &domains, &rc))
+        return rc;
+    for (size_t i = 0; i < domains.n; i++) {
+        if (queue_held_remove(&c->q, domains.v[i], id)) {
+            *found = true;
+            log_info("%s: removed from the quarantine of %s by odmrctl (uid %lu)",
+                     id, domains.v[i], (unsigned long)c->caller);
+        } else if (errno != ENOENT) {
+            rc = fail(access_status(errno), "%s: cannot remove from the "
+                      "quarantine of %s: %s", id, domains.v[i], strerror(errno));
+        }
+    }
+    strlist_free(&domains);
+    return rc;
+}
+
 int cmd_queue(struct ctl *c, int argc, char **argv)
 {
     static const char usage[] =
         "queue [DOMAIN] | queue summary | queue delete ID... | "
-        "queue delete --domain DOMAIN | queue bounce ID...";
+        "queue delete --domain DOMAIN | queue bounce ID... | "
+        "queue quarantine [DOMAIN] | queue release ID...";
     if (argc == 0)
         return queue_list(c, NULL);
     const char *sub = argv[0];
     if (!strcmp(sub, "summary"))
         return argc == 1 ? queue_summary(c) : usage_error(usage);
+    if (!strcmp(sub, "quarantine"))
+        return argc <= 2 ? held_list(c, argc == 2 ? argv[1] : NULL)
+                         : usage_error(usage);
+    if (!strcmp(sub, "release"))
+        return argc >= 2 ? act_on_ids(c, argc - 1, argv + 1, release_copies)
+                         : usage_error(usage);
     if (!strcmp(sub, "bounce"))
         return argc >= 2 ? act_on_ids(c, argc - 1, argv + 1, bounce_copies)
                          : usage_error(usage);

@@ -162,6 +162,36 @@ static void in_flush(struct queue_in *in)
     in->blen = 0;
 }
 
+int queue_in_reread(struct queue_in *in)
+{
+    in_flush(in);
+    if (in->error) {
+        errno = in->error;
+        return -1;
+    }
+    return open(in->tmp_path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+}
+
+bool queue_in_begin_copy(struct queue *q, struct queue_in *in,
+                         const struct queue_in *orig)
+{
+    memset(in, 0, offsetof(struct queue_in, buf));
+    in->fd = -1;
+    str_copy(in->id, orig->id, sizeof in->id);
+    if (!orig->home[0]) {
+        errno = EINVAL;   /* orig's own name is tmp/<id>.m */
+        return false;
+    }
+    if (!str_fmt(in->tmp_path, sizeof in->tmp_path, "%s/tmp/%s.r", q->spool,
+                 in->id)) {
+        errno = ENAMETOOLONG;
+        return false;
+    }
+    in->fd = open(in->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW,
+                  0600);
+    return in->fd >= 0;
+}
+
 void queue_in_write(struct queue_in *in, const void *data, size_t len)
 {
     in->size += len;
@@ -264,8 +294,8 @@ static int commit_domain(struct queue *q, struct queue_in *in,
     return err;
 }
 
-int queue_in_commit(struct queue *q, struct queue_in *in,
-                    struct envelope **envs, size_t nenv)
+/* The data durable and closed: 0 or an errno value. */
+static int in_finish(struct queue_in *in)
 {
     in_flush(in);
     int err = in->error;
@@ -274,6 +304,13 @@ int queue_in_commit(struct queue *q, struct queue_in *in,
     if (close(in->fd) != 0 && !err)
         err = errno;
     in->fd = -1;
+    return err;
+}
+
+int queue_in_commit(struct queue *q, struct queue_in *in,
+                    struct envelope **envs, size_t nenv)
+{
+    int err = in_finish(in);
     time_t now = time(NULL);
     size_t done = 0;
     for (; !err && done < nenv; done++) {
@@ -775,4 +812,267 @@ void queue_cleanup(struct queue *q, long max_age)
     struct clean_ctx c = {q, time(NULL) - max_age};
     clean_tmp(q, c.limit);
     queue_domains(q, clean_domain, &c);
+}
+
+/* ---------------------------------------------------------- quarantine */
+
+static bool hpath(char *buf, const struct queue *q, const char *domain,
+                  const char *id, const char *suffix)
+{
+    if (!safe_name(domain) || (id && !safe_name(id)))
+        return false;
+    if (id)
+        return str_fmt(buf, PATH_MAX, "%s/quarantine/%s/%s%s", q->spool, domain,
+                       id, suffix);
+    return str_fmt(buf, PATH_MAX, "%s/quarantine/%s%s", q->spool, domain, suffix);
+}
+
+/* mkdir that is durable, or a check that what is there is a directory. */
+static int make_durable_dir(const char *dir, const char *parent)
+{
+    if (mkdir(dir, 0700) == 0)
+        return fsync_dir(parent) ? 0 : errno;
+    return errno == EEXIST ? real_dir(dir) : errno;
+}
+
+static int ensure_held_dir(struct queue *q, const char *domain)
+{
+    char top[PATH_MAX], dir[PATH_MAX];
+    if (!str_fmt(top, sizeof top, "%s/quarantine", q->spool) ||
+        !hpath(dir, q, domain, NULL, ""))
+        return EINVAL;
+    int err = make_durable_dir(top, q->spool);
+    return err ? err : make_durable_dir(dir, top);
+}
+
+/* The reason on one line, control characters as '?'. */
+static int write_reason(const char *path, const char *reason)
+{
+    char line[1024];
+    str_copy(line, reason, sizeof line - 1);
+    for (char *p = line; *p; p++)
+        if ((unsigned char)*p < 32 || *p == 127)
+            *p = '?';
+    strcat(line, "\n");
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0)
+        return errno;
+    int err = write_all(fd, line, strlen(line)) && fsync(fd) == 0 ? 0 : errno;
+    close(fd);
+    return err;
+}
+
+static int hold_domain(struct queue *q, struct queue_in *in,
+                       const struct envelope *e, const char *reason)
+{
+    char data[PATH_MAX], env[PATH_MAX], why[PATH_MAX], dir[PATH_MAX], tmp[PATH_MAX];
+    int err = ensure_held_dir(q, e->domain);
+    if (err)
+        return err;
+    if (!hpath(data, q, e->domain, in->id, ".m") ||
+        !hpath(env, q, e->domain, in->id, ".e") ||
+        !hpath(why, q, e->domain, in->id, ".why") ||
+        !hpath(dir, q, e->domain, NULL, "") ||
+        !str_fmt(tmp, sizeof tmp, "%s/tmp/%s.e", q->spool, in->id))
+        return ENAMETOOLONG;
+    if (link(in->tmp_path, data) != 0)
+        return errno;
+    err = write_reason(why, reason);
+    if (!err)
+        err = write_envelope_file(tmp, env, e);
+    if (!err && !fsync_dir(dir))
+        err = errno;
+    if (err) {
+        unlink(env);
+        unlink(why);
+        unlink(data);
+    }
+    return err;
+}
+
+int queue_in_commit_held(struct queue *q, struct queue_in *in,
+                         struct envelope **envs, size_t nenv,
+                         const char *reason)
+{
+    int err = in_finish(in);
+    time_t now = time(NULL);
+    size_t done = 0;
+    for (; !err && done < nenv; done++) {
+        struct envelope *e = envs[done];
+        str_copy(e->id, in->id, sizeof e->id);
+        e->size = in->size;
+        if (!e->arrival)
+            e->arrival = now;
+        err = hold_domain(q, in, e, reason);
+    }
+    if (err)
+        for (size_t i = 0; i + 1 < done; i++)
+            queue_held_remove(q, envs[i]->domain, in->id);
+    /* Not queued anywhere: the name it was written under goes. */
+    unlink(in->tmp_path);
+    in->tmp_path[0] = '\0';
+    return err;
+}
+
+int queue_held_domains(struct queue *q,
+                       int (*fn)(void *ctx, const char *domain), void *ctx)
+{
+    char dir[PATH_MAX];
+    size_t n;
+    str_fmt(dir, sizeof dir, "%s/quarantine", q->spool);
+    char **names = list_dir(dir, NULL, &n);
+    if (!names)
+        return errno == ENOENT ? 0 : -1;
+    int r = 0;
+    for (size_t i = 0; i < n && r == 0; i++)
+        r = fn(ctx, names[i]);
+    free_list(names, n);
+    return r;
+}
+
+int queue_held_ids(struct queue *q, const char *domain,
+                   int (*fn)(void *ctx, const char *id), void *ctx)
+{
+    char dir[PATH_MAX];
+    size_t n;
+    if (!hpath(dir, q, domain, NULL, "")) {
+        errno = EINVAL;
+        return -1;
+    }
+    char **names = list_dir(dir, ".e", &n);
+    if (!names)
+        return errno == ENOENT ? 0 : -1;
+    int r = 0;
+    size_t i = 0;
+    for (; i < n && r == 0; i++)
+        r = fn(ctx, names[i]);
+    free_list(names, n);
+    return r < 0 ? -1 : (int)i;
+}
+
+static void read_reason(const char *path, char *reason, size_t rn)
+{
+    reason[0] = '\0';
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0 || rn == 0) {
+        if (fd >= 0)
+            close(fd);
+        return;
+    }
+    ssize_t got = read(fd, reason, rn - 1);
+    close(fd);
+    reason[got > 0 ? got : 0] = '\0';
+    reason[strcspn(reason, "\n")] = '\0';
+}
+
+bool queue_held_load(struct queue *q, const char *domain, const char *id,
+                     struct envelope *e, char *reason, size_t rn, char *err,
+                     size_t n)
+{
+    char path[PATH_MAX], why[PATH_MAX];
+    if (!hpath(path, q, domain, id, ".e") || !hpath(why, q, domain, id, ".why")) {
+        snprintf(err, n, "bad queue id or domain");
+        errno = EINVAL;
+        return false;
+    }
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    FILE *f = fd >= 0 ? fdopen(fd, "r") : NULL;
+    if (!f) {
+        int oerr = errno;
+        if (fd >= 0)
+            close(fd);
+        snprintf(err, n, "%s: %s", path, strerror(oerr));
+        errno = oerr;
+        return false;
+    }
+    bool ok = envelope_read(f, e, err, n);
+    fclose(f);
+    if (ok && (strcmp(e->id, id) || strcmp(e->domain, domain))) {
+        snprintf(err, n, "%s: the envelope names %s in %s", path, e->id, e->domain);
+        envelope_free(e);
+        ok = false;
+    }
+    if (!ok)
+        errno = EINVAL;
+    else
+        read_reason(why, reason, rn);
+    return ok;
+}
+
+struct held_find_ctx {
+    struct queue *q;
+    const char *id;
+    int (*fn)(void *ctx, const char *domain);
+    void *ctx;
+    int found;
+};
+
+static int find_held_in_domain(void *ctx, const char *domain)
+{
+    struct held_find_ctx *f = ctx;
+    char path[PATH_MAX];
+    if (hpath(path, f->q, domain, f->id, ".e") && access(path, F_OK) == 0) {
+        f->found++;
+        return f->fn(f->ctx, domain);
+    }
+    return 0;
+}
+
+int queue_held_find(struct queue *q, const char *id,
+                    int (*fn)(void *ctx, const char *domain), void *ctx)
+{
+    if (!safe_name(id))
+        return 0;
+    struct held_find_ctx f = {q, id, fn, ctx, 0};
+    if (queue_held_domains(q, find_held_in_domain, &f) < 0)
+        return -1;
+    return f.found;
+}
+
+bool queue_release(struct queue *q, const char *domain, const char *id)
+{
+    char hdata[PATH_MAX], henv[PATH_MAX], hwhy[PATH_MAX], hdir[PATH_MAX];
+    char data[PATH_MAX], env[PATH_MAX], dir[PATH_MAX];
+    struct stat st;
+    if (!hpath(hdata, q, domain, id, ".m") || !hpath(henv, q, domain, id, ".e") ||
+        !hpath(hwhy, q, domain, id, ".why") || !hpath(hdir, q, domain, NULL, "") ||
+        !qpath(data, q, domain, id, ".m") || !qpath(env, q, domain, id, ".e") ||
+        !qpath(dir, q, domain, NULL, "")) {
+        errno = EINVAL;
+        return false;
+    }
+    if (lstat(henv, &st) != 0 || lstat(hdata, &st) != 0)
+        return false;
+    int err = ensure_domain_dir(q, domain);
+    if (err) {
+        errno = err;
+        return false;
+    }
+    /* EEXIST: an earlier release stopped after its link (same inode). */
+    if (link(hdata, data) != 0 && errno != EEXIST)
+        return false;
+    if (rename(henv, env) != 0)
+        return false;
+    fsync_dir(dir);
+    usage_adjust(q, domain, +1, (uint64_t)st.st_size);
+    unlink(hwhy);
+    unlink(hdata);
+    fsync_dir(hdir);
+    return true;
+}
+
+bool queue_held_remove(struct queue *q, const char *domain, const char *id)
+{
+    char env[PATH_MAX], data[PATH_MAX], why[PATH_MAX], dir[PATH_MAX];
+    if (!hpath(env, q, domain, id, ".e") || !hpath(data, q, domain, id, ".m") ||
+        !hpath(why, q, domain, id, ".why") || !hpath(dir, q, domain, NULL, "")) {
+        errno = EINVAL;
+        return false;
+    }
+    if (unlink(env) != 0)
+        return false;
+    unlink(data);
+    unlink(why);
+    fsync_dir(dir);
+    return true;
 }

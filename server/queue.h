@@ -13,6 +13,7 @@
  *                           the kernel drops the lock when that process dies
  *   q/<domain>/.usage       the domain's usage counter (queue_usage)
  *   corrupt/<domain>/<id>.e/.m  messages whose envelope could not be read
+ *   quarantine/<domain>/...  messages milters held (see below)
  *
  * <domain> is the domain's key (common/idna.h): lower-case ASCII with
  * A-labels, at most 255 octets, so every domain that can be hosted fits in
@@ -79,6 +80,15 @@ int queue_in_commit(struct queue *q, struct queue_in *in,
                     struct envelope **envs, size_t nenv);
 /* Discards an uncommitted message. */
 void queue_in_abort(struct queue_in *in);
+/* Milters change headers and body after the data is on disk; the changed
+ * message is a copy.  queue_in_reread flushes an uncommitted message and
+ * returns a read-only descriptor of its data (-1 + errno).
+ * queue_in_begin_copy starts the copy of orig (begun with
+ * queue_in_begin_at) under the same queue id, in tmp/<id>.r: abort orig,
+ * then commit the copy.  false + errno on failure. */
+int queue_in_reread(struct queue_in *in);
+bool queue_in_begin_copy(struct queue *q, struct queue_in *in,
+                         const struct queue_in *orig);
 
 /* --- inspection and dequeue --- */
 /* Calls fn for every domain directory that exists (sorted). */
@@ -118,6 +128,32 @@ bool queue_remove(struct queue *q, const char *domain, const char *id);
 /* Finds which domain(s) hold id; calls fn for each. */
 int queue_find(struct queue *q, const char *id,
                int (*fn)(void *ctx, const char *domain), void *ctx);
+
+/* --- the quarantine: messages a milter held (SMFIR_QUARANTINE) ---
+ *   quarantine/<domain>/<id>.m, <id>.e   as in q/, but never delivered
+ *   quarantine/<domain>/<id>.why         the milter's reason, one line
+ * The same commit order as q/ (the .why before the .e); a message is in
+ * the quarantine exactly when its .e is there, and release moves the .e
+ * into q/ with one rename, so it is never in both nor in neither. */
+int queue_in_commit_held(struct queue *q, struct queue_in *in,
+                         struct envelope **envs, size_t nenv,
+                         const char *reason);
+/* Held domains (sorted); held ids of a domain (oldest first, count or -1). */
+int queue_held_domains(struct queue *q,
+                       int (*fn)(void *ctx, const char *domain), void *ctx);
+int queue_held_ids(struct queue *q, const char *domain,
+                   int (*fn)(void *ctx, const char *id), void *ctx);
+/* The envelope and the reason ("" when unreadable) of a held message. */
+bool queue_held_load(struct queue *q, const char *domain, const char *id,
+                     struct envelope *e, char *reason, size_t rn, char *err,
+                     size_t n);
+/* The domains holding id in the quarantine; the count or -1. */
+int queue_held_find(struct queue *q, const char *id,
+                    int (*fn)(void *ctx, const char *domain), void *ctx);
+/* Puts a held message back into the queue; false + errno. */
+bool queue_release(struct queue *q, const char *domain, const char *id);
+/* Removes a held message (envelope first); false + errno. */
+bool queue_held_remove(struct queue *q, const char *domain, const char *id);
 
 /* Exclusive, non-blocking lock of a domain for dequeueing.  Returns the
  * lock fd (>= 0), -2 when another process holds it, -1 on error.

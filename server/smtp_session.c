@@ -5,12 +5,15 @@
  * envelope per domain (queue.h), and only then acknowledged. */
 #include "session.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netdb.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -21,6 +24,7 @@
 #include "../common/smtp.h"
 #include "../common/util.h"
 #include "accounts.h"
+#include "milter.h"
 #include "queue.h"
 #include "recipients.h"
 
@@ -53,6 +57,11 @@ struct smtp {
     size_t nenv;
     struct accepted *rcpts;
     size_t nrcpt;
+    /* mail filters (milter.h); NULL when none are configured */
+    struct milter_chain *milter;
+    char milter_refusal[MILTER_REPLY_MAX];   /* at connect or HELO, or "" */
+    bool milter_discard;         /* a milter discarded the message early */
+    char client_port[8], if_addr[64];
     struct io io;                /* last: its buffers need no clearing */
 };
 
@@ -72,7 +81,162 @@ static void reset_transaction(struct smtp *s)
     s->nenv = s->nrcpt = 0;
     s->have_mail = false;
     memset(&s->mail, 0, sizeof s->mail);
+    s->milter_discard = false;
+    if (s->milter)
+        milter_chain_abort(s->milter);
     session_idle = 1;
+}
+
+/* -------------------------------------------------------------- milters */
+
+/* A reply of one or more lines joined by CRLF; suffix goes on the last. */
+static void reply_lines(struct smtp *s, const char *text, const char *suffix)
+{
+    for (;;) {
+        const char *eol = strstr(text, "\r\n");
+        int len = eol ? (int)(eol - text) : (int)strlen(text);
+        reply(s, "%.*s%s", len, text, eol ? "" : suffix);
+        if (!eol)
+            return;
+        text = eol + 2;
+    }
+}
+
+static void milter_macros_of(struct smtp *s, struct milter_macros *m,
+                             const char *queue_id, const char *rcpt)
+{
+    static char sender[ADDR_MAX + 1];
+    memset(m, 0, sizeof *m);
+    m->hostname = s->conf->hostname;
+    m->client_addr = s->peer->addr;
+    m->client_port = s->client_port;
+    m->if_addr = s->if_addr;
+    m->daemon_name = "odmrd";
+    m->helo = s->helo;
+    if (s->tls_on && s->io.ssl) {
+        m->tls_version = SSL_get_version(s->io.ssl);
+        m->cipher = SSL_get_cipher_name(s->io.ssl);
+    }
+    m->queue_id = queue_id;
+    sender[0] = '\0';
+    if (s->have_mail || s->mail.from.local[0] || s->mail.from.domain[0])
+        addr_format(&s->mail.from, sender, sizeof sender);
+    m->mail_addr = sender;
+    m->rcpt_addr = rcpt;
+}
+
+/* Logs a milter's refusal of a command and says it to the client. */
+static void milter_refused(struct smtp *s, const char *what,
+                           const struct milter_result *r)
+{
+    log_info("milter-reject: %s from %s: %.200s (milter %s)", what,
+             s->peer->addr, r->reply, r->by);
+    reply_lines(s, r->reply, "");
+}
+
+/* The client's port and the address it reached, for the macros. */
+static void socket_names(struct smtp *s)
+{
+    struct sockaddr_storage a;
+    socklen_t len = sizeof a;
+    char host[NI_MAXHOST];
+    if (getpeername(s->peer->fd, (struct sockaddr *)&a, &len) != 0 ||
+        getnameinfo((struct sockaddr *)&a, len, host, sizeof host,
+                    s->client_port, sizeof s->client_port,
+                    NI_NUMERICHOST | NI_NUMERICSERV) != 0)
+        s->client_port[0] = '\0';
+    len = sizeof a;
+    if (getsockname(s->peer->fd, (struct sockaddr *)&a, &len) != 0 ||
+        getnameinfo((struct sockaddr *)&a, len, s->if_addr, sizeof s->if_addr,
+                    NULL, 0, NI_NUMERICHOST) != 0)
+        s->if_addr[0] = '\0';
+}
+
+/* Opens the milters and tells them about the connection; a refusal is
+ * remembered and given to every MAIL (Postfix does the same). */
+static void milter_session_start(struct smtp *s)
+{
+    static struct milter_chain chain;
+    struct milter_macros m;
+    struct milter_result r;
+    if (!s->conf->n_milters)
+        return;
+    s->milter = &chain;
+    socket_names(s);
+    milter_chain_open(&chain, s->conf, s->peer->fd);
+    milter_macros_of(s, &m, NULL, NULL);
+    char name[80];
+    snprintf(name, sizeof name, "[%s]", s->peer->addr);  /* no reverse DNS */
+    milter_chain_connect(&chain, &m, name, &r);
+    if (r.verdict == MILTER_REJECT || r.verdict == MILTER_TEMPFAIL) {
+        str_copy(s->milter_refusal, r.reply, sizeof s->milter_refusal);
+        log_info("milter-reject: CONNECT from %s: %.200s (milter %s)",
+                 s->peer->addr, r.reply, r.by);
+    }
+}
+
+static bool milter_helo_ok(struct smtp *s)
+{
+    struct milter_macros m;
+    struct milter_result r;
+    if (!s->milter || s->milter_refusal[0])
+        return true;
+    milter_macros_of(s, &m, NULL, NULL);
+    milter_chain_helo(s->milter, &m, &r);
+    if (r.verdict == MILTER_CONTINUE)
+        return true;
+    milter_refused(s, "HELO", &r);
+    return false;
+}
+
+static bool milter_mail_ok(struct smtp *s)
+{
+    struct milter_macros m;
+    struct milter_result r;
+    char from[ADDR_MAX + 3], size[32] = "";
+    if (!s->milter)
+        return true;
+    if (s->milter_refusal[0]) {
+        reply_lines(s, s->milter_refusal, "");
+        return false;
+    }
+    milter_macros_of(s, &m, NULL, NULL);
+    snprintf(from, sizeof from, "<%s>", m.mail_addr);
+    if (s->mail.size)
+        snprintf(size, sizeof size, "SIZE=%llu", (unsigned long long)s->mail.size);
+    const char *args[] = {from, size[0] ? size : NULL, NULL};
+    milter_chain_mail(s->milter, &m, args, &r);
+    if (r.verdict == MILTER_DISCARD)
+        s->milter_discard = true;
+    else if (r.verdict != MILTER_CONTINUE) {
+        milter_refused(s, "MAIL", &r);
+        milter_chain_abort(s->milter);
+        return false;
+    }
+    return true;
+}
+
+/* RCPT: a refused recipient is not added; its domain's envelope goes
+ * when it was created for it. */
+static bool milter_rcpt_ok(struct smtp *s, struct envelope *e, const char *addr)
+{
+    struct milter_macros m;
+    struct milter_result r;
+    char to[ADDR_MAX + 3];
+    if (!s->milter)
+        return true;
+    milter_macros_of(s, &m, NULL, addr);
+    snprintf(to, sizeof to, "<%s>", addr);
+    const char *args[] = {to, NULL};
+    milter_chain_rcpt(s->milter, &m, args, &r);
+    if (r.verdict == MILTER_DISCARD)
+        s->milter_discard = true;
+    if (r.verdict == MILTER_CONTINUE || r.verdict == MILTER_DISCARD)
+        return true;
+    milter_refused(s, "RCPT", &r);
+    if (e->nrcpt == 0 && e == &s->envs[s->nenv - 1])
+        envelope_free(&s->envs[--s->nenv]);
+    return false;
 }
 
 /* ------------------------------------------------------------ greeting */
@@ -91,6 +255,8 @@ static void do_helo(struct smtp *s, const char *arg, bool extended)
         if ((unsigned char)*p < 33 || (unsigned char)*p > 126 || *p == '(' ||
             *p == ')')
             *p = '?';
+    if (!milter_helo_ok(s))
+        return;
     s->greeted = true;
     s->esmtp = extended;
     if (!extended) {
@@ -150,6 +316,8 @@ static void do_mail(struct smtp *s, const char *arg)
         reply(s, "552 5.3.4 Message size exceeds fixed limit");
         return;
     }
+    if (!milter_mail_ok(s))
+        return;
     s->have_mail = true;
     session_idle = 0;
     reply(s, "250 2.1.0 Ok");
@@ -190,13 +358,19 @@ static bool sender_routed(const char *local)
 
 /* Asks the account database about the recipient (sender routing is
  * refused without asking); false after replying when it is refused. */
+static enum rcpt_result recipient_status(struct smtp *s, const struct mailbox *to,
+                                         const char *key, bool *has_list)
+{
+    char owner[ACCOUNT_NAME_MAX + 1];
+    return to->literal || sender_routed(to->local) ? RCPT_NO_DOMAIN
+           : recipients_check(s->conf->accounts_db, key, to->local, owner,
+                              sizeof owner, has_list);
+}
+
 static bool recipient_ok(struct smtp *s, const struct mailbox *to,
                          const char *key, bool *has_list)
 {
-    char owner[ACCOUNT_NAME_MAX + 1];
-    enum rcpt_result r = to->literal || sender_routed(to->local) ? RCPT_NO_DOMAIN
-                         : recipients_check(s->conf->accounts_db, key, to->local,
-                                            owner, sizeof owner, has_list);
+    enum rcpt_result r = recipient_status(s, to, key, has_list);
     if (r == RCPT_NO_DOMAIN) {
         log_info("reject: RCPT from %s: 550 5.7.1 <%s@%s>: Relay access denied",
                  s->peer->addr, to->local, to->domain);
@@ -295,6 +469,8 @@ static void do_rcpt(struct smtp *s, const char *arg)
     if (!e)
         return;
     addr_format(&ra.to, addr, sizeof addr);
+    if (!milter_rcpt_ok(s, e, addr))
+        return;
     if (!already_listed(e, addr) &&
         !envelope_add_rcpt(e, addr, ra.notify, ra.orcpt, SIZE_MAX)) {
         reply(s, "452 4.3.1 Insufficient system resources");
@@ -326,7 +502,60 @@ struct data_state {
     uint64_t size;
     int64_t start_ms;             /* io_clock_ms() when DATA began */
     unsigned long long start_in;  /* io bytes_in then */
+    /* for milters: where the headers and the body are in the queue file */
+    uint64_t prefix;              /* odmrd's Received: */
+    struct milter_span *hdrs;
+    size_t nhdrs, hdrs_cap;
+    bool hdrs_over;               /* more than MILTER_HEADERS_MAX */
+    uint64_t body_off;            /* the empty line, or 0: not seen */
 };
+
+/* Notes where a header (or a piece of it) lies in the queue file. */
+static void record_span(struct data_state *d, uint64_t off, size_t len,
+                        bool new_header)
+{
+    if (d->hdrs_over)
+        return;
+    if (!new_header && d->nhdrs) {
+        d->hdrs[d->nhdrs - 1].len += len;
+        return;
+    }
+    if (d->nhdrs == d->hdrs_cap) {
+        size_t cap = d->hdrs_cap ? d->hdrs_cap * 2 : 32;
+        if (cap > MILTER_HEADERS_MAX)
+            cap = MILTER_HEADERS_MAX;
+        struct milter_span *grown = cap > d->hdrs_cap
+                                        ? realloc(d->hdrs, cap * sizeof *grown)
+                                        : NULL;
+        if (!grown) {
+            d->hdrs_over = true;
+            return;
+        }
+        d->hdrs = grown;
+        d->hdrs_cap = cap;
+    }
+    d->hdrs[d->nhdrs++] = (struct milter_span){off, len};
+}
+
+/* Passes one piece of message data (at offset off of the queue file) on
+ * to the milters: header, the end of the headers or body. */
+static void milter_feed(struct smtp *s, struct data_state *d,
+                        const struct queue_in *in, const char *p, size_t len,
+                        bool starts, bool was_header)
+{
+    uint64_t off = in->size;
+    if (was_header && d->in_headers) {
+        record_span(d, off, len, starts && p[0] != ' ' && p[0] != '\t');
+        milter_chain_header_piece(s->milter, p, len, starts);
+    } else if (was_header) {
+        struct milter_macros m;
+        d->body_off = off;
+        milter_macros_of(s, &m, in->id, NULL);
+        milter_chain_end_of_headers(s->milter, &m);
+    } else {
+        milter_chain_body(s->milter, p, len);
+    }
+}
 
 /* Flags CR and LF that are not part of a CRLF pair. */
 static void check_line_ends(struct data_state *d, const char *p, size_t len)
@@ -366,6 +595,7 @@ static bool data_piece(struct smtp *s, struct queue_in *in, struct data_state *d
      * the end of data, so the message is refused, not passed on. */
     if (memchr(p, '\0', len))
         d->nul = true;
+    bool starts = d->line_start, was_header = d->in_headers;
     if (d->line_start && d->in_headers) {
         if ((len == 2 && p[0] == '\r') || (len == 1 && p[0] == '\n'))
             d->in_headers = false;
@@ -377,8 +607,11 @@ static bool data_piece(struct smtp *s, struct queue_in *in, struct data_state *d
     d->size += len;
     if (d->size > s->conf->max_message_size)
         d->too_big = true;
-    if (!d->too_big && !d->bad_eol && !d->nul)
+    if (!d->too_big && !d->bad_eol && !d->nul) {
+        if (s->milter)
+            milter_feed(s, d, in, p, len, starts, was_header);
         queue_in_write(in, p, len);
+    }
     return false;
 }
 
@@ -478,34 +711,248 @@ static void fill_envelopes(struct smtp *s)
     }
 }
 
-/* Decides what to say about a fully received message and commits it. */
-static void finish_data(struct smtp *s, struct queue_in *in, struct data_state *d)
+/* ------------------------------------------------- milters, end of data */
+
+static void copy_write(void *ctx, const void *data, size_t len)
+{
+    queue_in_write(ctx, data, len);
+}
+
+/* The message as the milters changed it, in *copy under the same id; the
+ * original is discarded.  false after replying when that failed. */
+static bool milter_apply(struct smtp *s, struct queue_in *in,
+                         struct data_state *d, const struct milter_edits *e,
+                         struct queue_in *copy)
+{
+    char err[256];
+    if (d->hdrs_over && e->nheaders) {
+        log_err("%s: milters changed headers of a message with more than %d "
+                "headers: not accepted", in->id, MILTER_HEADERS_MAX);
+        queue_in_abort(in);
+        reply_all(s, "451 4.3.0 Local error in processing");
+        return false;
+    }
+    int fd = queue_in_reread(in);
+    if (fd < 0 || !queue_in_begin_copy(&s->q, copy, in)) {
+        int errnum = errno;
+        log_err("%s: cannot apply milter changes: %s", in->id, strerror(errnum));
+        if (fd >= 0)
+            close(fd);
+        queue_in_abort(in);
+        reply_all(s, storage_reply(errnum));
+        return false;
+    }
+    struct milter_original o = {fd, d->prefix, d->hdrs, d->nhdrs,
+                                d->body_off ? d->body_off : in->size, in->size};
+    bool ok = milter_rewrite(&o, e, copy_write, copy, err, sizeof err);
+    close(fd);
+    queue_in_abort(in);
+    if (!ok) {
+        log_err("%s: cannot apply milter changes: %s", in->id, err);
+        queue_in_abort(copy);
+        reply_all(s, "451 4.3.0 Local error in processing");
+    }
+    return ok;
+}
+
+/* A recipient a milter adds: only one the account database accepts, as
+ * at RCPT time (a milter is never a way to relay); false when refused. */
+static bool milter_add_rcpt(struct smtp *s, const char *id,
+                            const struct milter_rcpt_edit *r)
+{
+    char arg[ADDR_MAX + 4], key[IDNA_KEY_MAX + 1], addr[ADDR_MAX + 1];
+    struct rcpt_args ra;
+    struct smtp_err err;
+    bool has_list = false;
+    snprintf(arg, sizeof arg, r->addr[0] == '<' ? "%s" : "<%s>", r->addr);
+    if (!smtp_parse_rcpt(arg, &ra, s->mail.smtputf8, &err) || ra.to.literal ||
+        idna_domain_key(ra.to.domain, key, sizeof key, NULL) != IDNA_OK ||
+        recipient_status(s, &ra.to, key, &has_list) != RCPT_VALID) {
+        log_warn("%s: milter %s: recipient %.300s not added: not a hosted "
+                 "recipient", id, r->by, r->addr);
+        return false;
+    }
+    addr_format(&ra.to, addr, sizeof addr);
+    size_t total = 0;
+    for (size_t i = 0; i < s->nenv; i++)
+        total += s->envs[i].nrcpt;
+    if (total >= s->conf->max_recipients) {
+        log_warn("%s: milter %s: recipient <%s> not added: max_recipients (%lu) "
+                 "reached", id, r->by, addr, s->conf->max_recipients);
+        return false;
+    }
+    struct envelope *e = find_env(s, key);
+    if (!e) {
+        struct envelope *grown = realloc(s->envs, (s->nenv + 1) * sizeof *grown);
+        if (!grown)
+            return false;
+        s->envs = grown;
+        e = &s->envs[s->nenv++];
+        envelope_init(e);
+        str_copy(e->domain, key, sizeof e->domain);
+    }
+    if (!already_listed(e, addr) && !envelope_add_rcpt(e, addr, 0, "", SIZE_MAX))
+        return false;
+    log_info("%s: milter %s: added recipient <%s>", id, r->by, addr);
+    return true;
+}
+
+static void milter_del_rcpt(struct smtp *s, const char *id,
+                            const struct milter_rcpt_edit *r)
+{
+    char want[ADDR_MAX + 1];
+    str_copy(want, r->addr + (r->addr[0] == '<'), sizeof want);
+    size_t len = strlen(want);
+    if (len && want[len - 1] == '>' && r->addr[0] == '<')
+        want[len - 1] = '\0';
+    for (size_t i = 0; i < s->nenv; i++)
+        for (size_t j = 0; j < s->envs[i].nrcpt; j++)
+            if (!strcasecmp(s->envs[i].rcpt[j].addr, want)) {
+                envelope_del_rcpt(&s->envs[i], j);
+                log_info("%s: milter %s: removed recipient <%s>", id, r->by, want);
+                return;
+            }
+    log_info("%s: milter %s: recipient %.300s to remove is not one", id, r->by,
+             r->addr);
+}
+
+/* Applies the recipient changes; envelopes left without recipients go.
+ * Returns the number of envelopes left. */
+static size_t milter_recipients(struct smtp *s, const char *id,
+                                const struct milter_edits *e)
+{
+    for (size_t i = 0; i < e->nrcpts; i++) {
+        if (e->rcpts[i].add)
+            milter_add_rcpt(s, id, &e->rcpts[i]);
+        else
+            milter_del_rcpt(s, id, &e->rcpts[i]);
+    }
+    size_t kept = 0;
+    for (size_t i = 0; i < s->nenv; i++) {
+        if (s->envs[i].nrcpt)
+            s->envs[kept++] = s->envs[i];
+        else
+            envelope_free(&s->envs[i]);
+    }
+    s->nenv = kept;
+    return kept;
+}
+
+/* Says the milter's refusal once (SMTP) or per recipient (LMTP). */
+static void reply_all_lines(struct smtp *s, const char *text)
+{
+    char suffix[ADDR_MAX + 4];
+    if (!s->lmtp) {
+        reply_lines(s, text, "");
+        return;
+    }
+    for (size_t i = 0; i < s->nrcpt; i++) {
+        snprintf(suffix, sizeof suffix, " <%s>", s->rcpts[i].addr);
+        reply_lines(s, text, suffix);
+    }
+}
+
+/* A discarded message is acknowledged like a queued one and dropped. */
+static void milter_discarded(struct smtp *s, struct queue_in *in,
+                             const char *by)
 {
     char text[SMTP_REPLY_LINE_MAX];
+    log_info("%s: discarded by milter %s: client=%s, helo=%s, nrcpt=%zu",
+             in->id, by, s->peer->addr, s->helo, s->nrcpt);
+    queue_in_abort(in);
+    snprintf(text, sizeof text, "250 2.0.0 Ok: queued as %s", in->id);
+    reply_all(s, text);
+}
+
+/* The end of the message for the milters.  Returns the message to commit
+ * (in, or its changed copy) or NULL after replying; held receives the
+ * quarantine reason when a milter held it ("" otherwise). */
+static struct queue_in *milter_end(struct smtp *s, struct queue_in *in,
+                                   struct data_state *d, char *held, size_t hn)
+{
+    static struct queue_in copy;
+    struct milter_macros m;
+    struct milter_result r;
+    struct milter_edits e;
+    char tmp_dir[PATH_MAX];
+    if (!s->milter)
+        return in;
+    if (s->milter_discard) {
+        milter_chain_abort(s->milter);
+        milter_discarded(s, in, "(at MAIL or RCPT)");
+        return NULL;
+    }
+    if (!str_fmt(tmp_dir, sizeof tmp_dir, "%s/tmp", s->q.spool))
+        tmp_dir[0] = '\0';   /* cannot happen: queue_open made it */
+    milter_macros_of(s, &m, in->id, NULL);
+    milter_chain_end_of_message(s->milter, &m, tmp_dir, &e, &r);
+    struct queue_in *result = in;
+    if (r.verdict == MILTER_DISCARD) {
+        milter_discarded(s, in, r.by);
+        result = NULL;
+    } else if (r.verdict != MILTER_CONTINUE) {
+        log_info("%s: milter-reject: END-OF-MESSAGE from %s: %.200s (milter %s)",
+                 in->id, s->peer->addr, r.reply, r.by);
+        queue_in_abort(in);
+        reply_all_lines(s, r.reply);
+        result = NULL;
+    } else if (e.nrcpts && milter_recipients(s, in->id, &e) == 0) {
+        milter_discarded(s, in, "(no recipient left)");
+        result = NULL;
+    } else if (e.nheaders || e.body_fd >= 0) {
+        result = milter_apply(s, in, d, &e, &copy) ? &copy : NULL;
+    }
+    if (result && e.quarantine[0]) {
+        snprintf(held, hn, "%s (milter %s)", e.quarantine, e.quarantined_by);
+        log_info("%s: quarantined by milter %s: %s", in->id, e.quarantined_by,
+                 e.quarantine);
+    }
+    milter_edits_free(&e);
+    return result;
+}
+
+/* The message's own faults (line ends, NUL, size, a loop): true after
+ * refusing it. */
+static bool data_refused(struct smtp *s, struct queue_in *in,
+                         const struct data_state *d)
+{
     if (d->bad_eol) {
         queue_in_abort(in);
         reply_all(s, "554 5.5.2 Bare CR or LF in message data (not accepted)");
         log_info("%s: rejected: bare CR or LF in data from %s", in->id, s->peer->addr);
-        return;
+        return true;
     }
     if (d->nul) {
         queue_in_abort(in);
         reply_all(s, "554 5.6.0 NUL character in message data (not accepted)");
         log_info("%s: rejected: NUL in data from %s", in->id, s->peer->addr);
-        return;
+        return true;
     }
     if (d->too_big) {
         queue_in_abort(in);
         reply_all(s, "552 5.3.4 Message size exceeds fixed limit");
-        return;
+        return true;
     }
     if (d->received > MAX_RECEIVED) {
         queue_in_abort(in);
         reply_all(s, "554 5.4.6 Too many Received: headers - mail loop?");
         log_info("%s: rejected: %u Received: headers (loop) from %s", in->id,
                  d->received, s->peer->addr);
-        return;
+        return true;
     }
+    return false;
+}
+
+/* Decides what to say about a fully received message and commits it. */
+static void finish_data(struct smtp *s, struct queue_in *in, struct data_state *d)
+{
+    char text[SMTP_REPLY_LINE_MAX];
+    if (data_refused(s, in, d))
+        return;
+    char held[1024] = "";
+    in = milter_end(s, in, d, held, sizeof held);
+    if (!in)
+        return;
     for (size_t i = 0; i < s->nenv; i++) {
         if (over_quota(s, s->envs[i].domain, in->size)) {
             queue_in_abort(in);
@@ -521,7 +968,8 @@ static void finish_data(struct smtp *s, struct queue_in *in, struct data_state *
     for (size_t i = 0; list && i < s->nenv; i++)
         list[i] = &s->envs[i];
     if (!err)
-        err = queue_in_commit(&s->q, in, list, s->nenv);
+        err = held[0] ? queue_in_commit_held(&s->q, in, list, s->nenv, held)
+                      : queue_in_commit(&s->q, in, list, s->nenv);
     free(list);
     if (err) {
         queue_in_abort(in);
@@ -561,6 +1009,26 @@ static void data_lost(struct smtp *s, struct queue_in *in,
     s->io.status = st;   /* for the disconnect line */
 }
 
+/* DATA for the milters, once the queue id is known; false after
+ * replying (and discarding the new queue file) when they refuse. */
+static bool milter_data_ok(struct smtp *s, struct queue_in *in)
+{
+    struct milter_macros m;
+    struct milter_result r;
+    if (!s->milter)
+        return true;
+    milter_macros_of(s, &m, in->id, NULL);
+    milter_chain_data(s->milter, &m, &r);
+    if (r.verdict == MILTER_DISCARD)
+        s->milter_discard = true;
+    if (r.verdict == MILTER_CONTINUE || r.verdict == MILTER_DISCARD)
+        return true;
+    queue_in_abort(in);
+    milter_refused(s, "DATA", &r);
+    milter_chain_abort(s->milter);
+    return false;
+}
+
 static void do_data(struct smtp *s, const char *arg)
 {
     struct queue_in in;
@@ -581,15 +1049,20 @@ static void do_data(struct smtp *s, const char *arg)
         reply(s, "%s", storage_reply(err));
         return;
     }
+    if (!milter_data_ok(s, &in))
+        return;
     reply(s, "354 End data with <CR><LF>.<CR><LF>");
     add_received(s, &in);
+    d.prefix = in.size;
     bool complete = read_data(s, &in, &d);
     io_set_deadline(&s->io, 0);   /* DATA is over, and a 421 must go out */
-    if (!complete) {
+    if (complete)
+        finish_data(s, &in, &d);
+    else
         data_lost(s, &in, &d);
+    free(d.hdrs);
+    if (!complete)
         return;
-    }
-    finish_data(s, &in, &d);
     reset_transaction(s);
     /* A client that sends whole messages is not idling. */
     s->junk_commands = 0;
@@ -709,9 +1182,12 @@ void smtp_session_run(const struct odmrd_conf *conf, SSL_CTX *tls,
         io_close(&s.io);
         return;
     }
+    milter_session_start(&s);
     reply(&s, "220 %s %s odmrd", conf->hostname, lmtp ? "LMTP" : "ESMTP");
     session_loop(&s);
     log_end(&s);
     reset_transaction(&s);
+    if (s.milter)
+        milter_chain_close(s.milter);
     io_close(&s.io);
 }

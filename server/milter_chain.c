@@ -1,0 +1,941 @@
+/* milter_chain.c - the conversation with each configured milter (milter.h).
+ *
+ * Every exchange has a deadline (milter_connect_timeout for connecting and
+ * OPTNEG, milter_command_timeout for the SMTP stages,
+ * milter_content_timeout for headers, body and end of message) and every
+ * wait is bounded by it; nothing a milter sends is used before
+ * milter_parse_reply has checked it. */
+#include "milter.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "../common/connect.h"
+#include "../common/io.h"
+#include "../common/log.h"
+#include "../common/util.h"
+
+#define ERR_MAX 256
+/* SMFIR_PROGRESS restarts the content timeout, but the end of a message
+ * never takes more than this many content timeouts. */
+#define EOM_TIMEOUTS_MAX 4
+
+enum stage_kind { STAGE_SESSION, STAGE_MESSAGE };
+
+/* ------------------------------------------------------------- sockets */
+
+/* Waits for ev on fd until deadline; false + reason when it passes. */
+static bool wait_for(int fd, short ev, int64_t deadline, char *err, size_t n)
+{
+    for (;;) {
+        int64_t left = deadline - io_clock_ms();
+        if (left <= 0) {
+            snprintf(err, n, "timed out");
+            return false;
+        }
+        struct pollfd p = {.fd = fd, .events = ev};
+        int r = poll(&p, 1, left > 60000 ? 60000 : (int)left);
+        if (r > 0)
+            return true;
+        if (r < 0 && errno != EINTR) {
+            snprintf(err, n, "poll: %s", strerror(errno));
+            return false;
+        }
+    }
+}
+
+static bool send_all(int fd, const void *data, size_t len, int64_t deadline,
+                     char *err, size_t n)
+{
+    const char *p = data;
+    while (len) {
+        ssize_t w = send(fd, p, len, MSG_NOSIGNAL);
+        if (w > 0) {
+            p += w;
+            len -= (size_t)w;
+        } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            if (!wait_for(fd, POLLOUT, deadline, err, n))
+                return false;
+        } else if (w < 0 && errno != EINTR) {
+            snprintf(err, n, "write: %s", strerror(errno));
+            return false;
+        }
+    }
+    return true;
+}
+
+static bool recv_all(int fd, void *buf, size_t len, int64_t deadline,
+                     char *err, size_t n)
+{
+    char *p = buf;
+    while (len) {
+        ssize_t r = recv(fd, p, len, 0);
+        if (r > 0) {
+            p += r;
+            len -= (size_t)r;
+        } else if (r == 0) {
+            snprintf(err, n, "connection closed by the milter");
+            return false;
+        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            if (!wait_for(fd, POLLIN, deadline, err, n))
+                return false;
+        } else if (errno != EINTR) {
+            snprintf(err, n, "read: %s", strerror(errno));
+            return false;
+        }
+    }
+    return true;
+}
+
+static bool send_packet(int fd, char cmd, const void *data, size_t len,
+                        int64_t deadline, char *err, size_t n)
+{
+    uint8_t head[5];
+    milter_packet_head(head, cmd, len);
+    return send_all(fd, head, sizeof head, deadline, err, n) &&
+           send_all(fd, data, len, deadline, err, n);
+}
+
+/* Reads one packet into c->pkt; *total: its length (command byte
+ * included), checked by milter_frame before anything else is read. */
+static bool recv_packet(struct milter_chain *c, int fd, int64_t deadline,
+                        size_t *total, char *err, size_t n)
+{
+    uint8_t head[4];
+    if (!recv_all(fd, head, sizeof head, deadline, err, n))
+        return false;
+    if (milter_frame(head, sizeof head, total, err, n) < 0)
+        return false;
+    /* the head alone: milter_frame said "need more" and checked the length */
+    *total = (size_t)head[0] << 24 | (size_t)head[1] << 16 |
+             (size_t)head[2] << 8 | head[3];
+    return recv_all(fd, c->pkt, *total, deadline, err, n);
+}
+
+static bool recv_reply(struct milter_chain *c, int fd, int64_t deadline,
+                       struct milter_reply *r, char *err, size_t n)
+{
+    size_t total;
+    return recv_packet(c, fd, deadline, &total, err, n) &&
+           milter_parse_reply(c->pkt, total, r, err, n);
+}
+
+/* ------------------------------------------------------------ failures */
+
+static const char *default_name(enum milter_failure f)
+{
+    return f == MILTER_FAIL_ACCEPT ? "accept"
+           : f == MILTER_FAIL_REJECT ? "reject" : "tempfail";
+}
+
+static void set_result(struct milter_result *r, enum milter_verdict v,
+                       const char *reply, const char *by)
+{
+    r->verdict = v;
+    str_copy(r->reply, reply, sizeof r->reply);
+    str_copy(r->by, by, sizeof r->by);
+}
+
+/* A broken milter's share of a stage: milter_default_action. */
+static void apply_default(struct milter_chain *c, struct milter_conn *m,
+                          struct milter_result *r)
+{
+    enum milter_failure f = c->conf->milter_default_action;
+    if (f == MILTER_FAIL_TEMPFAIL)
+        set_result(r, MILTER_TEMPFAIL, "451 4.7.1 Service unavailable - try "
+                   "again later", m->addr->name);
+    else if (f == MILTER_FAIL_REJECT)
+        set_result(r, MILTER_REJECT, "550 5.7.1 Command rejected",
+                   m->addr->name);
+}
+
+/* Gives up on a milter for the rest of the session. */
+static void conn_failed(struct milter_chain *c, struct milter_conn *m,
+                        const char *stage, const char *why,
+                        struct milter_result *r)
+{
+    log_warn("milter %s: %s: %s (milter_default_action = %s)", m->addr->name,
+             stage, why, default_name(c->conf->milter_default_action));
+    if (m->fd >= 0)
+        close(m->fd);
+    m->fd = -1;
+    m->broken = c->conf->milter_default_action != MILTER_FAIL_ACCEPT;
+    if (r)
+        apply_default(c, m, r);
+}
+
+/* ---------------------------------------------------------------- open */
+
+static bool negotiate(struct milter_chain *c, struct milter_conn *m,
+                      char *err, size_t n)
+{
+    uint8_t req[12];
+    bool masked = false;
+    int64_t deadline = io_clock_ms() + c->conf->milter_connect_timeout * 1000;
+    milter_optneg_request(req, (uint32_t)c->conf->milter_protocol,
+                          MILTER_ACTIONS_OFFERED, MILTER_STEPS_OFFERED);
+    if (!send_packet(m->fd, SMFIC_OPTNEG, req, sizeof req, deadline, err, n))
+        return false;
+    size_t total;
+    if (!recv_packet(c, m->fd, deadline, &total, err, n))
+        return false;
+    if (c->pkt[0] != SMFIC_OPTNEG) {
+        snprintf(err, n, "answered OPTNEG with '%c'", c->pkt[0]);
+        return false;
+    }
+    if (!milter_parse_optneg(c->pkt + 1, total - 1,
+                             (uint32_t)c->conf->milter_protocol, &m->neg,
+                             &masked, err, n))
+        return false;
+    if (masked)
+        log_warn("milter %s: asked for actions or steps odmrd does not offer; "
+                 "ignored", m->addr->name);
+    return true;
+}
+
+void milter_chain_open(struct milter_chain *c, const struct odmrd_conf *conf,
+                       int client_fd)
+{
+    char err[ERR_MAX];
+    (void)client_fd;
+    memset(c, 0, sizeof *c);
+    c->conf = conf;
+    c->n = conf->n_milters;
+    if (!c->n)
+        return;
+    c->pkt = malloc(MILTER_PACKET_MAX);
+    for (size_t i = 0; i < c->n; i++) {
+        struct milter_conn *m = &c->conn[i];
+        m->addr = &conf->milters[i];
+        m->fd = -1;
+        if (!c->pkt) {
+            conn_failed(c, m, "connect", "out of memory", NULL);
+            continue;
+        }
+        unsigned long port = 0;
+        if (!m->addr->is_unix)
+            parse_ulong(m->addr->port, 65535, &port);
+        m->fd = net_connect(m->addr->host, (unsigned)port,
+                            conf->milter_connect_timeout, err, sizeof err);
+        if (m->fd < 0 || !negotiate(c, m, err, sizeof err))
+            conn_failed(c, m, "connect", err, NULL);
+    }
+}
+
+bool milter_chain_active(const struct milter_chain *c)
+{
+    return c->n > 0;
+}
+
+/* -------------------------------------------------------------- stages */
+
+struct stage {
+    const char *name;          /* for the log */
+    char cmd;                  /* SMFIC_* */
+    uint32_t skip_flag;        /* SMFIP_NO*: the milter does not want it */
+    uint32_t noreply_flag;     /* SMFIP_NR_*: it sends no answer */
+    enum stage_kind kind;
+};
+
+static const struct stage ST_CONNECT = {"connect", SMFIC_CONNECT, SMFIP_NOCONNECT,
+                                        SMFIP_NR_CONN, STAGE_SESSION};
+static const struct stage ST_HELO = {"HELO", SMFIC_HELO, SMFIP_NOHELO,
+                                     SMFIP_NR_HELO, STAGE_SESSION};
+static const struct stage ST_MAIL = {"MAIL", SMFIC_MAIL, SMFIP_NOMAIL,
+                                     SMFIP_NR_MAIL, STAGE_MESSAGE};
+static const struct stage ST_RCPT = {"RCPT", SMFIC_RCPT, SMFIP_NORCPT,
+                                     SMFIP_NR_RCPT, STAGE_MESSAGE};
+static const struct stage ST_DATA = {"DATA", SMFIC_DATA, SMFIP_NODATA,
+                                     SMFIP_NR_DATA, STAGE_MESSAGE};
+static const struct stage ST_HEADER = {"header", SMFIC_HEADER, SMFIP_NOHDRS,
+                                       SMFIP_NR_HDR, STAGE_MESSAGE};
+static const struct stage ST_EOH = {"end of headers", SMFIC_EOH, SMFIP_NOEOH,
+                                    SMFIP_NR_EOH, STAGE_MESSAGE};
+static const struct stage ST_BODY = {"body", SMFIC_BODY, SMFIP_NOBODY,
+                                     SMFIP_NR_BODY, STAGE_MESSAGE};
+
+static long stage_timeout(const struct milter_chain *c, const struct stage *st)
+{
+    bool content = st->cmd == SMFIC_HEADER || st->cmd == SMFIC_EOH ||
+                   st->cmd == SMFIC_BODY || st->cmd == SMFIC_BODYEOB;
+    return content ? c->conf->milter_content_timeout
+                   : c->conf->milter_command_timeout;
+}
+
+/* The verdict a final reply gives; false for one that is not allowed at
+ * this stage (a protocol error). */
+static bool take_final(struct milter_conn *m, const struct stage *st,
+                       const struct milter_reply *rep, struct milter_result *r)
+{
+    const char *by = m->addr->name;
+    switch (rep->cmd) {
+    case SMFIR_CONTINUE:
+        return true;
+    case SMFIR_ACCEPT:
+        if (st->kind == STAGE_SESSION) {   /* done with the whole session */
+            close(m->fd);
+            m->fd = -1;
+        }
+        m->done_with_message = true;
+        return true;
+    case SMFIR_REJECT:
+        set_result(r, MILTER_REJECT, "550 5.7.1 Command rejected", by);
+        return true;
+    case SMFIR_TEMPFAIL:
+        set_result(r, MILTER_TEMPFAIL, "451 4.7.1 Service unavailable - try "
+                   "again later", by);
+        return true;
+    case SMFIR_REPLYCODE:
+        set_result(r, rep->text[0] == '4' ? MILTER_TEMPFAIL : MILTER_REJECT,
+                   rep->text, by);
+        return true;
+    case SMFIR_DISCARD:
+        if (st->kind != STAGE_MESSAGE)
+            return false;
+        set_result(r, MILTER_DISCARD, "", by);
+        return true;
+    case SMFIR_SKIP:
+        if (st->cmd != SMFIC_BODY)
+            return false;
+        m->skip_body = true;
+        return true;
+    }
+    return false;
+}
+
+/* Sends the stage's macros and command to m and takes its answer. */
+static void exchange(struct milter_chain *c, struct milter_conn *m,
+                     const struct stage *st, const uint8_t *macros,
+                     size_t mlen, const void *data, size_t len,
+                     struct milter_result *r)
+{
+    char err[ERR_MAX];
+    struct milter_reply rep;
+    int64_t deadline = io_clock_ms() + stage_timeout(c, st) * 1000;
+    if ((mlen && !send_packet(m->fd, SMFIC_MACRO, macros, mlen, deadline, err,
+                              sizeof err)) ||
+        !send_packet(m->fd, st->cmd, data, len, deadline, err, sizeof err)) {
+        conn_failed(c, m, st->name, err, r);
+        return;
+    }
+    if (m->neg.version >= 6 && (m->neg.steps & st->noreply_flag))
+        return;
+    do {
+        if (!recv_reply(c, m->fd, deadline, &rep, err, sizeof err)) {
+            conn_failed(c, m, st->name, err, r);
+            return;
+        }
+    } while (rep.cmd == SMFIR_PROGRESS);
+    if (!take_final(m, st, &rep, r)) {
+        snprintf(err, sizeof err, "reply '%c' not allowed here", rep.cmd);
+        conn_failed(c, m, st->name, err, r);
+    }
+}
+
+static void clear_result(struct milter_result *r)
+{
+    r->verdict = MILTER_CONTINUE;
+    r->reply[0] = r->by[0] = '\0';
+}
+
+/* One stage, milter after milter, until one refuses. */
+static void run_stage(struct milter_chain *c, const struct stage *st,
+                      const uint8_t *macros, size_t mlen, const void *data,
+                      size_t len, struct milter_result *r)
+{
+    clear_result(r);
+    for (size_t i = 0; i < c->n && r->verdict == MILTER_CONTINUE; i++) {
+        struct milter_conn *m = &c->conn[i];
+        if (m->broken)
+            apply_default(c, m, r);
+        else if (m->fd >= 0 && !(m->neg.steps & st->skip_flag) &&
+                 !(st->kind == STAGE_MESSAGE && m->done_with_message) &&
+                 !(st->cmd == SMFIC_BODY && m->skip_body))
+            exchange(c, m, st, macros, mlen, data, len, r);
+    }
+}
+
+/* ------------------------------------------------------------- macros */
+
+#define MACROS_MAX 8192
+
+struct macro_buf {
+    uint8_t data[MACROS_MAX];
+    size_t len;
+};
+
+static void macro_begin(struct macro_buf *b, char stage)
+{
+    b->data[0] = (uint8_t)stage;
+    b->len = 1;
+}
+
+/* Adds one macro; an empty or missing value is not sent, and macros that
+ * do not fit are dropped (the values are bounded by the session, so that
+ * would be a bug, not an attack). */
+static void macro_add(struct macro_buf *b, const char *name, const char *value)
+{
+    size_t save = b->len;
+    if (!value || !*value)
+        return;
+    if (!milter_put_str(b->data, sizeof b->data, &b->len, name) ||
+        !milter_put_str(b->data, sizeof b->data, &b->len, value))
+        b->len = save;
+}
+
+/* Packs NULL-terminated args as NUL-terminated strings. */
+static size_t pack_args(uint8_t *out, size_t cap, const char *const *args)
+{
+    size_t len = 0;
+    for (size_t i = 0; args[i]; i++)
+        if (!milter_put_str(out, cap, &len, args[i]))
+            break;
+    return len;
+}
+
+/* --------------------------------------------------------- SMTP stages */
+
+void milter_chain_connect(struct milter_chain *c, const struct milter_macros *mm,
+                          const char *client_name, struct milter_result *r)
+{
+    static struct macro_buf b;
+    uint8_t data[600];
+    size_t len = 0;
+    char underscore[400];
+    snprintf(underscore, sizeof underscore, "%s [%s]", client_name,
+             mm->client_addr);
+    macro_begin(&b, SMFIC_CONNECT);
+    macro_add(&b, "j", mm->hostname);
+    macro_add(&b, "_", underscore);
+    macro_add(&b, "{daemon_name}", mm->daemon_name);
+    macro_add(&b, "{client_addr}", mm->client_addr);
+    macro_add(&b, "{client_name}", client_name);
+    macro_add(&b, "{client_port}", mm->client_port);
+    macro_add(&b, "{if_addr}", mm->if_addr);
+    milter_put_str(data, sizeof data, &len, client_name);
+    bool v6 = strchr(mm->client_addr, ':') != NULL;
+    bool inet = v6 || strchr(mm->client_addr, '.') != NULL;
+    if (inet) {
+        unsigned long port = 0;
+        parse_ulong(mm->client_port ? mm->client_port : "0", 65535, &port);
+        data[len++] = v6 ? '6' : '4';
+        data[len++] = (uint8_t)(port >> 8);
+        data[len++] = (uint8_t)port;
+        milter_put_str(data, sizeof data, &len, mm->client_addr);
+    } else {
+        data[len++] = 'U';   /* a unix socket client: no address */
+    }
+    run_stage(c, &ST_CONNECT, b.data, b.len, data, len, r);
+}
+
+void milter_chain_helo(struct milter_chain *c, const struct milter_macros *mm,
+                       struct milter_result *r)
+{
+    static struct macro_buf b;
+    uint8_t data[600];
+    size_t len = 0;
+    macro_begin(&b, SMFIC_HELO);
+    macro_add(&b, "{tls_version}", mm->tls_version);
+    macro_add(&b, "{cipher}", mm->cipher);
+    milter_put_str(data, sizeof data, &len, mm->helo);
+    run_stage(c, &ST_HELO, b.data, b.len, data, len, r);
+}
+
+void milter_chain_mail(struct milter_chain *c, const struct milter_macros *mm,
+                       const char *const *args, struct milter_result *r)
+{
+    static struct macro_buf b;
+    static uint8_t data[4096];
+    macro_begin(&b, SMFIC_MAIL);
+    macro_add(&b, "{mail_addr}", mm->mail_addr);
+    size_t len = pack_args(data, sizeof data, args);
+    c->in_message = true;
+    c->msg.verdict = MILTER_CONTINUE;
+    for (size_t i = 0; i < c->n; i++)
+        c->conn[i].done_with_message = c->conn[i].skip_body = false;
+    run_stage(c, &ST_MAIL, b.data, b.len, data, len, r);
+}
+
+void milter_chain_rcpt(struct milter_chain *c, const struct milter_macros *mm,
+                       const char *const *args, struct milter_result *r)
+{
+    static struct macro_buf b;
+    static uint8_t data[4096];
+    macro_begin(&b, SMFIC_RCPT);
+    macro_add(&b, "{rcpt_addr}", mm->rcpt_addr);
+    size_t len = pack_args(data, sizeof data, args);
+    run_stage(c, &ST_RCPT, b.data, b.len, data, len, r);
+}
+
+/* DATA also starts the message's content. */
+void milter_chain_data(struct milter_chain *c, const struct milter_macros *mm,
+                       struct milter_result *r)
+{
+    static struct macro_buf b;
+    macro_begin(&b, SMFIC_DATA);
+    macro_add(&b, "i", mm->queue_id);
+    c->hlen = c->blen = 0;
+    c->in_hdr = c->hdr_over = c->eoh_sent = false;
+    clear_result(&c->msg);
+    run_stage(c, &ST_DATA, b.data, b.len, "", 0, r);
+}
+
+/* --------------------------------------------------------------- content */
+
+/* The collected header as name NUL value NUL: folding kept as LF, the
+ * final CRLF gone, the space after the colon kept only for milters that
+ * asked for SMFIP_HDR_LEADSPC (which is why each milter gets its own). */
+static size_t header_packet(const struct milter_chain *c, bool leadspc,
+                            uint8_t *out, size_t cap)
+{
+    const char *h = c->hdr;
+    const char *colon = memchr(h, ':', c->hlen);
+    if (!colon || colon == h)
+        return 0;    /* not a header: nothing to say about it */
+    size_t len = 0, nlen = (size_t)(colon - h);
+    while (nlen && (h[nlen - 1] == ' ' || h[nlen - 1] == '\t'))
+        nlen--;
+    memcpy(out, h, nlen);
+    out[nlen] = '\0';
+    len = nlen + 1;
+    const char *v = colon + 1, *end = h + c->hlen;
+    if (!leadspc)
+        while (v < end && (*v == ' ' || *v == '\t'))
+            v++;
+    for (; v < end && len + 1 < cap; v++)
+        if (*v != '\r' || v + 1 >= end || v[1] != '\n')
+            out[len++] = (uint8_t)*v;
+    while (len > nlen + 1 && out[len - 1] == '\n')
+        len--;
+    out[len++] = '\0';
+    return len;
+}
+
+static void send_one_header(struct milter_chain *c)
+{
+    static uint8_t pkt[sizeof c->hdr + 2];
+    struct milter_result r;
+    clear_result(&r);
+    for (size_t i = 0; i < c->n && r.verdict == MILTER_CONTINUE; i++) {
+        struct milter_conn *m = &c->conn[i];
+        if (m->broken) {
+            apply_default(c, m, &r);
+            continue;
+        }
+        if (m->fd < 0 || m->done_with_message || (m->neg.steps & SMFIP_NOHDRS))
+            continue;
+        size_t len = header_packet(c, m->neg.steps & SMFIP_HDR_LEADSPC, pkt,
+                                   sizeof pkt);
+        if (len)
+            exchange(c, m, &ST_HEADER, NULL, 0, pkt, len, &r);
+    }
+    if (r.verdict != MILTER_CONTINUE)
+        c->msg = r;
+    c->hlen = 0;
+    c->hdr_over = false;
+}
+
+void milter_chain_header_piece(struct milter_chain *c, const char *p,
+                               size_t len, bool line_start)
+{
+    if (c->msg.verdict != MILTER_CONTINUE)
+        return;
+    bool folded = line_start && len && (p[0] == ' ' || p[0] == '\t');
+    if (line_start && !folded && c->in_hdr)
+        send_one_header(c);
+    c->in_hdr = true;
+    size_t room = sizeof c->hdr - c->hlen;
+    if (len > room) {
+        len = room;         /* a header this long is passed on truncated */
+        c->hdr_over = true;
+    }
+    memcpy(c->hdr + c->hlen, p, len);
+    c->hlen += len;
+}
+
+void milter_chain_end_of_headers(struct milter_chain *c,
+                                 const struct milter_macros *mm)
+{
+    static struct macro_buf b;
+    struct milter_result r;
+    if (c->eoh_sent)
+        return;
+    c->eoh_sent = true;
+    if (c->in_hdr && c->msg.verdict == MILTER_CONTINUE)
+        send_one_header(c);
+    c->in_hdr = false;
+    if (c->msg.verdict != MILTER_CONTINUE)
+        return;
+    macro_begin(&b, SMFIC_EOH);
+    macro_add(&b, "i", mm->queue_id);
+    run_stage(c, &ST_EOH, b.data, b.len, "", 0, &r);
+    if (r.verdict != MILTER_CONTINUE)
+        c->msg = r;
+}
+
+static void flush_body(struct milter_chain *c)
+{
+    struct milter_result r;
+    if (!c->blen || c->msg.verdict != MILTER_CONTINUE)
+        return;
+    run_stage(c, &ST_BODY, NULL, 0, c->body, c->blen, &r);
+    c->blen = 0;
+    if (r.verdict != MILTER_CONTINUE)
+        c->msg = r;
+}
+
+void milter_chain_body(struct milter_chain *c, const char *p, size_t len)
+{
+    while (len && c->msg.verdict == MILTER_CONTINUE) {
+        size_t take = sizeof c->body - c->blen;
+        if (take > len)
+            take = len;
+        memcpy(c->body + c->blen, p, take);
+        c->blen += take;
+        p += take;
+        len -= take;
+        if (c->blen == sizeof c->body)
+            flush_body(c);
+    }
+}
+
+/* ------------------------------------------------------ end of message */
+
+static bool edit_allowed(const struct milter_conn *m, char cmd)
+{
+    uint32_t need = cmd == SMFIR_ADDHEADER ? SMFIF_ADDHDRS
+                    : cmd == SMFIR_INSHEADER || cmd == SMFIR_CHGHEADER
+                        ? SMFIF_CHGHDRS
+                    : cmd == SMFIR_REPLBODY ? SMFIF_CHGBODY
+                    : cmd == SMFIR_ADDRCPT ? SMFIF_ADDRCPT
+                    : cmd == SMFIR_ADDRCPT_PAR ? SMFIF_ADDRCPT_PAR
+                    : cmd == SMFIR_DELRCPT ? SMFIF_DELRCPT
+                    : cmd == SMFIR_QUARANTINE ? SMFIF_QUARANTINE : 0;
+    return need && (m->neg.actions & need);
+}
+
+static bool add_header_edit(struct milter_edits *e, const struct milter_conn *m,
+                            const struct milter_reply *rep, char *err, size_t n)
+{
+    size_t bytes = strlen(rep->name) + strlen(rep->value) + 2;
+    if (e->nheaders >= MILTER_EDITS_MAX ||
+        e->header_bytes + bytes > MILTER_EDIT_BYTES) {
+        snprintf(err, n, "more header changes than odmrd applies (%d, %u bytes)",
+                 MILTER_EDITS_MAX, MILTER_EDIT_BYTES);
+        return false;
+    }
+    struct milter_header_edit *grown =
+        realloc(e->headers, (e->nheaders + 1) * sizeof *grown);
+    if (!grown) {
+        snprintf(err, n, "out of memory");
+        return false;
+    }
+    e->headers = grown;
+    struct milter_header_edit *h = &e->headers[e->nheaders];
+    h->cmd = rep->cmd;
+    h->index = rep->index;
+    h->name = strdup(rep->name);
+    h->value = strdup(rep->value);
+    h->leading_space = (m->neg.steps & SMFIP_HDR_LEADSPC) != 0;
+    if (!h->name || !h->value) {
+        free(h->name);
+        free(h->value);
+        snprintf(err, n, "out of memory");
+        return false;
+    }
+    e->nheaders++;
+    e->header_bytes += bytes;
+    return true;
+}
+
+/* Recipient changes share the header changes' bounds. */
+static bool add_rcpt_edit(struct milter_edits *e, const struct milter_conn *m,
+                          const struct milter_reply *rep, char *err, size_t n)
+{
+    size_t bytes = strlen(rep->text) + 1;
+    if (e->nrcpts >= MILTER_EDITS_MAX ||
+        e->header_bytes + bytes > MILTER_EDIT_BYTES) {
+        snprintf(err, n, "more recipient changes than odmrd applies (%d)",
+                 MILTER_EDITS_MAX);
+        return false;
+    }
+    struct milter_rcpt_edit *grown =
+        realloc(e->rcpts, (e->nrcpts + 1) * sizeof *grown);
+    if (!grown) {
+        snprintf(err, n, "out of memory");
+        return false;
+    }
+    e->rcpts = grown;
+    struct milter_rcpt_edit *r = &e->rcpts[e->nrcpts];
+    r->add = rep->cmd != SMFIR_DELRCPT;
+    r->addr = strdup(rep->text);
+    str_copy(r->by, m->addr->name, sizeof r->by);
+    if (!r->addr) {
+        snprintf(err, n, "out of memory");
+        return false;
+    }
+    e->nrcpts++;
+    e->header_bytes += bytes;
+    return true;
+}
+
+/* One milter's replacement body while it is being sent: it replaces an
+ * earlier milter's only when this milter finishes well. */
+struct new_body {
+    int fd;
+    uint64_t size;
+    bool cr;
+};
+
+/* Appends a replacement body chunk, bare LF made CRLF (the queue holds
+ * CRLF lines), to an unlinked file in tmp_dir. */
+static bool add_body_chunk(struct new_body *e, const char *tmp_dir,
+                           const uint8_t *p, size_t len, char *err, size_t n)
+{
+    if (e->fd < 0) {
+        char path[PATH_MAX];
+        snprintf(path, sizeof path, "%s/milter-body.XXXXXX", tmp_dir);
+        e->fd = mkstemp(path);
+        if (e->fd < 0) {
+            snprintf(err, n, "cannot create %.200s: %s", path, strerror(errno));
+            return false;
+        }
+        unlink(path);   /* nothing to clean up after a crash */
+    }
+    static char out[2 * MILTER_PACKET_MAX];
+    size_t o = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (p[i] == '\n' && !e->cr)
+            out[o++] = '\r';
+        out[o++] = (char)p[i];
+        e->cr = p[i] == '\r';
+    }
+    if (!write_all(e->fd, out, o)) {
+        snprintf(err, n, "replacement body: %s", strerror(errno));
+        return false;
+    }
+    e->size += o;
+    return true;
+}
+
+/* One modification from m; false + reason when it is not acceptable. */
+static bool take_edit(struct milter_conn *m, const struct milter_reply *rep,
+                      const char *tmp_dir, struct milter_edits *e,
+                      struct new_body *body, char *err, size_t n)
+{
+    if (!edit_allowed(m, rep->cmd)) {
+        snprintf(err, n, "modification '%c' not negotiated", rep->cmd);
+        return false;
+    }
+    if (rep->cmd == SMFIR_REPLBODY)
+        return add_body_chunk(body, tmp_dir, rep->data, rep->len, err, n);
+    if (rep->cmd == SMFIR_QUARANTINE) {
+        /* the first milter to hold the message names the reason */
+        if (!e->quarantine[0]) {
+            str_copy(e->quarantine, rep->text[0] ? rep->text : "(no reason)",
+                     sizeof e->quarantine);
+            str_copy(e->quarantined_by, m->addr->name, sizeof e->quarantined_by);
+        }
+        return true;
+    }
+    if (rep->cmd == SMFIR_ADDRCPT || rep->cmd == SMFIR_ADDRCPT_PAR ||
+        rep->cmd == SMFIR_DELRCPT)
+        return add_rcpt_edit(e, m, rep, err, n);
+    return add_header_edit(e, m, rep, err, n);
+}
+
+static const struct stage ST_EOM = {"end of message", SMFIC_BODYEOB, 0, 0,
+                                    STAGE_MESSAGE};
+
+/* What the edits were before a milter's end of message: a milter that
+ * fails half-way leaves none of its changes behind. */
+struct edits_mark {
+    size_t nheaders, nrcpts, header_bytes;
+    bool quarantined;
+};
+
+static struct edits_mark edits_mark(const struct milter_edits *e)
+{
+    return (struct edits_mark){e->nheaders, e->nrcpts, e->header_bytes,
+                               e->quarantine[0] != '\0'};
+}
+
+static void edits_rollback(struct milter_edits *e, const struct edits_mark *k,
+                           struct new_body *body)
+{
+    for (size_t i = k->nheaders; i < e->nheaders; i++) {
+        free(e->headers[i].name);
+        free(e->headers[i].value);
+    }
+    for (size_t i = k->nrcpts; i < e->nrcpts; i++)
+        free(e->rcpts[i].addr);
+    e->nheaders = k->nheaders;
+    e->nrcpts = k->nrcpts;
+    e->header_bytes = k->header_bytes;
+    if (!k->quarantined)
+        e->quarantine[0] = e->quarantined_by[0] = '\0';
+    if (body->fd >= 0)
+        close(body->fd);
+    body->fd = -1;
+}
+
+/* A milter that finished well: its body replaces any earlier one. */
+static void edits_keep_body(struct milter_edits *e, struct new_body *body)
+{
+    if (body->fd < 0)
+        return;
+    if (e->body_fd >= 0)
+        close(e->body_fd);
+    e->body_fd = body->fd;
+    e->body_size = body->size;
+    body->fd = -1;
+}
+
+/* Reads m's changes up to its final reply into rep; false after
+ * conn_failed. */
+static bool eom_replies(struct milter_chain *c, struct milter_conn *m,
+                        const char *tmp_dir, struct milter_edits *e,
+                        struct new_body *body, struct milter_reply *rep,
+                        struct milter_result *r)
+{
+    char err[ERR_MAX];
+    int64_t start = io_clock_ms(), span = c->conf->milter_content_timeout * 1000;
+    int64_t deadline = start + span, last = start + EOM_TIMEOUTS_MAX * span;
+    for (;;) {
+        if (!recv_reply(c, m->fd, deadline, rep, err, sizeof err)) {
+            conn_failed(c, m, ST_EOM.name, err, r);
+            return false;
+        }
+        if (rep->cmd == SMFIR_PROGRESS) {
+            int64_t later = io_clock_ms() + span;
+            deadline = later < last ? later : last;
+        } else if (milter_reply_final(rep->cmd)) {
+            return true;
+        } else if (!take_edit(m, rep, tmp_dir, e, body, err, sizeof err)) {
+            conn_failed(c, m, ST_EOM.name, err, r);
+            return false;
+        }
+    }
+}
+
+/* End of message for one milter: its changes, then its verdict. */
+static void eom_one(struct milter_chain *c, struct milter_conn *m,
+                    const struct macro_buf *b, const char *tmp_dir,
+                    struct milter_edits *e, struct milter_result *r)
+{
+    char err[ERR_MAX];
+    struct milter_reply rep;
+    struct new_body body = {-1, 0, false};
+    struct edits_mark mark = edits_mark(e);
+    int64_t deadline = io_clock_ms() + c->conf->milter_content_timeout * 1000;
+    if (!send_packet(m->fd, SMFIC_MACRO, b->data, b->len, deadline, err,
+                     sizeof err) ||
+        !send_packet(m->fd, SMFIC_BODYEOB, "", 0, deadline, err, sizeof err)) {
+        conn_failed(c, m, ST_EOM.name, err, r);
+        return;
+    }
+    bool ok = eom_replies(c, m, tmp_dir, e, &body, &rep, r);
+    if (ok && (!take_final(m, &ST_EOM, &rep, r) || rep.cmd == SMFIR_SKIP)) {
+        conn_failed(c, m, ST_EOM.name, "reply not allowed at end of message", r);
+        ok = false;
+    }
+    if (ok)
+        edits_keep_body(e, &body);
+    else
+        edits_rollback(e, &mark, &body);
+}
+
+void milter_chain_end_of_message(struct milter_chain *c,
+                                 const struct milter_macros *mm,
+                                 const char *tmp_dir, struct milter_edits *e,
+                                 struct milter_result *r)
+{
+    static struct macro_buf b;
+    memset(e, 0, sizeof *e);
+    e->body_fd = -1;
+    milter_chain_end_of_headers(c, mm);   /* a message without a body */
+    flush_body(c);
+    clear_result(r);
+    if (c->msg.verdict != MILTER_CONTINUE) {
+        *r = c->msg;
+        milter_chain_abort(c);
+        return;
+    }
+    macro_begin(&b, SMFIC_BODYEOB);
+    macro_add(&b, "i", mm->queue_id);
+    for (size_t i = 0; i < c->n && r->verdict == MILTER_CONTINUE; i++) {
+        struct milter_conn *m = &c->conn[i];
+        if (m->broken)
+            apply_default(c, m, r);
+        else if (m->fd >= 0 && !m->done_with_message)
+            eom_one(c, m, &b, tmp_dir, e, r);
+    }
+    if (r->verdict != MILTER_CONTINUE)
+        milter_chain_abort(c);   /* the ones after it heard nothing yet */
+    c->in_message = false;
+}
+
+/* ------------------------------------------------------------- the end */
+
+void milter_chain_abort(struct milter_chain *c)
+{
+    char err[ERR_MAX];
+    int64_t deadline = io_clock_ms() + c->conf->milter_command_timeout * 1000;
+    bool was = c->in_message;
+    c->in_message = false;
+    clear_result(&c->msg);
+    c->hlen = c->blen = 0;
+    c->in_hdr = false;
+    if (!was)
+        return;
+    for (size_t i = 0; i < c->n; i++) {
+        struct milter_conn *m = &c->conn[i];
+        if (m->fd >= 0 && !send_packet(m->fd, SMFIC_ABORT, "", 0, deadline, err,
+                                       sizeof err))
+            conn_failed(c, m, "abort", err, NULL);
+    }
+}
+
+void milter_chain_close(struct milter_chain *c)
+{
+    char err[ERR_MAX];
+    if (!c->n)
+        return;
+    milter_chain_abort(c);
+    int64_t deadline = io_clock_ms() + 1000;   /* best effort: we are leaving */
+    for (size_t i = 0; i < c->n; i++) {
+        struct milter_conn *m = &c->conn[i];
+        if (m->fd >= 0) {
+            send_packet(m->fd, SMFIC_QUIT, "", 0, deadline, err, sizeof err);
+            close(m->fd);
+            m->fd = -1;
+        }
+    }
+    free(c->pkt);
+    c->pkt = NULL;
+    c->n = 0;
+}
+
+void milter_edits_free(struct milter_edits *e)
+{
+    for (size_t i = 0; i < e->nheaders; i++) {
+        free(e->headers[i].name);
+        free(e->headers[i].value);
+    }
+    free(e->headers);
+    e->headers = NULL;
+    e->nheaders = 0;
+    for (size_t i = 0; i < e->nrcpts; i++)
+        free(e->rcpts[i].addr);
+    free(e->rcpts);
+    e->rcpts = NULL;
+    e->nrcpts = 0;
+    if (e->body_fd >= 0)
+        close(e->body_fd);
+    e->body_fd = -1;
+}
