@@ -27,6 +27,10 @@ Benchmarks:
   smtp-inbound-reuse  the same with smtp-source -d: the messages go over
                  the 20 connections (one session each), which separates
                  the cost per message from the cost per connection.
+  smtp-inbound-rspamd  smtp-inbound (1,000 messages) with both odmrd and
+                 Postfix handing every message to the same private rspamd
+                 (proxy worker in milter mode, DNS at 127.0.0.1): the
+                 shared cost is rspamd, the ratio says what each MTA adds.
   auth-guess-1addr, auth-guess-50addr, port25-flood  password guessing
                  from one and from 50 addresses, and customers polling
                  while port 25 is full (tests/bench_abuse.py).
@@ -351,20 +355,44 @@ def mb(kb):
 
 
 # ---------------------------------------------------------------- benchmarks
-def bench_smtp_inbound(ctx, reuse=False):
+MILTER_MESSAGES = 1000       # rspamd scans every message: keep the rounds short
+
+
+def start_bench_rspamd(ctx, od):
+    """rspamd (milter mode, private, DNS at 127.0.0.1) in odmrd's Env, so
+    that its cleanup stops it by pid; returns its milter port."""
+    import test_milter
+    try:
+        _, port = test_milter.start_rspamd(od.env)
+    except od.harness.TestFailure as e:
+        raise BenchError("rspamd: %s" % e)
+    return port
+
+
+def bench_smtp_inbound(ctx, reuse=False, milter=False):
     """odmrd inbound SMTP vs. a Postfix instance that keeps mail queued.
     reuse: smtp-source -d (all messages over the `sessions` connections
-    instead of one connection per message)."""
+    instead of one connection per message).  milter: both hand every
+    message to the same private rspamd (milter protocol 6)."""
     need("smtp-source")
     need("postfix")
-    name = "smtp-inbound%s %dx%dB s=%d" % (" -d" if reuse else "",
-                                         ctx.messages, ctx.size, ctx.sessions)
+    n = min(ctx.messages, MILTER_MESSAGES) if milter else ctx.messages
+    name = "smtp-inbound%s%s %dx%dB s=%d" % (" -d" if reuse else "",
+                                           " +rspamd" if milter else "",
+                                           n, ctx.size, ctx.sessions)
     extra = ["-d"] if reuse else []
-    n = ctx.messages
 
     od = Odmrd(ctx)
+    main_extra = {}
+    if milter:
+        port = start_bench_rspamd(ctx, od)
+        spec = "inet:127.0.0.1:%d" % port
+        od.env.write_conf(milters=spec, milter_default_action="tempfail")
+        main_extra = {"smtpd_milters": spec, "milter_default_action": "tempfail",
+                      "milter_protocol": "6"}
     od.start()
-    pf = PostfixInstance(mode="hold", name="bench-postfix", keep=ctx.keep)
+    pf = PostfixInstance(mode="hold", name="bench-postfix", keep=ctx.keep,
+                         main_extra=main_extra)
     ctx.at_exit(pf.cleanup)
     pf.start()
     for w in pf.check_warnings:
@@ -384,7 +412,7 @@ def bench_smtp_inbound(ctx, reuse=False):
         if od.queued() != 0:
             raise BenchError("odmrd spool not empty before round %d" % r)
         with od_sampler.active():
-            t = run_smtp_source(ctx, od.port, extra=extra)
+            t = run_smtp_source(ctx, od.port, extra=extra, messages=n)
         got = wait_count(od.queued, n, timeout=10)
         if got != n:
             raise BenchError("odmrd round %d: %d messages queued in %s, "
@@ -404,7 +432,7 @@ def bench_smtp_inbound(ctx, reuse=False):
         if pf.queued() != 0:
             raise BenchError("postfix queue not empty before round %d" % r)
         with pf_sampler.active():
-            t = run_smtp_source(ctx, pf.port, extra=extra)
+            t = run_smtp_source(ctx, pf.port, extra=extra, messages=n)
         got = pf.wait_queued(n, timeout=10)
         if got != n:
             raise BenchError("postfix round %d: %d messages queued, expected "
@@ -445,6 +473,10 @@ def bench_smtp_inbound(ctx, reuse=False):
     ]
 
 
+def bench_smtp_inbound_rspamd(ctx):
+    return bench_smtp_inbound(ctx, milter=True)
+
+
 def bench_smtp_inbound_reuse(ctx):
     """The same over 20 long connections: separates the per-message cost
     (queue writes) from the per-connection cost (odmrd forks a session per
@@ -462,6 +494,7 @@ import bench_abuse  # noqa: E402
 BENCHMARKS = [
     ("smtp-inbound", bench_smtp_inbound),
     ("smtp-inbound-reuse", bench_smtp_inbound_reuse),
+    ("smtp-inbound-rspamd", bench_smtp_inbound_rspamd),
 ] + bench_odmr.BENCHMARKS + bench_abuse.BENCHMARKS
 
 
