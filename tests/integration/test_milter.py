@@ -17,8 +17,8 @@ import subprocess
 import threading
 import time
 
-from harness import (check, check_reply, free_port, need, queue_id_of, to_crlf,
-                     wait_for)
+from harness import (SMTP, check, check_reply, free_port, need, queue_id_of,
+                     to_crlf, wait_for)
 
 # protocol flags (the milter's side of OPTNEG)
 NOCONNECT, NOHELO = 0x01, 0x02
@@ -865,3 +865,41 @@ def m_conn_send(m, data):
     """Sends data at once on the milter's current connection (for replies
     that must go out before the handler returns)."""
     m.current.sendall(data)
+
+
+def test_rspamd_gtube_reply_same_as_postfix(env):
+    """The same rspamd behind a private Postfix instance and behind odmrd:
+    the GTUBE message gets the same reply from both (the milter's, not the
+    MTA's own)."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from postfix_instance import PostfixInstance, PostfixError
+    need("postfix")
+    proc, port = start_rspamd(env)
+    pf = None
+    try:
+        spec = "inet:127.0.0.1:%d" % port
+        started(env, spec)
+        gtube = to_crlf(MESSAGE.replace("Body line one.", GTUBE))
+        ours = send(env, body=gtube)
+        try:
+            pf = PostfixInstance(mode="hold", name="milter-postfix",
+                                 main_extra={"smtpd_milters": spec,
+                                             "milter_protocol": "6",
+                                             "milter_default_action": "tempfail"})
+            pf.start()
+        except PostfixError as e:
+            check(False, "Postfix instance: %s" % e)
+        with SMTP(port=pf.port) as s:
+            check_reply(s.cmd("EHLO client.test"), 250, what="Postfix EHLO")
+            check_reply(s.cmd("MAIL FROM:<sender@client.test>"), 250)
+            check_reply(s.cmd("RCPT TO:<alice@example.org>"), 250)
+            theirs = s.data(gtube)
+            s.quit()
+        env.info("odmrd: %d %s / Postfix: %d %s" % (ours + theirs))
+        check(ours == theirs, "odmrd said %r, Postfix %r" % (ours, theirs))
+        check(ours[0] == 554 and "Gtube pattern" in ours[1], "reply %r" % (ours,))
+    finally:
+        if pf is not None:
+            pf.cleanup()
+        stop_by_pid(proc)
