@@ -176,16 +176,24 @@ static void print_list_total(const struct listing *l, const char *domain)
            l->messages == 1 ? "" : "s", l->bytes, l->bytes == 1 ? "" : "s");
 }
 
+/* What both listings do first: the domain argument as a key (domain is
+ * "" without one), privileges, and whether the queue exists yet. */
+static int start_listing(struct ctl *c, const char *domain_arg, char *domain,
+                         size_t n, bool *exists)
+{
+    int rc = domain_arg ? queue_domain_arg(domain_arg, domain, n) : EX_OK;
+    if (rc == EX_OK)
+        rc = ctl_prepare(c);
+    if (rc == EX_OK)
+        rc = open_queue_for_reading(c, exists);
+    return rc;
+}
+
 static int queue_list(struct ctl *c, const char *domain_arg)
 {
     char domain[ADDR_DOMAIN_MAX + 1] = "";
-    int rc = domain_arg ? queue_domain_arg(domain_arg, domain, sizeof domain)
-                        : EX_OK;
-    if (rc == EX_OK)
-        rc = ctl_prepare(c);
     bool exists;
-    if (rc == EX_OK)
-        rc = open_queue_for_reading(c, &exists);
+    int rc = start_listing(c, domain_arg, domain, sizeof domain, &exists);
     if (rc != EX_OK)
         return rc;
     struct listing l = {c, domain, 0, 0, EX_OK};
@@ -639,13 +647,8 @@ static int list_held_domain(void *ctx, const char *domain)
 static int held_list(struct ctl *c, const char *domain_arg)
 {
     char domain[ADDR_DOMAIN_MAX + 1] = "";
-    int rc = domain_arg ? queue_domain_arg(domain_arg, domain, sizeof domain)
-                        : EX_OK;
-    if (rc == EX_OK)
-        rc = ctl_prepare(c);
     bool exists;
-    if (rc == EX_OK)
-        rc = open_queue_for_reading(c, &exists);
+    int rc = start_listing(c, domain_arg, domain, sizeof domain, &exists);
     if (rc != EX_OK)
         return rc;
     struct listing l = {c, domain, 0, 0, EX_OK};

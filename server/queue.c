@@ -692,9 +692,17 @@ bool queue_quarantine(struct queue *q, const char *domain, const char *id,
     return true;
 }
 
+/* queue_find and queue_held_find: the same search over the queue or the
+ * quarantine area, told apart by how they name files and list domains. */
+typedef bool (*path_fn)(char *buf, const struct queue *q, const char *domain,
+                        const char *id, const char *suffix);
+typedef int (*domains_fn)(struct queue *q, int (*fn)(void *ctx, const char *domain),
+                          void *ctx);
+
 struct find_ctx {
     struct queue *q;
     const char *id;
+    path_fn path;
     int (*fn)(void *ctx, const char *domain);
     void *ctx;
     int found;
@@ -704,22 +712,29 @@ static int find_in_domain(void *ctx, const char *domain)
 {
     struct find_ctx *f = ctx;
     char path[PATH_MAX];
-    if (qpath(path, f->q, domain, f->id, ".e") && access(path, F_OK) == 0) {
+    if (f->path(path, f->q, domain, f->id, ".e") && access(path, F_OK) == 0) {
         f->found++;
         return f->fn(f->ctx, domain);
     }
     return 0;
 }
 
-int queue_find(struct queue *q, const char *id,
-               int (*fn)(void *ctx, const char *domain), void *ctx)
+static int find_id(struct queue *q, const char *id, path_fn path,
+                   domains_fn domains, int (*fn)(void *ctx, const char *domain),
+                   void *ctx)
 {
     if (!safe_name(id))
         return 0;
-    struct find_ctx f = {q, id, fn, ctx, 0};
-    if (queue_domains(q, find_in_domain, &f) < 0)
+    struct find_ctx f = {q, id, path, fn, ctx, 0};
+    if (domains(q, find_in_domain, &f) < 0)
         return -1;
     return f.found;
+}
+
+int queue_find(struct queue *q, const char *id,
+               int (*fn)(void *ctx, const char *domain), void *ctx)
+{
+    return find_id(q, id, qpath, queue_domains, fn, ctx);
 }
 
 int queue_lock_domain(struct queue *q, const char *domain)
@@ -999,34 +1014,10 @@ bool queue_held_load(struct queue *q, const char *domain, const char *id,
     return ok;
 }
 
-struct held_find_ctx {
-    struct queue *q;
-    const char *id;
-    int (*fn)(void *ctx, const char *domain);
-    void *ctx;
-    int found;
-};
-
-static int find_held_in_domain(void *ctx, const char *domain)
-{
-    struct held_find_ctx *f = ctx;
-    char path[PATH_MAX];
-    if (hpath(path, f->q, domain, f->id, ".e") && access(path, F_OK) == 0) {
-        f->found++;
-        return f->fn(f->ctx, domain);
-    }
-    return 0;
-}
-
 int queue_held_find(struct queue *q, const char *id,
                     int (*fn)(void *ctx, const char *domain), void *ctx)
 {
-    if (!safe_name(id))
-        return 0;
-    struct held_find_ctx f = {q, id, fn, ctx, 0};
-    if (queue_held_domains(q, find_held_in_domain, &f) < 0)
-        return -1;
-    return f.found;
+    return find_id(q, id, hpath, queue_held_domains, fn, ctx);
 }
 
 bool queue_release(struct queue *q, const char *domain, const char *id)
