@@ -10,8 +10,7 @@
 #include "throttle.h"
 
 enum guard_kind {
-    GUARD_MAY_AUTH = 1,
-    GUARD_ACCOUNT_TURN,
+    GUARD_ACCOUNT_TURN = 1,
     GUARD_FAILED,
     GUARD_SUCCEEDED,
 };
@@ -27,16 +26,6 @@ void guard_configure(const struct odmrd_conf *conf)
 }
 
 /* ---------------------------------------------------------- the master */
-
-static void answer_may_auth(const char *addr, struct worker_msg *msg)
-{
-    struct throttle_begin b = throttle_auth_begins(addr, now_ms());
-    msg->verdict = b.allowed;
-    msg->value = throttle_any_attack(now_ms());
-    if (!b.allowed)
-        log_info("throttle: %s: AUTH refused: blocked after %lu authentication "
-                 "failures in %lds", addr, b.attempts, window_s);
-}
 
 static void answer_turn(const char *addr, struct worker_msg *msg)
 {
@@ -57,6 +46,7 @@ static void answer_failed(const char *addr, struct worker_msg *msg)
 {
     struct throttle_failure f = throttle_failed(addr, msg->account, now_ms());
     msg->value = f.delay_ms;
+    msg->verdict = f.blocked;
     if (f.now_blocked)
         log_warn("throttle: %s: AUTH blocked for %lds after %lu authentication "
                  "failures (account %s)", addr, window_s, f.addr_failures,
@@ -69,10 +59,18 @@ static void answer_failed(const char *addr, struct worker_msg *msg)
                  THROTTLE_SPACING_MS, addr);
 }
 
+void guard_job(struct worker_job *job)
+{
+    int64_t now = now_ms();
+    struct throttle_begin b = throttle_auth_begins(job->addr, now);
+    job->auth_blocked = !b.allowed;
+    job->auth_failures = b.attempts;
+    job->attack_seen = throttle_any_attack(now);
+}
+
 void guard_handle(const struct worker_job *job, struct worker_msg *msg)
 {
     switch (msg->kind) {
-    case GUARD_MAY_AUTH: answer_may_auth(job->addr, msg); break;
     case GUARD_ACCOUNT_TURN: answer_turn(job->addr, msg); break;
     case GUARD_FAILED: answer_failed(job->addr, msg); break;
     case GUARD_SUCCEEDED: throttle_succeeded(job->addr, msg->account, now_ms()); break;
@@ -84,11 +82,24 @@ void guard_handle(const struct worker_job *job, struct worker_msg *msg)
 
 static char granted[sizeof ((struct worker_msg *)0)->account];
 static int64_t granted_at;
-/* From the last guard_may_auth: whether any account is under attack.  If
- * none is, this exchange's password lookups need not ask for a turn - one
- * round trip to the master less per login in the common case; an attack
- * that starts during the exchange is seen from the next AUTH on. */
-static bool attack_seen = true;
+/* This session's view of the table: what the master said at dispatch,
+ * updated by its answers to this session's failures.  Without an attack
+ * on some account, password lookups need not ask for a turn; a login
+ * then costs one note to the master (its success) and no question. */
+static struct {
+    char addr[64];
+    bool blocked, attack_seen;
+    unsigned long failures;
+} session = {"", false, true, 0};
+
+void guard_session(const struct worker_job *job)
+{
+    str_copy(session.addr, job->addr, sizeof session.addr);
+    session.blocked = job->auth_blocked;
+    session.attack_seen = job->attack_seen;
+    session.failures = job->auth_failures;
+    granted[0] = '\0';
+}
 
 static void sleep_ms(int64_t ms)
 {
@@ -107,21 +118,18 @@ static bool ask(int kind, const char *account, struct worker_msg *msg)
 
 bool guard_may_auth(void)
 {
-    struct worker_msg m;
     granted[0] = '\0';
-    if (!ask(GUARD_MAY_AUTH, NULL, &m)) {
-        attack_seen = true;   /* no answer: ask again at the lookup */
-        return true;
-    }
-    attack_seen = m.value != 0;
-    return m.verdict;
+    if (session.blocked)
+        log_info("throttle: %s: AUTH refused: blocked after %lu authentication "
+                 "failures in %lds", session.addr, session.failures, window_s);
+    return !session.blocked;
 }
 
 bool guard_account_turn(const char *account)
 {
     /* Cyrus may look the password up more than once in one exchange: one
      * turn covers them all (guard_may_auth starts each exchange afresh) */
-    if (!attack_seen || (granted[0] && !strcmp(granted, account) &&
+    if (!session.attack_seen || (granted[0] && !strcmp(granted, account) &&
                          now_ms() - granted_at < GUARD_TURN_MS))
         return true;
     struct worker_msg m;
@@ -139,7 +147,12 @@ bool guard_account_turn(const char *account)
 void guard_failed(const char *account)
 {
     struct worker_msg m;
-    sleep_ms(ask(GUARD_FAILED, account, &m) ? m.value : GUARD_FALLBACK_DELAY_MS);
+    bool answered = ask(GUARD_FAILED, account, &m);
+    session.failures++;
+    session.attack_seen = true;   /* this session's failures may start one */
+    if (answered)
+        session.blocked = m.verdict;
+    sleep_ms(answered ? m.value : GUARD_FALLBACK_DELAY_MS);
 }
 
 void guard_succeeded(const char *account)

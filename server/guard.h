@@ -24,12 +24,20 @@
 
 /* --- in the master --- */
 void guard_configure(const struct odmrd_conf *conf);
+/* Fills the job's auth_blocked and attack_seen for a new session. */
+void guard_job(struct worker_job *job);
 /* The pool's request handler (workers.h): answers the requests below. */
 void guard_handle(const struct worker_job *job, struct worker_msg *msg);
 
 /* --- in a session --- */
+/* A session begins with what the master said at dispatch. */
+void guard_session(const struct worker_job *job);
 /* An AUTH begins: may this client try now?  false: refuse with 454 and
- * end.  Counts the attempt against the address (throttle.h). */
+ * end.  Answered from the session's own knowledge (the master's word at
+ * dispatch, and its answers to this session's failures), without asking:
+ * a block that starts meanwhile because of other sessions of the same
+ * address holds from their next connection on - bounded like the
+ * overshoot throttle.h describes. */
 bool guard_may_auth(void);
 /* Before checking a password of account: false = refuse (454); true
  * after waiting for the account's turn when it is under attack. */

@@ -342,6 +342,7 @@ static void worker_session(int fd, const struct worker_job *job)
     struct session_peer peer = {.fd = fd};
     str_copy(peer.addr, job->addr, sizeof peer.addr);
     peer.stress = job->stress;
+    guard_session(job);
     session_stop_requested = 0;
     if (job->service == SVC_ODMR)
         odmr_session_run(&conf, tls_ctx, &peer);
@@ -385,6 +386,8 @@ static void accept_one(const struct listener *l)
         return;   /* EAGAIN, ECONNABORTED, EMFILE: try again at next poll */
     fcntl(fd, F_SETFD, FD_CLOEXEC);
     peer_name(&ss, job.addr, sizeof job.addr);
+    if (l->svc == SVC_ODMR)
+        guard_job(&job);   /* the table's word travels with the job */
     switch (pool_dispatch(fd, &job)) {
     case POOL_OK:
         return;

@@ -351,6 +351,7 @@ struct throttle_failure throttle_failed(const char *addr, const char *account,
         e->blocked_until = now_ms + conf.window_ms;
         f.now_blocked = true;
     }
+    f.blocked = e->blocked_until > now_ms;
     f.delay_ms = failure_delay(e->failures);
     account_failed(&f, key, account ? account : "", now_ms);
     return f;

@@ -77,6 +77,7 @@ struct throttle_failure {
     unsigned long addr_failures;         /* in the window, this one included */
     unsigned long account_failures;
     bool now_blocked;                    /* this failure reached the limit */
+    bool blocked;                        /* the address is blocked now */
     bool account_attacked;               /* this failure started the spacing */
 };
 /* Records a failed AUTH that began with throttle_auth_begins (account

@@ -34,6 +34,11 @@
 struct worker_job {
     int service;                 /* which listener kind (odmrd's enum), < POOL_SERVICES */
     bool stress;                 /* the service is above 80% of its budget */
+    /* What the authentication failure table said at dispatch (guard.h),
+     * so that a login costs no question to the master: */
+    bool auth_blocked;           /* this address may not AUTH now */
+    bool attack_seen;            /* some account is under attack */
+    unsigned long auth_failures; /* the address's failures in the window */
     char addr[64];               /* client address, printable */
 };
 
