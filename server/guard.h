@@ -1,14 +1,17 @@
-/* guard.h - authentication throttling across sessions (issue: password
- * guessing).  The table is in the master (throttle.h); sessions reach it
- * through their worker channel (workers.h).
+/* guard.h - authentication throttling across sessions (password
+ * guessing).  The table is in the master (throttle.h): it gives each new
+ * ODMR session the table's word on its address with the job, and sessions
+ * report to it through their worker channel (workers.h).
  *
- * Guarantee: every AUTH of every session is checked against, and reported
- * to, the one table, so the limits hold across connections and session
- * processes.  If the master does not answer within GUARD_ANSWER_MS (it
- * never blocks, so only when it is gone), a session goes on: AUTH is
- * allowed and a failure waits GUARD_FALLBACK_DELAY_MS - failing open
- * keeps customers served, and the per-session limit of three failures
- * still holds. */
+ * Guarantee: every failed AUTH of every session is reported to the one
+ * table and waits as long as it says, and every session starts with the
+ * table's verdict on its address, so the limits hold across connections
+ * and session processes.  A plain login asks the master nothing (it
+ * sends one note of its success).  If the master does not answer within
+ * GUARD_ANSWER_MS (it never blocks, so only when it is gone), a session
+ * goes on: a failure waits GUARD_FALLBACK_DELAY_MS and the account's turn
+ * is granted - failing open keeps customers served, and the per-session
+ * limit of three failures still holds. */
 #ifndef ODMR_GUARD_H
 #define ODMR_GUARD_H
 
