@@ -382,40 +382,54 @@ static void free_list(char **names, size_t n)
     free(names);
 }
 
+/* fn for each name of dir (sorted, suffix stripped) until it returns
+ * non-zero; returns that value, or -1 when dir cannot be read (0 when it
+ * does not exist and missing_ok).  *visited (may be NULL): names passed. */
+static int each_name(const char *dir, const char *suffix, bool missing_ok,
+                     int (*fn)(void *ctx, const char *name), void *ctx,
+                     size_t *visited)
+{
+    size_t n, i = 0;
+    char **names = list_dir(dir, suffix, &n);
+    if (visited)
+        *visited = 0;
+    if (!names)
+        return missing_ok && errno == ENOENT ? 0 : -1;
+    int r = 0;
+    for (; i < n && r == 0; i++)
+        r = fn(ctx, names[i]);
+    free_list(names, n);
+    if (visited)
+        *visited = i;
+    return r;
+}
+
 int queue_domains(struct queue *q, int (*fn)(void *ctx, const char *domain),
                   void *ctx)
 {
     char dir[PATH_MAX];
-    size_t n;
     str_fmt(dir, sizeof dir, "%s/q", q->spool);
-    char **names = list_dir(dir, NULL, &n);
-    if (!names)
+    return each_name(dir, NULL, false, fn, ctx, NULL);
+}
+
+/* The ids of a domain directory named by path (queue or quarantine). */
+static int ids_in(bool named, const char *dir,
+                  int (*fn)(void *ctx, const char *id), void *ctx)
+{
+    size_t visited;
+    if (!named) {
+        errno = EINVAL;
         return -1;
-    int r = 0;
-    for (size_t i = 0; i < n && r == 0; i++)
-        r = fn(ctx, names[i]);
-    free_list(names, n);
-    return r;
+    }
+    int r = each_name(dir, ".e", true, fn, ctx, &visited);
+    return r < 0 ? -1 : (int)visited;
 }
 
 int queue_ids(struct queue *q, const char *domain,
               int (*fn)(void *ctx, const char *id), void *ctx)
 {
     char dir[PATH_MAX];
-    size_t n;
-    if (!qpath(dir, q, domain, NULL, "")) {
-        errno = EINVAL;
-        return -1;
-    }
-    char **names = list_dir(dir, ".e", &n);
-    if (!names)
-        return errno == ENOENT ? 0 : -1;
-    int r = 0;
-    size_t i = 0;
-    for (; i < n && r == 0; i++)
-        r = fn(ctx, names[i]);
-    free_list(names, n);
-    return r < 0 ? -1 : (int)i;
+    return ids_in(qpath(dir, q, domain, NULL, ""), dir, fn, ctx);
 }
 
 bool queue_has_mail(struct queue *q, const char *domain)
@@ -933,36 +947,15 @@ int queue_held_domains(struct queue *q,
                        int (*fn)(void *ctx, const char *domain), void *ctx)
 {
     char dir[PATH_MAX];
-    size_t n;
     str_fmt(dir, sizeof dir, "%s/quarantine", q->spool);
-    char **names = list_dir(dir, NULL, &n);
-    if (!names)
-        return errno == ENOENT ? 0 : -1;
-    int r = 0;
-    for (size_t i = 0; i < n && r == 0; i++)
-        r = fn(ctx, names[i]);
-    free_list(names, n);
-    return r;
+    return each_name(dir, NULL, true, fn, ctx, NULL);
 }
 
 int queue_held_ids(struct queue *q, const char *domain,
                    int (*fn)(void *ctx, const char *id), void *ctx)
 {
     char dir[PATH_MAX];
-    size_t n;
-    if (!hpath(dir, q, domain, NULL, "")) {
-        errno = EINVAL;
-        return -1;
-    }
-    char **names = list_dir(dir, ".e", &n);
-    if (!names)
-        return errno == ENOENT ? 0 : -1;
-    int r = 0;
-    size_t i = 0;
-    for (; i < n && r == 0; i++)
-        r = fn(ctx, names[i]);
-    free_list(names, n);
-    return r < 0 ? -1 : (int)i;
+    return ids_in(hpath(dir, q, domain, NULL, ""), dir, fn, ctx);
 }
 
 static void read_reason(const char *path, char *reason, size_t rn)
