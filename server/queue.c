@@ -76,11 +76,16 @@ static int real_dir(const char *path)
 
 bool queue_open(struct queue *q, const char *spool_dir, char *err, size_t n)
 {
+    /* A session process opens the queue for every session, up to 200
+     * times: the directories it made once stay (nothing removes them). */
+    static char made[PATH_MAX];
     char path[PATH_MAX];
     if (!str_copy(q->spool, spool_dir, sizeof q->spool)) {
         snprintf(err, n, "%s: path too long", spool_dir);
         return false;
     }
+    if (!strcmp(made, spool_dir))
+        return true;
     const char *subs[] = {"", "/tmp", "/q"};
     for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++) {
         if (!str_fmt(path, sizeof path, "%s%s", spool_dir, subs[i]) ||
@@ -89,6 +94,7 @@ bool queue_open(struct queue *q, const char *spool_dir, char *err, size_t n)
             return false;
         }
     }
+    str_copy(made, spool_dir, sizeof made);
     return true;
 }
 
@@ -218,23 +224,46 @@ void queue_in_abort(struct queue_in *in)
     in->tmp_path[0] = '\0';
 }
 
+/* The envelope's text in memory (caller frees *text); 0 or an errno.
+ * Formatting in memory and writing once costs one write(2), where a
+ * stdio stream on the file also asked the kernel about the descriptor. */
+static int format_envelope(const struct envelope *e, char **text, size_t *len)
+{
+    *text = NULL;
+    *len = 0;
+    FILE *f = open_memstream(text, len);
+    if (!f)
+        return errno ? errno : ENOMEM;
+    bool ok = envelope_write(f, e);
+    if (fclose(f) != 0)
+        ok = false;
+    if (!ok) {
+        free(*text);
+        *text = NULL;
+        return ENOMEM;
+    }
+    return 0;
+}
+
 /* Writes env to a temporary file, syncs it and renames it to final. */
 static int write_envelope_file(const char *tmp, const char *final,
                                const struct envelope *e)
 {
+    char *text;
+    size_t len;
+    int err = format_envelope(e, &text, &len);
+    if (err)
+        return err;
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
-    if (fd < 0)
-        return errno;
-    FILE *f = fdopen(fd, "w");
-    if (!f) {
-        int err = errno;
-        close(fd);
-        unlink(tmp);
+    if (fd < 0) {
+        err = errno;
+        free(text);
         return err;
     }
-    bool ok = envelope_write(f, e) && fflush(f) == 0 && fsync(fd) == 0;
-    int err = ok ? 0 : (errno ? errno : EIO);
-    if (fclose(f) != 0 && ok) {
+    bool ok = write_all(fd, text, len) && fsync(fd) == 0;
+    err = ok ? 0 : (errno ? errno : EIO);
+    free(text);
+    if (close(fd) != 0 && ok) {
         ok = false;
         err = errno ? errno : EIO;
     }
@@ -252,6 +281,10 @@ static int ensure_domain_dir(struct queue *q, const char *domain)
     char dir[PATH_MAX], top[PATH_MAX];
     if (!qpath(dir, q, domain, NULL, ""))
         return EINVAL;
+    /* Nearly always there already: one lstat instead of mkdir + lstat. */
+    int err = real_dir(dir);
+    if (err != ENOENT)
+        return err;
     if (mkdir(dir, 0700) == 0) {
         /* A new directory entry must be durable before mail relies on it. */
         str_fmt(top, sizeof top, "%s/q", q->spool);
@@ -270,7 +303,9 @@ static int commit_domain(struct queue *q, struct queue_in *in,
                          const struct envelope *e)
 {
     char data[PATH_MAX], env[PATH_MAX], tmp[PATH_MAX], dir[PATH_MAX];
-    int err = ensure_domain_dir(q, e->domain);
+    bool home = !strcmp(e->domain, in->home);   /* data already in place */
+    /* The home directory was checked when the data file was made in it. */
+    int err = home ? 0 : ensure_domain_dir(q, e->domain);
     if (err)
         return err;
     if (!qpath(data, q, e->domain, in->id, ".m") ||
@@ -278,7 +313,6 @@ static int commit_domain(struct queue *q, struct queue_in *in,
         !qpath(dir, q, e->domain, NULL, "") ||
         !str_fmt(tmp, sizeof tmp, "%s/tmp/%s.e", q->spool, in->id))
         return ENAMETOOLONG;
-    bool home = !strcmp(e->domain, in->home);   /* data already in place */
     if (!home && link(in->tmp_path, data) != 0)
         return errno;
     err = write_envelope_file(tmp, env, e);
@@ -325,6 +359,7 @@ int queue_in_commit(struct queue *q, struct queue_in *in,
         /* All or nothing: take back the domains already committed. */
         for (size_t i = 0; i + 1 < done; i++)
             queue_remove(q, envs[i]->domain, in->id);
+        queue_sync_removals();   /* rare; the client is told 452 */
     }
     /* The tmp/ name goes; data written in place stays, unless the commit
      * failed (then it is an invisible leftover anyway). */
@@ -429,6 +464,7 @@ int queue_ids(struct queue *q, const char *domain,
               int (*fn)(void *ctx, const char *id), void *ctx)
 {
     char dir[PATH_MAX];
+    queue_sync_removals();   /* a delivery pass ends here: see unsynced */
     return ids_in(qpath(dir, q, domain, NULL, ""), dir, fn, ctx);
 }
 
@@ -652,6 +688,44 @@ bool queue_update(struct queue *q, const struct envelope *e)
     return err == 0;
 }
 
+/* Removals whose directory entry is not synced yet.  A removal needs no
+ * sync to be correct: if a power loss brings an unsynced removal back, the
+ * message is delivered twice, never lost (Postfix never syncs a removal).
+ * Syncing the directory after each one put a disk write between every two
+ * messages of a drain; instead it is synced once per REMOVAL_SYNC_BATCH
+ * removals, whenever the removals move to another directory, before a
+ * domain is listed (the end of every delivery pass) or locked, and at
+ * exit().  A process that ends with _exit() or is killed leaves the rest
+ * to the kernel's own writeback (seconds): kill -9 loses nothing either
+ * way, the unlinks are already done. */
+#define REMOVAL_SYNC_BATCH 64
+
+static struct {
+    char dir[PATH_MAX];        /* "" when nothing is pending */
+    unsigned count;
+    bool at_exit;              /* the exit handler is registered */
+} unsynced;
+
+void queue_sync_removals(void)
+{
+    if (unsynced.dir[0] && !fsync_dir(unsynced.dir))
+        log_debug("%s: directory sync after removals: %s", unsynced.dir,
+                  strerror(errno));
+    unsynced.dir[0] = '\0';
+    unsynced.count = 0;
+}
+
+static void removal_unsynced(const char *dir)
+{
+    if (unsynced.dir[0] && strcmp(unsynced.dir, dir))
+        queue_sync_removals();
+    if (!unsynced.at_exit)
+        unsynced.at_exit = atexit(queue_sync_removals) == 0;
+    str_copy(unsynced.dir, dir, sizeof unsynced.dir);
+    if (++unsynced.count >= REMOVAL_SYNC_BATCH)
+        queue_sync_removals();
+}
+
 bool queue_remove(struct queue *q, const char *domain, const char *id)
 {
     char env[PATH_MAX], data[PATH_MAX], dir[PATH_MAX];
@@ -667,7 +741,7 @@ bool queue_remove(struct queue *q, const char *domain, const char *id)
     if (unlink(env) != 0)
         return false;
     unlink(data);
-    fsync_dir(dir);
+    removal_unsynced(dir);
     usage_adjust(q, domain, -1, size);
     return true;
 }
@@ -754,6 +828,7 @@ int queue_find(struct queue *q, const char *id,
 int queue_lock_domain(struct queue *q, const char *domain)
 {
     char path[PATH_MAX];
+    queue_sync_removals();
     int err = ensure_domain_dir(q, domain);
     if (err) {
         errno = err;

@@ -27,7 +27,8 @@
  * each envelope written to tmp/, fsynced, renamed to q/<domain>/<id>.e, the
  * domain directory fsynced.  Only then is 250 said.  A crash at any point
  * leaves either a committed message or invisible leftovers (tmp files, .m
- * without .e) that queue_cleanup() removes.  Removal deletes .e first.
+ * without .e) that queue_cleanup() removes.  Removal deletes .e first; its
+ * directory sync is batched (queue_sync_removals).
  *
  * Looking at one domain touches only that domain's directory, so the cost
  * of an ATRN does not depend on how much other mail is queued. */
@@ -123,8 +124,14 @@ bool queue_update(struct queue *q, const struct envelope *e);
  * administrator; where receives that directory. */
 bool queue_quarantine(struct queue *q, const char *domain, const char *id,
                       char *where, size_t n);
-/* Removes a message from a domain (envelope first, then data). */
+/* Removes a message from a domain (envelope first, then data).  The
+ * directory is synced later, in batches (queue_sync_removals): an unsynced
+ * removal can at worst come back after a power loss, as a duplicate. */
 bool queue_remove(struct queue *q, const char *domain, const char *id);
+/* Syncs the directory of removals not synced yet.  Called by queue_ids
+ * (so at the end of every delivery pass), queue_lock_domain, every
+ * REMOVAL_SYNC_BATCH removals and at exit. */
+void queue_sync_removals(void);
 /* Finds which domain(s) hold id; calls fn for each. */
 int queue_find(struct queue *q, const char *id,
                int (*fn)(void *ctx, const char *domain), void *ctx);
