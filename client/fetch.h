@@ -27,6 +27,7 @@
 #define FETCH_DEFAULT_PORT 366        /* RFC 2645 section 4 */
 #define FETCH_DEFAULT_TIMEOUT 300
 #define FETCH_TIMEOUT_MAX 86400       /* a day: anything longer is a typo */
+#define FETCH_LINGER_MAX 86400        /* XLINGER: a day per connection */
 #define FETCH_HOST_MAX 256
 #define FETCH_USER_MAX 256
 #define FETCH_PASSWORD_MAX 1024
@@ -63,6 +64,7 @@ struct fetch_conf {
     char domains[SMTP_LINE_MAX];  /* comma-joined ATRN argument, "" = all */
     size_t ndomains;
     long timeout;                 /* seconds */
+    long linger;                  /* XLINGER seconds (push delivery), 0 off */
     char lock_file[PATH_MAX];
     int verbose;                  /* 0 quiet, 1 summary, 2 trace */
     char fqdn[FETCH_HOST_MAX];    /* our name in EHLO and greetings */

@@ -58,6 +58,8 @@ static void usage(FILE *f)
 "                         maildir:PATH (%%d domain, %%u local part)\n"
 "      --domains A,B      domains to fetch (default: all of the account's)\n"
 "      --timeout SEC      per network wait (default 300)\n"
+"      --linger SEC       stay connected up to SEC and take mail as it\n"
+"                         arrives (push delivery; default 0, off)\n"
 "      --lock FILE        one run at a time (default:\n"
 "                         $XDG_RUNTIME_DIR/odmr-fetch.lock, else\n"
 "                         /tmp/odmr-fetch-UID.lock)\n"
@@ -298,6 +300,21 @@ static bool timeout_set(struct fetch_conf *c, const char *v, char *err,
     return true;
 }
 
+/* Push delivery: how long to stay after the queue is empty (XLINGER). */
+static bool linger_set(struct fetch_conf *c, const char *v, char *err,
+                       size_t n)
+{
+    long s;
+
+    if (!parse_duration(v, &s) || s > FETCH_LINGER_MAX) {
+        snprintf(err, n, "expected 0 (off) or seconds up to %d (or 30m, 1h)",
+                 FETCH_LINGER_MAX);
+        return false;
+    }
+    c->linger = s;
+    return true;
+}
+
 static bool text_set(char *dst, size_t size, const char *v, char *err,
                      size_t n)
 {
@@ -358,6 +375,8 @@ static bool set_key(struct loader *l, const char *key, const char *v,
     }
     if (!strcmp(key, "timeout"))
         return timeout_set(c, v, err, n);
+    if (!strcmp(key, "linger"))
+        return linger_set(c, v, err, n);
     if (!strcmp(key, "lock_file"))
         return path_set(c->lock_file, sizeof c->lock_file, v, err, n);
     snprintf(err, n, "unknown key");
@@ -474,7 +493,7 @@ static int get_password(struct loader *l, int missing_status)
 
 enum {
     OPT_PASSWORD_FILE = 256, OPT_MECH, OPT_TLS, OPT_CA_FILE, OPT_DELIVER,
-    OPT_DOMAINS, OPT_TIMEOUT, OPT_LOCK, OPT_HELP, OPT_VERSION,
+    OPT_DOMAINS, OPT_TIMEOUT, OPT_LINGER, OPT_LOCK, OPT_HELP, OPT_VERSION,
 };
 
 static const struct option long_opts[] = {
@@ -487,6 +506,7 @@ static const struct option long_opts[] = {
     {"deliver", required_argument, NULL, OPT_DELIVER},
     {"domains", required_argument, NULL, OPT_DOMAINS},
     {"timeout", required_argument, NULL, OPT_TIMEOUT},
+    {"linger", required_argument, NULL, OPT_LINGER},
     {"lock", required_argument, NULL, OPT_LOCK},
     {"verbose", no_argument, NULL, 'v'},
     {"help", no_argument, NULL, OPT_HELP},
@@ -506,6 +526,7 @@ static const char *opt_key(int opt)
     case OPT_DELIVER: return "deliver";
     case OPT_DOMAINS: return "domains";
     case OPT_TIMEOUT: return "timeout";
+    case OPT_LINGER: return "linger";
     case OPT_LOCK: return "lock_file";
     default: return NULL;
     }

@@ -290,6 +290,32 @@ static int authenticate(struct provider *p)
 
 /* ---- ATRN and the reversal ------------------------------------------- */
 
+/* Push delivery (--linger): odmrd offers XLINGER in its EHLO reply; asked
+ * before ATRN, it reverses the connection even with no mail queued and
+ * keeps it open for as long as our EHLO reply's XLINGER says.  A refusal
+ * (no room, not offered) only means this run polls, as without --linger. */
+static int ask_linger(struct provider *p)
+{
+    const struct fetch_conf *c = p->c;
+    struct smtp_reply r;
+    char line[48];
+
+    if (!c->linger)
+        return 0;
+    if (!smtp_ehlo_has(&p->ehlo, "XLINGER", NULL, 0)) {
+        fprintf(stderr, "odmr-fetch: %s does not offer push delivery "
+                        "(XLINGER): this run polls\n", c->server);
+        return 0;
+    }
+    snprintf(line, sizeof line, "XLINGER %ld", c->linger);
+    int st = exchange(p, line, NULL, "XLINGER", &r);
+    if (st || r.code == 250)
+        return st;
+    if (r.code == 421)
+        return said("XLINGER refused", &r, EX_TEMPFAIL);
+    return said("push delivery refused, this run polls", &r, 0);
+}
+
 static int atrn(struct provider *p, struct fetch_stats *stats)
 {
     /* conf_load keeps the list short enough for a 512-octet line */
@@ -332,6 +358,8 @@ static int session(struct provider *p, struct fetch_stats *stats)
     }
     if (!st)
         st = authenticate(p);
+    if (!st)
+        st = ask_linger(p);
     if (!st)
         st = atrn(p, stats);
     return st;

@@ -92,7 +92,7 @@ static void do_hello(struct rx *x, const char *arg, bool extended)
 {
     const struct target_caps *k = &x->t.caps;
     const char *ext[8];
-    char size[40];
+    char size[40], linger[40];
     size_t n = 0;
 
     if (!*arg) {
@@ -120,6 +120,10 @@ static void do_hello(struct rx *x, const char *arg, bool extended)
         ext[n++] = "DSN";
     if (k->smtputf8)
         ext[n++] = "SMTPUTF8";
+    if (x->c->linger) {   /* push delivery: a private extension of odmrd */
+        snprintf(linger, sizeof linger, "XLINGER %ld", x->c->linger);
+        ext[n++] = linger;
+    }
     say(x, "250-%s", x->c->fqdn);
     for (size_t i = 0; i < n; i++)
         say(x, "250%c%s", i + 1 == n ? ' ' : '-', ext[i]);
@@ -267,6 +271,17 @@ static int read_data(struct rx *x, struct data_state *d)
     }
 }
 
+/* Without linger the summary line says it all; a session that stays for
+ * hours says what it received as it goes. */
+static void log_pushed(struct rx *x, unsigned long long bytes,
+                       const struct reply *r)
+{
+    char from[ADDR_MAX + 1];
+    addr_format(&x->mail.from, from, sizeof from);
+    fprintf(stderr, "odmr-fetch: received message from <%s>, %llu bytes, "
+                    "%zu recipient(s): %s\n", from, bytes, x->nrcpt, r->line);
+}
+
 static void finish_data(struct rx *x, const struct data_state *d)
 {
     struct reply r;
@@ -285,6 +300,8 @@ static void finish_data(struct rx *x, const struct data_state *d)
     if (r.code / 100 == 2) {
         x->st->messages++;
         x->st->bytes += d->bytes;
+        if (x->c->linger && x->c->verbose)   /* pushed: one line each */
+            log_pushed(x, d->bytes, &r);
     } else {
         /* Quiet by default, but never about mail that did not arrive:
          * cron mails this line to the site's administrator. */

@@ -34,6 +34,9 @@ void conf_defaults(struct odmrd_conf *c)
     c->milter_command_timeout = 30;
     c->milter_content_timeout = 300;
     c->milter_protocol = 6;
+    c->odmr_linger_max = 3600;
+    c->odmr_linger_noop = 60;
+    c->odmr_max_lingering = LINGER_DERIVE;   /* derive_budgets */
     static const struct listen_addr odmr[] = {{false, "0.0.0.0", "366"},
                                               {false, "::", "366"}};
     static const struct listen_addr smtp[] = {{false, "0.0.0.0", "25"},
@@ -257,6 +260,7 @@ enum key_kind {
     KEY_COUNT,       /* 1..1000000 */
     KEY_COUNT0,      /* 0..1000000, 0 meaning off */
     KEY_DURATION,
+    KEY_DURATION0,   /* a duration or 0, meaning off */
     KEY_SIZE,
     KEY_BOOL,
 };
@@ -286,6 +290,9 @@ static const struct simple_key simple_keys[] = {
     {"milter_connect_timeout", KEY_DURATION, FIELD(milter_connect_timeout)},
     {"milter_command_timeout", KEY_DURATION, FIELD(milter_command_timeout)},
     {"milter_content_timeout", KEY_DURATION, FIELD(milter_content_timeout)},
+    {"odmr_linger_max", KEY_DURATION0, FIELD(odmr_linger_max)},
+    {"odmr_linger_noop", KEY_DURATION, FIELD(odmr_linger_noop)},
+    {"odmr_max_lingering", KEY_COUNT0, FIELD(odmr_max_lingering)},
 };
 
 static bool simple_value(struct odmrd_conf *c, const struct simple_key *k,
@@ -302,6 +309,11 @@ static bool simple_value(struct odmrd_conf *c, const struct simple_key *k,
         return false;
     case KEY_DURATION:
         return duration_key(v, field, err, n);
+    case KEY_DURATION0:
+        if (parse_duration(v, field))
+            return true;
+        snprintf(err, n, "\"%s\": expected 0 or a duration like 300s, 5m, 2h", v);
+        return false;
     case KEY_SIZE:
         return size_key(v, field, err, n);
     case KEY_BOOL:
@@ -429,6 +441,11 @@ static void derive_budgets(struct odmrd_conf *c)
         unsigned long used = c->smtp_max_connections + c->lmtp_max_connections;
         c->odmr_max_connections = total > used ? total - used : 1;
     }
+    /* Lingering sessions hold their connection for up to odmr_linger_max:
+     * by default they may take half of the ODMR budget, so polling
+     * customers always find room. */
+    if (c->odmr_max_lingering == LINGER_DERIVE)
+        c->odmr_max_lingering = c->odmr_max_connections / 2;
 }
 
 /* Checks that need the whole file: keys that only make sense together. */
@@ -447,6 +464,15 @@ static int conf_check(struct odmrd_conf *c,
                  "(%lu): a flood of one service can refuse another", c->path,
                  c->max_connections);
         report(ctx, msg);
+    }
+    if (c->odmr_linger_noop >= 300) {
+        /* RFC 5321 4.5.3.2: a server may give up on a client silent for
+         * 5 minutes; the keepalive must come before that */
+        snprintf(msg, sizeof msg, "%s: odmr_linger_noop must be under 5m "
+                 "(customers may close a connection idle for 5 minutes)",
+                 c->path);
+        report(ctx, msg);
+        problems++;
     }
     if (!!c->tls_cert_file[0] != !!c->tls_key_file[0]) {
         snprintf(msg, sizeof msg, "%s: tls_cert_file and tls_key_file go "

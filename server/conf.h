@@ -3,6 +3,9 @@
 #ifndef ODMR_CONF_H
 #define ODMR_CONF_H
 
+/* odmr_max_lingering not given: derived from odmr_max_connections */
+#define LINGER_DERIVE ((unsigned long)-1)
+
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -69,6 +72,10 @@ struct odmrd_conf {
     long command_deadline;           /* a whole command line, seconds */
     unsigned long data_min_rate;     /* DATA bytes/s beyond timeout; 0 off */
     unsigned long auth_failure_limit;   /* per client address and window */
+    /* push delivery (XLINGER, linger.h) */
+    long odmr_linger_max;            /* seconds a session may linger, 0 off */
+    long odmr_linger_noop;           /* NOOP after this much silence */
+    unsigned long odmr_max_lingering;   /* lingering sessions at once */
     long auth_failure_window;        /* seconds */
     char user[64];
     char pid_file[PATH_MAX];

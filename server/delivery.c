@@ -24,6 +24,7 @@
 #include "../common/util.h"
 #include "bounce.h"
 #include "downgrade.h"
+#include "linger.h"
 #include "session.h"
 
 #define REPLY_LINE_MAX 1024
@@ -33,6 +34,7 @@
 struct caps {
     bool esmtp, pipelining, eightbit, smtputf8, dsn;
     uint64_t size;               /* 0 = no limit announced */
+    unsigned long linger;        /* XLINGER seconds, 0 = not offered */
 };
 
 enum outcome { OUT_NONE = 0, OUT_SENT, OUT_DEFER, OUT_BOUNCE };
@@ -173,6 +175,12 @@ static void parse_caps(const struct smtp_reply *r, struct caps *c)
         unsigned long v;
         if (parse_ulong(params, 0xFFFFFFFFUL, &v))
             c->size = v;
+    }
+    c->linger = 0;
+    if (smtp_ehlo_has(r, "XLINGER", params, sizeof params)) {
+        unsigned long v;
+        if (parse_ulong(params, 366UL * 86400, &v))   /* a year is plenty */
+            c->linger = v;
     }
 }
 
@@ -728,28 +736,309 @@ static bool deliver_pass(struct delivery_ctx *d, const struct caps *c,
     return ok;
 }
 
+/* Every message of one domain, passes repeated while mail keeps arriving.
+ * `done` keeps what was attempted. False on connection failure. */
+static bool drain_domain(struct delivery_ctx *d, const struct caps *c,
+                         const char *domain, struct id_list *done)
+{
+    bool ok = true;
+    size_t found = 1;
+    for (int pass = 0; ok && found && pass < MAX_PASSES &&
+                       !session_stop_requested; pass++) {
+        found = 0;
+        ok = deliver_pass(d, c, domain, done, &found);
+    }
+    return ok;
+}
+
+/* ------------------------------------------------------------ linger */
+
+/* A 4xx from the customer while lingering: the domain's remaining mail is
+ * tried again after 1 minute, doubling to at most 15 minutes. */
+#define RETRY_FIRST_MS 60000
+#define RETRY_MAX_MS 900000
+/* The maintenance pass or odmrctl holds a domain's .lock for a moment. */
+#define LOCK_RETRY_MS 200
+
+struct pushed {                  /* one domain of a lingering session */
+    struct id_list *done;        /* attempted: what of it is still queued
+                                    was deferred */
+    int64_t retry_at, backoff;   /* retry_at 0: nothing deferred */
+    bool due;                    /* a pass is wanted */
+};
+
+struct lingering {
+    struct linger_watch lg;
+    struct pushed dom[LINGER_DOMAINS_MAX];
+    bool mail[LINGER_DOMAINS_MAX];
+    int64_t end, quiet_since, lock_retry_at;
+    const char *why_end;         /* for the log */
+    bool closed;                 /* the customer closed: no QUIT */
+    bool lost;                   /* the connection failed */
+};
+
+/* Forgets what was attempted and is gone (delivered, expired, deleted),
+ * so a long linger does not grow with every message it pushed. */
+static void keep_queued(struct delivery_ctx *d, const char *domain,
+                        struct id_list *done)
+{
+    struct id_list now = {0};
+    if (queue_ids(d->q, domain, collect_id, &now) < 0) {
+        free_ids(&now);
+        return;
+    }
+    size_t keep = 0;
+    if (now.n > 1)
+        qsort(now.ids, now.n, sizeof *now.ids, cmp_id);
+    for (size_t i = 0; i < done->n; i++) {
+        if (seen(&now, now.n, done->ids[i]))
+            done->ids[keep++] = done->ids[i];
+        else
+            free(done->ids[i]);
+    }
+    done->n = keep;
+    free_ids(&now);
+}
+
+/* Between passes a lingering session holds no delivery lock (linger.h). */
+static void drop_locks(struct delivery_ctx *d, size_t n)
+{
+    queue_sync_removals();
+    for (size_t i = 0; i < n; i++) {
+        if (d->locks[i] >= 0)
+            close(d->locks[i]);
+        d->locks[i] = -1;
+    }
+}
+
+/* One pass over domain i, under its delivery lock.  False on connection
+ * failure; a busy lock leaves the pass due and sets a short retry. */
+static bool push_domain(struct delivery_ctx *d, const struct caps *c,
+                        struct lingering *L, char *const *domains, size_t i)
+{
+    struct pushed *p = &L->dom[i];
+    int fd = queue_lock_domain(d->q, domains[i]);
+    if (fd == -2) {
+        L->lock_retry_at = io_clock_ms() + LOCK_RETRY_MS;
+        return true;
+    }
+    if (fd < 0) {
+        log_err("%s: XLINGER: cannot lock the queue of %s: %s", d->peer,
+                domains[i], strerror(errno));
+        L->why_end = "queue error";
+        return false;
+    }
+    d->locks[i] = fd;
+    p->due = false;
+    unsigned long before = d->stats.messages;
+    bool ok = drain_domain(d, c, domains[i], p->done);
+    keep_queued(d, domains[i], p->done);
+    queue_sync_removals();
+    close(fd);
+    d->locks[i] = -1;
+    if (d->stats.messages != before)
+        L->quiet_since = io_clock_ms();
+    if (!p->done->n) {
+        p->retry_at = 0;
+        p->backoff = RETRY_FIRST_MS;
+    } else if (!p->retry_at) {
+        p->retry_at = io_clock_ms() + p->backoff;
+    }
+    return ok;
+}
+
+/* The next moment the session must act without being woken. */
+static int64_t next_timer(const struct lingering *L, const struct odmrd_conf *conf)
+{
+    int64_t t = L->end;
+    int64_t noop = L->quiet_since + (int64_t)conf->odmr_linger_noop * 1000;
+    if (noop < t)
+        t = noop;
+    if (L->lock_retry_at && L->lock_retry_at < t)
+        t = L->lock_retry_at;
+    for (size_t i = 0; i < L->lg.n; i++)
+        if (L->dom[i].retry_at && L->dom[i].retry_at < t)
+            t = L->dom[i].retry_at;
+    return t;
+}
+
+/* Timers that came: retries become due passes; silence gets a NOOP.
+ * False when the session ends. */
+static bool on_timer(struct delivery_ctx *d, struct lingering *L)
+{
+    int64_t now = io_clock_ms();
+    if (now >= L->end) {
+        L->why_end = "linger time is up";
+        return false;
+    }
+    if (L->lock_retry_at && now >= L->lock_retry_at)
+        L->lock_retry_at = 0;   /* the due passes are tried again */
+    for (size_t i = 0; i < L->lg.n; i++) {
+        struct pushed *p = &L->dom[i];
+        if (p->retry_at && now >= p->retry_at) {
+            free_ids(p->done);   /* everything still queued is retried */
+            p->retry_at = 0;
+            p->backoff = p->backoff * 2 > RETRY_MAX_MS ? RETRY_MAX_MS
+                                                       : p->backoff * 2;
+            p->due = true;
+        }
+    }
+    if (now < L->quiet_since + (int64_t)d->conf->odmr_linger_noop * 1000)
+        return true;
+    /* Keeps NAT mappings open and finds a dead customer. */
+    struct smtp_reply r;
+    L->quiet_since = now;
+    if (!ask(d, "NOOP", "NOOP", &r)) {
+        L->why_end = "connection lost";
+        L->lost = true;
+        return false;
+    }
+    if (r.code == 421) {
+        L->why_end = "customer said 421";
+        return false;
+    }
+    return true;
+}
+
+/* The customer is the SMTP server here: it speaks only when asked, so
+ * anything it sends unasked ends the linger. */
+static void on_peer(struct delivery_ctx *d, struct lingering *L)
+{
+    char line[REPLY_LINE_MAX];
+    long n = io_getline(d->io, line, sizeof line, NULL);
+    if (n == IO_EOF) {
+        L->why_end = "customer closed the connection";
+        L->closed = true;
+        return;
+    }
+    if (n < 0) {
+        L->why_end = "connection lost";
+        L->closed = L->lost = true;
+        return;
+    }
+    log_warn("%s: customer sent \"%.80s\" unasked while lingering", d->peer,
+             line);
+    L->why_end = "customer spoke unasked";
+}
+
+static bool run_due(struct delivery_ctx *d, const struct caps *c,
+                    struct lingering *L, char *const *domains)
+{
+    for (size_t i = 0; i < L->lg.n && !session_stop_requested; i++)
+        if (L->dom[i].due && !L->lock_retry_at &&
+            !push_domain(d, c, L, domains, i))
+            return false;
+    return true;
+}
+
+/* One wake-up of the linger loop; false when the linger ends. */
+static bool linger_step(struct delivery_ctx *d, const struct caps *c,
+                        struct lingering *L, char *const *domains)
+{
+    switch (linger_wait(&L->lg, d->io, next_timer(L, d->conf), L->mail)) {
+    case LINGER_MAIL:
+        for (size_t i = 0; i < L->lg.n; i++) {
+            L->dom[i].due |= L->mail[i];
+            L->mail[i] = false;
+        }
+        break;
+    case LINGER_TIMER:
+        if (!on_timer(d, L))
+            return false;
+        break;
+    case LINGER_PEER:
+        on_peer(d, L);
+        return false;
+    case LINGER_STOP:
+        L->why_end = "odmrd is stopping or reloading";
+        return false;
+    case LINGER_GONE:
+        L->why_end = "a domain's queue directory was removed";
+        return false;
+    case LINGER_FAIL:
+        L->why_end = "wait failed";
+        return false;
+    }
+    if (run_due(d, c, L, domains))
+        return true;
+    if (!L->why_end) {
+        L->why_end = "connection lost";
+        L->lost = true;
+    }
+    return false;
+}
+
+static bool may_linger(const struct delivery_ctx *d, const struct caps *c)
+{
+    return c->linger && d->locks && d->linger_slot >= 0 &&
+           d->conf->odmr_linger_max > 0 &&
+           !session_stop_requested && !linger_stop_requested;
+}
+
+/* Stays on the connection and pushes new mail (linger.h).  *closed: the
+ * customer closed it (no QUIT then).  False on connection failure. */
+static bool linger_session(struct delivery_ctx *d, const struct caps *c,
+                           char *const *domains, size_t n,
+                           struct id_list *done, bool *closed)
+{
+    struct lingering *L = calloc(1, sizeof *L);
+    int slot = d->linger_slot;
+    d->linger_slot = -1;
+    if (!L || !linger_begin(&L->lg, slot, d->q, domains, n)) {
+        if (!L)
+            close(slot);
+        free(L);
+        return true;   /* QUIT, as for a customer without XLINGER */
+    }
+    long secs = (long)c->linger < d->conf->odmr_linger_max
+                    ? (long)c->linger : d->conf->odmr_linger_max;
+    int64_t now = io_clock_ms();
+    L->end = now + (int64_t)secs * 1000;
+    L->quiet_since = now;
+    for (size_t i = 0; i < n; i++) {
+        keep_queued(d, domains[i], &done[i]);
+        L->dom[i] = (struct pushed){.done = &done[i], .backoff = RETRY_FIRST_MS,
+                                    .retry_at = done[i].n ? now + RETRY_FIRST_MS : 0};
+    }
+    drop_locks(d, n);
+    log_info("%s: account=%s lingering for up to %lds (XLINGER %lu)", d->peer,
+             d->account, secs, c->linger);
+    while (linger_step(d, c, L, domains))
+        ;
+    bool ok = !L->lost;
+    log_info("%s: account=%s linger ended: %s", d->peer, d->account, L->why_end);
+    *closed = L->closed;
+    linger_end(&L->lg);
+    free(L);
+    return ok;
+}
+
+/* ------------------------------------------------------------ session */
+
 bool deliver_domains(struct delivery_ctx *d, char *const *domains, size_t n)
 {
     struct caps c;
+    bool closed = false;
     memset(&d->stats, 0, sizeof d->stats);
+    struct id_list *done = calloc(n ? n : 1, sizeof *done);
     /* a session that fails at the greeting gets its summary line too */
-    bool ok = open_session(d, &c);
-    for (size_t i = 0; ok && i < n; i++) {
-        struct id_list done = {0};
-        size_t found = 1;
-        for (int pass = 0; ok && found && pass < MAX_PASSES &&
-                           !session_stop_requested; pass++) {
-            found = 0;
-            ok = deliver_pass(d, &c, domains[i], &done, &found);
-        }
-        free_ids(&done);
-    }
-    if (ok) {
+    bool ok = done && open_session(d, &c);
+    for (size_t i = 0; ok && i < n && !session_stop_requested; i++)
+        ok = drain_domain(d, &c, domains[i], &done[i]);
+    if (ok && may_linger(d, &c))
+        ok = linger_session(d, &c, domains, n, done, &closed);
+    if (ok && !closed) {
         struct smtp_reply r;
         /* The customer's 221: nothing depends on it, but a customer that
          * stops answering here is logged like one that stops earlier. */
         ask(d, "QUIT", "QUIT", &r);
     }
+    for (size_t i = 0; done && i < n; i++)
+        free_ids(&done[i]);
+    free(done);
+    if (d->linger_slot >= 0)   /* asked for, not used */
+        close(d->linger_slot);
+    d->linger_slot = -1;
     log_info("%s: account=%s, messages=%lu, sent=%lu, deferred=%lu, "
              "bounced=%lu, bytes=%llu%s", d->peer, d->account, d->stats.messages,
              d->stats.sent, d->stats.deferred, d->stats.bounced,

@@ -29,6 +29,7 @@
 #include "auxprop.h"
 #include "delivery.h"
 #include "guard.h"
+#include "linger.h"
 #include "queue.h"
 
 #define MAX_AUTH_FAILURES 3      /* SPEC 3.5: then 421 */
@@ -41,6 +42,7 @@ struct odmr {
     struct io io;
     struct queue q;
     bool greeted, esmtp, tls_on, done;
+    int linger_slot;             /* XLINGER asked and granted, else -1 */
     struct sasl_glue_server *sasl;
     char mechs[512];
     char user[ACCOUNT_NAME_MAX + 1];   /* "" until authenticated */
@@ -50,7 +52,8 @@ struct odmr {
 
 struct domain_set {
     char *names[MAX_ATRN_DOMAINS];
-    int locks[MAX_ATRN_DOMAINS];
+    int locks[MAX_ATRN_DOMAINS];          /* .lock, see linger.h */
+    int linger_locks[MAX_ATRN_DOMAINS];   /* .linger */
     bool optional[MAX_ATRN_DOMAINS];   /* bare ATRN, no mail yet: skipped
                                           when another session holds it */
     size_t n;
@@ -114,6 +117,11 @@ static bool sasl_renew(struct odmr *s)
 
 /* ------------------------------------------------------------ commands */
 
+static bool push_offered(const struct odmrd_conf *conf)
+{
+    return conf->odmr_linger_max > 0 && conf->odmr_max_lingering > 0;
+}
+
 static void do_helo(struct odmr *s, const char *arg, bool extended)
 {
     if (!*arg) {
@@ -136,6 +144,8 @@ static void do_helo(struct odmr *s, const char *arg, bool extended)
     if (s->tls_ctx && !s->tls_on)
         reply(s, "250-STARTTLS");
     reply(s, "250-ENHANCEDSTATUSCODES");
+    if (push_offered(s->conf))
+        reply(s, "250-XLINGER %ld", s->conf->odmr_linger_max);
     reply(s, "250 ATRN");
 }
 
@@ -151,6 +161,9 @@ static void do_starttls(struct odmr *s, const char *arg)
     s->tls_on = true;
     s->greeted = s->esmtp = false;
     s->user[0] = '\0';
+    if (s->linger_slot >= 0)   /* granted to the account, which is gone */
+        close(s->linger_slot);
+    s->linger_slot = -1;
     sasl_renew(s);
 }
 
@@ -298,6 +311,8 @@ static void release(struct domain_set *set)
     for (size_t i = 0; i < set->n; i++) {
         if (set->locks[i] >= 0)
             close(set->locks[i]);
+        if (set->linger_locks[i] >= 0)
+            close(set->linger_locks[i]);
         free(set->names[i]);
     }
     set->n = 0;
@@ -316,7 +331,7 @@ static bool add_domain(struct domain_set *set, const char *domain)
     if (set->n == MAX_ATRN_DOMAINS)
         return false;
     set->names[set->n] = strdup(key);
-    set->locks[set->n] = -1;
+    set->locks[set->n] = set->linger_locks[set->n] = -1;
     set->optional[set->n] = false;
     if (!set->names[set->n])
         return false;
@@ -413,22 +428,41 @@ static void drop_domain(struct domain_set *set, size_t i)
     set->n--;
     set->names[i] = set->names[set->n];
     set->locks[i] = set->locks[set->n];
+    set->linger_locks[i] = set->linger_locks[set->n];
     set->optional[i] = set->optional[set->n];
+}
+
+/* Both locks of a domain (linger.h): the delivery lock, then the linger
+ * lock, which a lingering session keeps while it waits without the first.
+ * The fd of the first, -2 when another session holds either, -1 + errno. */
+static int lock_domain(struct odmr *s, struct domain_set *set, size_t i)
+{
+    set->locks[i] = queue_lock_domain(&s->q, set->names[i]);
+    if (set->locks[i] < 0)
+        return set->locks[i];
+    set->linger_locks[i] = linger_lock_domain(&s->q, set->names[i]);
+    if (set->linger_locks[i] >= 0)
+        return set->locks[i];
+    int rc = set->linger_locks[i], err = errno;
+    close(set->locks[i]);
+    set->locks[i] = set->linger_locks[i] = -1;
+    errno = err;
+    return rc;
 }
 
 static bool lock_all(struct odmr *s, struct domain_set *set)
 {
     for (size_t i = 0; i < set->n; i++) {
-        set->locks[i] = queue_lock_domain(&s->q, set->names[i]);
-        if (set->locks[i] >= 0)
+        int rc = lock_domain(s, set, i);
+        if (rc >= 0)
             continue;
-        if (set->locks[i] == -2 && set->optional[i]) {
+        if (rc == -2 && set->optional[i]) {
             drop_domain(set, i--);   /* nothing to wait for there */
             continue;
         }
-        if (set->locks[i] == -2) {
-            log_info("%s: ATRN for %s: being dequeued by another session",
-                     s->peer->addr, set->names[i]);
+        if (rc == -2) {
+            log_info("%s: ATRN for %s: being dequeued by another session "
+                     "(or one lingering on it)", s->peer->addr, set->names[i]);
             reply(s, "451 4.4.0 Unable to process ATRN request now");
         } else if (errno == ELOOP || errno == ENOTDIR) {
             log_err("ATRN for %s refused: %s/q/%s is not a directory of the "
@@ -476,6 +510,37 @@ static bool atrn_domains(struct odmr *s, const char *arg, struct domain_set *set
     return true;
 }
 
+/* "XLINGER seconds" before ATRN (linger.h, docs/rfc-conformance.md): the
+ * customer will advertise XLINGER after the reversal, so ATRN reverses
+ * even with no mail queued.  The slot is taken now, so a customer that
+ * finds no room hears it before ATRN and polls as usual. */
+static void do_xlinger(struct odmr *s, const char *arg)
+{
+    unsigned long secs;
+    if (!push_offered(s->conf)) {
+        reply(s, "502 5.5.1 Command not implemented");
+        s->bad_commands++;
+    } else if (!s->user[0]) {
+        reply(s, "530 5.7.0 Authentication required");
+    } else if (!parse_ulong(arg, 366UL * 86400, &secs) || secs == 0) {
+        reply(s, "501 5.5.4 Syntax: XLINGER seconds");
+    } else if (s->linger_slot < 0 &&
+               (s->linger_slot = linger_take_slot(s->conf)) < 0) {
+        if (s->linger_slot == -2)
+            log_info("%s: XLINGER by %s refused: odmr_max_lingering (%lu) "
+                     "sessions linger already", s->peer->addr, s->user,
+                     s->conf->odmr_max_lingering);
+        s->linger_slot = -1;
+        reply(s, "451 4.3.2 No room for another lingering session; ATRN "
+                 "works as usual");
+    } else {
+        reply(s, "250 2.0.0 ATRN will reverse the connection even without "
+                 "mail; up to %lds if your EHLO reply offers XLINGER",
+              secs < (unsigned long)s->conf->odmr_linger_max
+                  ? (long)secs : s->conf->odmr_linger_max);
+    }
+}
+
 static void do_atrn(struct odmr *s, const char *arg)
 {
     struct domain_set set = {.n = 0};
@@ -491,12 +556,13 @@ static void do_atrn(struct odmr *s, const char *arg)
      * domain while another session of its own is on it should hear 453,
      * not a 451 that makes it retry.  After locking, look again: the
      * other session may have just delivered everything. */
+    bool push = s->linger_slot >= 0;   /* reverse even without mail */
     bool mail = set.n > 0 && any_mail(s, &set);
-    if (mail && !lock_all(s, &set)) {   /* replied 451 */
+    if ((mail || push) && !lock_all(s, &set)) {   /* replied 451 */
         release(&set);
         return;
     }
-    if (!mail || !any_mail(s, &set)) {
+    if (set.n == 0 || (!push && (!mail || !any_mail(s, &set)))) {
         release(&set);
         reply(s, "453 You have no mail");
         return;
@@ -510,7 +576,10 @@ static void do_atrn(struct odmr *s, const char *arg)
     log_info("%s: ATRN by %s for %zu domain(s): reversing the connection",
              s->peer->addr, s->user, set.n);
     struct delivery_ctx d = {.conf = s->conf, .q = &s->q, .io = &s->io,
-                             .account = s->user, .peer = s->peer->addr};
+                             .account = s->user, .peer = s->peer->addr,
+                             .locks = set.locks,
+                             .linger_slot = s->linger_slot};
+    s->linger_slot = -1;   /* deliver_domains frees it */
     /* A stop request now ends the delivery after the message in hand
      * (delivery.c checks it), not in the middle of it. */
     session_idle = 0;
@@ -522,8 +591,19 @@ static void do_atrn(struct odmr *s, const char *arg)
 
 /* ------------------------------------------------------------ dispatch */
 
-static void dispatch(struct odmr *s, const struct smtp_cmd *cmd)
+/* XLINGER is odmrd's own verb, unknown to the shared SMTP parser. */
+static bool is_xlinger(const char *line, const char **arg)
 {
+    if (strncasecmp(line, "XLINGER", 7) != 0 || (line[7] && line[7] != ' '))
+        return false;
+    *arg = line + 7 + (line[7] == ' ');
+    return true;
+}
+
+static void dispatch(struct odmr *s, const struct smtp_cmd *cmd,
+                     const char *line)
+{
+    const char *xarg;
     const char *arg = cmd->arg ? cmd->arg : "";
     switch (cmd->verb) {
     case SMTP_EHLO: do_helo(s, arg, true); break;
@@ -541,6 +621,10 @@ static void dispatch(struct odmr *s, const struct smtp_cmd *cmd)
         s->done = true;
         break;
     default:
+        if (is_xlinger(line, &xarg)) {
+            do_xlinger(s, xarg);
+            break;
+        }
         reply(s, "502 5.5.1 Command not implemented");
         s->bad_commands++;
         break;
@@ -574,7 +658,7 @@ static void session_loop(struct odmr *s)
         if (session_too_much_junk(&s->io, s->peer->addr, s->conf->hostname,
                                   cmd.verb, &junk_commands))
             return;
-        dispatch(s, &cmd);
+        dispatch(s, &cmd, line);
         /* A SASL response line that timed out or trickled past
          * command_deadline ended the exchange; say why (the connection is
          * not reversed yet, so a reply still goes to the client). */
@@ -591,6 +675,7 @@ void odmr_session_run(const struct odmrd_conf *conf, SSL_CTX *tls,
     memset(&s, 0, sizeof s);
     s.conf = conf;
     s.tls_ctx = tls;
+    s.linger_slot = -1;
     s.peer = peer;
     socket_names(&s);
     log_info("connect from %s (ODMR)", peer->addr);
@@ -605,6 +690,8 @@ void odmr_session_run(const struct odmrd_conf *conf, SSL_CTX *tls,
     io_flush(&s.io);
     log_info("disconnect from %s%s%s", peer->addr, s.user[0] ? " account=" : "",
              s.user);
+    if (s.linger_slot >= 0)   /* asked for, no ATRN followed */
+        close(s.linger_slot);
     sasl_glue_server_free(s.sasl);
     io_close(&s.io);
 }

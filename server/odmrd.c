@@ -31,6 +31,7 @@
 #include "expire.h"
 #include "guard.h"
 #include "ownership.h"
+#include "linger.h"
 #include "queue.h"
 #include "session.h"
 #include "workers.h"
@@ -323,14 +324,24 @@ static void refuse(int fd, const char *why)
     close(fd);
 }
 
-/* In each new session process: its own signal handling, no master fds. */
+static void child_on_reload(int sig)
+{
+    (void)sig;
+    linger_stop_requested = 1;
+}
+
+/* In each new session process: its own signal handling, no master fds.
+ * SIGUSR1 comes from the master at a reload (pool_retire_all): only a
+ * lingering session acts on it, so system calls are restarted. */
 static void worker_setup(void)
 {
     set_handler(SIGTERM, child_on_term);
     set_handler(SIGINT, child_on_term);
     set_handler(SIGHUP, SIG_IGN);
     set_handler(SIGCHLD, SIG_DFL);
-    set_handler(SIGUSR1, SIG_IGN);
+    struct sigaction sa = {.sa_handler = child_on_reload, .sa_flags = SA_RESTART};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGUSR1, &sa, NULL);
     close(sig_pipe[0]);
     close(sig_pipe[1]);
     close_listeners();

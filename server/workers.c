@@ -380,9 +380,12 @@ bool pool_reaped(pid_t pid, int status)
 void pool_retire_all(void)
 {
     for (size_t i = 0; i < nworkers; i++) {
-        if (workers[i].busy)
+        if (workers[i].busy) {
             workers[i].retire = true;
-        else
+            /* a lingering session ends, so its customer reconnects to a
+             * process with the new configuration (linger.h) */
+            kill(workers[i].pid, SIGUSR1);
+        } else
             retire(&workers[i]);
     }
 }
