@@ -332,9 +332,15 @@ def test_push_expiry_and_delete_while_lingering(env):
         rcpts = [l for l in site.lines if l.upper().startswith("RCPT")]
         check(len(rcpts) == 1, "deferred message retried at once: %r" % rcpts)
         check(len(env.queued("example.org")) == 1, "deferred message gone")
-        time.sleep(1.5)   # past queue_lifetime
-        os.kill(env.daemon.pid, signal.SIGUSR1)
-        relay.wait(1, timeout=20, what="the expiry notice")
+        time.sleep(2.5)   # well past queue_lifetime (whole seconds)
+        # a maintenance pass that meets the session's lock in the moment
+        # of a pass skips the domain until its next run: ask again
+        for _ in range(10):
+            os.kill(env.daemon.pid, signal.SIGUSR1)
+            if len(relay.transactions) >= 1 or \
+                    (time.sleep(2) or len(relay.transactions) >= 1):
+                break
+        relay.wait(1, timeout=5, what="the expiry notice")
         wait_for(lambda: env.queued("example.org") == [], timeout=10,
                  what="the expired message to leave a lingering domain")
         check(lingering(env) and "linger ended" not in env.log(),
