@@ -4,6 +4,7 @@
 
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 
 static uint32_t get32(const uint8_t *p)
 {
@@ -194,7 +195,7 @@ bool milter_parse_reply(const uint8_t *pkt, size_t len, struct milter_reply *r,
         return parse_header_op(d, dlen, true, r, err, n);
     case SMFIR_ADDRCPT: case SMFIR_DELRCPT: case SMFIR_QUARANTINE:
         return parse_text(d, dlen, false, r, err, n);
-    case SMFIR_ADDRCPT_PAR:
+    case SMFIR_ADDRCPT_PAR: case SMFIR_CHGFROM:
         return parse_text(d, dlen, true, r, err, n);
     case SMFIR_REPLBODY:
         r->data = d;
@@ -270,5 +271,134 @@ bool milter_header_value_ok(const char *value)
         if (*p == '\n' && p[1] != ' ' && p[1] != '\t')
             return false;
     }
+    return true;
+}
+
+/* ------------------------------------------ sender and recipient args */
+
+/* Appends " " word (len bytes) to out (cap bytes, *len used, always
+ * NUL-terminated); false when it does not fit (out unchanged). */
+static bool append_word(char *out, size_t cap, size_t *len, const char *w,
+                        size_t wlen)
+{
+    if (*len + 1 + wlen + 1 > cap)
+        return false;
+    out[(*len)++] = ' ';
+    memcpy(out + *len, w, wlen);
+    *len += wlen;
+    out[*len] = '\0';
+    return true;
+}
+
+/* Is the keyword of word (up to '=' or its end) one of names? */
+static bool keyword_in(const char *word, size_t len, const char *const *names)
+{
+    const char *eq = memchr(word, '=', len);
+    size_t klen = eq ? (size_t)(eq - word) : len;
+    for (size_t i = 0; names[i]; i++)
+        if (strlen(names[i]) == klen && !strncasecmp(word, names[i], klen))
+            return true;
+    return false;
+}
+
+/* "<addr>" for addr with or without its angle brackets. */
+static bool bracketed(const char *addr, char *out, size_t cap, size_t *len)
+{
+    int w = snprintf(out, cap, addr[0] == '<' ? "%s" : "<%s>", addr);
+    if (w < 0 || (size_t)w >= cap)
+        return false;
+    *len = (size_t)w;
+    return true;
+}
+
+/* The next space-separated word of *p (NULL at the end); *len its length. */
+static const char *next_word(const char **p, size_t *len)
+{
+    while (**p == ' ' || **p == '\t')
+        (*p)++;
+    if (!**p)
+        return NULL;
+    const char *w = *p;
+    *len = strcspn(w, " \t");
+    *p = w + *len;
+    return w;
+}
+
+bool milter_parse_chgfrom(const char *addr, const char *args, bool utf8_ok,
+                          struct mail_args *out, char *ignored, size_t in,
+                          char *err, size_t n)
+{
+    static const char *const kept[] = {"BODY", "SMTPUTF8", "RET", "ENVID", NULL};
+    static const char *const dropped[] = {"SIZE", NULL};
+    static const char *const utf8[] = {"SMTPUTF8", NULL};
+    char line[SMTP_MAILRCPT_LINE_MAX];
+    size_t len, ilen = 0, wlen;
+    bool given_utf8 = false;
+    ignored[0] = '\0';
+    if (!addr[0] || !bracketed(addr, line, sizeof line, &len)) {
+        snprintf(err, n, "bad sender address \"%.80s\"", addr);
+        return false;
+    }
+    for (const char *p = args ? args : "", *w; (w = next_word(&p, &wlen));) {
+        if (keyword_in(w, wlen, kept)) {
+            given_utf8 |= keyword_in(w, wlen, utf8);
+            if (!append_word(line, sizeof line, &len, w, wlen)) {
+                snprintf(err, n, "sender arguments too long");
+                return false;
+            }
+        } else if (!keyword_in(w, wlen, dropped)) {
+            append_word(ignored, in, &ilen, w, wlen);
+        }
+    }
+    /* an SMTPUTF8 transaction may get a UTF-8 sender without the arg */
+    if (utf8_ok && !given_utf8 &&
+        !append_word(line, sizeof line, &len, "SMTPUTF8", 8)) {
+        snprintf(err, n, "sender arguments too long");
+        return false;
+    }
+    struct smtp_err e;
+    if (!smtp_parse_mail(line, out, true, &e)) {
+        snprintf(err, n, "bad sender \"%.80s\": %s", line, e.reply);
+        return false;
+    }
+    return true;
+}
+
+/* Would RCPT TO take these args?  (The address is checked by the caller;
+ * a fixed one stands in for it here.) */
+static bool rcpt_args_ok(const char *args)
+{
+    char line[SMTP_MAILRCPT_LINE_MAX];
+    struct rcpt_args ra;
+    struct smtp_err e;
+    int w = snprintf(line, sizeof line, "<x@example.invalid>%s", args);
+    return w >= 0 && (size_t)w < sizeof line &&
+           smtp_parse_rcpt(line, &ra, false, &e);
+}
+
+bool milter_rcpt_with_args(const char *addr, const char *args, char *out,
+                           size_t on, char *ignored, size_t in)
+{
+    static const char *const kept[] = {"NOTIFY", "ORCPT", NULL};
+    char taken[SMTP_MAILRCPT_LINE_MAX] = "";
+    size_t tlen = 0, ilen = 0, wlen, len;
+    ignored[0] = '\0';
+    if (!bracketed(addr, out, on, &len))
+        return false;
+    for (const char *p = args ? args : "", *w; (w = next_word(&p, &wlen));) {
+        size_t before = tlen;
+        bool ok = keyword_in(w, wlen, kept) &&
+                  append_word(taken, sizeof taken, &tlen, w, wlen);
+        if (ok && !rcpt_args_ok(taken)) {   /* a bad value, or a repeat */
+            tlen = before;
+            taken[tlen] = '\0';
+            ok = false;
+        }
+        if (!ok)
+            append_word(ignored, in, &ilen, w, wlen);
+    }
+    if (len + tlen + 1 > on)
+        return false;
+    memcpy(out + len, taken, tlen + 1);
     return true;
 }

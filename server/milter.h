@@ -23,6 +23,7 @@
 #include <stdint.h>
 
 #include "conf.h"
+#include "../common/smtp.h"
 
 /* Commands (MTA to milter). */
 #define SMFIC_ABORT   'A'
@@ -97,7 +98,8 @@
  * commands on, so SMFIP_NOUNKNOWN/NR_UNKN cost nothing. */
 #define MILTER_ACTIONS_OFFERED                                             \
     (SMFIF_ADDHDRS | SMFIF_CHGBODY | SMFIF_ADDRCPT | SMFIF_DELRCPT |       \
-     SMFIF_CHGHDRS | SMFIF_QUARANTINE | SMFIF_ADDRCPT_PAR | SMFIF_SETSYMLIST)
+     SMFIF_CHGHDRS | SMFIF_QUARANTINE | SMFIF_CHGFROM | SMFIF_ADDRCPT_PAR | \
+     SMFIF_SETSYMLIST)
 #define MILTER_STEPS_OFFERED                                               \
     (SMFIP_NOCONNECT | SMFIP_NOHELO | SMFIP_NOMAIL | SMFIP_NORCPT |        \
      SMFIP_NOBODY | SMFIP_NOHDRS | SMFIP_NOEOH | SMFIP_NR_HDR |            \
@@ -174,6 +176,25 @@ int milter_check_replycode(const char *text, char *err, size_t n);
  * it does not fit.  For macros, header and address lists. */
 bool milter_put_str(uint8_t *out, size_t cap, size_t *len, const char *s);
 
+/* SMFIR_CHGFROM: the new sender addr ("<x@y>", "x@y" or "<>") and its
+ * ESMTP args, parsed as MAIL FROM would be into *out.  Kept: the args
+ * odmrd stores (BODY, SMTPUTF8, RET, ENVID); SIZE is dropped (the size is
+ * the message's own); the others are dropped and named in ignored (space
+ * separated, truncated to in bytes).  utf8_ok: the transaction is
+ * SMTPUTF8.  false + reason for a bad address or a bad value of a kept
+ * arg. */
+bool milter_parse_chgfrom(const char *addr, const char *args, bool utf8_ok,
+                          struct mail_args *out, char *ignored, size_t in,
+                          char *err, size_t n);
+
+/* SMFIR_ADDRCPT_PAR: addr with the args RCPT TO takes (NOTIFY, ORCPT),
+ * as one RCPT TO argument "<x@y> NOTIFY=... ORCPT=..." in out (on bytes).
+ * Unknown args, bad values and repeats are dropped and named in ignored.
+ * The address itself is left to the caller's RCPT checks.  false when
+ * the address does not fit in out. */
+bool milter_rcpt_with_args(const char *addr, const char *args, char *out,
+                           size_t on, char *ignored, size_t in);
+
 /* Header names the milter may add or change: printable ASCII without
  * ':' (RFC 5322 2.2), at most 997 octets. */
 bool milter_header_name_ok(const char *name);
@@ -211,7 +232,8 @@ struct milter_header_edit {
     bool leading_space;       /* value as sent, with its leading space */
 };
 
-/* A recipient a milter adds or removes (address as sent, <> or not). */
+/* A recipient a milter adds ("<address> [NOTIFY=.. ORCPT=..]", as a RCPT
+ * TO argument) or removes (address as sent, <> or not). */
 struct milter_rcpt_edit {
     bool add;
     char *addr;
@@ -220,6 +242,9 @@ struct milter_rcpt_edit {
 
 /* What milters asked to change at the end of the message. */
 struct milter_edits {
+    bool sender_set;          /* SMFIR_CHGFROM: the last one wins */
+    struct mail_args sender;  /* only the args given are set */
+    char sender_by[300];
     struct milter_header_edit *headers;
     size_t nheaders;
     struct milter_rcpt_edit *rcpts;
@@ -244,9 +269,20 @@ struct milter_macros {
     const char *mail_addr, *rcpt_addr;
 };
 
+/* Packets to a milter are gathered and written together: a stage's
+ * macros and command in one write, all headers and the end of headers in
+ * one, a small body and the end of message in one.  Replies are read in
+ * blocks of MILTER_IN_BUF. */
+#define MILTER_OUT_BUF 8192u
+#define MILTER_IN_BUF 2048u
+
 struct milter_conn {
     const struct milter_addr *addr;
     int fd;                   /* -1: not open (closed, broken or done) */
+    uint8_t out[MILTER_OUT_BUF];
+    size_t olen;              /* bytes of out not yet written */
+    uint8_t in[MILTER_IN_BUF];
+    size_t ioff, ilen;        /* in[ioff..ilen) read but not yet used */
     struct milter_neg neg;
     bool broken;              /* failed: milter_default_action from now on */
     bool done_with_message;   /* accepted the message: hears no more of it */
@@ -258,6 +294,8 @@ struct milter_chain {
     struct milter_conn conn[MILTERS_MAX];
     size_t n;
     bool in_message;            /* MAIL sent, no end of message or abort yet */
+    bool smtputf8;              /* MAIL had SMTPUTF8 */
+    const char *queue_id;       /* at the end of message, for the log */
     struct milter_result msg;   /* the message's verdict so far */
     char hdr[65536];            /* the header being collected */
     size_t hlen;
@@ -302,6 +340,11 @@ void milter_chain_end_of_message(struct milter_chain *c,
 void milter_chain_abort(struct milter_chain *c);
 void milter_chain_close(struct milter_chain *c);
 void milter_edits_free(struct milter_edits *e);
+/* Applies a sender a milter set (logged with queue_id) to *mail: the
+ * address, and those of BODY, SMTPUTF8, RET and ENVID it gave; the rest of
+ * *mail stays as the client sent it. */
+void milter_edits_apply_sender(const struct milter_edits *e,
+                               const char *queue_id, struct mail_args *mail);
 
 /* ------------------------------------------------------------ rewriting
  * (milter_edit.c).  The queue file is written as the message arrives; the

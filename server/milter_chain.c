@@ -12,7 +12,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "../common/connect.h"
@@ -49,19 +51,35 @@ static bool wait_for(int fd, short ev, int64_t deadline, char *err, size_t n)
     }
 }
 
-static bool send_all(int fd, const void *data, size_t len, int64_t deadline,
+/* Skips done bytes of the iovecs *v[0..*cnt) (and empty ones). */
+static void iov_advance(struct iovec **v, int *cnt, size_t done)
+{
+    while (*cnt && done >= (*v)->iov_len) {
+        done -= (*v)->iov_len;
+        (*v)++;
+        (*cnt)--;
+    }
+    if (*cnt) {
+        (*v)->iov_base = (char *)(*v)->iov_base + done;
+        (*v)->iov_len -= done;
+    }
+}
+
+/* Writes the iovecs v[0..cnt) entirely, in as few system calls as the
+ * socket allows. */
+static bool send_iov(int fd, struct iovec *v, int cnt, int64_t deadline,
                      char *err, size_t n)
 {
-    const char *p = data;
-    while (len) {
-        ssize_t w = send(fd, p, len, MSG_NOSIGNAL);
-        if (w > 0) {
-            p += w;
-            len -= (size_t)w;
-        } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+    iov_advance(&v, &cnt, 0);
+    while (cnt) {
+        struct msghdr msg = {.msg_iov = v, .msg_iovlen = (size_t)cnt};
+        ssize_t w = sendmsg(fd, &msg, MSG_NOSIGNAL);
+        if (w >= 0) {
+            iov_advance(&v, &cnt, (size_t)w);
+        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
             if (!wait_for(fd, POLLOUT, deadline, err, n))
                 return false;
-        } else if (w < 0 && errno != EINTR) {
+        } else if (errno != EINTR) {
             snprintf(err, n, "write: %s", strerror(errno));
             return false;
         }
@@ -69,20 +87,64 @@ static bool send_all(int fd, const void *data, size_t len, int64_t deadline,
     return true;
 }
 
-static bool recv_all(int fd, void *buf, size_t len, int64_t deadline,
-                     char *err, size_t n)
+/* Writes what is gathered for m. */
+static bool flush_out(struct milter_conn *m, int64_t deadline, char *err,
+                      size_t n)
 {
-    char *p = buf;
+    struct iovec v = {m->out, m->olen};
+    m->olen = 0;
+    return send_iov(m->fd, &v, 1, deadline, err, n);
+}
+
+/* Gathers one packet for m; one that does not fit goes out at once,
+ * together with what was gathered before it (order kept). */
+static bool put_packet(struct milter_conn *m, char cmd, const void *data,
+                       size_t len, int64_t deadline, char *err, size_t n)
+{
+    if (len <= sizeof m->out - 5 - m->olen) {
+        milter_packet_head(m->out + m->olen, cmd, len);
+        if (len)
+            memcpy(m->out + m->olen + 5, data, len);
+        m->olen += 5 + len;
+        return true;
+    }
+    uint8_t head[5];
+    milter_packet_head(head, cmd, len);
+    struct iovec v[3] = {{m->out, m->olen}, {head, sizeof head},
+                         {(void *)data, len}};
+    m->olen = 0;
+    return send_iov(m->fd, v, 3, deadline, err, n);
+}
+
+/* Reads exactly len bytes for m: first what its input buffer holds, then
+ * from the socket (small reads through the buffer, so that one recv
+ * usually brings several reply packets). */
+static bool recv_bytes(struct milter_conn *m, uint8_t *out, size_t len,
+                       int64_t deadline, char *err, size_t n)
+{
     while (len) {
-        ssize_t r = recv(fd, p, len, 0);
-        if (r > 0) {
-            p += r;
+        if (m->ioff < m->ilen) {
+            size_t take = m->ilen - m->ioff < len ? m->ilen - m->ioff : len;
+            memcpy(out, m->in + m->ioff, take);
+            m->ioff += take;
+            out += take;
+            len -= take;
+            continue;
+        }
+        bool direct = len >= sizeof m->in;
+        ssize_t r = recv(m->fd, direct ? out : m->in,
+                         direct ? len : sizeof m->in, 0);
+        if (r > 0 && direct) {
+            out += r;
             len -= (size_t)r;
+        } else if (r > 0) {
+            m->ioff = 0;
+            m->ilen = (size_t)r;
         } else if (r == 0) {
             snprintf(err, n, "connection closed by the milter");
             return false;
         } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            if (!wait_for(fd, POLLIN, deadline, err, n))
+            if (!wait_for(m->fd, POLLIN, deadline, err, n))
                 return false;
         } else if (errno != EINTR) {
             snprintf(err, n, "read: %s", strerror(errno));
@@ -92,37 +154,39 @@ static bool recv_all(int fd, void *buf, size_t len, int64_t deadline,
     return true;
 }
 
-static bool send_packet(int fd, char cmd, const void *data, size_t len,
-                        int64_t deadline, char *err, size_t n)
-{
-    uint8_t head[5];
-    milter_packet_head(head, cmd, len);
-    return send_all(fd, head, sizeof head, deadline, err, n) &&
-           send_all(fd, data, len, deadline, err, n);
-}
-
 /* Reads one packet into c->pkt; *total: its length (command byte
  * included), checked by milter_frame before anything else is read. */
-static bool recv_packet(struct milter_chain *c, int fd, int64_t deadline,
-                        size_t *total, char *err, size_t n)
+static bool recv_packet(struct milter_chain *c, struct milter_conn *m,
+                        int64_t deadline, size_t *total, char *err, size_t n)
 {
     uint8_t head[4];
-    if (!recv_all(fd, head, sizeof head, deadline, err, n))
+    if (!recv_bytes(m, head, sizeof head, deadline, err, n))
         return false;
     if (milter_frame(head, sizeof head, total, err, n) < 0)
         return false;
     /* the head alone: milter_frame said "need more" and checked the length */
     *total = (size_t)head[0] << 24 | (size_t)head[1] << 16 |
              (size_t)head[2] << 8 | head[3];
-    return recv_all(fd, c->pkt, *total, deadline, err, n);
+    return recv_bytes(m, c->pkt, *total, deadline, err, n);
 }
 
-static bool recv_reply(struct milter_chain *c, int fd, int64_t deadline,
-                       struct milter_reply *r, char *err, size_t n)
+static bool recv_reply(struct milter_chain *c, struct milter_conn *m,
+                       int64_t deadline, struct milter_reply *r, char *err,
+                       size_t n)
 {
     size_t total;
-    return recv_packet(c, fd, deadline, &total, err, n) &&
+    return flush_out(m, deadline, err, n) &&
+           recv_packet(c, m, deadline, &total, err, n) &&
            milter_parse_reply(c->pkt, total, r, err, n);
+}
+
+/* Closes m's socket; what was gathered or read for it goes too. */
+static void conn_close(struct milter_conn *m)
+{
+    if (m->fd >= 0)
+        close(m->fd);
+    m->fd = -1;
+    m->olen = m->ioff = m->ilen = 0;
 }
 
 /* ------------------------------------------------------------ failures */
@@ -161,9 +225,7 @@ static void conn_failed(struct milter_chain *c, struct milter_conn *m,
 {
     log_warn("milter %s: %s: %s (milter_default_action = %s)", m->addr->name,
              stage, why, default_name(c->conf->milter_default_action));
-    if (m->fd >= 0)
-        close(m->fd);
-    m->fd = -1;
+    conn_close(m);
     m->broken = c->conf->milter_default_action != MILTER_FAIL_ACCEPT;
     if (r)
         apply_default(c, m, r);
@@ -179,10 +241,10 @@ static bool negotiate(struct milter_chain *c, struct milter_conn *m,
     int64_t deadline = io_clock_ms() + c->conf->milter_connect_timeout * 1000;
     milter_optneg_request(req, (uint32_t)c->conf->milter_protocol,
                           MILTER_ACTIONS_OFFERED, MILTER_STEPS_OFFERED);
-    if (!send_packet(m->fd, SMFIC_OPTNEG, req, sizeof req, deadline, err, n))
-        return false;
     size_t total;
-    if (!recv_packet(c, m->fd, deadline, &total, err, n))
+    if (!put_packet(m, SMFIC_OPTNEG, req, sizeof req, deadline, err, n) ||
+        !flush_out(m, deadline, err, n) ||
+        !recv_packet(c, m, deadline, &total, err, n))
         return false;
     if (c->pkt[0] != SMFIC_OPTNEG) {
         snprintf(err, n, "answered OPTNEG with '%c'", c->pkt[0]);
@@ -240,24 +302,27 @@ struct stage {
     uint32_t skip_flag;        /* SMFIP_NO*: the milter does not want it */
     uint32_t noreply_flag;     /* SMFIP_NR_*: it sends no answer */
     enum stage_kind kind;
+    bool batch;                /* unanswered packets wait for the next
+                                  write (headers until the end of headers,
+                                  a small body until the end of message) */
 };
 
 static const struct stage ST_CONNECT = {"connect", SMFIC_CONNECT, SMFIP_NOCONNECT,
-                                        SMFIP_NR_CONN, STAGE_SESSION};
+                                        SMFIP_NR_CONN, STAGE_SESSION, false};
 static const struct stage ST_HELO = {"HELO", SMFIC_HELO, SMFIP_NOHELO,
-                                     SMFIP_NR_HELO, STAGE_SESSION};
+                                     SMFIP_NR_HELO, STAGE_SESSION, false};
 static const struct stage ST_MAIL = {"MAIL", SMFIC_MAIL, SMFIP_NOMAIL,
-                                     SMFIP_NR_MAIL, STAGE_MESSAGE};
+                                     SMFIP_NR_MAIL, STAGE_MESSAGE, false};
 static const struct stage ST_RCPT = {"RCPT", SMFIC_RCPT, SMFIP_NORCPT,
-                                     SMFIP_NR_RCPT, STAGE_MESSAGE};
+                                     SMFIP_NR_RCPT, STAGE_MESSAGE, false};
 static const struct stage ST_DATA = {"DATA", SMFIC_DATA, SMFIP_NODATA,
-                                     SMFIP_NR_DATA, STAGE_MESSAGE};
+                                     SMFIP_NR_DATA, STAGE_MESSAGE, false};
 static const struct stage ST_HEADER = {"header", SMFIC_HEADER, SMFIP_NOHDRS,
-                                       SMFIP_NR_HDR, STAGE_MESSAGE};
+                                       SMFIP_NR_HDR, STAGE_MESSAGE, true};
 static const struct stage ST_EOH = {"end of headers", SMFIC_EOH, SMFIP_NOEOH,
-                                    SMFIP_NR_EOH, STAGE_MESSAGE};
+                                    SMFIP_NR_EOH, STAGE_MESSAGE, false};
 static const struct stage ST_BODY = {"body", SMFIC_BODY, SMFIP_NOBODY,
-                                     SMFIP_NR_BODY, STAGE_MESSAGE};
+                                     SMFIP_NR_BODY, STAGE_MESSAGE, true};
 
 static long stage_timeout(const struct milter_chain *c, const struct stage *st)
 {
@@ -277,10 +342,8 @@ static bool take_final(struct milter_conn *m, const struct stage *st,
     case SMFIR_CONTINUE:
         return true;
     case SMFIR_ACCEPT:
-        if (st->kind == STAGE_SESSION) {   /* done with the whole session */
-            close(m->fd);
-            m->fd = -1;
-        }
+        if (st->kind == STAGE_SESSION)     /* done with the whole session */
+            conn_close(m);
         m->done_with_message = true;
         return true;
     case SMFIR_REJECT:
@@ -317,16 +380,19 @@ static void exchange(struct milter_chain *c, struct milter_conn *m,
     char err[ERR_MAX];
     struct milter_reply rep;
     int64_t deadline = io_clock_ms() + stage_timeout(c, st) * 1000;
-    if ((mlen && !send_packet(m->fd, SMFIC_MACRO, macros, mlen, deadline, err,
-                              sizeof err)) ||
-        !send_packet(m->fd, st->cmd, data, len, deadline, err, sizeof err)) {
+    if ((mlen && !put_packet(m, SMFIC_MACRO, macros, mlen, deadline, err,
+                             sizeof err)) ||
+        !put_packet(m, st->cmd, data, len, deadline, err, sizeof err)) {
         conn_failed(c, m, st->name, err, r);
         return;
     }
-    if (m->neg.version >= 6 && (m->neg.steps & st->noreply_flag))
+    if (m->neg.version >= 6 && (m->neg.steps & st->noreply_flag)) {
+        if (!st->batch && !flush_out(m, deadline, err, sizeof err))
+            conn_failed(c, m, st->name, err, r);
         return;
+    }
     do {
-        if (!recv_reply(c, m->fd, deadline, &rep, err, sizeof err)) {
+        if (!recv_reply(c, m, deadline, &rep, err, sizeof err)) {
             conn_failed(c, m, st->name, err, r);
             return;
         }
@@ -398,6 +464,21 @@ static size_t pack_args(uint8_t *out, size_t cap, const char *const *args)
     return len;
 }
 
+/* Is the transaction SMTPUTF8: MAIL FROM carried SMTPUTF8 (args[0] is
+ * the address), or a sender that needs it? */
+static bool has_smtputf8(const char *const *args)
+{
+    if (!args[0])
+        return false;
+    for (const char *p = args[0]; *p; p++)
+        if ((unsigned char)*p >= 0x80)
+            return true;
+    for (size_t i = 1; args[i]; i++)
+        if (!strcasecmp(args[i], "SMTPUTF8"))
+            return true;
+    return false;
+}
+
 /* --------------------------------------------------------- SMTP stages */
 
 void milter_chain_connect(struct milter_chain *c, const struct milter_macros *mm,
@@ -455,6 +536,7 @@ void milter_chain_mail(struct milter_chain *c, const struct milter_macros *mm,
     macro_add(&b, "{mail_addr}", mm->mail_addr);
     size_t len = pack_args(data, sizeof data, args);
     c->in_message = true;
+    c->smtputf8 = has_smtputf8(args);
     c->msg.verdict = MILTER_CONTINUE;
     for (size_t i = 0; i < c->n; i++)
         c->conn[i].done_with_message = c->conn[i].skip_body = false;
@@ -615,6 +697,7 @@ static bool edit_allowed(const struct milter_conn *m, char cmd)
                     : cmd == SMFIR_ADDRCPT ? SMFIF_ADDRCPT
                     : cmd == SMFIR_ADDRCPT_PAR ? SMFIF_ADDRCPT_PAR
                     : cmd == SMFIR_DELRCPT ? SMFIF_DELRCPT
+                    : cmd == SMFIR_CHGFROM ? SMFIF_CHGFROM
                     : cmd == SMFIR_QUARANTINE ? SMFIF_QUARANTINE : 0;
     return need && (m->neg.actions & need);
 }
@@ -653,11 +736,38 @@ static bool add_header_edit(struct milter_edits *e, const struct milter_conn *m,
     return true;
 }
 
+/* SMFIR_ADDRCPT_PAR's recipient as a RCPT TO argument with the args
+ * odmrd keeps; the others are logged.  false when it is too long. */
+static bool rcpt_with_args(const struct milter_chain *c,
+                           const struct milter_conn *m,
+                           const struct milter_reply *rep, char *out,
+                           size_t on, char *err, size_t n)
+{
+    char ignored[256];
+    if (!milter_rcpt_with_args(rep->text, rep->value, out, on, ignored,
+                               sizeof ignored)) {
+        snprintf(err, n, "recipient to add too long");
+        return false;
+    }
+    if (ignored[0])
+        log_info("%s: milter %s: recipient %.300s: ESMTP arguments ignored:%s",
+                 c->queue_id, m->addr->name, rep->text, ignored);
+    return true;
+}
+
 /* Recipient changes share the header changes' bounds. */
-static bool add_rcpt_edit(struct milter_edits *e, const struct milter_conn *m,
+static bool add_rcpt_edit(const struct milter_chain *c, struct milter_edits *e,
+                          const struct milter_conn *m,
                           const struct milter_reply *rep, char *err, size_t n)
 {
-    size_t bytes = strlen(rep->text) + 1;
+    char with_args[SMTP_MAILRCPT_LINE_MAX];
+    const char *text = rep->text;
+    if (rep->cmd == SMFIR_ADDRCPT_PAR) {
+        if (!rcpt_with_args(c, m, rep, with_args, sizeof with_args, err, n))
+            return false;
+        text = with_args;
+    }
+    size_t bytes = strlen(text) + 1;
     if (e->nrcpts >= MILTER_EDITS_MAX ||
         e->header_bytes + bytes > MILTER_EDIT_BYTES) {
         snprintf(err, n, "more recipient changes than odmrd applies (%d)",
@@ -673,7 +783,7 @@ static bool add_rcpt_edit(struct milter_edits *e, const struct milter_conn *m,
     e->rcpts = grown;
     struct milter_rcpt_edit *r = &e->rcpts[e->nrcpts];
     r->add = rep->cmd != SMFIR_DELRCPT;
-    r->addr = strdup(rep->text);
+    r->addr = strdup(text);
     str_copy(r->by, m->addr->name, sizeof r->by);
     if (!r->addr) {
         snprintf(err, n, "out of memory");
@@ -723,10 +833,30 @@ static bool add_body_chunk(struct new_body *e, const char *tmp_dir,
     return true;
 }
 
+/* SMFIR_CHGFROM: a sender that does not parse is a broken milter (its
+ * milter_default_action), as sending it on would be worse. */
+static bool take_sender(const struct milter_chain *c,
+                        const struct milter_conn *m,
+                        const struct milter_reply *rep, struct milter_edits *e,
+                        char *err, size_t n)
+{
+    char ignored[256];
+    if (!milter_parse_chgfrom(rep->text, rep->value, c->smtputf8, &e->sender,
+                              ignored, sizeof ignored, err, n))
+        return false;
+    if (ignored[0])
+        log_info("%s: milter %s: sender %.300s: ESMTP arguments ignored:%s",
+                 c->queue_id, m->addr->name, rep->text, ignored);
+    e->sender_set = true;
+    str_copy(e->sender_by, m->addr->name, sizeof e->sender_by);
+    return true;
+}
+
 /* One modification from m; false + reason when it is not acceptable. */
-static bool take_edit(struct milter_conn *m, const struct milter_reply *rep,
-                      const char *tmp_dir, struct milter_edits *e,
-                      struct new_body *body, char *err, size_t n)
+static bool take_edit(const struct milter_chain *c, struct milter_conn *m,
+                      const struct milter_reply *rep, const char *tmp_dir,
+                      struct milter_edits *e, struct new_body *body, char *err,
+                      size_t n)
 {
     if (!edit_allowed(m, rep->cmd)) {
         snprintf(err, n, "modification '%c' not negotiated", rep->cmd);
@@ -743,26 +873,36 @@ static bool take_edit(struct milter_conn *m, const struct milter_reply *rep,
         }
         return true;
     }
+    if (rep->cmd == SMFIR_CHGFROM)
+        return take_sender(c, m, rep, e, err, n);
     if (rep->cmd == SMFIR_ADDRCPT || rep->cmd == SMFIR_ADDRCPT_PAR ||
         rep->cmd == SMFIR_DELRCPT)
-        return add_rcpt_edit(e, m, rep, err, n);
+        return add_rcpt_edit(c, e, m, rep, err, n);
     return add_header_edit(e, m, rep, err, n);
 }
 
 static const struct stage ST_EOM = {"end of message", SMFIC_BODYEOB, 0, 0,
-                                    STAGE_MESSAGE};
+                                    STAGE_MESSAGE, false};
 
 /* What the edits were before a milter's end of message: a milter that
  * fails half-way leaves none of its changes behind. */
 struct edits_mark {
     size_t nheaders, nrcpts, header_bytes;
     bool quarantined;
+    bool sender_set;
+    struct mail_args sender;
+    char sender_by[300];
 };
 
-static struct edits_mark edits_mark(const struct milter_edits *e)
+static void edits_mark(const struct milter_edits *e, struct edits_mark *k)
 {
-    return (struct edits_mark){e->nheaders, e->nrcpts, e->header_bytes,
-                               e->quarantine[0] != '\0'};
+    k->nheaders = e->nheaders;
+    k->nrcpts = e->nrcpts;
+    k->header_bytes = e->header_bytes;
+    k->quarantined = e->quarantine[0] != '\0';
+    k->sender_set = e->sender_set;
+    k->sender = e->sender;
+    str_copy(k->sender_by, e->sender_by, sizeof k->sender_by);
 }
 
 static void edits_rollback(struct milter_edits *e, const struct edits_mark *k,
@@ -779,6 +919,9 @@ static void edits_rollback(struct milter_edits *e, const struct edits_mark *k,
     e->header_bytes = k->header_bytes;
     if (!k->quarantined)
         e->quarantine[0] = e->quarantined_by[0] = '\0';
+    e->sender_set = k->sender_set;
+    e->sender = k->sender;
+    str_copy(e->sender_by, k->sender_by, sizeof e->sender_by);
     if (body->fd >= 0)
         close(body->fd);
     body->fd = -1;
@@ -807,7 +950,7 @@ static bool eom_replies(struct milter_chain *c, struct milter_conn *m,
     int64_t start = io_clock_ms(), span = c->conf->milter_content_timeout * 1000;
     int64_t deadline = start + span, last = start + EOM_TIMEOUTS_MAX * span;
     for (;;) {
-        if (!recv_reply(c, m->fd, deadline, rep, err, sizeof err)) {
+        if (!recv_reply(c, m, deadline, rep, err, sizeof err)) {
             conn_failed(c, m, ST_EOM.name, err, r);
             return false;
         }
@@ -816,7 +959,7 @@ static bool eom_replies(struct milter_chain *c, struct milter_conn *m,
             deadline = later < last ? later : last;
         } else if (milter_reply_final(rep->cmd)) {
             return true;
-        } else if (!take_edit(m, rep, tmp_dir, e, body, err, sizeof err)) {
+        } else if (!take_edit(c, m, rep, tmp_dir, e, body, err, sizeof err)) {
             conn_failed(c, m, ST_EOM.name, err, r);
             return false;
         }
@@ -831,11 +974,12 @@ static void eom_one(struct milter_chain *c, struct milter_conn *m,
     char err[ERR_MAX];
     struct milter_reply rep;
     struct new_body body = {-1, 0, false};
-    struct edits_mark mark = edits_mark(e);
+    struct edits_mark mark;
+    edits_mark(e, &mark);
     int64_t deadline = io_clock_ms() + c->conf->milter_content_timeout * 1000;
-    if (!send_packet(m->fd, SMFIC_MACRO, b->data, b->len, deadline, err,
-                     sizeof err) ||
-        !send_packet(m->fd, SMFIC_BODYEOB, "", 0, deadline, err, sizeof err)) {
+    if (!put_packet(m, SMFIC_MACRO, b->data, b->len, deadline, err,
+                    sizeof err) ||
+        !put_packet(m, SMFIC_BODYEOB, "", 0, deadline, err, sizeof err)) {
         conn_failed(c, m, ST_EOM.name, err, r);
         return;
     }
@@ -868,6 +1012,7 @@ void milter_chain_end_of_message(struct milter_chain *c,
     }
     macro_begin(&b, SMFIC_BODYEOB);
     macro_add(&b, "i", mm->queue_id);
+    c->queue_id = mm->queue_id ? mm->queue_id : "-";
     for (size_t i = 0; i < c->n && r->verdict == MILTER_CONTINUE; i++) {
         struct milter_conn *m = &c->conn[i];
         if (m->broken)
@@ -895,8 +1040,9 @@ void milter_chain_abort(struct milter_chain *c)
         return;
     for (size_t i = 0; i < c->n; i++) {
         struct milter_conn *m = &c->conn[i];
-        if (m->fd >= 0 && !send_packet(m->fd, SMFIC_ABORT, "", 0, deadline, err,
-                                       sizeof err))
+        if (m->fd >= 0 && (!put_packet(m, SMFIC_ABORT, "", 0, deadline, err,
+                                       sizeof err) ||
+                           !flush_out(m, deadline, err, sizeof err)))
             conn_failed(c, m, "abort", err, NULL);
     }
 }
@@ -911,9 +1057,9 @@ void milter_chain_close(struct milter_chain *c)
     for (size_t i = 0; i < c->n; i++) {
         struct milter_conn *m = &c->conn[i];
         if (m->fd >= 0) {
-            send_packet(m->fd, SMFIC_QUIT, "", 0, deadline, err, sizeof err);
-            close(m->fd);
-            m->fd = -1;
+            if (put_packet(m, SMFIC_QUIT, "", 0, deadline, err, sizeof err))
+                flush_out(m, deadline, err, sizeof err);
+            conn_close(m);
         }
     }
     free(c->pkt);
@@ -938,4 +1084,25 @@ void milter_edits_free(struct milter_edits *e)
     if (e->body_fd >= 0)
         close(e->body_fd);
     e->body_fd = -1;
+}
+
+void milter_edits_apply_sender(const struct milter_edits *e,
+                               const char *queue_id, struct mail_args *mail)
+{
+    char was[ADDR_MAX + 1] = "", now[ADDR_MAX + 1] = "";
+    if (!e->sender_set)
+        return;
+    addr_format(&mail->from, was, sizeof was);
+    addr_format(&e->sender.from, now, sizeof now);
+    log_info("%s: milter %s: sender <%s> changed to <%s>", queue_id,
+             e->sender_by, was, now);
+    mail->from = e->sender.from;
+    if (e->sender.body != BODY_UNSPEC)
+        mail->body = e->sender.body;
+    if (e->sender.ret != RET_UNSPEC)
+        mail->ret = e->sender.ret;
+    if (e->sender.envid[0])
+        str_copy(mail->envid, e->sender.envid, sizeof mail->envid);
+    if (e->sender.smtputf8)
+        mail->smtputf8 = true;
 }

@@ -204,7 +204,17 @@ static bool milter_mail_ok(struct smtp *s)
     snprintf(from, sizeof from, "<%s>", m.mail_addr);
     if (s->mail.size)
         snprintf(size, sizeof size, "SIZE=%llu", (unsigned long long)s->mail.size);
-    const char *args[] = {from, size[0] ? size : NULL, NULL};
+    /* the client's ESMTP args odmrd keeps, as Postfix passes them on */
+    const char *args[5];
+    size_t na = 0;
+    args[na++] = from;
+    if (size[0])
+        args[na++] = size;
+    if (s->mail.body == BODY_8BITMIME)
+        args[na++] = "BODY=8BITMIME";
+    if (s->mail.smtputf8)
+        args[na++] = "SMTPUTF8";
+    args[na] = NULL;
     milter_chain_mail(s->milter, &m, args, &r);
     if (r.verdict == MILTER_DISCARD)
         s->milter_discard = true;
@@ -791,7 +801,8 @@ static bool milter_add_rcpt(struct smtp *s, const char *id,
         envelope_init(e);
         str_copy(e->domain, key, sizeof e->domain);
     }
-    if (!already_listed(e, addr) && !envelope_add_rcpt(e, addr, 0, "", SIZE_MAX))
+    if (!already_listed(e, addr) &&
+        !envelope_add_rcpt(e, addr, ra.notify, ra.orcpt, SIZE_MAX))
         return false;
     log_info("%s: milter %s: added recipient <%s>", id, r->by, addr);
     return true;
@@ -907,6 +918,8 @@ static struct queue_in *milter_end(struct smtp *s, struct queue_in *in,
         log_info("%s: quarantined by milter %s: %s", in->id, e.quarantined_by,
                  e.quarantine);
     }
+    if (result)
+        milter_edits_apply_sender(&e, in->id, &s->mail);
     milter_edits_free(&e);
     return result;
 }

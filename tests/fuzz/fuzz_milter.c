@@ -6,7 +6,8 @@
  * packet milter_frame accepts lies inside the input and within
  * MILTER_PACKET_MAX; every string of a parsed reply ends inside its
  * packet; a parsed reply code is 4xx or 5xx; negotiated actions and steps
- * are within what odmrd offered. */
+ * are within what odmrd offered; the sender and recipient args of
+ * SMFIR_CHGFROM / SMFIR_ADDRCPT_PAR parse without overrunning. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,6 +36,20 @@ static void check_reply(const uint8_t *pkt, size_t len)
     inside(r.text, pkt, len);
     if (r.data && (r.data < pkt || r.data + r.len > pkt + len))
         abort();
+    if (r.cmd == SMFIR_CHGFROM) {   /* whatever the sender, no overrun */
+        struct mail_args m;
+        char ign[64];
+        if (milter_parse_chgfrom(r.text, r.value, r.text[0] & 1, &m, ign,
+                                 sizeof ign, err, sizeof err) &&
+            strlen(ign) >= sizeof ign)
+            abort();
+    }
+    if (r.cmd == SMFIR_ADDRCPT_PAR) {
+        char out[SMTP_MAILRCPT_LINE_MAX], ign[64];
+        if (milter_rcpt_with_args(r.text, r.value, out, sizeof out, ign,
+                                  sizeof ign) && out[0] != '<')
+            abort();
+    }
     if (r.cmd == SMFIR_REPLYCODE) {
         int code = milter_check_replycode(r.text, err, sizeof err);
         if (code < 400 || code > 599)

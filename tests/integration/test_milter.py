@@ -17,8 +17,8 @@ import subprocess
 import threading
 import time
 
-from harness import (SMTP, check, check_reply, free_port, need, queue_id_of,
-                     to_crlf, wait_for)
+from harness import (DSN_FAILURE, DSN_SUCCESS, SMTP, check, check_reply,
+                     free_port, need, queue_id_of, to_crlf, wait_for)
 
 # protocol flags (the milter's side of OPTNEG)
 NOCONNECT, NOHELO = 0x01, 0x02
@@ -592,6 +592,98 @@ def test_milter_adds_and_removes_recipients(env):
               "a milter cannot make odmrd relay")
         check("recipient <victim@elsewhere.test> not added" in env.log(),
               "the refused addition is logged: %s" % env.log_tail())
+
+
+def test_milter_adds_recipient_with_esmtp_args(env):
+    """SMFIR_ADDRCPT_PAR: NOTIFY= and ORCPT= reach the added recipient's
+    envelope record; an unknown arg and a bad NOTIFY are logged and
+    dropped; the hosted-domain rule still holds."""
+    ADDRCPT_PAR = 0x80
+    def eom(data, m):
+        return [packet("2", b"<bob@example.com>\0NOTIFY=SUCCESS,FAILURE "
+                            b"ORCPT=rfc822;bob+2Borig@example.com X-FOO=1\0"),
+                packet("2", b"alice@example.net\0NOTIFY=BOGUS\0"),
+                packet("2", b"<victim@elsewhere.test>\0NOTIFY=NEVER\0"),
+                packet("c")]
+    with ScriptedMilter(actions=ADDRCPT_PAR, on={"E": eom}) as m:
+        started(env, m.spec)
+        reply = send(env)
+        check_reply(reply, 250, what="end of data")
+        qid = queue_id_of(reply[1])
+        check(m.offered[1] & ADDRCPT_PAR, "ADDRCPT_PAR offered: %r" % (m.offered,))
+        rc = env.envelope("example.com", qid)["rcpts"]
+        check([r["addr"] for r in rc] == ["bob@example.com"], "added: %r" % rc)
+        check(rc[0]["notify"] == DSN_SUCCESS | DSN_FAILURE and
+              rc[0]["orcpt"] == "rfc822;bob+2Borig@example.com",
+              "NOTIFY and ORCPT of the added recipient: %r" % rc[0])
+        rn = env.envelope("example.net", qid)["rcpts"]
+        check([(r["addr"], r["notify"]) for r in rn] == [("alice@example.net", 0)],
+              "a bad NOTIFY is dropped, the recipient kept: %r" % rn)
+        check(not os.path.exists(env.queue_dir("elsewhere.test")),
+              "ADDRCPT_PAR cannot make odmrd relay either")
+        log = env.log()
+        check("ESMTP arguments ignored: X-FOO=1" in log and
+              "ESMTP arguments ignored: NOTIFY=BOGUS" in log,
+              "dropped arguments are logged: %s" % env.log_tail())
+
+
+def chgfrom_milter(data):
+    return ScriptedMilter(actions=0x40, on={"E": lambda d, m: [
+        packet("e", data), packet("c")]})
+
+
+def test_milter_changes_the_sender(env):
+    with chgfrom_milter(b"<new@client.test>\0") as m:
+        started(env, m.spec)
+        reply = send(env)
+        check_reply(reply, 250, what="end of data")
+        qid = queue_id_of(reply[1])
+        check(m.offered[1] & 0x40, "CHGFROM offered: %r" % (m.offered,))
+        e = env.envelope("example.org", qid)
+        check(e["sender"] == "new@client.test", "new sender: %r" % e)
+        check(e["envid"] is None and e["ret"] is None, "no DSN args: %r" % e)
+        check("sender <sender@client.test> changed to <new@client.test>"
+              in env.log(), "the change is logged: %s" % env.log_tail())
+
+
+def test_milter_changes_the_sender_with_args(env):
+    args = b"RET=HDRS ENVID=new+2Did BODY=8BITMIME SIZE=99 X-UNKNOWN=1"
+    with chgfrom_milter(b"bounces@client.test\0" + args + b"\0") as m:
+        started(env, m.spec)
+        reply = send(env)
+        check_reply(reply, 250, what="end of data")
+        e = env.envelope("example.org", queue_id_of(reply[1]))
+        check(e["sender"] == "bounces@client.test", "sender: %r" % e)
+        check(e["ret"] == "HDRS" and e["envid"] == "new+2Did" and
+              e["body"] == "8BITMIME", "RET, ENVID, BODY applied: %r" % e)
+        check("ESMTP arguments ignored: X-UNKNOWN=1" in env.log(),
+              "the unknown arg is logged: %s" % env.log_tail())
+
+
+def test_milter_changes_the_sender_to_the_null_sender(env):
+    with chgfrom_milter(b"<>\0") as m:
+        started(env, m.spec)
+        reply = send(env)
+        check_reply(reply, 250, what="end of data")
+        e = env.envelope("example.org", queue_id_of(reply[1]))
+        check(e["sender"] == "", "null sender: %r" % e)
+
+
+def test_milter_bad_sender_is_default_action(env):
+    bad = [b"<not an address>\0", b"<a@b.test>\0BODY=NONSENSE\0",
+           b"<j\xc3\xb6rg@client.test>\0"]   # UTF-8 without SMTPUTF8
+    todo = list(bad)
+    with ScriptedMilter(actions=0x40, on={"E": lambda d, m: [
+            packet("e", todo.pop(0)), packet("c")]}) as m:
+        started(env, m.spec)
+        for b in bad:
+            reply = send(env)
+            check_reply(reply, 451, "4.7.1", "bad CHGFROM %r: tempfail" % b)
+            check_nothing_queued(env, "bad CHGFROM %r" % b)
+    log = env.log()
+    check(log.count("bad sender") == 3 and
+          "milter_default_action = tempfail" in log,
+          "each logged with the milter's name: %s" % env.log_tail())
 
 
 def test_milter_removes_every_recipient(env):

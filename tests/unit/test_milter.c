@@ -68,7 +68,7 @@ static void test_optneg(void)
     milter_optneg_request(d, 6, 0, 0);
     CHECK(!milter_parse_optneg(d, 12, 5, &neg, &masked, err, sizeof err));
     /* actions odmrd never offered are masked off */
-    milter_optneg_request(d, 6, SMFIF_CHGFROM | SMFIF_ADDHDRS, 0x40000000u);
+    milter_optneg_request(d, 6, 0x1000u | SMFIF_ADDHDRS, 0x40000000u);
     CHECK(milter_parse_optneg(d, 12, 6, &neg, &masked, err, sizeof err));
     CHECK(masked && neg.actions == SMFIF_ADDHDRS && neg.steps == 0);
     /* a macro list: stage 2, "{mail_addr}" */
@@ -97,7 +97,7 @@ static void test_simple_replies(void)
           !milter_reply_final('\0'));
     CHECK(!milter_parse_reply(p, 0, &r, err, sizeof err));
     CHECK(!milter_parse_reply(p, pkt_of(p, 'Z', "", 0), &r, err, sizeof err));
-    CHECK(!milter_parse_reply(p, pkt_of(p, 'e', "a\0", 2), &r, err, sizeof err));
+    CHECK(!milter_parse_reply(p, pkt_of(p, 'e', "a", 1), &r, err, sizeof err));
 }
 
 static void test_replycode(void)
@@ -275,6 +275,52 @@ static void test_rewrite_body(void)
     close(fd);
 }
 
+/* SMFIR_CHGFROM and SMFIR_ADDRCPT_PAR: the packets and their args. */
+static void test_sender_and_rcpt_args(void)
+{
+    uint8_t pkt[128];
+    struct milter_reply r;
+    struct mail_args m;
+    char ign[64], out[256];
+    size_t len = pkt_of(pkt, SMFIR_CHGFROM, "<a@b.test>\0RET=HDRS\0", 20);
+    CHECK(milter_parse_reply(pkt, len, &r, err, sizeof err));
+    CHECK_STR(r.text, "<a@b.test>");
+    CHECK_STR(r.value, "RET=HDRS");
+    len = pkt_of(pkt, SMFIR_CHGFROM, "<a@b.test>", 10);   /* no NUL */
+    CHECK(!milter_parse_reply(pkt, len, &r, err, sizeof err));
+
+    CHECK(milter_parse_chgfrom("x@b.test", "SIZE=5 BODY=8BITMIME X-Y=1 ENVID=q",
+                               false, &m, ign, sizeof ign, err, sizeof err));
+    CHECK_STR(m.from.local, "x");
+    CHECK(m.body == BODY_8BITMIME && m.size == 0 && !strcmp(m.envid, "q"));
+    CHECK_STR(ign, " X-Y=1");
+    CHECK(milter_parse_chgfrom("<>", NULL, false, &m, ign, sizeof ign, err,
+                               sizeof err) && m.from.null && !ign[0]);
+    CHECK(!milter_parse_chgfrom("", NULL, false, &m, ign, sizeof ign, err,
+                                sizeof err));
+    CHECK(!milter_parse_chgfrom("<a b@c>", NULL, false, &m, ign, sizeof ign,
+                                err, sizeof err));
+    CHECK(!milter_parse_chgfrom("<a@b.test>", "RET=SOME", false, &m, ign,
+                                sizeof ign, err, sizeof err));
+    CHECK(!milter_parse_chgfrom("<j\xc3\xb6@b.test>", NULL, false, &m, ign,
+                                sizeof ign, err, sizeof err));
+    CHECK(milter_parse_chgfrom("<j\xc3\xb6@b.test>", "SMTPUTF8", false, &m, ign,
+                               sizeof ign, err, sizeof err) && m.smtputf8);
+    CHECK(milter_parse_chgfrom("<j\xc3\xb6@b.test>", NULL, true, &m, ign,
+                               sizeof ign, err, sizeof err));
+
+    CHECK(milter_rcpt_with_args("a@b.test", " NOTIFY=NEVER  ORCPT=rfc822;a@b "
+                                "NOTIFY=SUCCESS FOO", out, sizeof out, ign,
+                                sizeof ign));
+    CHECK_STR(out, "<a@b.test> NOTIFY=NEVER ORCPT=rfc822;a@b");
+    CHECK_STR(ign, " NOTIFY=SUCCESS FOO");
+    CHECK(milter_rcpt_with_args("<a@b.test>", "NOTIFY=MAYBE", out, sizeof out,
+                                ign, sizeof ign));
+    CHECK_STR(out, "<a@b.test>");
+    CHECK_STR(ign, " NOTIFY=MAYBE");
+    CHECK(!milter_rcpt_with_args("a@b.test", NULL, out, 8, ign, sizeof ign));
+}
+
 int main(void)
 {
     test_frame();
@@ -284,6 +330,7 @@ int main(void)
     test_headers();
     test_recipients_body();
     test_put_str();
+    test_sender_and_rcpt_args();
     test_rewrite_headers();
     test_rewrite_body();
     CHECK_DONE();
