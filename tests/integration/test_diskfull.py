@@ -29,9 +29,10 @@ class SmallSpool:
 
 def leftovers(spool):
     """Files in the spool other than lock files."""
+    locks = (".lock", ".linger", "linger.slots")
     out = []
     for root, _, files in os.walk(spool):
-        out += [os.path.join(root, f) for f in files if f != ".lock"]
+        out += [os.path.join(root, f) for f in files if f not in locks]
     return out
 
 

@@ -144,11 +144,12 @@ def log_line_with(env, mark, *parts):
 
 
 def domain_files(env, domain):
-    """Files left in q/<domain>/ besides the lock file."""
+    """Files left in q/<domain>/ besides the lock files (.lock, and .linger
+    that every ATRN takes too: server/linger.h)."""
     d = env.queue_dir(domain)
     if not os.path.isdir(d):
         return []
-    return sorted(f for f in os.listdir(d) if f != ".lock")
+    return sorted(f for f in os.listdir(d) if f not in (".lock", ".linger"))
 
 
 # --------------------------------------------------------------------------
