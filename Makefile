@@ -125,7 +125,8 @@ EXAMPLEDIR ?= $(DOCDIR)/examples
 MAN1_PAGES := man/odmr-fetch.1
 MAN5_PAGES := man/odmrd.conf.5
 MAN8_PAGES := man/odmrd.8 man/odmrctl.8
-UNITS      := odmrd.service odmr-fetch.service odmr-fetch.timer
+UNITS      := odmrd.service odmr-fetch.service odmr-fetch.timer \
+              odmr-fetch-push.service
 EXAMPLES   := contrib/odmrd.conf.example contrib/odmr-fetch.conf.example \
               contrib/fetchmail/fetchmailrc.example
 SUBST_PATHS = sed -e 's|/usr/sbin/odmr|$(SBINDIR)/odmr|g' \

@@ -417,9 +417,11 @@ INSTALLED = {
     "usr/lib/systemd/system/odmrd.service": 0o644,
     "usr/lib/systemd/system/odmr-fetch.service": 0o644,
     "usr/lib/systemd/system/odmr-fetch.timer": 0o644,
+    "usr/lib/systemd/system/odmr-fetch-push.service": 0o644,
 }
 
-UNITS = ("odmrd.service", "odmr-fetch.service", "odmr-fetch.timer")
+UNITS = ("odmrd.service", "odmr-fetch.service", "odmr-fetch.timer",
+         "odmr-fetch-push.service")
 
 
 def _files(root):

@@ -257,12 +257,14 @@ def check_installed(env):
               "/usr/share/man/man1/odmr-fetch.1.gz",
               "/lib/systemd/system/odmrd.service",
               "/lib/systemd/system/odmr-fetch.service",
-              "/lib/systemd/system/odmr-fetch.timer"):
+              "/lib/systemd/system/odmr-fetch.timer",
+              "/lib/systemd/system/odmr-fetch-push.service"):
         check(os.path.exists(f), "%s not installed" % f)
     wants = "/etc/systemd/system/multi-user.target.wants/odmrd.service"
     check(os.path.islink(wants), "odmrd.service is not enabled (%s)" % wants)
     for unit in ("timers.target.wants/odmr-fetch.timer",
-                 "multi-user.target.wants/odmr-fetch.service"):
+                 "multi-user.target.wants/odmr-fetch.service",
+                 "multi-user.target.wants/odmr-fetch-push.service"):
         check(not os.path.lexists("/etc/systemd/system/" + unit),
               "%s is enabled: it must stay off until configured" % unit)
 
