@@ -5,6 +5,7 @@
  *   lock.c           one run at a time (flock)
  *   net.c            connecting with a timeout; the -vv protocol trace
  *   fetch_session.c  provider side: greeting, EHLO, STARTTLS, AUTH, ATRN
+ *   tls_cache.c      the TLS session kept between runs (resumption)
  *   receiver.c       after the reversal: the SMTP server odmrd talks to
  *   deliver.c        delivery targets (target.h), smtp/lmtp in
  *                    target_smtp.c, mda in target_mda.c, maildir in
@@ -125,6 +126,29 @@ struct fetch_stats {
 /* The whole run after the lock: connect, TLS, AUTH, ATRN, and the
  * reversed session.  Returns the exit status. */
 int fetch_run(const struct fetch_conf *c, struct fetch_stats *st);
+
+/* ---- tls_cache.c ---- */
+
+/* The saved TLS session of one provider (server + port), next to the lock
+ * file; see tls_cache.c for what invalidates it. */
+struct tls_cache {
+    char path[PATH_MAX];
+    char settings[65];   /* SHA-256 hex of the verification settings */
+    bool ready;          /* false: not kept (reported once) */
+    int verbose;
+};
+
+/* Works out the file name and the settings' fingerprint. */
+bool tls_cache_init(struct tls_cache *tc, const struct fetch_conf *c);
+/* The saved session to offer, or NULL (none, or discarded with a reason on
+ * stderr when the file was corrupt, -v when it was merely outdated).
+ * The caller frees it with SSL_SESSION_free. */
+SSL_SESSION *tls_cache_load(struct tls_cache *tc);
+/* Saves every session the server hands out on ctx (TLS 1.3 tickets come
+ * after the handshake) from a verified connection. */
+void tls_cache_attach(struct tls_cache *tc, SSL_CTX *ctx);
+/* Deletes the saved session. */
+void tls_cache_discard(struct tls_cache *tc);
 
 /* ---- receiver.c ---- */
 

@@ -15,12 +15,16 @@
 #define WHO "provider"
 #define QUIT_TIMEOUT_MS 10000
 #define AUTH_ROUNDS_MAX 10     /* SCRAM needs 3; more is a confused peer */
+/* Internal: the saved TLS session failed; connect again without it. */
+#define RETRY_FULL_HANDSHAKE (-1000)
 
 struct provider {
     const struct fetch_conf *c;
     struct io io;
     SSL_CTX *tls_ctx;
     bool tls_active;
+    struct tls_cache *cache;            /* the session kept between runs */
+    bool resume;                        /* offer the saved session */
     struct smtp_reply ehlo;             /* the latest EHLO reply */
     struct sasl_glue_client *sasl;
     bool reversed;                      /* the connection is odmrd's now */
@@ -116,18 +120,29 @@ static int tls_handshake(struct provider *p)
         fprintf(stderr, "odmr-fetch: %s\n", err);
         return EX_CONFIG;
     }
-    if (!io_starttls_client(&p->io, p->tls_ctx, p->c->server, err,
-                            sizeof err)) {
+    tls_cache_attach(p->cache, p->tls_ctx);
+    SSL_SESSION *saved = p->resume ? tls_cache_load(p->cache) : NULL;
+    bool ok = io_starttls_client_resume(&p->io, p->tls_ctx, p->c->server,
+                                        saved, err, sizeof err);
+    SSL_SESSION_free(saved);
+    if (!ok) {
+        tls_cache_discard(p->cache);
+        bool lost = p->io.status == IO_TIMEOUT || p->io.status == IO_EOF;
+        if (saved && !lost) {
+            fprintf(stderr, "odmr-fetch: TLS with the saved session failed "
+                            "(%s); trying a full handshake\n", err);
+            return RETRY_FULL_HANDSHAKE;
+        }
         fprintf(stderr, "odmr-fetch: TLS with %s failed: %s; not "
                         "authenticating\n", p->c->server, err);
-        return p->io.status == IO_TIMEOUT || p->io.status == IO_EOF
-                   ? EX_TEMPFAIL : EX_PROTOCOL;
+        return lost ? EX_TEMPFAIL : EX_PROTOCOL;
     }
     p->tls_active = true;
-    if (trace_on()) {
+    if (p->c->verbose >= 1) {
         char info[256];
         io_tls_info(&p->io, info, sizeof info);
-        fprintf(stderr, "odmr-fetch: TLS established: %s\n", info);
+        fprintf(stderr, "odmr-fetch: TLS established: %s (%s)\n", info,
+                io_tls_resumed(&p->io) ? "resumed" : "full handshake");
     }
     return ehlo(p);   /* RFC 3207 4.2: learn the extensions anew */
 }
@@ -365,13 +380,18 @@ static int session(struct provider *p, struct fetch_stats *stats)
     return st;
 }
 
-int fetch_run(const struct fetch_conf *c, struct fetch_stats *stats)
+/* One connection; resume: offer the saved TLS session. */
+static int connect_and_run(const struct fetch_conf *c,
+                           struct fetch_stats *stats, struct tls_cache *cache,
+                           bool resume)
 {
     static struct provider p;
     char err[512];
 
     memset(&p, 0, sizeof p);
     p.c = c;
+    p.cache = cache;
+    p.resume = resume;
     int fd = net_connect(c->server, c->port, c->timeout, err, sizeof err);
     if (fd < 0) {
         fprintf(stderr, "odmr-fetch: %s\n", err);
@@ -392,4 +412,16 @@ int fetch_run(const struct fetch_conf *c, struct fetch_stats *stats)
     if (p.tls_ctx)
         SSL_CTX_free(p.tls_ctx);
     return st;
+}
+
+int fetch_run(const struct fetch_conf *c, struct fetch_stats *stats)
+{
+    static struct tls_cache cache;
+
+    bool keep = c->tls != TLS_OFF && tls_cache_init(&cache, c);
+    int st = connect_and_run(c, stats, &cache, keep);
+    /* Nothing of the first attempt got as far as AUTH: a second is safe. */
+    if (st == RETRY_FULL_HANDSHAKE)
+        st = connect_and_run(c, stats, &cache, false);
+    return st == RETRY_FULL_HANDSHAKE ? EX_PROTOCOL : st;
 }

@@ -57,6 +57,7 @@
 
 #include <openssl/err.h>
 #include <openssl/x509v3.h>
+#include "tls_ticket.h"
 
 #define IO_DEFAULT_TIMEOUT_MS 300000
 /* io_close gives queued output and close_notify at most this long: closing
@@ -592,10 +593,21 @@ static enum io_status tls_handshake(struct io *io)
 
 /* The client's own check after the handshake, so that a context without
  * SSL_VERIFY_PEER can never yield an unverified session. */
-static bool tls_peer_verified(SSL *ssl)
+static bool tls_peer_verified(SSL *ssl, const char *host)
 {
-    return SSL_get0_peer_certificate(ssl) != NULL &&
-           SSL_get_verify_result(ssl) == X509_V_OK;
+    X509 *cert = SSL_get0_peer_certificate(ssl);
+
+    if (!cert || SSL_get_verify_result(ssl) != X509_V_OK)
+        return false;
+    /* A resumed session carries the verify result of the handshake that
+     * made it, but OpenSSL does not check the name again: do it here, so
+     * a session can never stand in for a server of another name. */
+    if (!SSL_session_reused(ssl) || !host || !*host)
+        return true;
+    if (is_ip_literal(host))
+        return X509_check_ip_asc(cert, host, 0) == 1;
+    return X509_check_host(cert, host, 0,
+                           X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS, NULL) == 1;
 }
 
 static void handshake_err(SSL *ssl, bool server, enum io_status st,
@@ -606,6 +618,9 @@ static void handshake_err(SSL *ssl, bool server, enum io_status st,
     if (!server && st == IO_OK && v == X509_V_OK &&
         !SSL_get0_peer_certificate(ssl))
         snprintf(err, n, "server sent no certificate");
+    else if (!server && st == IO_OK && v == X509_V_OK)
+        snprintf(err, n, "resumed TLS session does not match host %s",
+                 host ? host : "");
     else if (!server && (v == X509_V_ERR_HOSTNAME_MISMATCH ||
                          v == X509_V_ERR_IP_ADDRESS_MISMATCH))
         snprintf(err, n, "certificate does not match host %s",
@@ -625,7 +640,8 @@ static void handshake_err(SSL *ssl, bool server, enum io_status st,
 }
 
 static bool tls_start(struct io *io, SSL_CTX *ctx, bool server,
-                      const char *host, char *err, size_t n)
+                      const char *host, SSL_SESSION *resume, char *err,
+                      size_t n)
 {
     if (io->ssl) {
         snprintf(err, n, "TLS is already active");
@@ -655,12 +671,15 @@ static bool tls_start(struct io *io, SSL_CTX *ctx, bool server,
         SSL_set_accept_state(ssl);
     else
         SSL_set_connect_state(ssl);
+    /* A session that cannot be offered only costs a full handshake. */
+    if (resume && SSL_set_session(ssl, resume) != 1)
+        ERR_clear_error();
 
     io->ssl = ssl;
     io->rpos = io->rlen = 0;
     errno = 0;
     enum io_status st = tls_handshake(io);
-    if (st == IO_OK && (server || tls_peer_verified(ssl)))
+    if (st == IO_OK && (server || tls_peer_verified(ssl, host)))
         return true;
     handshake_err(ssl, server, st, host, err, n);
     SSL_free(ssl);
@@ -671,13 +690,24 @@ static bool tls_start(struct io *io, SSL_CTX *ctx, bool server,
 
 bool io_starttls_server(struct io *io, SSL_CTX *ctx, char *err, size_t n)
 {
-    return tls_start(io, ctx, true, NULL, err, n);
+    return tls_start(io, ctx, true, NULL, NULL, err, n);
 }
 
 bool io_starttls_client(struct io *io, SSL_CTX *ctx, const char *host,
                         char *err, size_t n)
 {
-    return tls_start(io, ctx, false, host, err, n);
+    return tls_start(io, ctx, false, host, NULL, err, n);
+}
+
+bool io_starttls_client_resume(struct io *io, SSL_CTX *ctx, const char *host,
+                               SSL_SESSION *resume, char *err, size_t n)
+{
+    return tls_start(io, ctx, false, host, resume, err, n);
+}
+
+bool io_tls_resumed(const struct io *io)
+{
+    return io->ssl && SSL_session_reused(io->ssl) == 1;
 }
 
 void io_tls_info(const struct io *io, char *buf, size_t n)
@@ -769,6 +799,11 @@ SSL_CTX *tls_server_ctx(const char *cert_file, const char *key_file,
         return NULL;
     }
     SSL_CTX_set_options(ctx, SSL_OP_CIPHER_SERVER_PREFERENCE);
+    if (!tls_ticket_enable(ctx)) {
+        tls_err(err, n, "cannot set up TLS session tickets");
+        SSL_CTX_free(ctx);
+        return NULL;
+    }
     if (!load_cert_key(ctx, cert_file, key_file, err, n)) {
         SSL_CTX_free(ctx);
         return NULL;

@@ -92,10 +92,18 @@ bool io_flush(struct io *io);
 bool io_starttls_server(struct io *io, SSL_CTX *ctx, char *err, size_t n);
 bool io_starttls_client(struct io *io, SSL_CTX *ctx, const char *host,
                         char *err, size_t n);
+/* The same, offering resume (may be NULL) for an abbreviated handshake;
+ * the server may still choose a full one.  A resumed session passes only
+ * if it was verified when it was made and its certificate names host. */
+bool io_starttls_client_resume(struct io *io, SSL_CTX *ctx, const char *host,
+                               SSL_SESSION *resume, char *err, size_t n);
+/* Whether the TLS session in use was resumed rather than newly made. */
+bool io_tls_resumed(const struct io *io);
 /* "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)", or "" */
 void io_tls_info(const struct io *io, char *buf, size_t n);
 
-/* TLS 1.2 minimum contexts. Return NULL with a reason in err. */
+/* TLS 1.2 minimum contexts. Return NULL with a reason in err.  Server
+ * contexts issue session tickets (common/tls_ticket.h). */
 SSL_CTX *tls_server_ctx(const char *cert_file, const char *key_file,
                         char *err, size_t n);
 SSL_CTX *tls_client_ctx(const char *ca_file, char *err, size_t n);

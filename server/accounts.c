@@ -1,8 +1,10 @@
 /* accounts.c - the GDBM account and domain database (format in accounts.h).
  *
- * Every operation opens the file, does its work and closes it again, so the
- * GDBM lock is held for milliseconds and a running odmrd sees odmrctl's
- * changes at its next lookup.  GDBM locks are non-blocking: an open that
+ * Writers and listings open the file, do their work and close it again;
+ * the two lookups of a poll (password, domain owner) reuse a handle kept
+ * open but unlocked between calls (see "kept open" below).  Either way
+ * the GDBM lock is held for milliseconds and a running odmrd sees
+ * odmrctl's changes at its next lookup.  GDBM locks are non-blocking: an open that
  * meets a writer's lock fails at once, so opens are retried with short
  * sleeps for a bounded time before giving up with ACCT_TEMPFAIL.
  *
@@ -16,12 +18,16 @@
 #include "accounts_db.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <gdbm.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "../common/addr.h"
 #include "../common/idna.h"
@@ -453,16 +459,191 @@ static enum acct_result read_entries(const char *db, const char *prefix,
 
 /* ------------------------------------------------------------ readers */
 
-/* One record, read with the file open only for that moment; NULL with *r
- * telling why (ACCT_NOTFOUND, ACCT_NODB, ...). */
+/* ------------------------------------------------------------ kept open */
+
+/* A session worker looks up a password and domain owners in every poll;
+ * opening the file each time was about an eighth of a poll.  So one read
+ * handle stays open between lookups, under these rules:
+ *
+ *  - It is opened with GDBM_NOLOCK and locked (flock, shared, as GDBM's
+ *    own readers do) only for the moment of a lookup, so an idle handle
+ *    never blocks odmrctl's writer.
+ *  - Under that lock, the file's identity (stat of the path: dev, inode,
+ *    size, mtime, ctime) is compared with the one it had at open; any
+ *    difference (odmrctl changed it in place, or it was replaced) means
+ *    a fresh open.  ctime cannot be set back by utime(), so a copy that
+ *    keeps old timestamps is noticed too.
+ *  - File times have the kernel's coarse clock granularity: a change made
+ *    within the same tick as the open could keep them equal.  A handle
+ *    whose file was changed less than KEPT_SETTLE_S before the open is
+ *    therefore used once only.
+ *  - GDBM_NOMMAP: a file someone truncates under us yields read errors,
+ *    not SIGBUS.  A forked child never uses its parent's handle (the file
+ *    offset and the flock are shared with the parent); it opens its own.
+ *  - Where flock is not available the old open-per-lookup path is used. */
+#define KEPT_SETTLE_S 2
+
+static struct {
+    char path[PATH_MAX];
+    GDBM_FILE dbf;
+    struct stat st;          /* the file as it was at open */
+    pid_t pid;               /* the process that opened it */
+    bool reusable;           /* its times were settled at open */
+    bool no_flock;           /* flock failed: open per lookup */
+} kept;
+
+static bool same_file(const struct stat *a, const struct stat *b)
+{
+    return a->st_dev == b->st_dev && a->st_ino == b->st_ino &&
+           a->st_size == b->st_size &&
+           a->st_mtim.tv_sec == b->st_mtim.tv_sec &&
+           a->st_mtim.tv_nsec == b->st_mtim.tv_nsec &&
+           a->st_ctim.tv_sec == b->st_ctim.tv_sec &&
+           a->st_ctim.tv_nsec == b->st_ctim.tv_nsec;
+}
+
+static void kept_drop(void)
+{
+    if (kept.dbf)
+        gdbm_close(kept.dbf);
+    kept.dbf = NULL;
+}
+
+/* Shared lock on fd, waiting out a writer as acctdb_open does.  ACCT_OK,
+ * ACCT_TEMPFAIL, or ACCT_NODB when flock does not work here at all. */
+static enum acct_result lock_shared(const char *db, int fd)
+{
+    long waited = 0, step = LOCK_WAIT_FIRST_MS;
+
+    while (flock(fd, LOCK_SH | LOCK_NB) != 0) {
+        if (errno == EINTR)
+            continue;
+        if (errno != EWOULDBLOCK)
+            return ACCT_NODB;
+        if (waited >= LOCK_WAIT_TOTAL_MS) {
+            log_warn("accounts database %s: still locked after %ld ms",
+                     db, waited);
+            return ACCT_TEMPFAIL;
+        }
+        sleep_ms(step);
+        waited += step;
+        step = step * 2 > LOCK_WAIT_STEP_MAX_MS ? LOCK_WAIT_STEP_MAX_MS : step * 2;
+    }
+    return ACCT_OK;
+}
+
+static enum acct_result open_errno(const char *db, int err)
+{
+    if (err == ENOENT || err == ENOTDIR)
+        return ACCT_NODB;
+    log_err("accounts database %s: %s", db, strerror(err));
+    return err == EACCES || err == EPERM ? ACCT_PERM : ACCT_TEMPFAIL;
+}
+
+/* Opens db into kept, returning with the shared lock held; kept.dbf is
+ * NULL with ACCT_OK for an empty file (no entries, and not kept). */
+static enum acct_result kept_open(const char *db)
+{
+    int fd = open(db, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return open_errno(db, errno);
+    enum acct_result r = lock_shared(db, fd);
+    if (r != ACCT_OK) {
+        kept.no_flock = r == ACCT_NODB;
+        close(fd);
+        return r == ACCT_NODB ? ACCT_TEMPFAIL : r;
+    }
+    if (fstat(fd, &kept.st) != 0) {
+        int err = errno;
+        close(fd);
+        return open_errno(db, err);
+    }
+    if (kept.st.st_size == 0) {   /* a writer is creating it: no entries */
+        close(fd);
+        return ACCT_OK;
+    }
+    kept.dbf = gdbm_fd_open(fd, db, 0, GDBM_READER | GDBM_NOLOCK |
+                                           GDBM_NOMMAP | GDBM_CLOEXEC, NULL);
+    if (!kept.dbf) {
+        int gerr = gdbm_errno, err = errno;
+        close(fd);
+        return gerr == GDBM_EMPTY_DATABASE ? ACCT_OK
+                                           : open_failure(db, gerr, err);
+    }
+    kept.pid = getpid();
+    kept.reusable = time(NULL) - kept.st.st_ctim.tv_sec >= KEPT_SETTLE_S;
+    return ACCT_OK;
+}
+
+/* Whether the open handle still shows db as it is now; takes the shared
+ * lock first, so that no writer is halfway through. */
+static bool kept_current(const char *db)
+{
+    struct stat now;
+
+    if (!kept.dbf || !kept.reusable || kept.pid != getpid() ||
+        strcmp(kept.path, db) != 0)
+        return false;
+    if (lock_shared(db, gdbm_fdesc(kept.dbf)) != ACCT_OK)
+        return false;
+    if (stat(db, &now) == 0 && same_file(&now, &kept.st))
+        return true;
+    flock(gdbm_fdesc(kept.dbf), LOCK_UN);
+    return false;
+}
+
+/* The kept handle for db, locked shared: release with kept_release.
+ * *dbf is NULL with ACCT_OK for an empty database. */
+static enum acct_result kept_acquire(const char *db, GDBM_FILE *dbf)
+{
+    *dbf = NULL;
+    if (kept_current(db)) {
+        *dbf = kept.dbf;
+        return ACCT_OK;
+    }
+    if (kept.dbf && kept.pid != getpid())
+        kept.dbf = NULL;   /* the parent's: leave its file alone */
+    kept_drop();
+    if (!str_copy(kept.path, db, sizeof kept.path))
+        return open_errno(db, ENAMETOOLONG);
+    enum acct_result r = kept_open(db);
+    *dbf = kept.dbf;
+    return r;
+}
+
+static void kept_release(void)
+{
+    if (!kept.dbf)
+        return;
+    flock(gdbm_fdesc(kept.dbf), LOCK_UN);
+    if (!kept.reusable)
+        kept_drop();
+}
+
+/* One record; NULL with *r telling why (ACCT_NOTFOUND, ACCT_NODB, ...). */
 static char *read_record(const char *db, const char *key, size_t *len,
                          enum acct_result *r)
 {
     GDBM_FILE dbf;
+    char *value;
+
+    if (!kept.no_flock) {
+        *r = kept_acquire(db, &dbf);
+        if (!kept.no_flock) {
+            if (*r != ACCT_OK)
+                return NULL;
+            value = acctdb_fetch(db, dbf, key, len, r);
+            kept_release();
+            return value;
+        }
+        log_warn("accounts database %s: flock does not work here; opening "
+                 "the file for each lookup", db);
+    }
+    /* open per lookup, with GDBM's own locking */
     *r = acctdb_open(db, DB_READ, &dbf);
     if (*r != ACCT_OK)
         return NULL;
-    char *value = acctdb_fetch(db, dbf, key, len, r);
+    value = acctdb_fetch(db, dbf, key, len, r);
     acctdb_close_reader(dbf);
     return value;
 }

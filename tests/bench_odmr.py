@@ -37,7 +37,12 @@ imports this module and lists its benchmarks in BENCHMARKS).
                  splits the machine's CPU time between odmrd, the clients
                  and other processes and says which one was the limit).
   odmr-polls-tls the same with STARTTLS (self-signed RSA 2048 certificate,
-                 not verified; a full handshake per poll) before AUTH.
+                 not verified) before AUTH, twice against the same odmrd
+                 and customers: a full handshake per poll, then every
+                 poll resuming the customer's previous TLS session (its
+                 ticket, as odmr-fetch keeps it between runs; each
+                 customer's first, unmeasured poll makes one).  Reports
+                 both and odmrd's CPU per poll full / resumed.
 
 Needs fetchmail, smtp-sink, smtp-source and openssl.  Only 127.0.0.1 is
 used.  Every process is started through the harness Env (own session,
@@ -168,11 +173,12 @@ class Conn:
                 line.split()[0].decode(), want, b" / ".join(lines)))
         return code, lines
 
-    def starttls(self, tls_ctx):
+    def starttls(self, tls_ctx, session=None):
         self.cmd(b"STARTTLS", 220)
         if self.buf:
             raise BenchError("data after the 220 to STARTTLS")
-        self.sock = tls_ctx.wrap_socket(self.sock, server_hostname="mx.test")
+        self.sock = tls_ctx.wrap_socket(self.sock, server_hostname="mx.test",
+                                        session=session)
 
     def close(self):
         try:
@@ -188,8 +194,10 @@ def cram_md5_answer(reply_line, user, password):
     return base64.b64encode(("%s %s" % (user, digest)).encode())
 
 
-def login(port, tls_ctx=None, user=USER, password=PASSWORD):
-    """Connected, greeted, EHLO (STARTTLS + EHLO), AUTH CRAM-MD5 done."""
+def login(port, tls_ctx=None, user=USER, password=PASSWORD, tls_state=None):
+    """Connected, greeted, EHLO (STARTTLS + EHLO), AUTH CRAM-MD5 done.
+    tls_state (a dict): offer its "session", keep the new one there and
+    count resumed handshakes in "resumed"."""
     c = Conn(port)
     try:
         code, lines = c.reply()
@@ -199,8 +207,12 @@ def login(port, tls_ctx=None, user=USER, password=PASSWORD):
         if tls_ctx is not None:
             if not any(l[4:].upper() == b"STARTTLS" for l in lines):
                 raise BenchError("STARTTLS not offered: %r" % lines)
-            c.starttls(tls_ctx)
+            c.starttls(tls_ctx, tls_state.get("session") if tls_state
+                       else None)
             c.cmd(b"EHLO customer.test", 250)
+            if tls_state is not None:   # TLS 1.3: the ticket came by now
+                tls_state["resumed"] += c.sock.session_reused
+                tls_state["session"] = c.sock.session
         code, lines = c.cmd(b"AUTH CRAM-MD5", 334)
         c.cmd(cram_md5_answer(lines[0], user, password), 235)
     except BaseException:
@@ -671,8 +683,8 @@ def customer_account(i):
     return "cust%02d" % i, "cust%02d.example.net" % i
 
 
-def one_poll(port, tls_ctx, user, domain):
-    c = login(port, tls_ctx, user, PASSWORD)
+def one_poll(port, tls_ctx, user, domain, tls_state=None):
+    c = login(port, tls_ctx, user, PASSWORD, tls_state)
     try:
         code, lines = c.cmd(b"ATRN " + domain.encode())
         if code != 453:
@@ -682,12 +694,30 @@ def one_poll(port, tls_ctx, user, domain):
         c.close()
 
 
-def _poll_process(port, use_tls, counts, start, deadline, conn):
-    """A client process: one thread per (user, domain, polls) of counts.
-    Sends back (latencies, errors, cpu seconds)."""
+def _prime_sessions(port, tls_ctx, counts):
+    """One unmeasured poll per customer, for a TLS session to resume."""
+    states = {}
+    for user, domain, _ in counts:
+        states[user] = {"session": None, "resumed": 0}
+        one_poll(port, tls_ctx, user, domain, states[user])
+        states[user]["resumed"] = 0
+    return states
+
+
+def _poll_process(port, tls_mode, counts, ready, start, deadline, conn):
+    """A client process: one thread per (user, domain, polls) of counts;
+    tls_mode None, "full" or "resumed".  Sends back (latencies, errors,
+    cpu seconds, resumed handshakes)."""
     lat, errors = [], []
     lock = threading.Lock()
-    tls_ctx = _tls_client_ctx() if use_tls else None
+    tls_ctx = _tls_client_ctx() if tls_mode else None
+    states = {}
+    try:
+        if tls_mode == "resumed":
+            states = _prime_sessions(port, tls_ctx, counts)
+    except (OSError, BenchError, ValueError) as e:
+        errors.append("priming: %s: %s" % (type(e).__name__, e))
+    ready.release()
 
     def customer(user, domain, k):
         mine, err = [], None
@@ -697,7 +727,7 @@ def _poll_process(port, use_tls, counts, start, deadline, conn):
                 break
             t0 = time.perf_counter()
             try:
-                one_poll(port, tls_ctx, user, domain)
+                one_poll(port, tls_ctx, user, domain, states.get(user))
             except (OSError, BenchError, ValueError) as e:
                 err = "%s: %s" % (type(e).__name__, e)
                 break
@@ -710,20 +740,24 @@ def _poll_process(port, use_tls, counts, start, deadline, conn):
     threads = [threading.Thread(target=customer, args=job, daemon=True)
                for job in counts]
     start.wait(60)
+    cpu0 = sum(os.times()[:2])
     for t in threads:
         t.start()
     for t in threads:
         t.join(max(1, deadline - time.monotonic() + 5))
     tm = os.times()
     try:
-        conn.send((lat, errors, tm.user + tm.system))
+        conn.send((lat, errors, tm.user + tm.system - cpu0,
+                   sum(st["resumed"] for st in states.values())))
     finally:
         conn.close()
 
 
-def poll_storm(ctx, od, polls, customers, procs, use_tls):
+def poll_storm(ctx, od, polls, customers, procs, tls_mode, probe=None):
     """Runs the storm; returns (wall, latencies, errors, client cpu,
-    busy jiffies of the machine)."""
+    busy jiffies of the machine, resumed handshakes, (probe() before,
+    probe() after)): probe runs once the clients are ready to start and
+    again when they are done."""
     mp = multiprocessing.get_context("fork")
     per_customer = [customer_account(i) +
                     (polls // customers + (1 if i < polls % customers else 0),)
@@ -731,48 +765,51 @@ def poll_storm(ctx, od, polls, customers, procs, use_tls):
     per_customer = [job for job in per_customer if job[2]]
     groups = [per_customer[i::procs] for i in range(procs)]
     groups = [g for g in groups if g]
-    start = mp.Event()
+    start, ready = mp.Event(), mp.Semaphore(0)
     deadline = time.monotonic() + POLL_TIMEOUT
     children = []
     try:
         for g in groups:
             rd, wr = mp.Pipe(duplex=False)
             p = mp.Process(target=_poll_process,
-                           args=(od.env.odmr_port, use_tls, g, start,
+                           args=(od.env.odmr_port, tls_mode, g, ready, start,
                                  deadline, wr), daemon=True)
             p.start()
             wr.close()
             children.append((p, rd))
+        for _ in children:    # primed (resumed mode) and started
+            if not ready.acquire(timeout=max(1, deadline - time.monotonic())):
+                raise BenchError("a poll client process did not get ready")
         time.sleep(0.2)       # let the processes get to start.wait()
+        before = probe() if probe else None
         m0, _ = machine_cpu()
         t0 = time.monotonic()
         start.set()
-        lat, errors, ccpu = [], [], 0.0
+        lat, errors, ccpu, resumed = [], [], 0.0, 0
         for p, rd in children:
             if not rd.poll(max(1, deadline - time.monotonic() + 10)):
                 raise BenchError("a poll client process did not report "
                                  "within %ds" % POLL_TIMEOUT)
-            l, e, c = rd.recv()
+            l, e, c, r = rd.recv()
             lat.extend(l)
             errors.extend(e)
             ccpu += c
+            resumed += r
         wall = time.monotonic() - t0
         m1, _ = machine_cpu()
+        after = probe() if probe else None
     finally:
         for p, rd in children:
             if p.is_alive():
                 p.kill()
             p.join(5)
             rd.close()
-    return wall, lat, errors, ccpu, m1 - m0
+    return wall, lat, errors, ccpu, m1 - m0, resumed, (before, after)
 
 
-def bench_polls(ctx, use_tls=False):
+def polls_odmrd(ctx, customers):
+    """An odmrd with a certificate and one account + domain per customer."""
     need("openssl")
-    polls, customers = ctx.args.polls, ctx.args.customers
-    ncpu = os.cpu_count() or 1
-    procs = ctx.args.poll_procs or min(customers, max(2, ncpu))
-    name = "odmr-polls%s c=%d" % (" STARTTLS" if use_tls else "", customers)
     od = Odmrd(ctx, domain=DOMAIN, user=USER,
                max_connections_per_ip=str(max(100, 2 * customers)))
     try:
@@ -789,37 +826,12 @@ def bench_polls(ctx, use_tls=False):
     od.start()
     if all_e_files(od) != 0:
         raise BenchError("the queue is not empty")
+    return od
 
-    # warm-up: one poll per customer, so that the session processes exist
-    _, _, errors, _, _ = poll_storm(ctx, od, customers, customers, procs,
-                                    use_tls)
-    if errors:
-        raise BenchError("warm-up: %d customers failed, e.g. %s"
-                         % (len(errors), errors[0]))
-    mark = len(od.env.log())
-    cpu0, m0 = quiet_cpu(od)
-    wall, lat, errors, ccpu, mbusy = poll_storm(ctx, od, polls, customers,
-                                                procs, use_tls)
-    cpu1, m1 = quiet_cpu(od)
-    if errors:
-        raise BenchError("%d of %d customers failed, e.g. %s\n%s"
-                         % (len(errors), customers, errors[0],
-                            od.log_tail(10)))
-    if len(lat) != polls:
-        raise BenchError("%d polls done, expected %d" % (len(lat), polls))
-    log = od.env.log()[mark:]
-    ends = log.count("disconnect from ")
-    if ends < polls:
-        raise BenchError("odmrd logged %d session ends for %d polls"
-                         % (ends, polls))
-    # session processes that served the storm (forked or reused)
-    spids = set(re.findall(r"odmrd\[(\d+)\]: connect from ", log))
-    rate = polls / wall
-    od_cpu = cpu1 - cpu0
-    lat.sort()
-    p50 = lat[len(lat) // 2] * 1000
-    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
-    cap = wall * ncpu
+
+def cpu_shares(wall, mbusy, od_cpu, ccpu):
+    """The note on who used the machine's CPUs, and what limited the rate."""
+    cap = wall * (os.cpu_count() or 1)
     busy = mbusy / CLK_TCK / cap
     od_share, cl_share = od_cpu / cap, ccpu / cap
     other = max(0.0, busy - od_share - cl_share)
@@ -835,22 +847,83 @@ def bench_polls(ctx, use_tls=False):
                  "polls/s is a lower bound for odmrd")
     else:
         limit = "CPU-bound, odmrd the larger part"
-    ctx.info("%d polls in %.2fs: %.1f polls/s, p50 %.1f ms, p99 %.1f ms, "
+    return shares, limit
+
+
+def measure_polls(ctx, od, name, tls_mode, procs):
+    """One measured storm; returns (rows, odmrd CPU seconds per poll)."""
+    polls, customers = ctx.args.polls, ctx.args.customers
+    mark = len(od.env.log())
+    wall, lat, errors, ccpu, mbusy, resumed, (before, after) = poll_storm(
+        ctx, od, polls, customers, procs, tls_mode, probe=lambda: quiet_cpu(od))
+    (cpu0, m0), (cpu1, m1) = before, after
+    if errors:
+        raise BenchError("%d of %d customers failed, e.g. %s\n%s"
+                         % (len(errors), customers, errors[0],
+                            od.log_tail(10)))
+    if len(lat) != polls:
+        raise BenchError("%d polls done, expected %d" % (len(lat), polls))
+    if tls_mode == "resumed" and resumed < polls:
+        raise BenchError("only %d of %d polls resumed their TLS session"
+                         % (resumed, polls))
+    log = od.env.log()[mark:]
+    ends = log.count("disconnect from ")
+    if ends < polls:
+        raise BenchError("odmrd logged %d session ends for %d polls"
+                         % (ends, polls))
+    # session processes that served the storm (forked or reused)
+    spids = set(re.findall(r"odmrd\[(\d+)\]: connect from ", log))
+    rate = polls / wall
+    od_cpu = cpu1 - cpu0
+    lat.sort()
+    p50 = lat[len(lat) // 2] * 1000
+    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
+    shares, limit = cpu_shares(wall, mbusy, od_cpu, ccpu)
+    ctx.info("%s: %d polls in %.2fs: %.1f polls/s, p50 %.1f ms, p99 %.1f ms, "
              "odmrd CPU %.2fs (master %.2fs, %d session processes), client "
-             "CPU %.2fs in %d processes; %s" % (
-                 polls, wall, rate, p50, p99, od_cpu, m1 - m0, len(spids),
-                 ccpu, procs, shares))
+             "CPU %.2fs in %d processes; %d resumed; %s" % (
+                 name, polls, wall, rate, p50, p99, od_cpu, m1 - m0,
+                 len(spids), ccpu, procs, resumed, shares))
+    tls_steps = {None: "", "full": "STARTTLS (full handshake), EHLO, ",
+                 "resumed": "STARTTLS (resumed session), EHLO, "}[tls_mode]
     return [
         Row(name, "polls/s", "%.1f" % rate, "polls/s",
             "%d polls: connect, EHLO, %sAUTH CRAM-MD5, ATRN 453, QUIT; "
-            "latency p50 %.1f ms, p99 %.1f ms" % (
-                polls, "STARTTLS, EHLO, " if use_tls else "", p50, p99)),
+            "latency p50 %.1f ms, p99 %.1f ms" % (polls, tls_steps, p50, p99)),
         Row(name, "odmrd CPU per poll", "%.3f" % (1000 * od_cpu / polls), "ms",
             "master + session processes (master %.3f ms; %d session "
             "processes served the polls)" % (1000 * (m1 - m0) / polls,
                                              len(spids))),
         Row(name, "client CPU per poll", "%.3f" % (1000 * ccpu / polls), "ms",
             "%d client processes; %s; %s" % (procs, shares, limit)),
+    ], od_cpu / polls
+
+
+def bench_polls(ctx, use_tls=False):
+    customers = ctx.args.customers
+    ncpu = os.cpu_count() or 1
+    procs = ctx.args.poll_procs or min(customers, max(2, ncpu))
+    od = polls_odmrd(ctx, customers)
+    tls_mode = "full" if use_tls else None
+    # warm-up: one poll per customer, so that the session processes exist
+    errors = poll_storm(ctx, od, customers, customers, procs, tls_mode)[2]
+    if errors:
+        raise BenchError("warm-up: %d customers failed, e.g. %s"
+                         % (len(errors), errors[0]))
+    name = "odmr-polls%s c=%d" % (" STARTTLS" if use_tls else "", customers)
+    rows, full = measure_polls(ctx, od, name, tls_mode, procs)
+    if not use_tls:
+        return rows
+    # The same odmrd and customers, each poll resuming the session of the
+    # customer's previous one (issue 12: at least halve odmrd's CPU).
+    name_r = "odmr-polls STARTTLS resumed c=%d" % customers
+    rows_r, resumed = measure_polls(ctx, od, name_r, "resumed", procs)
+    ratio = full / resumed if resumed > 0 else float("inf")
+    return rows + rows_r + [
+        Row(name_r, "odmrd CPU full / resumed", "%.2f" % ratio, "x",
+            "same run, same odmrd: %.3f ms per poll with a full handshake, "
+            "%.3f ms resumed (goal: at least 2x)" % (1000 * full,
+                                                      1000 * resumed)),
     ]
 
 

@@ -1,0 +1,287 @@
+/* tls_cache.c - the TLS session kept between odmr-fetch runs.
+ *
+ * Guarantee: a saved session is offered only to the server name and port
+ * it was made with, and only while everything its certificate check
+ * depended on is unchanged (server name, port, --tls mode, the CA file's
+ * path, inode, size and mtime, or the system trust store's); anything
+ * else, and any file that does not parse, is deleted and costs one full
+ * handshake, never a failed run.  The file sits next to the run lock,
+ * mode 0600, owned by us, replaced atomically (temporary file + rename);
+ * the run lock serialises writers.  It is a cache: not fsynced, since a
+ * torn file after a crash is just one more full handshake.
+ *
+ * Format (text):
+ *   odmr-fetch TLS session 1
+ *   verify <SHA-256 hex of the verification settings>
+ *   -----BEGIN SSL SESSION PARAMETERS----- ... (PEM_write_SSL_SESSION)
+ */
+#include "fetch.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
+#define CACHE_MAGIC "odmr-fetch TLS session 1\n"
+#define CACHE_VERIFY "verify "
+#define CACHE_FILE_MAX 65536
+
+/* ---- where, and what verification depended on ------------------------ */
+
+/* <lock file without ".lock">.tls-<server>-<port>: private wherever the
+ * lock is, and one file per provider. */
+static bool cache_path(const struct fetch_conf *c, char *buf, size_t n)
+{
+    char host[FETCH_HOST_MAX];
+    size_t len = strlen(c->lock_file);
+
+    if (len >= 5 && !strcmp(c->lock_file + len - 5, ".lock"))
+        len -= 5;
+    size_t i = 0;
+    for (; c->server[i] && i + 1 < sizeof host; i++) {
+        char ch = c->server[i];
+        bool plain = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+                     (ch >= '0' && ch <= '9') || ch == '.' || ch == '-';
+        host[i] = plain ? ch : '_';
+    }
+    host[i] = '\0';
+    return str_fmt(buf, n, "%.*s.tls-%s-%u", (int)len, c->lock_file, host,
+                   c->port);
+}
+
+/* "path:dev:ino:size:mtime" of a trust file (or "path:absent"). */
+static void describe_file(const char *path, char *buf, size_t n)
+{
+    struct stat st;
+
+    if (!path || stat(path, &st) != 0) {
+        snprintf(buf, n, "%s:absent", path ? path : "");
+        return;
+    }
+    snprintf(buf, n, "%s:%lu:%lu:%lld:%lld.%09ld", path,
+             (unsigned long)st.st_dev, (unsigned long)st.st_ino,
+             (long long)st.st_size, (long long)st.st_mtim.tv_sec,
+             st.st_mtim.tv_nsec);
+}
+
+static bool settings_hash(const struct fetch_conf *c, char hex[65])
+{
+    char text[3 * PATH_MAX + FETCH_HOST_MAX + 128], a[PATH_MAX + 64],
+        b[PATH_MAX + 64];
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int mdlen = 0;
+
+    if (c->ca_file[0]) {
+        describe_file(c->ca_file, a, sizeof a);
+        snprintf(b, sizeof b, "-");
+    } else {   /* the system store, as SSL_CTX_set_default_verify_paths */
+        describe_file(X509_get_default_cert_file(), a, sizeof a);
+        describe_file(X509_get_default_cert_dir(), b, sizeof b);
+    }
+    /* v1: peer verification with the host name check, partial chains
+     * when a CA file is given (common/io.c tls_client_ctx). */
+    int len = snprintf(text, sizeof text, "v1\nserver=%s\nport=%u\ntls=%d\n"
+                       "ca=%s\nstore=%s\n", c->server, c->port, (int)c->tls,
+                       a, b);
+    if (len < 0 || (size_t)len >= sizeof text ||
+        EVP_Digest(text, (size_t)len, md, &mdlen, EVP_sha256(), NULL) != 1 ||
+        mdlen != 32)
+        return false;
+    for (unsigned i = 0; i < mdlen; i++)
+        snprintf(hex + 2 * i, 3, "%02x", md[i]);
+    return true;
+}
+
+bool tls_cache_init(struct tls_cache *tc, const struct fetch_conf *c)
+{
+    memset(tc, 0, sizeof *tc);
+    tc->verbose = c->verbose;
+    if (!cache_path(c, tc->path, sizeof tc->path) ||
+        !settings_hash(c, tc->settings)) {
+        fprintf(stderr, "odmr-fetch: cannot keep the TLS session (lock file "
+                        "name too long?); every run does a full handshake\n");
+        return false;
+    }
+    tc->ready = true;
+    return true;
+}
+
+void tls_cache_discard(struct tls_cache *tc)
+{
+    if (tc->ready && unlink(tc->path) != 0 && errno != ENOENT)
+        fprintf(stderr, "odmr-fetch: cannot remove TLS session file %s: %s\n",
+                tc->path, strerror(errno));
+}
+
+/* ---- loading ---------------------------------------------------------- */
+
+/* The file into buf (NUL-terminated): 1 read, 0 absent, -1 unusable with
+ * the reason in why. */
+static int read_cache_file(const char *path, char *buf, size_t n,
+                           char *why, size_t wn)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+    if (fd < 0) {
+        if (errno == ENOENT)
+            return 0;
+        snprintf(why, wn, "%s", strerror(errno));
+        return -1;
+    }
+    struct stat st;
+    size_t len = 0;
+    ssize_t r = 0;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) ||
+        st.st_uid != geteuid() || (st.st_mode & 077)) {
+        snprintf(why, wn, "not a private regular file of ours");
+        close(fd);
+        return -1;
+    }
+    while (len + 1 < n && (r = read(fd, buf + len, n - 1 - len)) > 0)
+        len += (size_t)r;
+    close(fd);
+    buf[len] = '\0';
+    if (r < 0 || len + 1 >= n || strlen(buf) != len) {
+        snprintf(why, wn, r < 0 ? "read error" : "too large or binary");
+        return -1;
+    }
+    return 1;
+}
+
+/* The session in text; NULL with why set (corrupt) or *stale set (made
+ * under other verification settings). */
+static SSL_SESSION *parse_cache(const struct tls_cache *tc, const char *text,
+                                bool *stale, const char **why)
+{
+    size_t ml = strlen(CACHE_MAGIC), vl = strlen(CACHE_VERIFY);
+    const char *p = text + ml;
+
+    if (strncmp(text, CACHE_MAGIC, ml) != 0 ||
+        strncmp(p, CACHE_VERIFY, vl) != 0 || strlen(p) < vl + 65 ||
+        p[vl + 64] != '\n') {
+        *why = "not a saved TLS session";
+        return NULL;
+    }
+    if (memcmp(p + vl, tc->settings, 64) != 0) {
+        *stale = true;
+        return NULL;
+    }
+    BIO *bio = BIO_new_mem_buf(p + vl + 65, -1);
+    SSL_SESSION *s = bio ? PEM_read_bio_SSL_SESSION(bio, NULL, NULL, NULL)
+                         : NULL;
+    BIO_free(bio);
+    ERR_clear_error();
+    if (!s)
+        *why = "the session data does not parse";
+    return s;
+}
+
+/* Whether s can be offered now: made by a verified handshake (it names a
+ * peer certificate) and not past its lifetime. */
+static bool still_usable(SSL_SESSION *s)
+{
+    long made = (long)SSL_SESSION_get_time(s);
+    long life = (long)SSL_SESSION_get_timeout(s);
+
+    return SSL_SESSION_is_resumable(s) && SSL_SESSION_get0_peer(s) &&
+           made + life > (long)time(NULL);
+}
+
+SSL_SESSION *tls_cache_load(struct tls_cache *tc)
+{
+    static char text[CACHE_FILE_MAX];
+    char why[128];
+    const char *bad = NULL;
+    bool stale = false;
+
+    if (!tc->ready)
+        return NULL;
+    int r = read_cache_file(tc->path, text, sizeof text, why, sizeof why);
+    if (r == 0)
+        return NULL;
+    SSL_SESSION *s = r > 0 ? parse_cache(tc, text, &stale, &bad) : NULL;
+    if (r < 0)
+        bad = why;
+    if (s && still_usable(s))
+        return s;
+    if (bad)
+        fprintf(stderr, "odmr-fetch: ignoring TLS session file %s: %s; "
+                        "doing a full handshake\n", tc->path, bad);
+    else if (tc->verbose)
+        fprintf(stderr, "odmr-fetch: saved TLS session %s; discarding it\n",
+                stale ? "was made under other verification settings"
+                      : "has expired");
+    SSL_SESSION_free(s);
+    tls_cache_discard(tc);
+    return NULL;
+}
+
+/* ---- saving ----------------------------------------------------------- */
+
+static bool write_atomically(const char *path, const char *data, size_t len)
+{
+    char tmp[PATH_MAX + 16];
+
+    if (!str_fmt(tmp, sizeof tmp, "%s.XXXXXX", path)) {
+        errno = ENAMETOOLONG;
+        return false;
+    }
+    int fd = mkstemp(tmp);   /* O_EXCL, mode 0600 */
+    if (fd < 0)
+        return false;
+    bool ok = fchmod(fd, 0600) == 0 && write_all(fd, data, len);
+    ok = close(fd) == 0 && ok;
+    if (ok && rename(tmp, path) == 0)
+        return true;
+    int e = errno;
+    unlink(tmp);
+    errno = e;
+    return false;
+}
+
+static void save_session(const struct tls_cache *tc, SSL_SESSION *sess)
+{
+    BIO *mem = BIO_new(BIO_s_mem());
+    char *data = NULL;
+    bool ok = mem && BIO_puts(mem, CACHE_MAGIC) > 0 &&
+              BIO_printf(mem, "%s%s\n", CACHE_VERIFY, tc->settings) > 0 &&
+              PEM_write_bio_SSL_SESSION(mem, sess) == 1;
+    long len = ok ? BIO_get_mem_data(mem, &data) : 0;
+
+    ERR_clear_error();
+    errno = 0;
+    if (!ok || len <= 0 || !write_atomically(tc->path, data, (size_t)len))
+        fprintf(stderr, "odmr-fetch: cannot save TLS session to %s: %s\n",
+                tc->path, errno ? strerror(errno) : "cannot encode it");
+    BIO_free(mem);
+}
+
+/* TLS 1.3 sends tickets after the handshake, so sessions are collected
+ * here, whenever OpenSSL has one, rather than after SSL_connect. */
+static int new_session(SSL *ssl, SSL_SESSION *sess)
+{
+    struct tls_cache *tc = SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl));
+
+    if (tc && tc->ready && SSL_get_verify_result(ssl) == X509_V_OK &&
+        SSL_get0_peer_certificate(ssl) && SSL_SESSION_is_resumable(sess))
+        save_session(tc, sess);
+    return 0;   /* not kept: OpenSSL frees it */
+}
+
+void tls_cache_attach(struct tls_cache *tc, SSL_CTX *ctx)
+{
+    if (!tc->ready)
+        return;
+    SSL_CTX_set_app_data(ctx, tc);
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT |
+                                            SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(ctx, new_session);
+}
