@@ -5,7 +5,10 @@
  * buffered and leave before the next read that would wait - common/io),
  * SIZE, 8BITMIME, ENHANCEDSTATUSCODES, and DSN and SMTPUTF8 only when the
  * delivery target can honour them (target.h).  Every transaction is
- * relayed to the target as it arrives; the message data is streamed
+ * relayed to the target as it arrives: a MAIL with the RCPTs and DATA
+ * that came in the same read goes on as one group (target_group), so an
+ * SMTP or LMTP site that pipelines costs one round trip for all of them,
+ * with the replies in the order of the commands.  The message data is streamed
  * through in pieces of at most DATA_PIECE bytes, so memory never depends
  * on message size or line length.
  *
@@ -139,6 +142,8 @@ static bool mail_params_offered(struct rx *x, const struct mail_args *m)
            (x->esmtp || (!m->size && m->body == BODY_UNSPEC && !dsn_used));
 }
 
+static bool mail_group(struct rx *x);
+
 static void do_mail(struct rx *x, const char *arg)
 {
     struct smtp_err err;
@@ -166,29 +171,55 @@ static void do_mail(struct rx *x, const char *arg)
         count_reply(x, 552);
         return;
     }
+    if (x->t.ops->group && mail_group(x))
+        return;
     x->t.ops->mail(&x->t, &x->mail, &r);
     send_reply(x, &r);
     x->in_mail = r.code / 100 == 2;
     x->nrcpt = 0;
 }
 
+/* The checks of RCPT's argument made here; false with the reply in why.
+ * addr receives the address formatted for the target. */
+static bool rcpt_acceptable(struct rx *x, const char *arg, struct rcpt_args *a,
+                            char addr[ADDR_MAX + 1], char *why, size_t n)
+{
+    struct smtp_err err;
+
+    if (!smtp_parse_rcpt(arg, a, x->esmtp && x->t.caps.smtputf8, &err))
+        str_copy(why, err.reply, n);
+    else if (!x->t.caps.dsn && (a->notify || a->orcpt[0]))
+        str_copy(why, "555 5.5.4 Unsupported parameter", n);
+    else if (!addr_format(&a->to, addr, ADDR_MAX + 1))
+        str_copy(why, "501 5.1.3 Address too long", n);
+    else
+        return true;
+    return false;
+}
+
+/* Passes the target's reply to a RCPT on. */
+static void rcpt_answered(struct rx *x, const char *addr, const struct reply *r)
+{
+    send_reply(x, r);
+    if (r->code / 100 == 2)
+        x->nrcpt++;
+    else
+        fprintf(stderr, "odmr-fetch: recipient <%s> %s: %s\n", addr,
+                r->code / 100 == 4 ? "deferred" : "refused", r->line);
+}
+
 static void do_rcpt(struct rx *x, const char *arg)
 {
     struct rcpt_args a;
-    struct smtp_err err;
     struct reply r;
-    char addr[ADDR_MAX + 1];
+    char addr[ADDR_MAX + 1], why[SMTP_REPLY_LINE_MAX];
 
     if (!x->in_mail) {
         say(x, "503 5.5.1 Need MAIL command");
         return;
     }
-    if (!smtp_parse_rcpt(arg, &a, x->esmtp && x->t.caps.smtputf8, &err)) {
-        say(x, "%s", err.reply);
-        return;
-    }
-    if (!x->t.caps.dsn && (a.notify || a.orcpt[0])) {
-        say(x, "555 5.5.4 Unsupported parameter");
+    if (!rcpt_acceptable(x, arg, &a, addr, why, sizeof why)) {
+        say(x, "%s", why);
         return;
     }
     if (x->nrcpt >= TARGET_RCPT_MAX) {
@@ -196,17 +227,8 @@ static void do_rcpt(struct rx *x, const char *arg)
         send_reply(x, &r);
         return;
     }
-    if (!addr_format(&a.to, addr, sizeof addr)) {
-        say(x, "501 5.1.3 Address too long");
-        return;
-    }
     x->t.ops->rcpt(&x->t, &a, addr, &r);
-    send_reply(x, &r);
-    if (r.code / 100 == 2)
-        x->nrcpt++;
-    else
-        fprintf(stderr, "odmr-fetch: recipient <%s> %s: %s\n", addr,
-                r.code / 100 == 4 ? "deferred" : "refused", r.line);
+    rcpt_answered(x, addr, &r);
 }
 
 /* ---- DATA ------------------------------------------------------------ */
@@ -314,27 +336,50 @@ static void finish_data(struct rx *x, const struct data_state *d)
     }
 }
 
+/* DATA's checks made here; false when answered already. */
+static bool data_acceptable(struct rx *x)
+{
+    if (x->in_mail && x->nrcpt > 0)
+        return true;
+    say(x, x->in_mail ? "554 5.5.1 No valid recipients"
+                      : "503 5.5.1 Need MAIL command");
+    return false;
+}
+
+/* The target's answer to DATA: the data follows only after 354. */
+static bool data_started(struct rx *x, const struct reply *r)
+{
+    if (r->code == 354)
+        return true;
+    send_reply(x, r);
+    end_transaction(x);
+    return false;
+}
+
+static void receive_data(struct rx *x);
+
 static void do_data(struct rx *x, const char *arg)
 {
-    struct data_state d = {.line_start = true, .after_crlf = true,
-                           .target_ok = true};
     struct reply r;
 
     if (*arg) {
         say(x, "501 5.5.4 Syntax: DATA");
         return;
     }
-    if (!x->in_mail || x->nrcpt == 0) {
-        say(x, x->in_mail ? "554 5.5.1 No valid recipients"
-                          : "503 5.5.1 Need MAIL command");
+    if (!data_acceptable(x))
         return;
-    }
     x->t.ops->data(&x->t, &r);
-    if (r.code != 354) {
-        send_reply(x, &r);
-        end_transaction(x);
-        return;
-    }
+    if (data_started(x, &r))
+        receive_data(x);
+}
+
+/* From our 354 to the reply to the final dot. */
+static void receive_data(struct rx *x)
+{
+    struct data_state d = {.line_start = true, .after_crlf = true,
+                           .target_ok = true};
+    struct reply r;
+
     say(x, "354 End data with <CR><LF>.<CR><LF>");
     int st = read_data(x, &d);
     if (st != IO_OK) {
@@ -350,6 +395,120 @@ static void do_data(struct rx *x, const char *arg)
     finish_data(x, &d);
     x->in_mail = false;
     x->nrcpt = 0;
+}
+
+/* ---- pipelined envelopes --------------------------------------------- */
+
+/* Recipients in one group; any further ones follow one by one. */
+#define GROUP_RCPT_MAX 100
+
+struct rcpt_slot {
+    struct rcpt_args args;
+    char addr[ADDR_MAX + 1];
+    char refused[SMTP_REPLY_LINE_MAX];   /* our own reply; "" = sent on */
+};
+
+struct pipelined {
+    struct target_group g;
+    struct rcpt_slot slot[GROUP_RCPT_MAX];
+    struct group_rcpt sent[GROUP_RCPT_MAX];
+    size_t nslot;
+};
+
+/* Copies the next command line out of what has already been read, if
+ * all of it is there.  Only such lines may join a group, so a group never
+ * waits for odmrd, and a line this declines is read as usual later. */
+static bool peek_command(const struct io *io, char *buf, size_t n)
+{
+    const char *p = io->rbuf + io->rpos;
+    const char *nl = memchr(p, '\n', io->rlen - io->rpos);
+    if (!nl)
+        return false;
+    size_t len = (size_t)(nl - p);
+    if (len && p[len - 1] == '\r')
+        len--;
+    if (len + 2 > n || memchr(p, '\0', len))
+        return false;
+    memcpy(buf, p, len);
+    buf[len] = '\0';
+    return true;
+}
+
+/* Takes the line peek_command showed (it is all buffered: no wait). */
+static void take_command(struct rx *x, char *buf, size_t n)
+{
+    if (io_getline(x->io, buf, n, NULL) >= 0)
+        trace_line(WHO, false, buf);
+}
+
+static void add_rcpt(struct rx *x, struct pipelined *p, const char *arg)
+{
+    struct rcpt_slot *sl = &p->slot[p->nslot++];
+
+    sl->refused[0] = '\0';
+    if (rcpt_acceptable(x, arg, &sl->args, sl->addr, sl->refused,
+                        sizeof sl->refused))
+        p->sent[p->g.nrcpt++] = (struct group_rcpt){&sl->args, sl->addr,
+                                                    {0, ""}};
+}
+
+/* The RCPTs and the DATA that follow MAIL in the buffer. */
+static void collect_group(struct rx *x, struct pipelined *p)
+{
+    char line[SMTP_MAILRCPT_LINE_MAX];
+    struct smtp_cmd cmd;
+
+    while (p->nslot < GROUP_RCPT_MAX && peek_command(x->io, line, sizeof line)) {
+        smtp_cmd_parse(line, &cmd);
+        bool data = cmd.verb == SMTP_DATA && cmd.arg && !*cmd.arg;
+        if (!data && (cmd.verb != SMTP_RCPT || !cmd.arg))
+            return;
+        take_command(x, line, sizeof line);
+        if (data) {
+            p->g.data = true;
+            return;
+        }
+        smtp_cmd_parse(line, &cmd);
+        add_rcpt(x, p, cmd.arg);
+    }
+}
+
+/* The replies, in the order of the commands, as one by one. */
+static void answer_group(struct rx *x, struct pipelined *p)
+{
+    size_t k = 0;
+
+    send_reply(x, &p->g.mail_reply);
+    x->in_mail = p->g.mail_reply.code / 100 == 2;
+    x->nrcpt = 0;
+    for (size_t i = 0; i < p->nslot; i++) {
+        const struct rcpt_slot *sl = &p->slot[i];
+        if (!x->in_mail)
+            say(x, "503 5.5.1 Need MAIL command");
+        else if (sl->refused[0])
+            say(x, "%s", sl->refused);
+        else
+            rcpt_answered(x, sl->addr, &p->sent[k].reply);
+        k += !sl->refused[0];
+    }
+    if (p->g.data && data_acceptable(x) && data_started(x, &p->g.data_reply))
+        receive_data(x);
+}
+
+/* MAIL (checked already) with whatever was pipelined behind it; false
+ * when nothing was, and MAIL goes on alone. */
+static bool mail_group(struct rx *x)
+{
+    static struct pipelined p;
+
+    p.nslot = 0;
+    p.g = (struct target_group){.mail = &x->mail, .rcpt = p.sent};
+    collect_group(x, &p);
+    if (p.nslot == 0 && !p.g.data)
+        return false;
+    x->t.ops->group(&x->t, &p.g);
+    answer_group(x, &p);
+    return true;
 }
 
 /* ---- the command loop ------------------------------------------------ */

@@ -15,6 +15,11 @@
  *                    abort = true throws the message away (bare CR/LF)
  *   target_reset     RSET / transaction abandoned
  *   target_close     QUIT towards the target, free everything
+ *   target_group     optional: MAIL, RCPTs and DATA that odmrd pipelined,
+ *                    passed on as one group where the target takes
+ *                    pipelining (RFC 2920), with the replies the separate
+ *                    calls would have given; saves the round trips to the
+ *                    site's server that would otherwise follow each other
  *
  * Replies are complete SMTP reply lines with an enhanced status code.  A
  * target never answers 421 (that code would mean *we* close odmrd's
@@ -54,6 +59,26 @@ struct target_caps {
 
 struct target;
 
+/* One recipient of a group: reply receives the target's answer. */
+struct group_rcpt {
+    const struct rcpt_args *args;
+    const char *addr;                 /* formatted, as for target_rcpt */
+    struct reply reply;
+};
+
+/* MAIL, the recipients and, when data is true, DATA.  After it, unless
+ * the MAIL and at least one RCPT were accepted and DATA got 354, the
+ * target is not in the data: it answered anything but 354 or took an
+ * empty message back (a server may say 354 with no recipient, RFC 2920
+ * 3.1), and data_reply says which. */
+struct target_group {
+    const struct mail_args *mail;
+    struct group_rcpt *rcpt;
+    size_t nrcpt;
+    bool data;
+    struct reply mail_reply, data_reply;
+};
+
 struct target_ops {
     bool (*open)(struct target *t, char *err, size_t n);
     void (*mail)(struct target *t, const struct mail_args *m, struct reply *r);
@@ -64,6 +89,7 @@ struct target_ops {
     void (*end)(struct target *t, bool abort, struct reply *r);
     void (*reset)(struct target *t);
     void (*close)(struct target *t);
+    void (*group)(struct target *t, struct target_group *g);   /* or NULL */
 };
 
 struct target {

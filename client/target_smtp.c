@@ -1,9 +1,11 @@
 /* target_smtp.c - smtp:HOST:PORT, lmtp:HOST:PORT and lmtp:/socket.
  *
- * Each of odmrd's commands is relayed to the site's server in lock step
- * and its reply handed back, so RCPT replies are the local server's own
- * and the 250 after the data is given only after the local server
- * accepted the final dot.  The data is streamed through (dot-stuffed
+ * Each of odmrd's commands is relayed to the site's server and its reply
+ * handed back, so RCPT replies are the local server's own and the 250
+ * after the data is given only after the local server accepted the final
+ * dot.  A MAIL that odmrd pipelined with its RCPTs and DATA goes on as one
+ * group when the site offers PIPELINING (one round trip instead of one
+ * per command), otherwise in lock step.  The data is streamed through (dot-stuffed
  * again on the way out); only the connection's buffers are held.
  *
  * LMTP answers the data once per recipient, odmrd can take only one
@@ -36,6 +38,7 @@ struct smtp_target {
     bool in_tx;                   /* MAIL accepted, not ended */
     bool line_start;              /* dot-stuffing state of the data */
     bool failed;                  /* the data could not be written */
+    bool pipelining;              /* the site offered it */
     struct target_caps have;      /* of the current connection */
     char **accepted;              /* LMTP: recipients accepted, in order */
     size_t naccepted;
@@ -97,6 +100,7 @@ static void learn_caps(struct smtp_target *s, const struct smtp_reply *r)
     s->have.eightbit = smtp_ehlo_has(r, "8BITMIME", NULL, 0);
     s->have.smtputf8 = smtp_ehlo_has(r, "SMTPUTF8", NULL, 0);
     s->have.dsn = smtp_ehlo_has(r, "DSN", NULL, 0);
+    s->pipelining = smtp_ehlo_has(r, "PIPELINING", NULL, 0);
     s->have.size = 0;
     if (smtp_ehlo_has(r, "SIZE", size, sizeof size) &&
         parse_ulong(size, ULONG_MAX, &v))
@@ -117,6 +121,7 @@ static bool hello(struct target *t, char *err, size_t n)
         return false;
     }
     memset(&s->have, 0, sizeof s->have);
+    s->pipelining = false;
     if (r.code == 250) {
         learn_caps(s, &r);
         return true;
@@ -234,12 +239,13 @@ static void lost(struct reply *r, const char *when)
                       "%s", when);
 }
 
-static void smtp_mail(struct target *t, const struct mail_args *m,
-                      struct reply *r)
+/* Before a new MAIL: a clean, live connection that still offers what the
+ * transaction needs; false with the reply for MAIL set. */
+static bool ready_for_mail(struct target *t, const struct mail_args *m,
+                           struct reply *r)
 {
     struct smtp_target *s = S(t);
-    struct smtp_reply sr;
-    char line[SMTP_MAILRCPT_LINE_MAX], err[256];
+    char err[256];
 
     if (s->connected && s->in_tx)
         t->ops->reset(t);
@@ -247,12 +253,24 @@ static void smtp_mail(struct target *t, const struct mail_args *m,
      * timeout): one new connection is worth a try. */
     if (!s->connected && !connect_target(t, err, sizeof err)) {
         reply_set(r, 451, "4.4.1 Local mail system unavailable: %.300s", err);
-        return;
+        return false;
     }
     if (m->smtputf8 && !s->have.smtputf8) {
         reply_set(r, 451, "4.3.0 Local mail system no longer offers SMTPUTF8");
-        return;
+        return false;
     }
+    return true;
+}
+
+static void smtp_mail(struct target *t, const struct mail_args *m,
+                      struct reply *r)
+{
+    struct smtp_target *s = S(t);
+    struct smtp_reply sr;
+    char line[SMTP_MAILRCPT_LINE_MAX];
+
+    if (!ready_for_mail(t, m, r))
+        return;
     mail_line(s, m, line, sizeof line);
     if (!talk(s, line, &sr)) {
         lost(r, "after MAIL");
@@ -261,6 +279,25 @@ static void smtp_mail(struct target *t, const struct mail_args *m,
     reply_relay(r, &sr, false);
     s->in_tx = r->code / 100 == 2;
     forget_accepted(s);
+}
+
+/* LMTP answers the data once for each recipient accepted here. */
+static void remember_accepted(struct smtp_target *s, const char *addr,
+                              struct reply *r)
+{
+    if (r->code / 100 != 2)
+        return;
+    char **more = realloc(s->accepted, (s->naccepted + 1) * sizeof *more);
+    char *copy = strdup(addr);
+    if (!more || !copy) {
+        free(copy);
+        if (more)
+            s->accepted = more;
+        reply_set(r, 452, "4.3.0 Out of memory");
+        return;
+    }
+    s->accepted = more;
+    s->accepted[s->naccepted++] = copy;
 }
 
 static void smtp_rcpt(struct target *t, const struct rcpt_args *a,
@@ -280,22 +317,11 @@ static void smtp_rcpt(struct target *t, const struct rcpt_args *a,
         return;
     }
     reply_relay(r, &sr, false);
-    if (r->code / 100 != 2)
-        return;
-    char **more = realloc(s->accepted, (s->naccepted + 1) * sizeof *more);
-    char *copy = strdup(addr);
-    if (!more || !copy) {
-        free(copy);
-        if (more)
-            s->accepted = more;
-        reply_set(r, 452, "4.3.0 Out of memory");
-        return;
-    }
-    s->accepted = more;
-    s->accepted[s->naccepted++] = copy;
+    remember_accepted(s, addr, r);
 }
 
 /* ---- the data -------------------------------------------------------- */
+
 
 static void smtp_data(struct target *t, struct reply *r)
 {
@@ -418,6 +444,140 @@ static void smtp_reset(struct target *t)
     }
 }
 
+/* ---- pipelined groups (RFC 2920) ------------------------------------ */
+
+static void group_unanswered(struct target_group *g, size_t from,
+                             const char *why)
+{
+    for (size_t i = from; i < g->nrcpt; i++)
+        lost(&g->rcpt[i].reply, why);
+    if (g->data)
+        lost(&g->data_reply, why);
+}
+
+/* The site's next reply of the group; false once the connection is gone
+ * (r then says so). */
+static bool group_reply(struct smtp_target *s, struct reply *r,
+                        bool want_354, const char *when)
+{
+    struct smtp_reply sr;
+
+    if (s->connected && talk(s, NULL, &sr)) {
+        reply_relay(r, &sr, want_354);
+        return true;
+    }
+    lost(r, when);
+    return false;
+}
+
+static bool group_send(struct smtp_target *s, const struct target_group *g)
+{
+    char line[SMTP_MAILRCPT_LINE_MAX];
+    bool ok;
+
+    mail_line(s, g->mail, line, sizeof line);
+    ok = net_send(&s->io, WHO, line, NULL);
+    for (size_t i = 0; ok && i < g->nrcpt; i++) {
+        rcpt_line(s, g->rcpt[i].args, g->rcpt[i].addr, line, sizeof line);
+        ok = net_send(&s->io, WHO, line, NULL);
+    }
+    if (ok && g->data)
+        ok = net_send(&s->io, WHO, "DATA", NULL);
+    ok = ok && io_flush(&s->io);
+    if (!ok)
+        disconnect(s);
+    return ok;
+}
+
+/* DATA got 354 but there is nothing to send: an empty message ends the
+ * data state, and the site's reply to it does not matter. */
+static void group_no_data(struct smtp_target *s, struct target_group *g)
+{
+    struct smtp_reply sr;
+
+    if (g->data_reply.code == 354 && !talk(s, ".", &sr))
+        disconnect(s);
+    s->in_tx = s->in_tx && s->connected && g->data_reply.code != 354;
+    if (g->mail_reply.code / 100 != 2)
+        reply_set(&g->data_reply, 503, "5.5.1 Need MAIL command");
+    else
+        reply_set(&g->data_reply, 554, "5.5.1 No valid recipients");
+}
+
+static void group_pipelined(struct target *t, struct target_group *g)
+{
+    struct smtp_target *s = S(t);
+
+    forget_accepted(s);
+    if (!group_send(s, g)) {
+        lost(&g->mail_reply, "after MAIL");
+        group_unanswered(g, 0, "after MAIL");
+        return;
+    }
+    bool ok = group_reply(s, &g->mail_reply, false, "after MAIL");
+    s->in_tx = ok && g->mail_reply.code / 100 == 2;
+    size_t i = 0;
+    for (; ok && i < g->nrcpt; i++) {
+        struct group_rcpt *gr = &g->rcpt[i];
+        ok = group_reply(s, &gr->reply, false, "after RCPT");
+        if (ok && s->in_tx)
+            remember_accepted(s, gr->addr, &gr->reply);
+    }
+    if (!ok) {   /* i: the first recipient without an answer */
+        group_unanswered(g, i, "after RCPT");
+        return;
+    }
+    if (!g->data || !group_reply(s, &g->data_reply, true, "after DATA"))
+        return;
+    if (g->data_reply.code == 354 && s->in_tx && s->naccepted) {
+        s->line_start = true;
+        s->failed = false;
+    } else if (g->data_reply.code == 354 || !s->in_tx || !s->naccepted) {
+        group_no_data(s, g);
+    }
+}
+
+/* Without PIPELINING at the site: the same, one command at a time. */
+static void group_stepwise(struct target *t, struct target_group *g)
+{
+    size_t accepted = 0;
+
+    smtp_mail(t, g->mail, &g->mail_reply);
+    bool in_tx = g->mail_reply.code / 100 == 2;
+    for (size_t i = 0; i < g->nrcpt; i++) {
+        struct group_rcpt *gr = &g->rcpt[i];
+        if (!in_tx) {
+            reply_set(&gr->reply, 503, "5.5.1 Need MAIL command");
+            continue;
+        }
+        smtp_rcpt(t, gr->args, gr->addr, &gr->reply);
+        accepted += gr->reply.code / 100 == 2;
+    }
+    if (!g->data)
+        return;
+    if (in_tx && accepted)
+        smtp_data(t, &g->data_reply);
+    else if (in_tx)
+        reply_set(&g->data_reply, 554, "5.5.1 No valid recipients");
+    else
+        reply_set(&g->data_reply, 503, "5.5.1 Need MAIL command");
+}
+
+static void smtp_group(struct target *t, struct target_group *g)
+{
+    if (!ready_for_mail(t, g->mail, &g->mail_reply)) {
+        for (size_t i = 0; i < g->nrcpt; i++)
+            reply_set(&g->rcpt[i].reply, 503, "5.5.1 Need MAIL command");
+        if (g->data)
+            reply_set(&g->data_reply, 503, "5.5.1 Need MAIL command");
+        return;
+    }
+    if (S(t)->pipelining)
+        group_pipelined(t, g);
+    else
+        group_stepwise(t, g);
+}
+
 static void smtp_close(struct target *t)
 {
     struct smtp_target *s = S(t);
@@ -442,4 +602,5 @@ const struct target_ops target_smtp_ops = {
     .end = smtp_end,
     .reset = smtp_reset,
     .close = smtp_close,
+    .group = smtp_group,
 };

@@ -1066,3 +1066,216 @@ def test_fetch_smtp_into_postfix_smtp_sink(env):
               % (counted(), n))
     finally:
         out.close()
+
+
+# --------------------------------------------------------------------------
+# the relay to the site: pipelined groups (client/target.h target_group)
+
+class ScriptedSite:
+    """An SMTP site for one connection that answers each group of
+    commands only once the whole group has arrived: with pipelining,
+    MAIL's reply waits until DATA (or the last RCPT) is in, so a relay in
+    lock step would stall here (and is reported).  Without PIPELINING it
+    checks the opposite: nothing may follow MAIL or RCPT before their
+    reply.  replies: {command prefix: reply}; data_replies in order."""
+
+    def __init__(self, pipelining=True, replies=None, data_354=None):
+        self.pipelining = pipelining
+        self.replies = replies or {}
+        self.data_354 = data_354 or (lambda accepted: accepted > 0)
+        self.groups = []        # the commands of each group, as received
+        self.messages = []      # data of each message
+        self.errors = []
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(1)
+        self.address = "127.0.0.1:%d" % self.lsock.getsockname()[1]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.lsock.settimeout(30)
+            sock, _ = self.lsock.accept()
+            with sock:
+                self._session(sock)
+        except Exception as e:   # reported by close()
+            self.errors.append(repr(e))
+
+    def _lines(self, sock, buf, wanted):
+        """Reads until the group is complete (wanted(lines) is true) or
+        nothing more comes for 3 s; returns (lines, rest)."""
+        sock.settimeout(3)
+        while True:
+            lines = buf.split(b"\r\n")[:-1]
+            if lines and wanted([l.decode() for l in lines]):
+                rest = b"\r\n".join(buf.split(b"\r\n")[len(lines):])
+                return [l.decode() for l in lines], rest
+            try:
+                more = sock.recv(65536)
+            except socket.timeout:
+                self.errors.append("group incomplete after 3 s: %r" % buf)
+                more = b""
+            if not more:
+                return [l.decode() for l in lines], b""
+            buf += more
+
+    def _reply(self, line):
+        for prefix, reply in self.replies.items():
+            if line.upper().startswith(prefix.upper()):
+                return reply
+        return "250 2.0.0 Ok"
+
+    def _next_line(self, sock, buf):
+        """(first line, the rest of the buffer), ("", b"") at the end."""
+        lines, buf = self._lines(sock, buf, lambda ls: True)
+        if not lines:
+            return "", b""
+        rest = b"".join(l.encode() + b"\r\n" for l in lines[1:])
+        return lines[0], rest + buf
+
+    def _session(self, sock):
+        ext = "250-site.test\r\n%s250 8BITMIME\r\n" % (
+            "250-PIPELINING\r\n" if self.pipelining else "")
+        sock.sendall(b"220 site.test ESMTP\r\n")
+        buf = b""
+        while True:
+            line, buf = self._next_line(sock, buf)
+            verb = line.split(" ", 1)[0].upper()
+            if not line:
+                return
+            if verb == "EHLO":
+                sock.sendall(ext.encode())
+            elif verb == "MAIL" and self.pipelining:
+                buf = self._pipelined(sock, line, buf)
+            elif verb == "MAIL":
+                buf = self._stepwise(sock, line, buf)
+            elif verb == "QUIT":
+                sock.sendall(b"221 2.0.0 Bye\r\n")
+                return
+            else:
+                sock.sendall(b"250 2.0.0 Ok\r\n")
+
+    def _pipelined(self, sock, first, buf):
+        """MAIL and what follows it up to DATA: answered all at once."""
+        lines, rest = self._lines(sock, buf, lambda ls: ls[-1] == "DATA")
+        group = [first] + lines
+        self.groups.append(group)
+        out, accepted = [], 0
+        mail_ok = self._reply(group[0]).startswith("2")
+        for line in group:
+            reply = self._reply(line)
+            if line.startswith("RCPT") and not mail_ok:
+                reply = "503 5.5.1 Need MAIL"
+            if line == "DATA":
+                reply = "354 go" if self.data_354(accepted) else \
+                    "554 5.5.1 no valid recipients"
+            accepted += line.startswith("RCPT") and reply.startswith("2")
+            out.append(reply)
+        sock.sendall("".join(r + "\r\n" for r in out).encode())
+        if out and out[-1].startswith("354"):
+            return self._data(sock, rest)
+        return rest
+
+    def _early(self, sock, buf, line):
+        """Without PIPELINING nothing may follow line before its reply."""
+        sock.settimeout(0.3)
+        try:
+            early = buf or sock.recv(65536)
+        except socket.timeout:
+            early = b""
+        if early:
+            self.errors.append("%r came before the reply to %r (no "
+                               "PIPELINING offered)" % (early, line))
+        return early
+
+    def _stepwise(self, sock, line, buf):
+        group = []
+        while True:
+            buf = self._early(sock, buf, line)
+            group.append(line)
+            if line == "DATA":
+                self.groups.append(group)
+                sock.sendall(b"354 go\r\n")
+                return self._data(sock, buf)
+            reply = self._reply(line)
+            sock.sendall((reply + "\r\n").encode())
+            if line.startswith("MAIL") and not reply.startswith("2"):
+                return buf
+            line, buf = self._next_line(sock, buf)
+            if not line.startswith(("RCPT", "DATA")):
+                self.groups.append(group)
+                return line.encode() + b"\r\n" + buf
+
+    def _data(self, sock, buf):
+        sock.settimeout(10)
+        while b"\r\n.\r\n" not in b"\r\n" + buf:
+            more = sock.recv(65536)
+            if not more:
+                return b""
+            buf += more
+        data, rest = (b"\r\n" + buf).split(b"\r\n.\r\n", 1)
+        self.messages.append(data[2:])
+        sock.sendall(b"250 2.0.0 Ok: queued\r\n")
+        return rest
+
+    def close(self):
+        self.thread.join(30)
+        self.lsock.close()
+        check(not self.thread.is_alive(), "scripted site still running")
+        check(not self.errors, "scripted site: %s" % self.errors)
+
+
+def pipelined_provider_script(c, seen):
+    """odmrd's side: pipelined groups, refusals of each kind among them."""
+    c.ehlo("fake.test")
+    c.send_raw(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<bad\r\n"
+               b"RCPT TO:<nobody@example.org>\r\nRCPT TO:<u1@example.org>\r\n"
+               b"DATA\r\n")
+    seen["first"] = [c.reply()[0] for _ in range(5)]
+    if seen["first"][-1] == 354:
+        c.send_raw(b"Subject: one\r\n\r\nfirst\r\n.\r\n")
+        seen["first"].append(c.reply()[0])
+    # nobody accepted: the site's 354 must not reach odmrd
+    c.send_raw(b"MAIL FROM:<s@remote.test>\r\n"
+               b"RCPT TO:<nobody@example.org>\r\nDATA\r\n")
+    seen["none"] = [c.reply() for _ in range(3)]
+    check_reply(c.cmd("RSET"), 250, what="RSET after no recipient")
+    # MAIL refused by the site: the recipients are out of a transaction
+    c.send_raw(b"MAIL FROM:<refused@remote.test>\r\n"
+               b"RCPT TO:<u1@example.org>\r\nDATA\r\n")
+    seen["nomail"] = [c.reply() for _ in range(3)]
+    check_reply(c.cmd("QUIT"), 221, what="QUIT")
+
+
+def test_fetch_pipelines_groups_to_the_site(env):
+    """A MAIL that odmrd pipelined with its RCPTs and DATA reaches a site
+    offering PIPELINING as one group, the replies come back in order and
+    as they would one by one; a site without PIPELINING gets lock step."""
+    for pipelining in (True, False):
+        site = ScriptedSite(pipelining=pipelining, replies={
+            "RCPT TO:<nobody": "550 5.1.1 no such user",
+            "MAIL FROM:<refused": "550 5.7.1 sender refused"},
+            data_354=lambda accepted: True)
+        seen = {}
+        r, p = run_fake(env, lambda c: pipelined_provider_script(c, seen),
+                        "smtp:" + site.address)
+        site.close()
+        what = "site %s PIPELINING" % ("with" if pipelining else "without")
+        check(seen.get("first") == [250, 501, 550, 250, 354, 250],
+              "%s: replies to the first group %r" % (what, seen.get("first")))
+        check([x[0] for x in seen["none"]] == [250, 550, 554],
+              "%s: no recipient: %r" % (what, seen["none"]))
+        check([x[0] for x in seen["nomail"]] == [550, 503, 503],
+              "%s: MAIL refused: %r" % (what, seen["nomail"]))
+        # the 354s given to DATA without a recipient were answered with an
+        # empty message, which the site takes (a real one refuses it)
+        check(site.messages == [b"Subject: one\r\n\r\nfirst"] +
+              [b""] * (2 if pipelining else 0),
+              "%s: messages at the site %r" % (what, site.messages))
+        if pipelining:
+            check(site.groups[0] == ["MAIL FROM:<s@remote.test>",
+                                     "RCPT TO:<nobody@example.org>",
+                                     "RCPT TO:<u1@example.org>", "DATA"],
+                  "%s: first group %r" % (what, site.groups))
+        expect(r, EX_OK, what)
