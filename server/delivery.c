@@ -300,8 +300,9 @@ static bool stuff_write(void *ctx, const char *p, size_t len)
 }
 
 /* Streams the data file (converted to 7 bit when plan says so) and the
- * final ".".  A failure ends the session either way: the customer holds a
- * partial message that only closing the connection takes back. */
+ * final "." into the output buffer (the caller flushes).  A failure ends
+ * the session either way: the customer holds a partial message that only
+ * closing the connection takes back. */
 static bool send_data(struct delivery_ctx *d, int fd, const struct dg_plan *plan)
 {
     static char buf[DATA_READ];
@@ -319,7 +320,7 @@ static bool send_data(struct delivery_ctx *d, int fd, const struct dg_plan *plan
     }
     if (ok && !st.last_lf)
         ok = io_write(d->io, "\r\n", 2);
-    if (ok && io_puts(d->io, ".\r\n") && io_flush(d->io))
+    if (ok && io_puts(d->io, ".\r\n"))
         return true;
     if (d->io->status != IO_OK)
         log_conn_failure(d, PH_DATA);
@@ -390,14 +391,15 @@ static size_t count_accepted(const struct rcpt_state *st, size_t n)
     return k;
 }
 
-/* Pipelined transaction up to the data.  *go: the data should follow. */
+/* Pipelined transaction up to the data; sent: the commands went already,
+ * behind the previous message.  *go: the data should follow. */
 static bool envelope_pipelined(struct delivery_ctx *d, const struct caps *c,
                                const struct envelope *e, uint64_t size,
-                               struct rcpt_state *st, bool *go)
+                               struct rcpt_state *st, bool sent, bool *go)
 {
     char mail_text[LAST_REPLY_MAX + 1], text[LAST_REPLY_MAX + 1];
     int mail_code, code;
-    if (!send_envelope(d, c, e, size) ||
+    if ((!sent && !send_envelope(d, c, e, size)) ||
         !next_reply(d, PH_MAIL, &mail_code, mail_text, sizeof mail_text))
         return false;
     for (size_t i = 0; i < e->nrcpt; i++) {
@@ -604,24 +606,98 @@ static bool plan_downgrade(const struct caps *c, const struct envelope *e,
     return true;
 }
 
+/* One message of a pass, from its files to its outcome.  With a customer
+ * that pipelines, the next message's MAIL, RCPTs and DATA follow this
+ * one's final dot in the same write (RFC 2920 3.1 lets message content
+ * begin a group), so the customer works on the next envelope while odmrd
+ * settles this one: one round trip per message instead of two. */
+struct outgoing {
+    const char *id;
+    bool loaded;                 /* envelope, data and plan are here */
+    bool sendable;               /* precheck passed: it is offered */
+    bool offered;                /* its envelope went behind the last dot */
+    struct envelope e;
+    int fd;
+    struct dg_plan plan;
+    struct rcpt_state *st;
+    uint64_t size;               /* of the data as sent */
+};
+
+static void close_message(struct outgoing *m)
+{
+    if (m->fd >= 0)
+        close(m->fd);
+    downgrade_free(&m->plan);
+    free(m->st);
+    envelope_free(&m->e);   /* zeroed when it was not loaded */
+    memset(m, 0, sizeof *m);
+    m->fd = -1;
+}
+
+/* Loads id and decides whether it can be offered to this customer at all
+ * (precheck's refusals are settled like the customer's). */
+static void open_message(struct delivery_ctx *d, const struct caps *c,
+                         const char *domain, const char *id, struct outgoing *m)
+{
+    char err[256];
+    memset(m, 0, sizeof *m);
+    m->id = id;
+    m->fd = -1;
+    if (!queue_load(d->q, domain, id, &m->e, err, sizeof err)) {
+        if (errno != ENOENT)
+            log_err("%s: unreadable envelope, left alone: %s", id, err);
+        memset(&m->e, 0, sizeof m->e);
+        return;
+    }
+    m->fd = queue_open_data(d->q, domain, id);
+    m->st = calloc(m->e.nrcpt ? m->e.nrcpt : 1, sizeof *m->st);
+    if (m->fd < 0 || !m->st) {
+        log_err("%s: cannot open message data: %s", id, strerror(errno));
+        return;
+    }
+    if (!plan_downgrade(c, &m->e, m->fd, &m->plan))
+        return;
+    m->loaded = true;
+    m->size = m->plan.convert ? m->plan.size : m->e.size;
+    m->sendable = m->e.nrcpt > 0 &&
+                  precheck(d, c, &m->e, &m->plan, m->size, m->st);
+}
+
+/* After this message's data: the next one's envelope, when the customer
+ * pipelines and the session goes on; then everything leaves at once. */
+static bool send_data_and_next(struct delivery_ctx *d, const struct caps *c,
+                               struct outgoing *m, struct outgoing *next)
+{
+    if (!send_data(d, m->fd, &m->plan))
+        return false;
+    if (next && next->sendable && c->pipelining && !session_stop_requested) {
+        d->qid = next->id;
+        bool ok = send_envelope(d, c, &next->e, next->size);
+        d->qid = m->id;
+        next->offered = ok;
+        return ok;
+    }
+    return flush(d, PH_DATA);
+}
+
 /* Offers the message and sends the data. False when the connection failed. */
 static bool transact(struct delivery_ctx *d, const struct caps *c,
-                     const struct envelope *e, int fd,
-                     const struct dg_plan *plan, struct rcpt_state *st)
+                     struct outgoing *m, struct outgoing *next)
 {
-    uint64_t size = plan->convert ? plan->size : e->size;
+    struct envelope *e = &m->e;
     bool go = false;
-    if (e->nrcpt == 0 || !precheck(d, c, e, plan, size, st))
+    if (!m->sendable)
         return true;
-    bool ok = c->pipelining ? envelope_pipelined(d, c, e, size, st, &go)
-                            : envelope_stepwise(d, c, e, size, st, &go);
+    bool ok = c->pipelining
+                  ? envelope_pipelined(d, c, e, m->size, m->st, m->offered, &go)
+                  : envelope_stepwise(d, c, e, m->size, m->st, &go);
     struct smtp_reply r;
     if (ok && go) {
         char text[LAST_REPLY_MAX + 1];
-        ok = send_data(d, fd, plan) && read_reply(d, &r, PH_DOT);
+        ok = send_data_and_next(d, c, m, next) && read_reply(d, &r, PH_DOT);
         if (ok) {
             reply_text(&r, text, sizeof text);
-            set_all(st, e->nrcpt, OUT_SENT, classify(r.code), text);
+            set_all(m->st, e->nrcpt, OUT_SENT, classify(r.code), text);
         }
     } else if (ok) {
         /* nothing was accepted: leave the customer in a clean state */
@@ -630,36 +706,19 @@ static bool transact(struct delivery_ctx *d, const struct caps *c,
     return ok;
 }
 
-/* Delivers one message. Returns false when the connection failed. */
+/* Delivers m (next: the message after it, or NULL).  False when the
+ * connection failed. */
 static bool deliver_one(struct delivery_ctx *d, const struct caps *c,
-                        const char *domain, const char *id)
+                        struct outgoing *m, struct outgoing *next)
 {
-    struct envelope e;
-    struct dg_plan plan = {0};
-    char err[256];
-    if (!queue_load(d->q, domain, id, &e, err, sizeof err)) {
-        if (errno != ENOENT)
-            log_err("%s: unreadable envelope, left alone: %s", id, err);
+    if (!m->loaded)
         return true;
-    }
-    int fd = queue_open_data(d->q, domain, id);
-    struct rcpt_state *st = calloc(e.nrcpt ? e.nrcpt : 1, sizeof *st);
-    bool ok = true;
-    if (fd < 0 || !st) {
-        log_err("%s: cannot open message data: %s", id, strerror(errno));
-    } else if (plan_downgrade(c, &e, fd, &plan)) {
-        d->stats.messages++;
-        d->qid = id;
-        ok = transact(d, c, &e, fd, &plan, st);
-        d->qid = NULL;
-        if (ok)
-            settle(d, &e, fd, st);
-    }
-    if (fd >= 0)
-        close(fd);
-    downgrade_free(&plan);
-    free(st);
-    envelope_free(&e);
+    d->stats.messages++;
+    d->qid = m->id;
+    bool ok = transact(d, c, m, next);
+    d->qid = NULL;
+    if (ok)
+        settle(d, &m->e, m->fd, m->st);
     return ok;
 }
 
@@ -709,8 +768,21 @@ static bool seen(const struct id_list *done, size_t sorted, const char *id)
     return sorted && bsearch(&key, done->ids, sorted, sizeof *done->ids, cmp_id);
 }
 
+/* The index of the first message at or after i not attempted in an
+ * earlier pass. */
+static size_t next_unseen(const struct id_list *now, const struct id_list *done,
+                          size_t sorted, size_t i)
+{
+    while (i < now->n && seen(done, sorted, now->ids[i]))
+        i++;
+    return i;
+}
+
 /* One pass over a domain: every message not attempted yet in this
- * session.  *found counts them. Returns false on connection failure. */
+ * session, each loaded one ahead so that its envelope can follow the
+ * previous data.  A message offered that way is always finished, even
+ * when a stop comes meanwhile.  *found counts them.  Returns false on
+ * connection failure. */
 static bool deliver_pass(struct delivery_ctx *d, const struct caps *c,
                          const char *domain, struct id_list *done, size_t *found)
 {
@@ -720,16 +792,30 @@ static bool deliver_pass(struct delivery_ctx *d, const struct caps *c,
         free_ids(&now);
         return true;
     }
+    struct outgoing slot[2] = {{.fd = -1}, {.fd = -1}};
+    struct outgoing *m = &slot[0], *next = &slot[1];
     bool ok = true;
-    size_t before = done->n;
-    for (size_t i = 0; ok && i < now.n && !session_stop_requested; i++) {
-        if (seen(done, before, now.ids[i]))
-            continue;
+    size_t before = done->n, i = next_unseen(&now, done, before, 0);
+    if (i < now.n)
+        open_message(d, c, domain, now.ids[i], m);
+    while (ok && i < now.n && (!session_stop_requested || m->offered)) {
+        size_t j = next_unseen(&now, done, before, i + 1);
+        if (j < now.n && c->pipelining && !session_stop_requested)
+            open_message(d, c, domain, now.ids[j], next);
         (*found)++;
-        ok = deliver_one(d, c, domain, now.ids[i]);
+        ok = deliver_one(d, c, m, next->id ? next : NULL);
         if (collect_id(done, now.ids[i]) < 0)
             ok = false;   /* out of memory: stop rather than loop */
+        close_message(m);
+        struct outgoing *t = m;
+        m = next;
+        next = t;
+        if (ok && j < now.n && !m->id && !session_stop_requested)
+            open_message(d, c, domain, now.ids[j], m);
+        i = j;
     }
+    close_message(m);
+    close_message(next);
     if (done->n > 1)   /* qsort wants a valid pointer even for nothing */
         qsort(done->ids, done->n, sizeof *done->ids, cmp_id);
     free_ids(&now);

@@ -28,7 +28,9 @@ tests/bench.py imports this module and lists its benchmarks in BENCHMARKS.
                  disable_dns_lookups = yes / smtp_dns_support_level =
                  disabled and the next hop is a bracketed address literal.
                  Reports msgs/s of both (median of the rounds), the ratio
-                 odmrd/Postfix (goal: at least 2) and the load average.
+                 odmrd/Postfix (goal: at least 2), the load average, and
+                 the CPU time per message of odmrd (its master and session
+                 processes, read while quiet) and of odmr-fetch.
 
 Needs smtp-source, smtp-sink, postfix (root).  Only 127.0.0.1 is used;
 every process is stopped by pid (odmrd and the sink through the harness
@@ -46,7 +48,7 @@ import bench
 from bench import BenchError, Odmrd, Row, need, run_smtp_source, wait_count
 import bench_odmr
 from bench_odmr import (DOMAIN, USER, SmtpSink, check_drained, fill,
-                        odmr_fetch_customer)
+                        odmr_fetch_customer, quiet_cpu)
 from postfix_instance import PostfixInstance
 
 DRAIN_MESSAGES = 2000        # unless --messages is given
@@ -143,23 +145,29 @@ def bench_drain_vs_postfix(ctx):
     pf = FlushPostfix(ctx, sink.port)
 
     rates = {"odmrd": [], "postfix": []}
+    cpu = {"odmrd": [], "odmr-fetch": []}   # ms per message
     limit = max(bench_odmr.DRAIN_TIMEOUT, bench_odmr.DRAIN_PER_MESSAGE * n)
     for r in range(1, ctx.rounds + 1):
         # (a) odmrd -> odmr-fetch -> smtp-sink, one ATRN
         fill(ctx, od, n, check_spool=(r == 1))
         base = sink.messages()
         mark = len(od.env.log())
-        t_start, t_end, _ = odmr_fetch_customer(ctx, od, sink,
-                                                time.monotonic() + limit)
+        od_cpu0 = quiet_cpu(od)[0]
+        t_start, t_end, fetch_cpu = odmr_fetch_customer(
+            ctx, od, sink, time.monotonic() + limit)
         t = t_end - t_start
         got = wait_count(lambda: sink.messages() - base, n, timeout=10)
         if got != n:
             raise BenchError("odmrd round %d: the sink counted %d messages, "
                              "expected %d" % (r, got, n))
         check_drained(od, n, mark, "odmrd round %d" % r)
+        cpu["odmrd"].append((quiet_cpu(od)[0] - od_cpu0) * 1000 / n)
+        cpu["odmr-fetch"].append(fetch_cpu * 1000 / n)
         rates["odmrd"].append(n / t)
-        ctx.info("round %d odmrd  : %6.2fs %8.1f msgs/s  (%s)"
-                 % (r, t, n / t, load_note()))
+        ctx.info("round %d odmrd  : %6.2fs %8.1f msgs/s, CPU per message "
+                 "odmrd %.3f ms, odmr-fetch %.3f ms  (%s)"
+                 % (r, t, n / t, cpu["odmrd"][-1], cpu["odmr-fetch"][-1],
+                    load_note()))
         # (b) Postfix deferred queue, postqueue -f -> smtp-sink
         pf.inject(n)
         base = sink.messages()
@@ -180,7 +188,12 @@ def bench_drain_vs_postfix(ctx):
                                                                for x in v))
 
     load1 = load_note()
-    return [
+    cpu_rows = [Row(name, "CPU per message drained, %s" % who,
+                    "%.3f" % statistics.median(v), "ms",
+                    "median of %d rounds: %s" % (len(v), ", ".join(
+                        "%.3f" % x for x in v)))
+                for who, v in cpu.items()]
+    return cpu_rows + [
         Row(name, "odmrd -> odmr-fetch -> smtp-sink (one ATRN)",
             "%.1f" % med["odmrd"], "msgs/s",
             "%s; odmr-fetch start to exit" % rounds_note(rates["odmrd"])),

@@ -1219,6 +1219,78 @@ def test_pipelining_offered_or_not(env):
         check(env.queued() == [], "%s: queue %r" % (what, env.queued()))
 
 
+def test_next_envelope_follows_the_dot(env):
+    """With PIPELINING the next message's MAIL, RCPT and DATA come in the
+    same write as the previous final dot, before its reply (RFC 2920 3.1);
+    an outcome is still taken only from the reply to each dot: a 4xx
+    keeps that message, a connection dropped after a 250 keeps every
+    message but the acknowledged one."""
+    setup(env)
+
+    def fill(tag):
+        return [enqueue(env, ["%s%d@example.org" % (tag, i)],
+                        message("%s-%d" % (tag, i)))["example.org"]
+                for i in range(3)]
+
+    def customer(replies):
+        ahead = []
+        holder = {}
+
+        def data_reply(tx):
+            c = holder["c"]
+            n = len(c.transactions)
+            line = c.try_line(5) if n < 3 else None
+            ahead.append(line)
+            if line:   # served as usual, after our reply
+                c.pending.append(line[:-2].decode())
+            reply = replies(n)
+            if reply.startswith("drop after "):
+                c.out(reply[len("drop after "):])
+                return None
+            return reply
+        c = reverse(env, "example.org", data_reply=data_reply)
+        holder["c"] = c
+        return c, ahead
+
+    ids = fill("ahead")
+    rcpts = {q: rcpts_of_id(env, q) for q in ids}
+    mark = len(env.log())
+    c, ahead = customer(lambda n: "451 4.3.0 try later" if n == 1
+                        else "250 2.0.0 Ok")
+    c.run()
+    check(c.quit and len(c.transactions) == 3, "customer: %r" % c.transactions)
+    check([bool(a) and a.startswith(b"MAIL FROM:") for a in ahead] ==
+          [True, True, False], "the next MAIL did not follow the dot: %r"
+          % ahead)
+    wait_session_end(env, mark)
+    kept = [q for q in ids if rcpts[q] == c.transactions[0].rcpts]
+    check(env.queued_ids("example.org") == kept and len(kept) == 1,
+          "after a 451 to the first dot: %r" % env.queued())
+    c = reverse(env, "example.org").run()   # empties the queue
+    check(env.queued() == [], "queue: %r" % env.queued())
+    # the connection drops after the 250 to the first dot, with the
+    # second message's envelope sent and unanswered
+    ids = fill("drop")
+    rcpts = {q: rcpts_of_id(env, q) for q in ids}
+    mark = len(env.log())
+    c, ahead = customer(lambda n: "drop after 250 2.0.0 Ok")
+    c.run()
+    check(len(c.transactions) == 1 and ahead[0], "customer: %r %r"
+          % (c.transactions, ahead))
+    wait_session_end(env, mark)
+    left = sorted(q for q in ids if rcpts[q] != c.transactions[0].rcpts)
+    check(sorted(env.queued_ids("example.org")) == left and len(left) == 2,
+          "after a drop behind the first 250: %r" % env.queued())
+
+
+def rcpts_of_id(env, qid):
+    try:
+        return sorted(r["addr"] for r in env.envelope("example.org",
+                                                       qid)["rcpts"])
+    except (OSError, KeyError):
+        return None
+
+
 def test_mail_arriving_during_session(env):
     setup(env)
     enqueue(env, ["first@example.org"], message("first"))
