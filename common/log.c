@@ -1,9 +1,12 @@
 /* log.c - syslog (facility mail) plus stderr in the foreground. */
 #include "log.h"
 
+#include <paths.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <syslog.h>
+#include <time.h>
 #include <unistd.h>
 
 static bool log_stderr;
@@ -23,6 +26,24 @@ bool log_debug_enabled(void)
     return log_debugging;
 }
 
+/* Without a syslog socket (a container, a chroot) glibc's syslog() tries
+ * to connect on every call: three syscalls per line, a tenth of a drained
+ * message's.  So the socket's presence is looked up at most once a second,
+ * and a syslog daemon that starts later is still found. */
+static bool syslog_present(void)
+{
+    static int64_t checked_ms;
+    static bool present;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    int64_t now = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    if (!checked_ms || now - checked_ms >= 1000) {
+        present = access(_PATH_LOG, F_OK) == 0;
+        checked_ms = now;
+    }
+    return present;
+}
+
 static void log_v(int prio, const char *level, const char *fmt, va_list ap)
 {
     char line[2048];
@@ -32,7 +53,9 @@ static void log_v(int prio, const char *level, const char *fmt, va_list ap)
     for (char *p = line; *p; p++)
         if ((unsigned char)*p < 32)
             *p = '?';
-    syslog(prio, "%s%s", level, line);
+    /* skipped only while stderr gets the line: nothing is lost */
+    if (!log_stderr || syslog_present())
+        syslog(prio, "%s%s", level, line);
     if (log_stderr)
         fprintf(stderr, "%s[%ld]: %s%s\n", log_ident, (long)getpid(), level,
                 line);
