@@ -304,14 +304,22 @@ static void log_pushed(struct rx *x, unsigned long long bytes,
                     "%zu recipient(s): %s\n", from, bytes, x->nrcpt, r->line);
 }
 
-static void finish_data(struct rx *x, const struct data_state *d)
+struct pipelined;
+static struct target_group *next_group(struct rx *x, struct pipelined *p);
+static bool answer_group(struct rx *x, struct pipelined *p);
+
+/* The end of the data; next: the group that follows it, or NULL. */
+static void finish_data(struct rx *x, const struct data_state *d,
+                        struct target_group *next)
 {
     struct reply r;
     char shown[64];
 
     snprintf(shown, sizeof shown, "(message data, %llu bytes)", d->bytes);
     trace_line(WHO, false, shown);
-    if (d->bad_eol) {
+    if (next) {
+        x->t.ops->end_group(&x->t, &r, next);
+    } else if (d->bad_eol) {
         x->t.ops->end(&x->t, true, &r);
         reply_set(&r, 554, "5.5.2 Bare CR or LF in message data (not "
                            "accepted)");
@@ -357,6 +365,7 @@ static bool data_started(struct rx *x, const struct reply *r)
 }
 
 static void receive_data(struct rx *x);
+static struct pipelined *group_buf(void);
 
 static void do_data(struct rx *x, const char *arg)
 {
@@ -373,8 +382,9 @@ static void do_data(struct rx *x, const char *arg)
         receive_data(x);
 }
 
-/* From our 354 to the reply to the final dot. */
-static void receive_data(struct rx *x)
+/* From our 354 to the reply to the final dot; true when the next
+ * group came with it and was passed on (group_buf). */
+static bool receive_one(struct rx *x)
 {
     struct data_state d = {.line_start = true, .after_crlf = true,
                            .target_ok = true};
@@ -390,11 +400,21 @@ static void receive_data(struct rx *x)
             say(x, "421 4.4.2 %s Error: timeout exceeded", x->c->fqdn);
         fprintf(stderr, "odmr-fetch: connection to %s lost during message "
                         "data\n", x->c->server);
-        return;
+        return false;
     }
-    finish_data(x, &d);
+    struct target_group *next = d.bad_eol || !x->t.ops->end_group
+                                    ? NULL : next_group(x, group_buf());
+    finish_data(x, &d, next);
     x->in_mail = false;
     x->nrcpt = 0;
+    return next != NULL;
+}
+
+/* A loop, not recursion: a drain is one message after another. */
+static void receive_data(struct rx *x)
+{
+    while (receive_one(x) && answer_group(x, group_buf()))
+        ;
 }
 
 /* ---- pipelined envelopes --------------------------------------------- */
@@ -409,6 +429,7 @@ struct rcpt_slot {
 };
 
 struct pipelined {
+    struct mail_args mail;
     struct target_group g;
     struct rcpt_slot slot[GROUP_RCPT_MAX];
     struct group_rcpt sent[GROUP_RCPT_MAX];
@@ -473,11 +494,19 @@ static void collect_group(struct rx *x, struct pipelined *p)
     }
 }
 
-/* The replies, in the order of the commands, as one by one. */
-static void answer_group(struct rx *x, struct pipelined *p)
+static struct pipelined *group_buf(void)
+{
+    static struct pipelined p;   /* large; one group at a time */
+    return &p;
+}
+
+/* The replies, in the order of the commands, as one by one.  True when
+ * the data follows (354 given). */
+static bool answer_group(struct rx *x, struct pipelined *p)
 {
     size_t k = 0;
 
+    x->mail = p->mail;
     send_reply(x, &p->g.mail_reply);
     x->in_mail = p->g.mail_reply.code / 100 == 2;
     x->nrcpt = 0;
@@ -491,24 +520,56 @@ static void answer_group(struct rx *x, struct pipelined *p)
             rcpt_answered(x, sl->addr, &p->sent[k].reply);
         k += !sl->refused[0];
     }
-    if (p->g.data && data_acceptable(x) && data_started(x, &p->g.data_reply))
-        receive_data(x);
+    return p->g.data && data_acceptable(x) &&
+           data_started(x, &p->g.data_reply);
 }
 
 /* MAIL (checked already) with whatever was pipelined behind it; false
  * when nothing was, and MAIL goes on alone. */
 static bool mail_group(struct rx *x)
 {
-    static struct pipelined p;
+    struct pipelined *p = group_buf();
 
-    p.nslot = 0;
-    p.g = (struct target_group){.mail = &x->mail, .rcpt = p.sent};
-    collect_group(x, &p);
-    if (p.nslot == 0 && !p.g.data)
+    p->mail = x->mail;
+    p->nslot = 0;
+    p->g = (struct target_group){.mail = &p->mail, .rcpt = p->sent};
+    collect_group(x, p);
+    if (p->nslot == 0 && !p->g.data)
         return false;
-    x->t.ops->group(&x->t, &p.g);
-    answer_group(x, &p);
+    x->t.ops->group(&x->t, &p->g);
+    if (answer_group(x, p))
+        receive_data(x);
     return true;
+}
+
+/* MAIL's checks made here, silently: a MAIL that fails them is read and
+ * answered as usual instead of joining the end of the data. */
+static bool mail_acceptable(struct rx *x, const char *arg, struct mail_args *m)
+{
+    struct smtp_err err;
+
+    return smtp_parse_mail(arg, m, x->esmtp && x->t.caps.smtputf8, &err) &&
+           mail_params_offered(x, m) &&
+           !(x->t.caps.size && m->size > x->t.caps.size);
+}
+
+/* A MAIL group already read behind the final dot, to go with it. */
+static struct target_group *next_group(struct rx *x, struct pipelined *p)
+{
+    char line[SMTP_MAILRCPT_LINE_MAX];
+    struct smtp_cmd cmd;
+
+    if (!peek_command(x->io, line, sizeof line))
+        return NULL;
+    smtp_cmd_parse(line, &cmd);
+    if (cmd.verb != SMTP_MAIL || !cmd.arg ||
+        !mail_acceptable(x, cmd.arg, &p->mail))
+        return NULL;
+    take_command(x, line, sizeof line);
+    p->nslot = 0;
+    p->g = (struct target_group){.mail = &p->mail, .rcpt = p->sent};
+    collect_group(x, p);
+    return &p->g;
 }
 
 /* ---- the command loop ------------------------------------------------ */

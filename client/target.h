@@ -20,6 +20,9 @@
  *                    pipelining (RFC 2920), with the replies the separate
  *                    calls would have given; saves the round trips to the
  *                    site's server that would otherwise follow each other
+ *   target_end_group optional: the end of one message and the next group
+ *                    together (RFC 2920 3.1: message content may begin a
+ *                    group)
  *
  * Replies are complete SMTP reply lines with an enhanced status code.  A
  * target never answers 421 (that code would mean *we* close odmrd's
@@ -90,6 +93,9 @@ struct target_ops {
     void (*reset)(struct target *t);
     void (*close)(struct target *t);
     void (*group)(struct target *t, struct target_group *g);   /* or NULL */
+    /* Or NULL: end (without abort) and then group, both in one write when
+     * the target pipelines; r receives the reply to the data. */
+    void (*end_group)(struct target *t, struct reply *r, struct target_group *g);
 };
 
 struct target {

@@ -401,10 +401,24 @@ static void lmtp_replies(struct smtp_target *s, struct reply *r)
                   first[5].line + 4, who5, count[2]);
 }
 
-static void smtp_end(struct target *t, bool abort, struct reply *r)
+/* The site's answer to the final dot (sent already). */
+static void end_replies(struct target *t, struct reply *r)
 {
     struct smtp_target *s = S(t);
     struct smtp_reply sr;
+
+    if (is_lmtp(t))
+        lmtp_replies(s, r);
+    else if (s->connected && talk(s, NULL, &sr))
+        reply_relay(r, &sr, false);
+    else
+        lost(r, "after the data");
+    forget_accepted(s);
+}
+
+static void smtp_end(struct target *t, bool abort, struct reply *r)
+{
+    struct smtp_target *s = S(t);
 
     if (abort || s->failed || !s->connected) {
         /* No final dot: closing mid-data makes the server drop it. */
@@ -422,13 +436,7 @@ static void smtp_end(struct target *t, bool abort, struct reply *r)
         return;
     }
     s->in_tx = false;
-    if (is_lmtp(t))
-        lmtp_replies(s, r);
-    else if (talk(s, NULL, &sr))
-        reply_relay(r, &sr, false);
-    else
-        lost(r, "after the data");
-    forget_accepted(s);
+    end_replies(t, r);
 }
 
 static void smtp_reset(struct target *t)
@@ -504,6 +512,8 @@ static void group_no_data(struct smtp_target *s, struct target_group *g)
         reply_set(&g->data_reply, 554, "5.5.1 No valid recipients");
 }
 
+static void group_read(struct smtp_target *s, struct target_group *g);
+
 static void group_pipelined(struct target *t, struct target_group *g)
 {
     struct smtp_target *s = S(t);
@@ -514,6 +524,12 @@ static void group_pipelined(struct target *t, struct target_group *g)
         group_unanswered(g, 0, "after MAIL");
         return;
     }
+    group_read(s, g);
+}
+
+/* The replies to a group sent. */
+static void group_read(struct smtp_target *s, struct target_group *g)
+{
     bool ok = group_reply(s, &g->mail_reply, false, "after MAIL");
     s->in_tx = ok && g->mail_reply.code / 100 == 2;
     size_t i = 0;
@@ -578,6 +594,34 @@ static void smtp_group(struct target *t, struct target_group *g)
         group_stepwise(t, g);
 }
 
+/* The final dot and the next group in one write, then the replies in
+ * order: one round trip to the site per message. */
+static void smtp_end_group(struct target *t, struct reply *r,
+                           struct target_group *g)
+{
+    struct smtp_target *s = S(t);
+
+    if (!s->pipelining || s->failed || !s->connected ||
+        (g->mail->smtputf8 && !s->have.smtputf8)) {
+        smtp_end(t, false, r);
+        smtp_group(t, g);
+        return;
+    }
+    if (!s->line_start)     /* cannot happen: our data ends with CRLF */
+        io_write(&s->io, "\r\n", 2);
+    s->in_tx = false;
+    if (!net_send(&s->io, WHO, ".", NULL) || !group_send(s, g)) {
+        disconnect(s);
+        forget_accepted(s);
+        lost(r, "at the end of the data");
+        lost(&g->mail_reply, "after MAIL");
+        group_unanswered(g, 0, "after MAIL");
+        return;
+    }
+    end_replies(t, r);
+    group_read(s, g);
+}
+
 static void smtp_close(struct target *t)
 {
     struct smtp_target *s = S(t);
@@ -603,4 +647,5 @@ const struct target_ops target_smtp_ops = {
     .reset = smtp_reset,
     .close = smtp_close,
     .group = smtp_group,
+    .end_group = smtp_end_group,
 };

@@ -1085,6 +1085,7 @@ class ScriptedSite:
         self.data_354 = data_354 or (lambda accepted: accepted > 0)
         self.groups = []        # the commands of each group, as received
         self.messages = []      # data of each message
+        self.dot_followed = []  # per final dot: a whole group came with it
         self.errors = []
         self.lsock = socket.socket()
         self.lsock.bind(("127.0.0.1", 0))
@@ -1216,6 +1217,17 @@ class ScriptedSite:
             buf += more
         data, rest = (b"\r\n" + buf).split(b"\r\n.\r\n", 1)
         self.messages.append(data[2:])
+        if self.pipelining:   # does the next group come without our reply?
+            sock.settimeout(1)
+            try:
+                while b"DATA\r\n" not in rest:
+                    more = sock.recv(65536)
+                    if not more:
+                        break
+                    rest += more
+            except socket.timeout:
+                pass
+            self.dot_followed.append(b"DATA\r\n" in rest)
         sock.sendall(b"250 2.0.0 Ok: queued\r\n")
         return rest
 
@@ -1236,6 +1248,16 @@ def pipelined_provider_script(c, seen):
     if seen["first"][-1] == 354:
         c.send_raw(b"Subject: one\r\n\r\nfirst\r\n.\r\n")
         seen["first"].append(c.reply()[0])
+    # a final dot with the next group behind it, as odmrd sends them
+    c.send_raw(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<u1@example.org>\r\n"
+               b"DATA\r\n")
+    seen["behind"] = [c.reply()[0] for _ in range(3)]
+    c.send_raw(b"Subject: two\r\n\r\nsecond\r\n.\r\n"
+               b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<nobody@example.org>\r\n"
+               b"RCPT TO:<u1@example.org>\r\nDATA\r\n")
+    seen["behind"] += [c.reply()[0] for _ in range(5)]
+    c.send_raw(b"Subject: three\r\n\r\nthird\r\n.\r\n")
+    seen["behind"].append(c.reply()[0])
     # nobody accepted: the site's 354 must not reach odmrd
     c.send_raw(b"MAIL FROM:<s@remote.test>\r\n"
                b"RCPT TO:<nobody@example.org>\r\nDATA\r\n")
@@ -1264,16 +1286,25 @@ def test_fetch_pipelines_groups_to_the_site(env):
         what = "site %s PIPELINING" % ("with" if pipelining else "without")
         check(seen.get("first") == [250, 501, 550, 250, 354, 250],
               "%s: replies to the first group %r" % (what, seen.get("first")))
+        check(seen.get("behind") == [250, 250, 354, 250, 250, 550, 250, 354,
+                                     250],
+              "%s: replies around a dot with a group behind it %r"
+              % (what, seen.get("behind")))
         check([x[0] for x in seen["none"]] == [250, 550, 554],
               "%s: no recipient: %r" % (what, seen["none"]))
         check([x[0] for x in seen["nomail"]] == [550, 503, 503],
               "%s: MAIL refused: %r" % (what, seen["nomail"]))
         # the 354s given to DATA without a recipient were answered with an
         # empty message, which the site takes (a real one refuses it)
-        check(site.messages == [b"Subject: one\r\n\r\nfirst"] +
+        check(site.messages == [b"Subject: one\r\n\r\nfirst",
+                                b"Subject: two\r\n\r\nsecond",
+                                b"Subject: three\r\n\r\nthird"] +
               [b""] * (2 if pipelining else 0),
               "%s: messages at the site %r" % (what, site.messages))
-        if pipelining:
+        if pipelining:   # only the second message's dot had a group behind
+            check(site.dot_followed == [False, True, False, False, False],
+                  "%s: dot and next group together: %r"
+                  % (what, site.dot_followed))
             check(site.groups[0] == ["MAIL FROM:<s@remote.test>",
                                      "RCPT TO:<nobody@example.org>",
                                      "RCPT TO:<u1@example.org>", "DATA"],
