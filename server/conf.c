@@ -448,6 +448,19 @@ static void derive_budgets(struct odmrd_conf *c)
         c->odmr_max_lingering = c->odmr_max_connections / 2;
 }
 
+/* The kernel's limit on inotify instances per user, 0 if unknown. */
+static unsigned long inotify_instances(void)
+{
+    unsigned long v = 0;
+    FILE *f = fopen("/proc/sys/fs/inotify/max_user_instances", "re");
+    if (f) {
+        if (fscanf(f, "%lu", &v) != 1)
+            v = 0;
+        fclose(f);
+    }
+    return v;
+}
+
 /* Checks that need the whole file: keys that only make sense together. */
 static int conf_check(struct odmrd_conf *c,
                       void (*report)(void *ctx, const char *msg), void *ctx)
@@ -463,6 +476,16 @@ static int conf_check(struct odmrd_conf *c,
                  "odmr_max_connections add up to more than max_connections "
                  "(%lu): a flood of one service can refuse another", c->path,
                  c->max_connections);
+        report(ctx, msg);
+    }
+    unsigned long instances = inotify_instances();
+    if (c->odmr_linger_max > 0 && instances &&
+        c->odmr_max_lingering >= instances) {
+        /* each lingering session needs one, and all run as one user */
+        snprintf(msg, sizeof msg, "%s: warning: odmr_max_lingering (%lu) is "
+                 "not below the kernel's fs.inotify.max_user_instances "
+                 "(%lu): customers beyond it get 451 at XLINGER and poll",
+                 c->path, c->odmr_max_lingering, instances);
         report(ctx, msg);
     }
     if (c->odmr_linger_noop >= 300) {

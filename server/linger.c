@@ -59,6 +59,31 @@ static bool lock_byte(int fd, unsigned long i)
     return fcntl(fd, F_OFD_SETLK, &fl) == 0;
 }
 
+/* The inotify instance of the slot taken in this process.  Made with the
+ * slot, because the kernel allows each user only
+ * fs.inotify.max_user_instances of them (128 by default) and every
+ * session runs as odmrd's user: a customer beyond that is told 451 at
+ * XLINGER and polls, instead of being granted push that then cannot
+ * start.  One per process at most: a slot granted and not used (no
+ * XLINGER in the customer's EHLO reply) leaves it for the next session. */
+static int reserved_notify_fd = -1;
+
+static bool reserve_notify(void)
+{
+    if (reserved_notify_fd >= 0)
+        return true;
+    reserved_notify_fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (reserved_notify_fd >= 0)
+        return true;
+    if (errno == EMFILE)
+        log_err("XLINGER refused: no inotify instance left for odmrd's "
+                "user; raise the kernel's fs.inotify.max_user_instances "
+                "above odmr_max_lingering (admin guide, Push delivery)");
+    else
+        log_err("XLINGER refused: inotify: %s", strerror(errno));
+    return false;
+}
+
 /* The first free byte among the first odmr_max_lingering: a session
  * takes one once, so a linear search is cheap. */
 int linger_take_slot(const struct odmrd_conf *conf)
@@ -72,8 +97,12 @@ int linger_take_slot(const struct odmrd_conf *conf)
         return -1;
     }
     for (unsigned long i = 0; i < conf->odmr_max_lingering; i++) {
-        if (lock_byte(fd, i))
-            return fd;
+        if (lock_byte(fd, i)) {
+            if (reserve_notify())
+                return fd;
+            close(fd);
+            return -1;
+        }
         if (errno != EAGAIN && errno != EACCES) {
             log_err("XLINGER: cannot lock %s: %s", path, strerror(errno));
             close(fd);
@@ -89,7 +118,10 @@ int linger_take_slot(const struct odmrd_conf *conf)
 static bool watch_domains(struct linger_watch *lg, const struct queue *q,
                           char *const *domains, size_t n)
 {
-    lg->notify_fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    lg->notify_fd = reserved_notify_fd >= 0
+                        ? reserved_notify_fd
+                        : inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    reserved_notify_fd = -1;
     if (lg->notify_fd < 0) {
         log_err("XLINGER: inotify: %s", strerror(errno));
         return false;

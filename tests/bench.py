@@ -553,6 +553,7 @@ import bench_odmr  # noqa: E402
 import bench_abuse  # noqa: E402
 import bench_drain  # noqa: E402
 import bench_scale  # noqa: E402
+import bench_push  # noqa: E402
 
 # (name, function): each function takes a Context and returns [Row]
 BENCHMARKS = [
@@ -560,7 +561,7 @@ BENCHMARKS = [
     ("smtp-inbound-reuse", bench_smtp_inbound_reuse),
     ("smtp-inbound-rspamd", bench_smtp_inbound_rspamd),
 ] + bench_odmr.BENCHMARKS + bench_abuse.BENCHMARKS + bench_drain.BENCHMARKS \
-    + bench_scale.BENCHMARKS
+    + bench_scale.BENCHMARKS + bench_push.BENCHMARKS
 
 
 # ---------------------------------------------------------------- output

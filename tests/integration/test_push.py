@@ -388,3 +388,48 @@ def test_push_reload_and_stop_end_linger(env):
     env.stop()
     rc = b.wait(20)
     check(rc == EX_OK, "exit %s after stop:\n%s" % (rc, b.stderr()[-1500:]))
+
+
+def test_push_inotify_limit(env):
+    """Each lingering session needs an inotify instance, and the kernel
+    gives odmrd's user only fs.inotify.max_user_instances of them: odmrd -t
+    warns when odmr_max_lingering does not fit under that, and a customer
+    beyond it is told 451 at XLINGER (and polls), not granted a push that
+    cannot start."""
+    import ctypes
+    with open("/proc/sys/fs/inotify/max_user_instances") as f:
+        limit = int(f.read())
+    push_env(env, odmr_max_lingering=str(limit))
+    r = env.odmrd_check()
+    check("fs.inotify.max_user_instances" in r.stdout + r.stderr,
+          "odmrd -t does not warn: %r" % (r.stdout + r.stderr))
+    libc = ctypes.CDLL(None, use_errno=True)
+    held = []
+    try:
+        # every instance this user may still have, for a moment
+        for _ in range(limit + 1):
+            fd = libc.inotify_init1(0o2000000)   # IN_CLOEXEC
+            if fd < 0:
+                break
+            held.append(fd)
+        check(ctypes.get_errno() == 24, "inotify_init1 did not run out "
+              "(errno %d after %d)" % (ctypes.get_errno(), len(held)))
+        with SMTP(env.odmr_port) as s:
+            s.cmd("EHLO site.test")
+            check_reply(cram_md5(s, "alice", "secret"), 235, what="AUTH")
+            check_reply(s.cmd("XLINGER 60"), 451, "4.3.2",
+                        "XLINGER without an inotify instance")
+            check_reply(s.cmd("ATRN"), 453, what="ATRN as usual")
+    finally:
+        for fd in held:
+            os.close(fd)
+    check("no inotify instance left" in env.log(), env.log_tail())
+    # with instances back, push works again
+    root = env.path("maildir")
+    a = Pusher(env, linger=60, deliver="maildir:%s/%%d/%%u" % root)
+    wait_lingering(env)
+    send(env, "u1@example.org", "Subject: p\n\npushed\n")
+    wait_for(lambda: len(maildir_new(root, "example.org", "u1")) == 1,
+             timeout=20, what="the pushed message")
+    os.kill(a.p.pid, signal.SIGTERM)
+    a.wait(20)
