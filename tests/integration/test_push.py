@@ -104,6 +104,17 @@ def push_env(env, **conf):
     env.start()
 
 
+def push_one(env, root, body):
+    """A lingering odmr-fetch for alice, and one message pushed to it
+    (u1@example.org, the first in that Maildir)."""
+    a = Pusher(env, linger=60, deliver="maildir:%s/%%d/%%u" % root)
+    wait_lingering(env)
+    send(env, "u1@example.org", body)
+    wait_for(lambda: len(maildir_new(root, "example.org", "u1")) == 1,
+             timeout=20, what="the first pushed message")
+    return a
+
+
 def linger_holder(env, domain):
     """pid holding the domain's .linger lock (from /proc/locks)."""
     ino = os.stat(os.path.join(env.queue_dir(domain), ".linger")).st_ino
@@ -286,11 +297,7 @@ def test_push_kill9_fetch_and_session(env):
     everything not delivered."""
     push_env(env)
     root = env.path("maildir")
-    a = Pusher(env, linger=60, deliver="maildir:%s/%%d/%%u" % root)
-    wait_lingering(env)
-    send(env, "u1@example.org", "X-Seq: 1\n\none\n")
-    wait_for(lambda: len(maildir_new(root, "example.org", "u1")) == 1,
-             timeout=10, what="the first pushed message")
+    a = push_one(env, root, "X-Seq: 1\n\none\n")
     os.kill(a.p.pid, signal.SIGKILL)
     a.wait(10)
     # odmrd's session sees the connection close and lets go of the domains
@@ -425,11 +432,6 @@ def test_push_inotify_limit(env):
             os.close(fd)
     check("no inotify instance left" in env.log(), env.log_tail())
     # with instances back, push works again
-    root = env.path("maildir")
-    a = Pusher(env, linger=60, deliver="maildir:%s/%%d/%%u" % root)
-    wait_lingering(env)
-    send(env, "u1@example.org", "Subject: p\n\npushed\n")
-    wait_for(lambda: len(maildir_new(root, "example.org", "u1")) == 1,
-             timeout=20, what="the pushed message")
+    a = push_one(env, env.path("maildir"), "Subject: p\n\npushed\n")
     os.kill(a.p.pid, signal.SIGTERM)
     a.wait(20)
