@@ -386,6 +386,18 @@ static void copy_ipport(char *dst, size_t n, const char *src)
         dst[0] = '\0';
 }
 
+/* The Cyrus connection, opened now if there is none: with the addresses,
+ * else (Cyrus may refuse them) without. */
+static bool server_conn_ensure(struct sasl_glue_server *s, char *err, size_t n)
+{
+    if (s->conn)
+        return true;
+    if (server_conn_open(s, err, n))
+        return true;
+    s->local[0] = s->remote[0] = '\0';
+    return server_conn_open(s, err, n);
+}
+
 struct sasl_glue_server *sasl_glue_server_new(const char *service,
                                               const char *fqdn,
                                               const char *local_ipport,
@@ -413,14 +425,9 @@ struct sasl_glue_server *sasl_glue_server_new(const char *service,
     }
     copy_ipport(s->local, sizeof s->local, local_ipport);
     copy_ipport(s->remote, sizeof s->remote, remote_ipport);
-    if (!server_conn_open(s, err, n)) {
-        /* Retry without addresses Cyrus may have refused. */
-        s->local[0] = s->remote[0] = '\0';
-        if (!server_conn_open(s, err, n)) {
-            free(s);
-            return NULL;
-        }
-    }
+    /* Cyrus' connection is made when first needed (server_conn_ensure):
+     * a STARTTLS session replaces this object before any AUTH, and its
+     * mechanism lists come from mech_cache. */
     return s;
 }
 
@@ -434,16 +441,57 @@ void sasl_glue_server_free(struct sasl_glue_server *s)
     free(s);
 }
 
+/* Cyrus' answer to sasl_listmech depends on the plugins (loaded once, by
+ * sasl_glue_server_init) and on the connection's security properties,
+ * i.e. on TLS and its strength; so it is asked once per process and kind
+ * of connection, not for every EHLO (a STARTTLS session has two). */
+struct mech_cache_entry {
+    bool valid, tls, addresses;
+    unsigned ssf;
+    char list[512];
+};
+static struct mech_cache_entry mech_cache[4];
+
+static struct mech_cache_entry *
+mech_cache_slot(const struct sasl_glue_server *s)
+{
+    bool addresses = s->local[0] || s->remote[0];
+    struct mech_cache_entry *e = &mech_cache[(s->tls ? 2 : 0) + addresses];
+    return e->valid && e->tls == s->tls && e->addresses == addresses &&
+                   e->ssf == s->ssf
+               ? e : NULL;
+}
+
+static void mech_cache_store(const struct sasl_glue_server *s,
+                             const char *list)
+{
+    bool addresses = s->local[0] || s->remote[0];
+    struct mech_cache_entry *e = &mech_cache[(s->tls ? 2 : 0) + addresses];
+    e->valid = str_copy(e->list, list, sizeof e->list);
+    e->tls = s->tls;
+    e->addresses = addresses;
+    e->ssf = s->ssf;
+}
+
 /* What Cyrus can do on this connection (its security properties already
  * exclude ANONYMOUS, and PLAIN/LOGIN without TLS); NULL on error. */
 static const char *server_cyrus_list(struct sasl_glue_server *s)
 {
+    const struct mech_cache_entry *hit = mech_cache_slot(s);
+    if (hit)
+        return hit->list;
+    char err[256];
     const char *list;
     unsigned len;
     int count;
+    if (!server_conn_ensure(s, err, sizeof err)) {
+        log_warn("SASL: %s", err);
+        return NULL;
+    }
     if (sasl_listmech(s->conn, NULL, "", " ", "", &list, &len, &count) !=
         SASL_OK)
         return NULL;
+    mech_cache_store(s, list);
     return list;
 }
 
@@ -682,7 +730,7 @@ enum sasl_glue_result sasl_glue_server_start(struct sasl_glue_server *s,
     if (s->used || !s->conn) {
         if (s->conn)
             sasl_dispose(&s->conn);
-        if (!server_conn_open(s, err, sizeof err)) {
+        if (!server_conn_ensure(s, err, sizeof err)) {
             wipe_free(in, inlen);
             str_copy(s->reason, err, sizeof s->reason);
             return SASL_GLUE_ERROR;

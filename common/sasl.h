@@ -116,7 +116,11 @@ struct sasl_glue_server;
 
 /* service: "smtp" (RFC 4954's service name, used by DIGEST-MD5 and
  * GSSAPI); fqdn: our host name; local/remote: "IP;PORT" or NULL;
- * tls_ssf: the TLS cipher's strength in bits, when tls_active. */
+ * tls_ssf: the TLS cipher's strength in bits, when tls_active.  Cyrus'
+ * own connection object is only made when mechanisms() or start() need
+ * it (Cyrus' mechanism list is kept per process and kind of connection),
+ * so an object dropped at STARTTLS costs little; Cyrus' errors then come
+ * from those calls. */
 struct sasl_glue_server *sasl_glue_server_new(const char *service,
                                               const char *fqdn,
                                               const char *local_ipport,

@@ -530,6 +530,7 @@ static void main_loop(void)
                 if (pfd[i].revents & POLLIN)
                     accept_one(&listeners[i - 1]);
         }
+        pool_expire_idle();
         if (got_usr1 || now_ms() >= next_maint) {
             got_usr1 = 0;
             run_maintenance();

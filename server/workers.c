@@ -20,6 +20,7 @@ struct worker {
     int chan;                    /* master's end; -1 once retired */
     bool busy;
     bool retire;                 /* exit after the current session */
+    int64_t idle_since;          /* now_ms() when it last became idle */
     struct worker_job job;
 };
 
@@ -180,6 +181,7 @@ static struct worker *spawn(int client)
     memset(w, 0, sizeof *w);
     w->pid = pid;
     w->chan = sv[0];
+    w->idle_since = now_ms();
     return w;
 }
 
@@ -210,12 +212,21 @@ static void retire(struct worker *w)
     w->busy = false;
 }
 
+static bool is_idle(const struct worker *w)
+{
+    return !w->busy && w->chan >= 0 && !w->retire;
+}
+
+/* The worker idle for the shortest time: reusing the same few keeps
+ * their memory warm and lets the rest reach WORKER_IDLE_EXPIRE_S. */
 static struct worker *idle_worker(void)
 {
+    struct worker *best = NULL;
     for (size_t i = 0; i < nworkers; i++)
-        if (!workers[i].busy && workers[i].chan >= 0 && !workers[i].retire)
-            return &workers[i];
-    return NULL;
+        if (is_idle(&workers[i]) &&
+            (!best || workers[i].idle_since > best->idle_since))
+            best = &workers[i];
+    return best;
 }
 
 static size_t sessions_from(const char *addr, int service)
@@ -308,8 +319,21 @@ static size_t idle_count(void)
 {
     size_t n = 0;
     for (size_t i = 0; i < nworkers; i++)
-        n += !workers[i].busy && workers[i].chan >= 0;
+        n += is_idle(&workers[i]);
     return n;
+}
+
+void pool_expire_idle(void)
+{
+    size_t idle = idle_count();
+    if (idle <= WORKER_MAX_IDLE)
+        return;
+    int64_t cutoff = now_ms() - (int64_t)WORKER_IDLE_EXPIRE_S * 1000;
+    for (size_t i = 0; i < nworkers && idle > WORKER_MAX_IDLE; i++)
+        if (is_idle(&workers[i]) && workers[i].idle_since <= cutoff) {
+            retire(&workers[i]);
+            idle--;
+        }
 }
 
 /* A request or note from a busy worker, about the session it serves. */
@@ -352,9 +376,10 @@ void pool_handle(const struct pollfd *pfd, size_t n)
             continue;
         }
         w->busy = false;
+        w->idle_since = now_ms();
         update_stress(w->job.service, pool_service_busy(w->job.service));
         w->job.addr[0] = '\0';
-        if (w->retire || idle_count() > WORKER_MAX_IDLE)
+        if (w->retire)
             retire(w);
     }
 }

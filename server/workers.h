@@ -6,7 +6,13 @@
  * a time, reports back, and is reused for up to WORKER_MAX_USE sessions,
  * like Postfix's max_use: forking per connection cost more than the whole
  * SMTP transaction on small machines.  Workers are forked on demand up to
- * max_connections, and idle ones beyond WORKER_MAX_IDLE are retired.
+ * max_connections.  Idle ones beyond WORKER_MAX_IDLE are retired once
+ * they have been idle for WORKER_IDLE_EXPIRE_S (Postfix's max_idle), not
+ * the moment a session ends: under a steady stream of polls the number
+ * of idle workers swings by dozens within milliseconds, and retiring at
+ * each swing forked a new process, which then paid its first-session
+ * set-up (OpenSSL's lazy initialisation: ~1 ms), for 3-8% of the polls
+ * of a storm of 50 TLS customers.
  *
  * Each service has its own budget of sessions inside max_connections, and
  * the per-address limit counts per service, so a flood of one service
@@ -28,6 +34,7 @@
 
 #define WORKER_MAX_USE 200
 #define WORKER_MAX_IDLE 32
+#define WORKER_IDLE_EXPIRE_S 60
 
 #define POOL_SERVICES 3
 
@@ -97,6 +104,9 @@ void worker_tell(const struct worker_msg *msg);
 size_t pool_pollfds(struct pollfd *pfd, size_t max);
 /* Processes the channels of a poll set filled by pool_pollfds. */
 void pool_handle(const struct pollfd *pfd, size_t n);
+/* Retires idle workers beyond WORKER_MAX_IDLE that have been idle for
+ * WORKER_IDLE_EXPIRE_S; the master calls it at least once a second. */
+void pool_expire_idle(void);
 /* A child exited (from waitpid); true if it was a worker. */
 bool pool_reaped(pid_t pid, int status);
 /* After a reload: workers finish their session and then exit, so new
