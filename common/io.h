@@ -3,9 +3,10 @@
  * Every read and write waits at most io->timeout_ms for progress, and never
  * past the deadlines set below; every line has a caller-supplied maximum.
  * Replies written with io_write/io_printf are buffered and flushed
- * automatically before the next read that would block, which is exactly
- * what RFC 2920 (PIPELINING) asks of a server and keeps small
- * command/reply exchanges to one packet. */
+ * automatically before the next read from the socket, i.e. once every
+ * line already received has been handled: RFC 2920 (PIPELINING) asks a
+ * server to flush before it would block, and replies to commands that
+ * arrived together still leave in one packet. */
 #ifndef ODMR_IO_H
 #define ODMR_IO_H
 

@@ -120,11 +120,42 @@ void queue_new_id(char *id, size_t n)
 
 /* ---------------------------------------------------------------- in */
 
-static int ensure_domain_dir(struct queue *q, const char *domain);
+static int open_domain_dir(struct queue *q, const char *domain);
+
+static void in_release_dir(struct queue_in *in)
+{
+    if (in->dirfd >= 0)
+        close(in->dirfd);
+    in->dirfd = -1;
+}
+
+/* The data file in q/<home>/ (home != NULL) or tmp/. */
+static bool in_open(struct queue *q, struct queue_in *in, const char *home)
+{
+    if (!home) {
+        in->fd = open(in->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC |
+                      O_NOFOLLOW, 0600);
+        return in->fd >= 0;
+    }
+    in->dirfd = open_domain_dir(q, home);
+    if (in->dirfd < 0)
+        return false;
+    /* relative to the directory: no second walk of the whole path */
+    in->fd = openat(in->dirfd, strrchr(in->tmp_path, '/') + 1,
+                    O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (in->fd < 0) {
+        int err = errno;
+        in_release_dir(in);
+        errno = err;
+        return false;
+    }
+    str_copy(in->home, home, sizeof in->home);
+    return true;
+}
 
 static bool in_begin(struct queue *q, struct queue_in *in, const char *home)
 {
-    in->fd = -1;
+    in->fd = in->dirfd = -1;
     in->size = 0;
     in->error = 0;
     in->blen = 0;
@@ -138,17 +169,7 @@ static bool in_begin(struct queue *q, struct queue_in *in, const char *home)
         errno = ENAMETOOLONG;
         return false;
     }
-    if (home) {
-        int err = ensure_domain_dir(q, home);
-        if (err) {
-            errno = err;
-            return false;
-        }
-        str_copy(in->home, home, sizeof in->home);
-    }
-    in->fd = open(in->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW,
-                  0600);
-    return in->fd >= 0;
+    return in_open(q, in, home);
 }
 
 bool queue_in_begin(struct queue *q, struct queue_in *in)
@@ -182,7 +203,7 @@ bool queue_in_begin_copy(struct queue *q, struct queue_in *in,
                          const struct queue_in *orig)
 {
     memset(in, 0, offsetof(struct queue_in, buf));
-    in->fd = -1;
+    in->fd = in->dirfd = -1;
     str_copy(in->id, orig->id, sizeof in->id);
     if (!orig->home[0]) {
         errno = EINVAL;   /* orig's own name is tmp/<id>.m */
@@ -222,6 +243,7 @@ void queue_in_abort(struct queue_in *in)
     if (in->tmp_path[0])
         unlink(in->tmp_path);
     in->tmp_path[0] = '\0';
+    in_release_dir(in);
 }
 
 /* The envelope's text in memory (caller frees *text); 0 or an errno.
@@ -276,23 +298,60 @@ static int write_envelope_file(const char *tmp, const char *final,
     return err;
 }
 
+/* Makes the domain directory dir: 0, EEXIST or another errno value. */
+static int make_domain_dir(struct queue *q, const char *dir)
+{
+    char top[PATH_MAX];
+    if (mkdir(dir, 0700) != 0)
+        return errno;
+    /* A new directory entry must be durable before mail relies on it. */
+    str_fmt(top, sizeof top, "%s/q", q->spool);
+    return fsync_dir(top) ? 0 : errno;
+}
+
 static int ensure_domain_dir(struct queue *q, const char *domain)
 {
-    char dir[PATH_MAX], top[PATH_MAX];
+    char dir[PATH_MAX];
     if (!qpath(dir, q, domain, NULL, ""))
         return EINVAL;
     /* Nearly always there already: one lstat instead of mkdir + lstat. */
     int err = real_dir(dir);
     if (err != ENOENT)
         return err;
-    if (mkdir(dir, 0700) == 0) {
-        /* A new directory entry must be durable before mail relies on it. */
-        str_fmt(top, sizeof top, "%s/q", q->spool);
-        if (!fsync_dir(top))
-            return errno;
-        return 0;
+    err = make_domain_dir(q, dir);
+    return err == EEXIST ? real_dir(dir) : err;
+}
+
+/* Opens dir, a directory and not a symbolic link: a descriptor, or -1
+ * with real_dir's errno (ELOOP for a link, where open says ENOTDIR). */
+static int open_real_dir(const char *dir)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0 && errno == ENOTDIR) {
+        int err = real_dir(dir);
+        errno = err ? err : ENOTDIR;
     }
-    return errno == EEXIST ? real_dir(dir) : errno;
+    return fd;
+}
+
+/* The domain directory opened (made when missing): a descriptor or -1.
+ * The open stands in for ensure_domain_dir's lstat. */
+static int open_domain_dir(struct queue *q, const char *domain)
+{
+    char dir[PATH_MAX];
+    if (!qpath(dir, q, domain, NULL, "")) {
+        errno = EINVAL;
+        return -1;
+    }
+    int fd = open_real_dir(dir);
+    if (fd >= 0 || errno != ENOENT)
+        return fd;
+    int err = make_domain_dir(q, dir);
+    if (err && err != EEXIST) {
+        errno = err;
+        return -1;
+    }
+    return open_real_dir(dir);
 }
 
 /* Links the data and commits the envelope of one domain. */
@@ -316,7 +375,8 @@ static int commit_domain(struct queue *q, struct queue_in *in,
     if (!home && link(in->tmp_path, data) != 0)
         return errno;
     err = write_envelope_file(tmp, env, e);
-    if (!err && !fsync_dir(dir))
+    /* the home directory is open already: its descriptor is synced */
+    if (!err && !(home && in->dirfd >= 0 ? fsync(in->dirfd) == 0 : fsync_dir(dir)))
         err = errno;
     if (err) {
         unlink(env);
@@ -366,6 +426,7 @@ int queue_in_commit(struct queue *q, struct queue_in *in,
     if (err || !in->home[0])
         unlink(in->tmp_path);
     in->tmp_path[0] = '\0';
+    in_release_dir(in);
     return err;
 }
 
@@ -893,21 +954,53 @@ struct clean_ctx {
     time_t limit;
 };
 
+/* name without suffix into id (QID_MAX); false when it has another one. */
+static bool id_with_suffix(const char *name, const char *suffix, char *id)
+{
+    size_t len = strlen(name), sl = strlen(suffix);
+    if (len <= sl || len - sl >= QID_MAX || strcmp(name + len - sl, suffix))
+        return false;
+    memcpy(id, name, len - sl);
+    id[len - sl] = '\0';
+    return true;
+}
+
+/* Whether name is id's envelope. */
+static bool envelope_of(const char *name, const char *id)
+{
+    char eid[QID_MAX];
+    return name && id_with_suffix(name, ".e", eid) && !strcmp(eid, id);
+}
+
+/* A data file without its envelope (what a crash or a failed commit
+ * left) is removed once stale.  prev is the name sorted before name (NULL
+ * for the first): "<id>.e" sorts right before "<id>.m" ('.' sorts before
+ * every hex digit), so a committed message costs no system call here (it
+ * cost an access() of its envelope); a .m without one in the listing is
+ * checked again, since the envelope may have come since. */
+static void clean_leftover(struct clean_ctx *c, const char *domain,
+                           const char *prev, const char *name)
+{
+    char id[QID_MAX], path[PATH_MAX], env[PATH_MAX];
+    if (!id_with_suffix(name, ".m", id) || envelope_of(prev, id))
+        return;
+    if (qpath(path, c->q, domain, id, ".m") && qpath(env, c->q, domain, id, ".e") &&
+        access(env, F_OK) != 0 && errno == ENOENT && stale(path, id, c->limit))
+        unlink(path);
+}
+
 static int clean_domain(void *ctx, const char *domain)
 {
     struct clean_ctx *c = ctx;
-    char dir[PATH_MAX], data[PATH_MAX], env[PATH_MAX];
+    char dir[PATH_MAX];
     size_t n;
     if (!qpath(dir, c->q, domain, NULL, ""))
         return 0;
-    char **ids = list_dir(dir, ".m", &n);
-    for (size_t i = 0; ids && i < n; i++) {
-        if (qpath(data, c->q, domain, ids[i], ".m") &&
-            qpath(env, c->q, domain, ids[i], ".e") && access(env, F_OK) != 0 &&
-            errno == ENOENT && stale(data, ids[i], c->limit))
-            unlink(data);
-    }
-    free_list(ids, n);
+    /* every name: the envelopes listed need not be looked for */
+    char **names = list_dir(dir, NULL, &n);
+    for (size_t i = 0; names && i < n; i++)
+        clean_leftover(c, domain, i ? names[i - 1] : NULL, names[i]);
+    free_list(names, n);
     return 0;
 }
 
@@ -1015,6 +1108,7 @@ int queue_in_commit_held(struct queue *q, struct queue_in *in,
     /* Not queued anywhere: the name it was written under goes. */
     unlink(in->tmp_path);
     in->tmp_path[0] = '\0';
+    in_release_dir(in);
     return err;
 }
 

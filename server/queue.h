@@ -57,6 +57,9 @@ struct queue_in {
     char id[QID_MAX];
     char tmp_path[PATH_MAX];
     int fd;
+    int dirfd;                 /* q/<home>/ while written in place, or -1:
+                                  the file is made and the directory synced
+                                  through it */
     uint64_t size;
     int error;                 /* first errno seen while writing, 0 if none */
     char home[ADDR_DOMAIN_MAX + 1];   /* data written in place there, or "" */

@@ -1,10 +1,13 @@
 /* recipients.c - per-domain recipient lists (recipients.h). */
 #include "recipients.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
+#include <time.h>
 
 #include "../common/addr.h"
 #include "../common/idna.h"
@@ -104,31 +107,138 @@ static enum rcpt_result from_acct(enum acct_result r)
                                                           : RCPT_TEMPFAIL;
 }
 
+/* ------------------------------------------------------- kept answers */
+
+/* Each RCPT opened the database: 13 system calls (open, lock, three reads,
+ * mmap, ..., close), in session processes that live for many sessions and
+ * mostly see the same few domains.  So the answers that do not depend on
+ * the local part - a domain without a list, a domain not hosted - are
+ * kept with the identity the file had when they were read (fstat under
+ * GDBM's lock: device, inode, size, mtime, ctime) and given again while a
+ * stat of the path still shows that identity: one system call.  odmrctl
+ * changing the file in place or replacing it changes the identity, and
+ * ctime cannot be set back.  File times have the kernel's coarse clock
+ * granularity, so an answer read less than KEPT_SETTLE_S after the file's
+ * last change is not kept (accounts.c's kept handle has the same rule).
+ * A forked child may use its parent's answers: they are plain data. */
+#define KEPT_SETTLE_S 2
+#define KEPT_ANSWERS 16
+
+struct kept_answer {
+    char dkey[IDNA_KEY_MAX + 1];
+    enum rcpt_result r;          /* RCPT_VALID (no list) or RCPT_NO_DOMAIN */
+    char owner[ACCOUNT_NAME_MAX + 1];
+};
+
+static struct {
+    char db[PATH_MAX];
+    struct stat st;              /* the file the answers were read from */
+    size_t n, next;
+    struct kept_answer a[KEPT_ANSWERS];
+} kept;
+
+static bool same_file(const struct stat *a, const struct stat *b)
+{
+    return a->st_dev == b->st_dev && a->st_ino == b->st_ino &&
+           a->st_size == b->st_size &&
+           a->st_mtim.tv_sec == b->st_mtim.tv_sec &&
+           a->st_mtim.tv_nsec == b->st_mtim.tv_nsec &&
+           a->st_ctim.tv_sec == b->st_ctim.tv_sec &&
+           a->st_ctim.tv_nsec == b->st_ctim.tv_nsec;
+}
+
+/* The kept answer for dkey while db is still the file it came from. */
+static const struct kept_answer *kept_find(const char *db, const char *dkey)
+{
+    struct stat now;
+    const struct kept_answer *found = NULL;
+    for (size_t i = 0; i < kept.n && !found; i++)
+        if (!strcmp(kept.a[i].dkey, dkey))
+            found = &kept.a[i];
+    if (!found || strcmp(kept.db, db) || stat(db, &now) != 0 ||
+        !same_file(&now, &kept.st))
+        return NULL;
+    return found;
+}
+
+/* Keeps an answer read from the file st describes (st_ino 0: unknown). */
+static void kept_add(const char *db, const struct stat *st, const char *dkey,
+                     enum rcpt_result r, const char *owner)
+{
+    if (!st->st_ino || time(NULL) - st->st_ctim.tv_sec < KEPT_SETTLE_S)
+        return;
+    if (strcmp(kept.db, db) || !same_file(st, &kept.st)) {
+        if (!str_copy(kept.db, db, sizeof kept.db))
+            return;
+        kept.st = *st;
+        kept.n = kept.next = 0;
+    }
+    struct kept_answer *a = &kept.a[kept.next];
+    kept.next = (kept.next + 1) % KEPT_ANSWERS;
+    if (kept.n < KEPT_ANSWERS)
+        kept.n++;
+    str_copy(a->dkey, dkey, sizeof a->dkey);
+    a->r = r;
+    str_copy(a->owner, owner ? owner : "", sizeof a->owner);
+}
+
+static enum rcpt_result kept_answer(const struct kept_answer *a, char *owner,
+                                    size_t n)
+{
+    if (owner && n && a->r == RCPT_VALID && !str_copy(owner, a->owner, n))
+        return RCPT_TEMPFAIL;
+    return a->r;
+}
+
+/* ------------------------------------------------------------- lookup */
+
+/* The database's answer; *st receives the file's identity under GDBM's
+ * lock (st_ino 0 when it cannot be known). */
+static enum rcpt_result lookup(const char *db, const char *domain,
+                               const char *lkey, const char *dkey,
+                               const char *local, char *owner, size_t n,
+                               bool *list, struct stat *st)
+{
+    GDBM_FILE dbf;
+    *list = false;
+    st->st_ino = 0;
+    enum acct_result ar = acctdb_open(db, DB_READ, &dbf);
+    if (ar != ACCT_OK)
+        return from_acct(ar == ACCT_NODB ? ACCT_NOTFOUND : ar);
+    if (!dbf || fstat(gdbm_fdesc(dbf), st) != 0)
+        st->st_ino = 0;
+    enum rcpt_result r = owner_of(db, dbf, domain, owner, n);
+    if (r == RCPT_VALID && (*list = acctdb_exists(dbf, lkey)) &&
+        !listed(dbf, dkey, local))
+        r = RCPT_UNKNOWN_USER;
+    acctdb_close_reader(dbf);
+    /* a binding stored by an older version under its UTF-8 spelling:
+     * accounts.c knows how to find it (such domains have no list) */
+    if (r == RCPT_NO_DOMAIN)
+        r = from_acct(accounts_domain_owner(db, domain, owner, n));
+    return r;
+}
+
 enum rcpt_result recipients_check(const char *db, const char *domain,
                                   const char *local, char *owner, size_t n,
                                   bool *has_list)
 {
     char lkey[RKEY_MAX + 1], dkey[IDNA_KEY_MAX + 1];
     bool list = false;
+    struct stat st;
     if (has_list)
         *has_list = false;
     if (!list_key(lkey, sizeof lkey, domain, dkey))
         return RCPT_NO_DOMAIN;
-    GDBM_FILE dbf;
-    enum acct_result ar = acctdb_open(db, DB_READ, &dbf);
-    if (ar != ACCT_OK)
-        return from_acct(ar == ACCT_NODB ? ACCT_NOTFOUND : ar);
-    enum rcpt_result r = owner_of(db, dbf, domain, owner, n);
-    if (r == RCPT_VALID && (list = acctdb_exists(dbf, lkey)) &&
-        !listed(dbf, dkey, local))
-        r = RCPT_UNKNOWN_USER;
-    acctdb_close_reader(dbf);
+    const struct kept_answer *a = kept_find(db, dkey);
+    if (a)
+        return kept_answer(a, owner, n);
+    enum rcpt_result r = lookup(db, domain, lkey, dkey, local, owner, n, &list,
+                                &st);
     if (has_list)
         *has_list = list;
-    /* a binding stored by an older version under its UTF-8 spelling:
-     * accounts.c knows how to find it (such domains have no list) */
-    if (r == RCPT_NO_DOMAIN)
-        r = from_acct(accounts_domain_owner(db, domain, owner, n));
+    if ((r == RCPT_VALID && !list) || r == RCPT_NO_DOMAIN)
+        kept_add(db, &st, dkey, r, r == RCPT_VALID ? owner : NULL);
     return r;
 }
 

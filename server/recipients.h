@@ -8,7 +8,10 @@
  * needs no quotes is the same user), "postmaster" always (RFC 5321
  * 4.5.1), or everything when the list has the catch-all "@".  A lookup is two or three GDBM fetches in one
  * open of the database, whatever the length of the lists, and sees every
- * change at once (the file is opened per lookup, as accounts.h explains).
+ * change at once: the answers that do not depend on the local part (a
+ * domain without a list, a domain not hosted) are kept by the process
+ * and given again only while a stat of the file shows it unchanged
+ * (recipients.c explains the rule).
  *
  * Records: "R:<domain key>" -> number of entries (the list exists);
  *          "r:<domain key>:<local part>" -> "".  The local part is stored

@@ -1,0 +1,190 @@
+/* test_queue_commit.c - receiving into the queue (server/queue.c): what a
+ * commit leaves in the spool (the envelope renamed beside its data, no
+ * temporary file anywhere), that a failed or aborted message leaves
+ * nothing, that a link planted for a domain directory is refused, and
+ * that the maintenance pass removes what a crash leaves (a data file
+ * without envelope) and nothing else. */
+#include <dirent.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "../../server/queue.h"
+#include "check.h"
+
+static char dir[] = "/tmp/odmr-test-queue-commit-XXXXXX";
+static char spool[300];
+
+/* Whether spool/q/<domain>/<id><suffix> exists. */
+static bool exists(const char *domain, const char *id, const char *suffix)
+{
+    char path[PATH_MAX];
+    struct stat st;
+    snprintf(path, sizeof path, "%s/q/%s/%s%s", spool, domain, id, suffix);
+    return lstat(path, &st) == 0;
+}
+
+/* Number of entries of spool/sub other than "." and "..". */
+static int entries(const char *sub)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/%s", spool, sub);
+    DIR *d = opendir(path);
+    int n = 0;
+    struct dirent *de;
+    while (d && (de = readdir(d)) != NULL)
+        n += strcmp(de->d_name, ".") && strcmp(de->d_name, "..");
+    if (d)
+        closedir(d);
+    return d ? n : -1;
+}
+
+static void envelope_for(struct envelope *e, const char *domain)
+{
+    envelope_init(e);
+    snprintf(e->domain, sizeof e->domain, "%s", domain);
+    snprintf(e->sender, sizeof e->sender, "a@src.test");
+    envelope_add_rcpt(e, "u@example.org", 0, "", SIZE_MAX);
+}
+
+/* Receives "hello\r\n" for the domains; the queue id into id. */
+static int receive(struct queue *q, const char *const *domains, size_t n,
+                   char *id)
+{
+    static struct queue_in in;
+    struct envelope envs[4], *list[4];
+    if (!queue_in_begin_at(q, &in, domains[0]))
+        return errno;
+    queue_in_write(&in, "hello\r\n", 7);
+    for (size_t i = 0; i < n; i++) {
+        envelope_for(&envs[i], domains[i]);
+        list[i] = &envs[i];
+    }
+    snprintf(id, QID_MAX, "%s", in.id);
+    int err = queue_in_commit(q, &in, list, n);
+    if (err)
+        queue_in_abort(&in);
+    for (size_t i = 0; i < n; i++)
+        envelope_free(&envs[i]);
+    return err;
+}
+
+static void test_commit_leaves_envelope_and_data(struct queue *q)
+{
+    char id[QID_MAX], err[256];
+    const char *one[] = {"example.org"};
+    CHECK(receive(q, one, 1, id) == 0);
+    CHECK(exists("example.org", id, ".e"));
+    CHECK(exists("example.org", id, ".m"));
+    CHECK(entries("tmp") == 0);
+    struct envelope e;
+    CHECK(queue_load(q, "example.org", id, &e, err, sizeof err));
+    CHECK(e.size == 7 && e.nrcpt == 1);
+    envelope_free(&e);
+    /* two domains: one data inode linked into both, an envelope each */
+    const char *two[] = {"example.org", "example.net"};
+    CHECK(receive(q, two, 2, id) == 0);
+    CHECK(exists("example.net", id, ".e"));
+    CHECK(exists("example.net", id, ".m"));
+    CHECK(entries("tmp") == 0);
+}
+
+static void test_abort_leaves_nothing(struct queue *q)
+{
+    static struct queue_in in;
+    int before = entries("q/example.org");
+    CHECK(queue_in_begin_at(q, &in, "example.org"));
+    CHECK(in.dirfd >= 0);
+    queue_in_write(&in, "x", 1);
+    queue_in_abort(&in);
+    CHECK(in.dirfd == -1);
+    CHECK(entries("q/example.org") == before);
+}
+
+static void test_link_for_a_domain_refused(struct queue *q)
+{
+    char link[PATH_MAX], id[QID_MAX];
+    snprintf(link, sizeof link, "%s/q/linked.test", spool);
+    CHECK(symlink("/tmp", link) == 0);
+    const char *linked[] = {"linked.test"};
+    CHECK(receive(q, linked, 1, id) == ELOOP);
+    /* and not as the second domain of a message either */
+    const char *two[] = {"example.org", "linked.test"};
+    int before = entries("q/example.org");
+    CHECK(receive(q, two, 2, id) == ELOOP);
+    CHECK(entries("q/example.org") == before);   /* all or nothing */
+    unlink(link);
+}
+
+/* A pid that no longer runs: the child's own. */
+static long dead_pid(void)
+{
+    pid_t pid = fork();
+    if (pid == 0)
+        _exit(0);
+    waitpid(pid, NULL, 0);
+    return (long)pid;
+}
+
+static void put(const char *domain, const char *name)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/q/%s/%s", spool, domain, name);
+    FILE *f = fopen(path, "w");
+    CHECK(f != NULL);
+    if (f)
+        fclose(f);
+}
+
+static void test_cleanup_of_crash_leftovers(struct queue *q)
+{
+    char dead[QID_MAX], live[QID_MAX], name[QID_MAX + 4], id[QID_MAX];
+    const char *one[] = {"example.org"};
+    CHECK(receive(q, one, 1, id) == 0);   /* a committed message stays */
+    long pid = dead_pid();
+    snprintf(dead, sizeof dead, "0000000100000%lX", (unsigned long)pid);
+    snprintf(live, sizeof live, "0000000100000%lX", (unsigned long)getpid());
+    snprintf(name, sizeof name, "%s.m", dead);
+    put("example.org", name);
+    snprintf(name, sizeof name, "%s.m", live);
+    put("example.org", name);
+    /* a leftover whose id is a prefix of a committed message's id: the
+     * listing is "<dead>.m", "<dead>0.e", "<dead>0.m" ('.' sorts first) */
+    char longer[QID_MAX + 1];
+    snprintf(longer, sizeof longer, "%.30s0", dead);
+    snprintf(name, sizeof name, "%s.e", longer);
+    put("example.org", name);
+    snprintf(name, sizeof name, "%s.m", longer);
+    put("example.org", name);
+    queue_cleanup(q, 3600);
+    CHECK(!exists("example.org", dead, ".m"));
+    CHECK(exists("example.org", live, ".m"));     /* its writer is alive */
+    CHECK(exists("example.org", longer, ".m"));   /* it has its envelope */
+    CHECK(exists("example.org", id, ".e"));
+    CHECK(exists("example.org", id, ".m"));
+}
+
+int main(void)
+{
+    char err[256];
+    struct queue q;
+    if (!mkdtemp(dir)) {
+        perror("mkdtemp");
+        return 1;
+    }
+    snprintf(spool, sizeof spool, "%s/spool", dir);
+    CHECK(queue_open(&q, spool, err, sizeof err));
+    test_commit_leaves_envelope_and_data(&q);
+    test_abort_leaves_nothing(&q);
+    test_link_for_a_domain_refused(&q);
+    test_cleanup_of_crash_leftovers(&q);
+    char cmd[400];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    CHECK(system(cmd) == 0);
+    CHECK_DONE();
+}
