@@ -10,6 +10,8 @@
 #include <stdint.h>
 #include <time.h>
 
+struct stat;
+
 #define ODMR_VERSION "0.1.0"
 
 /* printf-style argument checking where the compiler offers it. */
@@ -53,5 +55,10 @@ bool fsync_dir(const char *path);
 /* System host name, fully qualified when /etc/hosts or the resolver
  * configuration can say so. */
 void system_fqdn(char *buf, size_t n);
+
+/* Whether two stats show the same version of the same file: device,
+ * inode, size, mtime and ctime (which nothing can set back), for handles
+ * and answers kept while a file does not change. */
+bool stat_same_file(const struct stat *a, const struct stat *b);
 
 #endif

@@ -492,16 +492,6 @@ static struct {
     bool no_flock;           /* flock failed: open per lookup */
 } kept;
 
-static bool same_file(const struct stat *a, const struct stat *b)
-{
-    return a->st_dev == b->st_dev && a->st_ino == b->st_ino &&
-           a->st_size == b->st_size &&
-           a->st_mtim.tv_sec == b->st_mtim.tv_sec &&
-           a->st_mtim.tv_nsec == b->st_mtim.tv_nsec &&
-           a->st_ctim.tv_sec == b->st_ctim.tv_sec &&
-           a->st_ctim.tv_nsec == b->st_ctim.tv_nsec;
-}
-
 static void kept_drop(void)
 {
     if (kept.dbf)
@@ -586,7 +576,7 @@ static bool kept_current(const char *db)
         return false;
     if (lock_shared(db, gdbm_fdesc(kept.dbf)) != ACCT_OK)
         return false;
-    if (stat(db, &now) == 0 && same_file(&now, &kept.st))
+    if (stat(db, &now) == 0 && stat_same_file(&now, &kept.st))
         return true;
     flock(gdbm_fdesc(kept.dbf), LOCK_UN);
     return false;

@@ -137,16 +137,6 @@ static struct {
     struct kept_answer a[KEPT_ANSWERS];
 } kept;
 
-static bool same_file(const struct stat *a, const struct stat *b)
-{
-    return a->st_dev == b->st_dev && a->st_ino == b->st_ino &&
-           a->st_size == b->st_size &&
-           a->st_mtim.tv_sec == b->st_mtim.tv_sec &&
-           a->st_mtim.tv_nsec == b->st_mtim.tv_nsec &&
-           a->st_ctim.tv_sec == b->st_ctim.tv_sec &&
-           a->st_ctim.tv_nsec == b->st_ctim.tv_nsec;
-}
-
 /* The kept answer for dkey while db is still the file it came from. */
 static const struct kept_answer *kept_find(const char *db, const char *dkey)
 {
@@ -156,7 +146,7 @@ static const struct kept_answer *kept_find(const char *db, const char *dkey)
         if (!strcmp(kept.a[i].dkey, dkey))
             found = &kept.a[i];
     if (!found || strcmp(kept.db, db) || stat(db, &now) != 0 ||
-        !same_file(&now, &kept.st))
+        !stat_same_file(&now, &kept.st))
         return NULL;
     return found;
 }
@@ -167,7 +157,7 @@ static void kept_add(const char *db, const struct stat *st, const char *dkey,
 {
     if (!st->st_ino || time(NULL) - st->st_ctim.tv_sec < KEPT_SETTLE_S)
         return;
-    if (strcmp(kept.db, db) || !same_file(st, &kept.st)) {
+    if (strcmp(kept.db, db) || !stat_same_file(st, &kept.st)) {
         if (!str_copy(kept.db, db, sizeof kept.db))
             return;
         kept.st = *st;
