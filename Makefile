@@ -60,7 +60,8 @@ all: deps $(PROGRAMS)
 deps:
 	@sh tools/deps.sh build
 
-test-deps:
+# After deps: under make -j two apt-get runs would race for dpkg's lock.
+test-deps: deps
 	@sh tools/deps.sh test
 
 # SYSCONFDIR is compiled in (the default configuration path): a stamp that
