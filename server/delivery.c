@@ -680,46 +680,42 @@ static bool send_data_and_next(struct delivery_ctx *d, const struct caps *c,
     return flush(d, PH_DATA);
 }
 
-/* Offers the message and sends the data. False when the connection failed. */
-static bool transact(struct delivery_ctx *d, const struct caps *c,
-                     struct outgoing *m, struct outgoing *next)
+/* Offers the message and sends its data, the next envelope behind the
+ * dot.  *sent: the final dot is on its way and its reply is still to be
+ * read (await_dot).  False when the connection failed. */
+static bool offer(struct delivery_ctx *d, const struct caps *c,
+                  struct outgoing *m, struct outgoing *next, bool *sent)
 {
     struct envelope *e = &m->e;
     bool go = false;
+    *sent = false;
     if (!m->sendable)
         return true;
     bool ok = c->pipelining
                   ? envelope_pipelined(d, c, e, m->size, m->st, m->offered, &go)
                   : envelope_stepwise(d, c, e, m->size, m->st, &go);
-    struct smtp_reply r;
     if (ok && go) {
-        char text[LAST_REPLY_MAX + 1];
-        ok = send_data_and_next(d, c, m, next) && read_reply(d, &r, PH_DOT);
-        if (ok) {
-            reply_text(&r, text, sizeof text);
-            set_all(m->st, e->nrcpt, OUT_SENT, classify(r.code), text);
-        }
+        ok = send_data_and_next(d, c, m, next);
+        *sent = ok;
     } else if (ok) {
         /* nothing was accepted: leave the customer in a clean state */
+        struct smtp_reply r;
         ok = ask(d, "RSET", "RSET", &r);
     }
     return ok;
 }
 
-/* Delivers m (next: the message after it, or NULL).  False when the
- * connection failed. */
-static bool deliver_one(struct delivery_ctx *d, const struct caps *c,
-                        struct outgoing *m, struct outgoing *next)
+/* The customer's reply to the final dot decides every recipient it had
+ * accepted.  False when the connection failed. */
+static bool await_dot(struct delivery_ctx *d, struct outgoing *m)
 {
-    if (!m->loaded)
-        return true;
-    d->stats.messages++;
-    d->qid = m->id;
-    bool ok = transact(d, c, m, next);
-    d->qid = NULL;
-    if (ok)
-        settle(d, &m->e, m->fd, m->st);
-    return ok;
+    struct smtp_reply r;
+    char text[LAST_REPLY_MAX + 1];
+    if (!read_reply(d, &r, PH_DOT))
+        return false;
+    reply_text(&r, text, sizeof text);
+    set_all(m->st, m->e.nrcpt, OUT_SENT, classify(r.code), text);
+    return true;
 }
 
 /* ------------------------------------------------------------ domains */
@@ -779,46 +775,112 @@ static size_t next_unseen(const struct id_list *now, const struct id_list *done,
 }
 
 /* One pass over a domain: every message not attempted yet in this
- * session, each loaded one ahead so that its envelope can follow the
- * previous data.  A message offered that way is always finished, even
- * when a stop comes meanwhile.  *found counts them.  Returns false on
- * connection failure. */
+ * session, three at a time.  `cur` is the message whose data is being
+ * sent; `next` is loaded, and with a pipelining customer its envelope
+ * follows cur's dot; `settling` is the message before cur, whose outcome
+ * is known but made durable (settle) only once cur's data has gone out.
+ * So removing the previous message and loading the next one happen while
+ * the customer and its site work on cur, not between the reply that lets
+ * cur's data go and the data.  A message offered behind a dot is always
+ * finished, even when a stop comes meanwhile. */
+struct pass {
+    struct delivery_ctx *d;
+    const struct caps *c;
+    const char *domain;
+    struct id_list now;
+    struct id_list *done;
+    size_t sorted;             /* done's entries from earlier passes */
+    size_t ahead;              /* the first index of now not loaded yet */
+    struct outgoing slot[3];
+    struct outgoing *settling, *cur, *next;
+};
+
+/* Loads the next message not attempted in an earlier pass into the empty
+ * slot m; m stays empty (id NULL) when none is left. */
+static void load_ahead(struct pass *p, struct outgoing *m)
+{
+    size_t i = next_unseen(&p->now, p->done, p->sorted, p->ahead);
+    p->ahead = i < p->now.n ? i + 1 : i;
+    if (i < p->now.n)
+        open_message(p->d, p->c, p->domain, p->now.ids[i], m);
+}
+
+/* Makes the settling message's outcome durable and empties its slot. */
+static void settle_pending(struct pass *p)
+{
+    struct outgoing *s = p->settling;
+    if (s->loaded)
+        settle(p->d, &s->e, s->fd, s->st);
+    close_message(s);
+}
+
+/* Delivers p->cur and moves every slot on by one.  False when the
+ * connection failed (cur then stays queued as it was). */
+static bool deliver_cur(struct pass *p)
+{
+    struct delivery_ctx *d = p->d;
+    struct outgoing *m = p->cur, *t;
+    bool ok = true, sent = false;
+    if (m->loaded) {
+        d->stats.messages++;
+        d->qid = m->id;
+        ok = offer(d, p->c, m, p->next->id ? p->next : NULL, &sent);
+    }
+    settle_pending(p);
+    if (ok && !session_stop_requested) {
+        load_ahead(p, p->settling);
+        if (!p->next->id) {
+            t = p->next;
+            p->next = p->settling;
+            p->settling = t;
+        }
+    }
+    if (ok && sent)
+        ok = await_dot(d, m);
+    d->qid = NULL;
+    if (!ok) {
+        close_message(m);
+        return false;
+    }
+    t = p->settling;
+    p->settling = m;
+    p->cur = p->next;
+    p->next = t;
+    return true;
+}
+
+/* *found counts the messages of the pass.  Returns false on connection
+ * failure. */
 static bool deliver_pass(struct delivery_ctx *d, const struct caps *c,
                          const char *domain, struct id_list *done, size_t *found)
 {
-    struct id_list now = {0};
-    if (queue_ids(d->q, domain, collect_id, &now) < 0) {
+    struct pass p = {.d = d, .c = c, .domain = domain, .done = done,
+                     .sorted = done->n};
+    for (size_t k = 0; k < 3; k++)
+        p.slot[k].fd = -1;
+    p.settling = &p.slot[0];
+    p.cur = &p.slot[1];
+    p.next = &p.slot[2];
+    if (queue_ids(d->q, domain, collect_id, &p.now) < 0) {
         log_err("queue %s: %s", domain, strerror(errno));
-        free_ids(&now);
+        free_ids(&p.now);
         return true;
     }
-    struct outgoing slot[2] = {{.fd = -1}, {.fd = -1}};
-    struct outgoing *m = &slot[0], *next = &slot[1];
+    load_ahead(&p, p.cur);
+    if (p.cur->id && c->pipelining)
+        load_ahead(&p, p.next);
     bool ok = true;
-    size_t before = done->n, i = next_unseen(&now, done, before, 0);
-    if (i < now.n)
-        open_message(d, c, domain, now.ids[i], m);
-    while (ok && i < now.n && (!session_stop_requested || m->offered)) {
-        size_t j = next_unseen(&now, done, before, i + 1);
-        if (j < now.n && c->pipelining && !session_stop_requested)
-            open_message(d, c, domain, now.ids[j], next);
+    while (ok && p.cur->id && (!session_stop_requested || p.cur->offered)) {
         (*found)++;
-        ok = deliver_one(d, c, m, next->id ? next : NULL);
-        if (collect_id(done, now.ids[i]) < 0)
-            ok = false;   /* out of memory: stop rather than loop */
-        close_message(m);
-        struct outgoing *t = m;
-        m = next;
-        next = t;
-        if (ok && j < now.n && !m->id && !session_stop_requested)
-            open_message(d, c, domain, now.ids[j], m);
-        i = j;
+        bool recorded = collect_id(done, p.cur->id) == 0;
+        ok = deliver_cur(&p) && recorded;   /* out of memory: stop, not loop */
     }
-    close_message(m);
-    close_message(next);
+    settle_pending(&p);
+    close_message(p.cur);
+    close_message(p.next);
     if (done->n > 1)   /* qsort wants a valid pointer even for nothing */
         qsort(done->ids, done->n, sizeof *done->ids, cmp_id);
-    free_ids(&now);
+    free_ids(&p.now);
     return ok;
 }
 
