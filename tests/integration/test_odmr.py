@@ -766,6 +766,32 @@ def test_starttls_then_plain(env):
     check(env.queued() == [], "queue not empty: %r" % env.queued())
 
 
+def test_tls_quit_ends_with_close_notify(env):
+    """The 221 to QUIT and TLS's close_notify both reach the customer (they
+    leave in one packet): a client that treats a bare TCP close as an
+    error (suppress_ragged_eofs=False) sees a clean end."""
+    import ssl
+    env.make_cert()
+    setup(env)
+    with odmr(env) as s:
+        ehlo(s)
+        check_reply(s.cmd("STARTTLS"), 220, what="STARTTLS")
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        s.sock = ctx.wrap_socket(s.sock, server_hostname="mx.test",
+                                 suppress_ragged_eofs=False)
+        ehlo(s)
+        check_reply(s.cmd("QUIT"), 221, what="QUIT over TLS")
+        check(s.buf == b"", "data after the 221: %r" % s.buf)
+        s.sock.settimeout(5)
+        try:
+            rest = s.sock.recv(100)
+        except ssl.SSLEOFError as e:
+            fail("the connection ended without close_notify: %s" % e)
+        check(rest == b"", "data after the 221: %r" % rest)
+
+
 def test_scram_sha256(env):
     setup(env)
     with odmr(env) as s:
