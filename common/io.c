@@ -232,6 +232,23 @@ static long read_once(struct io *io, short *ev)
     }
 }
 
+/* write_once on the socket itself, past any TLS. */
+static long sock_write_once(int fd, const char *p, size_t len, short *ev)
+{
+    for (;;) {
+        ssize_t n = sys_send(fd, p, len);
+        if (n > 0)
+            return (long)n;
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n == 0 || errno == EAGAIN || errno == EWOULDBLOCK) {
+            *ev = POLLOUT;
+            return 0;
+        }
+        return IO_ERROR;
+    }
+}
+
 /* One attempt to write len (> 0) bytes: bytes written, 0 = would block on
  * *ev, or a negative io_status.  For TLS a retry after "would block" must
  * pass the same buffer and length, which io_flush does. */
@@ -243,18 +260,7 @@ static long write_once(struct io *io, const char *p, size_t len, short *ev)
         int r = SSL_write_ex(io->ssl, p, len, &n);
         return r == 1 ? (long)n : tls_blocked(io, r, ev);
     }
-    for (;;) {
-        ssize_t n = sys_send(io->fd, p, len);
-        if (n > 0)
-            return (long)n;
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n == 0 || errno == EAGAIN || errno == EWOULDBLOCK) {
-            *ev = POLLOUT;
-            return 0;
-        }
-        return IO_ERROR;
-    }
+    return sock_write_once(io->fd, p, len, ev);
 }
 
 /* ---- setup and teardown ----------------------------------------------- */
@@ -302,16 +308,12 @@ void io_set_deadline(struct io *io, int64_t when)
 static void send_raw(struct io *io, const char *p, size_t len)
 {
     while (len > 0) {
-        ssize_t n = sys_send(io->fd, p, len);
+        short ev = 0;
+        long n = sock_write_once(io->fd, p, len, &ev);
         if (n > 0) {
             p += n;
             len -= (size_t)n;
-        } else if (n < 0 && errno == EINTR) {
-            continue;
-        } else if ((n == 0 || errno == EAGAIN || errno == EWOULDBLOCK) &&
-                   wait_io(io, POLLOUT, 0) == IO_OK) {
-            continue;
-        } else {
+        } else if (n < 0 || wait_io(io, ev, 0) != IO_OK) {
             return;
         }
     }
