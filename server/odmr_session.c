@@ -687,7 +687,8 @@ void odmr_session_run(const struct odmrd_conf *conf, SSL_CTX *tls,
         reply(&s, "220 %s ESMTP ODMR service ready", conf->hostname);
         session_loop(&s);
     }
-    io_flush(&s.io);
+    /* The last reply is left to io_close: with TLS it then leaves with
+     * close_notify in one packet. */
     log_info("disconnect from %s%s%s", peer->addr, s.user[0] ? " account=" : "",
              s.user);
     if (s.linger_slot >= 0)   /* asked for, no ATRN followed */

@@ -1,19 +1,22 @@
 /* odmrd.c - the server daemon: listeners, process management, signals.
  *
  * Process model (docs/architecture.md): the master binds every listener,
- * drops privileges and then forks one child per accepted connection, like
- * Postfix's smtpd.  A session that crashes or is killed takes nothing else
- * with it, its domain lock (flock) dies with it, and the master stays
- * small: it only accepts, counts connections and reaps children. */
+ * drops privileges and then hands each accepted connection to a session
+ * process of its pool (workers.h), like Postfix's smtpd processes.  A
+ * session that crashes or is killed takes nothing else with it, its
+ * domain lock (flock) dies with it, and the master stays small: it only
+ * accepts, counts connections, answers the failure table and reaps
+ * children. */
+#define _GNU_SOURCE   /* accept4 */
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>
-#include <poll.h>
 #include <pwd.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -57,6 +60,7 @@ static SSL_CTX *tls_ctx;
 static struct listener listeners[MAX_LISTENERS];
 static size_t nlisteners;
 static int sig_pipe[2] = {-1, -1};
+static int watch_fd = -1;        /* epoll: signal pipe, listeners, channels */
 static volatile sig_atomic_t got_term, got_hup, got_chld, got_usr1;
 
 static void usage(FILE *f)
@@ -392,10 +396,9 @@ static void accept_one(const struct listener *l)
     struct sockaddr_storage ss;
     socklen_t sl = sizeof ss;
     struct worker_job job = {.service = (int)l->svc};
-    int fd = accept(l->fd, (struct sockaddr *)&ss, &sl);
+    int fd = accept4(l->fd, (struct sockaddr *)&ss, &sl, SOCK_CLOEXEC);
     if (fd < 0)
         return;   /* EAGAIN, ECONNABORTED, EMFILE: try again at next poll */
-    fcntl(fd, F_SETFD, FD_CLOEXEC);
     peer_name(&ss, job.addr, sizeof job.addr);
     if (l->svc == SVC_ODMR)
         guard_job(&job);   /* the table's word travels with the job */
@@ -436,6 +439,7 @@ static void run_maintenance(void)
     close(sig_pipe[0]);
     close(sig_pipe[1]);
     close_listeners();
+    pool_close_channels();   /* and the epoll set: see workers.h */
     struct queue q;
     char err[256];
     if (queue_open(&q, conf.spool_dir, err, sizeof err)) {
@@ -500,21 +504,60 @@ static void drain_signal_pipe(void)
         ;
 }
 
+/* One epoll set for the signal pipe, the listeners and (workers.c) every
+ * worker's channel: a storm of polls wakes the master three times per
+ * poll (the connection, the AUTH note, the end), and poll() walked every
+ * channel of the pool at each wake-up. */
+static bool open_watch(void)
+{
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    if (ep < 0)
+        return false;
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = sig_pipe[0]};
+    bool ok = epoll_ctl(ep, EPOLL_CTL_ADD, sig_pipe[0], &ev) == 0;
+    for (size_t i = 0; ok && i < nlisteners; i++) {
+        ev.data.fd = listeners[i].fd;
+        ok = epoll_ctl(ep, EPOLL_CTL_ADD, listeners[i].fd, &ev) == 0;
+    }
+    if (!ok) {
+        close(ep);
+        return false;
+    }
+    watch_fd = ep;
+    pool_watch(ep);
+    return true;
+}
+
+static const struct listener *listener_of(int fd)
+{
+    for (size_t i = 0; i < nlisteners; i++)
+        if (listeners[i].fd == fd)
+            return &listeners[i];
+    return NULL;
+}
+
+static void handle_events(const struct epoll_event *ev, int n)
+{
+    /* finished sessions first, so their workers can take new ones */
+    for (int i = 0; i < n; i++)
+        if (ev[i].data.fd != sig_pipe[0])
+            (void)pool_handle(ev[i].data.fd);
+    for (int i = 0; i < n && !got_term; i++) {
+        const struct listener *l = listener_of(ev[i].data.fd);
+        if (l)
+            accept_one(l);
+    }
+}
+
 static void main_loop(void)
 {
-    size_t cap = 1 + nlisteners + conf.max_connections;
-    struct pollfd *pfd = calloc(cap, sizeof *pfd);
+    struct epoll_event ev[64];
     int64_t next_maint = now_ms();   /* once at start-up, then periodically */
-    while (pfd && !got_term) {
-        size_t n = 0;
-        pfd[n++] = (struct pollfd){.fd = sig_pipe[0], .events = POLLIN};
-        for (size_t i = 0; i < nlisteners; i++)
-            pfd[n++] = (struct pollfd){.fd = listeners[i].fd, .events = POLLIN};
-        size_t first_worker = n;
-        n += pool_pollfds(pfd + n, cap - n);
-        int rc = poll(pfd, n, 1000);
-        if (rc > 0 && (pfd[0].revents & POLLIN))
-            drain_signal_pipe();
+    while (!got_term) {
+        int rc = epoll_wait(watch_fd, ev, (int)(sizeof ev / sizeof ev[0]), 1000);
+        for (int i = 0; i < rc; i++)
+            if (ev[i].data.fd == sig_pipe[0])
+                drain_signal_pipe();
         if (got_chld) {
             got_chld = 0;
             reap_children();
@@ -523,13 +566,8 @@ static void main_loop(void)
             got_hup = 0;
             reload();
         }
-        if (rc > 0) {
-            /* finished sessions first, so their workers can take new ones */
-            pool_handle(pfd + first_worker, n - first_worker);
-            for (size_t i = 1; i < first_worker && !got_term; i++)
-                if (pfd[i].revents & POLLIN)
-                    accept_one(&listeners[i - 1]);
-        }
+        if (rc > 0)
+            handle_events(ev, rc);
         pool_expire_idle();
         if (got_usr1 || now_ms() >= next_maint) {
             got_usr1 = 0;
@@ -537,7 +575,6 @@ static void main_loop(void)
             next_maint = now_ms() + MAINT_INTERVAL_S * 1000;
         }
     }
-    free(pfd);
 }
 
 /* ------------------------------------------------------------ startup */
@@ -855,6 +892,10 @@ static int start(const struct options *o)
     apply_limits();
     if (!o->foreground && !daemonize())
         return EX_OSERR_;
+    if (!open_watch()) {
+        log_err("cannot set up epoll: %s", strerror(errno));
+        return EX_OSERR_;
+    }
     write_pid_file();
     /* Leftovers of a crash: tmp files and data without an envelope. Only
      * files older than a minute go now, so a concurrent odmrctl enqueue

@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -32,6 +33,7 @@ static worker_request_fn handle_request;
 static size_t budgets[POOL_SERVICES], per_ip_limit;
 static bool stressed[POOL_SERVICES];
 static int own_chan = -1;        /* in a worker: its end of the channel */
+static int watch_fd = -1;        /* in the master: its epoll set */
 static const char *const service_names[POOL_SERVICES] = {"odmr", "smtp", "lmtp"};
 
 bool pool_init(size_t max, worker_session_fn session, worker_setup_fn setup,
@@ -152,6 +154,34 @@ void worker_tell(const struct worker_msg *msg)
 
 /* ------------------------------------------------------------- master */
 
+void pool_watch(int epoll_fd)
+{
+    watch_fd = epoll_fd;
+}
+
+/* Out of the epoll set first: a forked child may still hold a copy of
+ * the channel, and epoll forgets a descriptor only when every copy of it
+ * is closed; until then a closed number could report, then be reused. */
+static void close_chan(struct worker *w)
+{
+    if (w->chan < 0)
+        return;
+    if (watch_fd >= 0)
+        (void)epoll_ctl(watch_fd, EPOLL_CTL_DEL, w->chan, NULL);
+    close(w->chan);
+    w->chan = -1;
+}
+
+void pool_close_channels(void)
+{
+    for (size_t i = 0; i < nworkers; i++)
+        if (workers[i].chan >= 0)
+            close(workers[i].chan);   /* the child's copies only */
+    if (watch_fd >= 0)
+        close(watch_fd);
+    watch_fd = -1;
+}
+
 /* A new worker.  client is the connection being dispatched: the child
  * must not keep its inherited copy, or that connection would stay open
  * after the session closes it (the worker lives on for more sessions). */
@@ -171,9 +201,7 @@ static struct worker *spawn(int client)
     if (pid == 0) {
         close(sv[0]);
         close(client);
-        for (size_t i = 0; i < nworkers; i++)   /* other workers' channels */
-            if (workers[i].chan >= 0)
-                close(workers[i].chan);
+        pool_close_channels();   /* other workers' channels */
         worker_main(sv[1]);
     }
     close(sv[1]);
@@ -182,6 +210,12 @@ static struct worker *spawn(int client)
     w->pid = pid;
     w->chan = sv[0];
     w->idle_since = now_ms();
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = w->chan};
+    if (watch_fd >= 0 && epoll_ctl(watch_fd, EPOLL_CTL_ADD, w->chan, &ev) != 0) {
+        log_err("epoll: cannot watch a new session process: %s", strerror(errno));
+        close_chan(w);   /* it reads EOF and exits; SIGCHLD removes it */
+        return NULL;
+    }
     return w;
 }
 
@@ -206,9 +240,7 @@ static bool send_job(struct worker *w, int fd, const struct worker_job *job)
 
 static void retire(struct worker *w)
 {
-    if (w->chan >= 0)
-        close(w->chan);   /* the worker reads EOF and exits */
-    w->chan = -1;
+    close_chan(w);   /* the worker reads EOF and exits */
     w->busy = false;
 }
 
@@ -298,15 +330,6 @@ enum pool_result pool_dispatch(int fd, struct worker_job *job)
     return r;
 }
 
-size_t pool_pollfds(struct pollfd *pfd, size_t max)
-{
-    size_t n = 0;
-    for (size_t i = 0; i < nworkers && n < max; i++)
-        if (workers[i].chan >= 0)
-            pfd[n++] = (struct pollfd){.fd = workers[i].chan, .events = POLLIN};
-    return n;
-}
-
 static struct worker *by_chan(int chan)
 {
     for (size_t i = 0; i < nworkers; i++)
@@ -355,33 +378,29 @@ static void answer(struct worker *w, struct worker_msg *msg, size_t len)
                   strerror(errno));
 }
 
-void pool_handle(const struct pollfd *pfd, size_t n)
+bool pool_handle(int fd)
 {
-    for (size_t i = 0; i < n; i++) {
-        if (!(pfd[i].revents & (POLLIN | POLLHUP | POLLERR)))
-            continue;
-        struct worker *w = by_chan(pfd[i].fd);
-        if (!w)
-            continue;
-        struct worker_msg msg;
-        ssize_t got = recv(w->chan, &msg, sizeof msg, MSG_DONTWAIT);
-        if (got <= 0) {
-            if (got < 0 && (errno == EINTR || errno == EAGAIN))
-                continue;
+    struct worker *w = by_chan(fd);
+    if (!w)
+        return false;
+    struct worker_msg msg;
+    ssize_t got = recv(w->chan, &msg, sizeof msg, MSG_DONTWAIT);
+    if (got <= 0) {
+        if (got == 0 || (errno != EINTR && errno != EAGAIN))
             retire(w);   /* exited or crashed: SIGCHLD removes it */
-            continue;
-        }
-        if (got != (ssize_t)sizeof msg || msg.type != WMSG_DONE) {
-            answer(w, &msg, (size_t)got);
-            continue;
-        }
-        w->busy = false;
-        w->idle_since = now_ms();
-        update_stress(w->job.service, pool_service_busy(w->job.service));
-        w->job.addr[0] = '\0';
-        if (w->retire)
-            retire(w);
+        return true;
     }
+    if (got != (ssize_t)sizeof msg || msg.type != WMSG_DONE) {
+        answer(w, &msg, (size_t)got);
+        return true;
+    }
+    w->busy = false;
+    w->idle_since = now_ms();
+    update_stress(w->job.service, pool_service_busy(w->job.service));
+    w->job.addr[0] = '\0';
+    if (w->retire)
+        retire(w);
+    return true;
 }
 
 bool pool_reaped(pid_t pid, int status)
@@ -394,8 +413,7 @@ bool pool_reaped(pid_t pid, int status)
             log_warn("session process %ld%s%s died of signal %d", (long)pid,
                      workers[i].busy ? " serving " : "",
                      workers[i].busy ? workers[i].job.addr : "", WTERMSIG(status));
-        if (workers[i].chan >= 0)
-            close(workers[i].chan);
+        close_chan(&workers[i]);
         workers[i] = workers[--nworkers];
         return true;
     }

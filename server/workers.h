@@ -27,7 +27,6 @@
 #ifndef ODMR_WORKERS_H
 #define ODMR_WORKERS_H
 
-#include <poll.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <sys/types.h>
@@ -100,10 +99,17 @@ bool worker_ask(struct worker_msg *msg, int timeout_ms);
 /* In a worker: tells the master something that needs no answer. */
 void worker_tell(const struct worker_msg *msg);
 
-/* Adds the workers' channels to a poll set; returns how many were added. */
-size_t pool_pollfds(struct pollfd *pfd, size_t max);
-/* Processes the channels of a poll set filled by pool_pollfds. */
-void pool_handle(const struct pollfd *pfd, size_t n);
+/* The master's epoll set: from now on every worker's channel is in it
+ * while the channel is open (event data: the channel's descriptor), so
+ * one wake-up costs the same whatever the size of the pool. */
+void pool_watch(int epoll_fd);
+/* Whether fd is a worker's channel; if so, processes what the worker
+ * sent (or its end).  For the master's events loop. */
+bool pool_handle(int fd);
+/* In a child forked by the master for something else (maintenance):
+ * closes its copies of the channels, so that a retired worker still
+ * sees the end of its channel while that child runs. */
+void pool_close_channels(void);
 /* Retires idle workers beyond WORKER_MAX_IDLE that have been idle for
  * WORKER_IDLE_EXPIRE_S; the master calls it at least once a second. */
 void pool_expire_idle(void);
