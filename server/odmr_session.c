@@ -39,8 +39,6 @@ struct odmr {
     const struct odmrd_conf *conf;
     SSL_CTX *tls_ctx;
     const struct session_peer *peer;
-    struct io io;
-    struct queue q;
     bool greeted, esmtp, tls_on, done;
     int linger_slot;             /* XLINGER asked and granted, else -1 */
     struct sasl_glue_server *sasl;
@@ -48,6 +46,11 @@ struct odmr {
     char user[ACCOUNT_NAME_MAX + 1];   /* "" until authenticated */
     unsigned auth_failures, bad_commands;
     char local_ipport[80], remote_ipport[80];
+    /* Last, and not cleared per session (odmr_session_run): queue_open and
+     * io_init set what they use, and clearing 36 KB of buffers cost more
+     * than the rest of the set-up. */
+    struct queue q;
+    struct io io;
 };
 
 struct domain_set {
@@ -672,7 +675,7 @@ void odmr_session_run(const struct odmrd_conf *conf, SSL_CTX *tls,
 {
     static struct odmr s;
     char err[PATH_MAX + 64];
-    memset(&s, 0, sizeof s);
+    memset(&s, 0, offsetof(struct odmr, q));
     s.conf = conf;
     s.tls_ctx = tls;
     s.linger_slot = -1;
