@@ -541,7 +541,7 @@ static void handle_events(const struct epoll_event *ev, int n)
     /* finished sessions first, so their workers can take new ones */
     for (int i = 0; i < n; i++)
         if (ev[i].data.fd != sig_pipe[0])
-            (void)pool_handle(ev[i].data.fd);
+            pool_handle(ev[i].data.fd);
     for (int i = 0; i < n && !got_term; i++) {
         const struct listener *l = listener_of(ev[i].data.fd);
         if (l)

@@ -378,21 +378,21 @@ static void answer(struct worker *w, struct worker_msg *msg, size_t len)
                   strerror(errno));
 }
 
-bool pool_handle(int fd)
+void pool_handle(int fd)
 {
     struct worker *w = by_chan(fd);
     if (!w)
-        return false;
+        return;
     struct worker_msg msg;
     ssize_t got = recv(w->chan, &msg, sizeof msg, MSG_DONTWAIT);
     if (got <= 0) {
         if (got == 0 || (errno != EINTR && errno != EAGAIN))
             retire(w);   /* exited or crashed: SIGCHLD removes it */
-        return true;
+        return;
     }
     if (got != (ssize_t)sizeof msg || msg.type != WMSG_DONE) {
         answer(w, &msg, (size_t)got);
-        return true;
+        return;
     }
     w->busy = false;
     w->idle_since = now_ms();
@@ -400,7 +400,6 @@ bool pool_handle(int fd)
     w->job.addr[0] = '\0';
     if (w->retire)
         retire(w);
-    return true;
 }
 
 bool pool_reaped(pid_t pid, int status)

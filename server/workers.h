@@ -103,9 +103,9 @@ void worker_tell(const struct worker_msg *msg);
  * while the channel is open (event data: the channel's descriptor), so
  * one wake-up costs the same whatever the size of the pool. */
 void pool_watch(int epoll_fd);
-/* Whether fd is a worker's channel; if so, processes what the worker
- * sent (or its end).  For the master's events loop. */
-bool pool_handle(int fd);
+/* If fd is a worker's channel, processes what the worker sent (or its
+ * end); any other descriptor is ignored.  For the master's events loop. */
+void pool_handle(int fd);
 /* In a child forked by the master for something else (maintenance):
  * closes its copies of the channels, so that a retired worker still
  * sees the end of its channel while that child runs. */
