@@ -41,7 +41,7 @@ COMMON_SRC := $(wildcard common/*.c)
 SERVER_LIB_SRC := $(wildcard server/conf.c server/envelope.c server/queue.c \
                   server/accounts.c server/auxprop.c server/bounce.c server/expire.c \
                   server/downgrade.c server/throttle.c server/recipients.c \
-                  server/milter.c server/milter_edit.c)
+                  server/milter.c server/milter_edit.c server/qfile.c)
 # odmrctl switches users the way odmrd does (server/ownership.h).
 SERVER_LIB_SRC += server/ownership.c
 ODMRD_SRC  := $(filter-out server/odmrctl%.c $(SERVER_LIB_SRC),$(wildcard server/*.c))

@@ -333,14 +333,16 @@ static void emit_status_part(const struct dsn *d, struct dsn_out *o)
             emit_per_recipient(d, o, &d->r[i]);
 }
 
-/* Offset where the header section of the data ends: the start of the
- * first empty line (or the end of the data when there is none). */
-static off_t header_end(int fd, char *chunk)
+/* Offset where the header section of the data (its first len octets)
+ * ends: the start of the first empty line, or the end of the data when
+ * there is none. */
+static off_t header_end(int fd, char *chunk, off_t len)
 {
     off_t off = 0, cr_at = -1;
     bool bol = true;
     for (;;) {
-        ssize_t got = pread(fd, chunk, DSN_CHUNK, off);
+        size_t want = len - off < DSN_CHUNK ? (size_t)(len - off) : DSN_CHUNK;
+        ssize_t got = want ? pread(fd, chunk, want, off) : 0;
         if (got < 0 && errno == EINTR)
             continue;
         if (got <= 0)
@@ -357,14 +359,15 @@ static off_t header_end(int fd, char *chunk)
     }
 }
 
-/* Copies data bytes [0, end) (end < 0: all of it) to the output. */
+/* Copies data bytes [0, end) to the output.  The data is the envelope's
+ * size of octets: a queue file holds its envelope after them. */
 static bool copy_data(const struct dsn *d, struct dsn_out *o, char *chunk,
                       off_t end)
 {
     off_t off = 0;
-    while (o->ok && (end < 0 || off < end)) {
+    while (o->ok && off < end) {
         size_t want = DSN_CHUNK;
-        if (end >= 0 && (off_t)want > end - off)
+        if ((off_t)want > end - off)
             want = (size_t)(end - off);
         ssize_t got = pread(d->data_fd, chunk, want, off);
         if (got < 0 && errno == EINTR)
@@ -397,8 +400,8 @@ static void emit_original_part(const struct dsn *d, struct dsn_out *o)
     if (d->eightbit)
         emit_str(o, "Content-Transfer-Encoding: 8bit\r\n");
     emit_str(o, "\r\n");
-    off_t end = -1;
-    if (hdrs && (end = header_end(d->data_fd, chunk)) < 0) {
+    off_t end = (off_t)d->e->size;
+    if (hdrs && (end = header_end(d->data_fd, chunk, end)) < 0) {
         o->ok = false;
         return;
     }

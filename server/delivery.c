@@ -303,7 +303,10 @@ static bool stuff_write(void *ctx, const char *p, size_t len)
  * final "." into the output buffer (the caller flushes).  A failure ends
  * the session either way: the customer holds a partial message that only
  * closing the connection takes back. */
-static bool send_data(struct delivery_ctx *d, int fd, const struct dg_plan *plan)
+/* Sends the message: the first len octets of fd (a queue file holds its
+ * envelope after them). */
+static bool send_data(struct delivery_ctx *d, int fd, uint64_t len,
+                      const struct dg_plan *plan)
 {
     static char buf[DATA_READ];
     struct stuffer st = {d, true, true};
@@ -312,10 +315,13 @@ static bool send_data(struct delivery_ctx *d, int fd, const struct dg_plan *plan
         ok = downgrade_write(fd, plan, stuff_write, &st);
     } else {
         ssize_t got;
-        while (ok && (got = read(fd, buf, sizeof buf)) != 0) {
+        while (ok && len > 0 &&
+               (got = read(fd, buf, len < sizeof buf ? (size_t)len : sizeof buf)) != 0) {
             if (got < 0 && errno == EINTR)
                 continue;
             ok = got > 0 && stuff_write(&st, buf, (size_t)got);
+            if (ok)
+                len -= (uint64_t)got;
         }
     }
     if (ok && !st.last_lf)
@@ -599,7 +605,7 @@ static bool plan_downgrade(const struct caps *c, const struct envelope *e,
     memset(plan, 0, sizeof *plan);
     if (c->eightbit || e->body != BODY_8BITMIME)
         return true;
-    if (!downgrade_plan(fd, plan)) {
+    if (!downgrade_plan(fd, e->size, plan)) {
         log_err("%s: cannot read message data: %s", e->id, strerror(errno));
         return false;
     }
@@ -668,7 +674,7 @@ static void open_message(struct delivery_ctx *d, const struct caps *c,
 static bool send_data_and_next(struct delivery_ctx *d, const struct caps *c,
                                struct outgoing *m, struct outgoing *next)
 {
-    if (!send_data(d, m->fd, &m->plan))
+    if (!send_data(d, m->fd, m->e.size, &m->plan))
         return false;
     if (next && next->sendable && c->pipelining && !session_stop_requested) {
         d->qid = next->id;

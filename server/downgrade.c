@@ -626,7 +626,8 @@ static void walk_end(struct walker *w)
     flush_out(w);
 }
 
-/* Reads fd from its start in line segments. */
+/* Reads the message (plan->data_len octets from fd's start) in line
+ * segments: a queue file holds its envelope after the message. */
 static bool walk(int fd, struct walker *w)
 {
     static char buf[65536];
@@ -638,8 +639,10 @@ static bool walk(int fd, struct walker *w)
         return false;
     }
     w->in_headers = w->top = w->line_start = true;
+    uint64_t left = w->plan->data_len;
     ssize_t got = 0;
-    while (!w->failed && (got = read(fd, buf, sizeof buf)) != 0) {
+    while (!w->failed && left > 0 &&
+           (got = read(fd, buf, left < sizeof buf ? (size_t)left : sizeof buf)) != 0) {
         if (got < 0) {
             if (errno == EINTR)
                 continue;
@@ -657,8 +660,9 @@ static bool walk(int fd, struct walker *w)
         }
         if (!w->writing)
             w->plan->size += (uint64_t)got;
+        left -= (uint64_t)got;
     }
-    bool ok = got == 0 && !w->failed;
+    bool ok = got >= 0 && !w->failed;   /* < 0 only for a read error */
     if (ok && slen) {
         w->at_eof = true;   /* a last line without CRLF may still be a delimiter */
         walk_segment(w, seg, slen, false);
@@ -678,9 +682,10 @@ static bool count_sink(void *ctx, const char *p, size_t len)
     return true;
 }
 
-bool downgrade_plan(int fd, struct dg_plan *plan)
+bool downgrade_plan(int fd, uint64_t len, struct dg_plan *plan)
 {
     memset(plan, 0, sizeof *plan);
+    plan->data_len = len;
     struct walker w = {.plan = plan};
     if (!walk(fd, &w))
         return false;

@@ -48,6 +48,7 @@ struct dg_plan {
     enum dg_problem body_problem;   /* the same, header text not counted */
     bool filler_8bit;     /* 8-bit preamble/epilogue text, replaced */
     uint64_t size;        /* size of downgrade_write()'s output */
+    uint64_t data_len;    /* octets of fd that are the message */
     unsigned char *leaf_8bit;   /* per leaf part: converted */
     size_t nleaves;
 };
@@ -55,9 +56,9 @@ struct dg_plan {
 /* Receives converted output; false stops the conversion. */
 typedef bool (*dg_sink)(void *ctx, const char *p, size_t len);
 
-/* Reads the message in fd from its start and fills plan.  False on a
- * read error or when memory runs out (errno set). */
-bool downgrade_plan(int fd, struct dg_plan *plan);
+/* Reads the message, the first len octets of fd, and fills plan.  False
+ * on a read error or when memory runs out (errno set). */
+bool downgrade_plan(int fd, uint64_t len, struct dg_plan *plan);
 
 /* Writes the message in fd, converted as plan says, to sink.  False on a
  * read error or when sink returned false. */

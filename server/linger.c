@@ -183,7 +183,9 @@ static size_t domain_of(const struct linger_watch *lg, int wd)
 static bool is_envelope(const struct inotify_event *ev)
 {
     size_t len = ev->len ? strlen(ev->name) : 0;
-    return len > 2 && !strcmp(ev->name + len - 2, ".e");
+    /* an envelope (.e) or a queue file (.q) arrived: mail is committed */
+    return len > 2 && ev->name[len - 2] == '.' &&
+           (ev->name[len - 1] == 'e' || ev->name[len - 1] == 'q');
 }
 
 /* Reads every pending event.  The queue is re-read anyway, so an overflow

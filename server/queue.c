@@ -15,6 +15,7 @@
 
 #include "../common/log.h"
 #include "../common/util.h"
+#include "qfile.h"
 
 /* Queue ids and domain keys become file names: refuse anything that could
  * climb out of the spool or hide as a dot file.  Domain keys come from
@@ -219,9 +220,9 @@ bool queue_in_begin_copy(struct queue *q, struct queue_in *in,
     return in->fd >= 0;
 }
 
-void queue_in_write(struct queue_in *in, const void *data, size_t len)
+/* Buffered write that is not counted as data (a queue file's envelope). */
+static void in_append(struct queue_in *in, const void *data, size_t len)
 {
-    in->size += len;
     if (in->error)
         return;
     if (in->blen + len > sizeof in->buf)
@@ -233,6 +234,12 @@ void queue_in_write(struct queue_in *in, const void *data, size_t len)
     }
     memcpy(in->buf + in->blen, data, len);
     in->blen += len;
+}
+
+void queue_in_write(struct queue_in *in, const void *data, size_t len)
+{
+    in->size += len;
+    in_append(in, data, len);
 }
 
 void queue_in_abort(struct queue_in *in)
@@ -401,19 +408,92 @@ static int in_finish(struct queue_in *in)
     return err;
 }
 
+static void stamp_envelope(struct envelope *e, const struct queue_in *in,
+                           time_t now)
+{
+    str_copy(e->id, in->id, sizeof e->id);
+    e->size = in->size;
+    if (!e->arrival)
+        e->arrival = now;
+}
+
+/* Renames the synced file to q/<domain>/<id>.q and syncs that directory:
+ * 0 or an errno value, and then nothing is queued. */
+static int name_queue_file(struct queue *q, struct queue_in *in,
+                           const char *domain)
+{
+    char final[PATH_MAX], dir[PATH_MAX];
+    if (!strcmp(domain, in->home) && in->dirfd >= 0) {
+        /* written in place: a rename inside the open directory */
+        char from[QID_MAX + 3], to[QID_MAX + 3];
+        snprintf(from, sizeof from, "%s.m", in->id);
+        snprintf(to, sizeof to, "%s.q", in->id);
+        if (renameat(in->dirfd, from, in->dirfd, to) != 0)
+            return errno;
+        if (fsync(in->dirfd) == 0)
+            return 0;
+        int err = errno;
+        unlinkat(in->dirfd, to, 0);
+        return err;
+    }
+    int err = ensure_domain_dir(q, domain);
+    if (err)
+        return err;
+    if (!qpath(final, q, domain, in->id, ".q") || !qpath(dir, q, domain, NULL, ""))
+        return ENAMETOOLONG;
+    if (rename(in->tmp_path, final) != 0)
+        return errno;
+    if (fsync_dir(dir))
+        return 0;
+    err = errno;
+    unlink(final);
+    return err;
+}
+
+/* A message for one domain becomes one queue file (qfile.h): the envelope
+ * and trailer follow the data, one sync, one rename.  -1 when the
+ * envelope is too large for the trailer (nothing done yet). */
+static int commit_one_file(struct queue *q, struct queue_in *in,
+                           struct envelope *e)
+{
+    char *text, trailer[QFILE_TRAILER_LEN + 1];
+    size_t len;
+    stamp_envelope(e, in, time(NULL));
+    int err = format_envelope(e, &text, &len);
+    if (!err && len > QFILE_ENVELOPE_MAX) {
+        free(text);
+        return -1;
+    }
+    if (!err) {
+        qfile_trailer(trailer, in->size, len);
+        in_append(in, text, len);
+        in_append(in, trailer, QFILE_TRAILER_LEN);
+        free(text);
+        err = in_finish(in);
+    }
+    if (!err)
+        err = name_queue_file(q, in, e->domain);
+    if (err)
+        unlink(in->tmp_path);
+    else
+        usage_adjust(q, e->domain, +1, e->size);
+    in->tmp_path[0] = '\0';
+    in_release_dir(in);
+    return err;
+}
+
 int queue_in_commit(struct queue *q, struct queue_in *in,
                     struct envelope **envs, size_t nenv)
 {
-    int err = in_finish(in);
+    int err = nenv == 1 ? commit_one_file(q, in, envs[0]) : -1;
+    if (err >= 0)
+        return err;
+    err = in_finish(in);
     time_t now = time(NULL);
     size_t done = 0;
     for (; !err && done < nenv; done++) {
-        struct envelope *e = envs[done];
-        str_copy(e->id, in->id, sizeof e->id);
-        e->size = in->size;
-        if (!e->arrival)
-            e->arrival = now;
-        err = commit_domain(q, in, e);
+        stamp_envelope(envs[done], in, now);
+        err = commit_domain(q, in, envs[done]);
     }
     if (err) {
         /* All or nothing: take back the domains already committed. */
@@ -437,9 +517,32 @@ static int cmp_str(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-/* Sorted names in dir that end in suffix (suffix stripped), or all
- * non-dot entries when suffix is NULL. Caller frees. */
-static char **list_dir(const char *dir, const char *suffix, size_t *count)
+/* The length of the queue id that name commits (an envelope "<id>.e" or a
+ * queue file "<id>.q"), 0 for any other name. */
+static size_t committed_id_len(const char *name, size_t len)
+{
+    if (len <= 2 || name[len - 2] != '.')
+        return 0;
+    return name[len - 1] == 'e' || name[len - 1] == 'q' ? len - 2 : 0;
+}
+
+/* Drops adjacent duplicates of a sorted list (an id listed as both .e and
+ * .q is one message to its readers): the new count. */
+static size_t unique_names(char **names, size_t n)
+{
+    size_t kept = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (kept && !strcmp(names[kept - 1], names[i]))
+            free(names[i]);
+        else
+            names[kept++] = names[i];
+    }
+    return kept;
+}
+
+/* Sorted non-dot names in dir, or with ids, the committed queue ids
+ * (committed_id_len; each once). Caller frees. */
+static char **list_dir(const char *dir, bool ids, size_t *count)
 {
     DIR *d = open_dir_nofollow(dir);
     *count = 0;
@@ -451,8 +554,8 @@ static char **list_dir(const char *dir, const char *suffix, size_t *count)
     while (names && (de = readdir(d)) != NULL) {
         if (de->d_name[0] == '.')
             continue;
-        size_t len = strlen(de->d_name), sl = suffix ? strlen(suffix) : 0;
-        if (suffix && (len <= sl || strcmp(de->d_name + len - sl, suffix)))
+        size_t len = strlen(de->d_name), keep = len;
+        if (ids && (keep = committed_id_len(de->d_name, len)) == 0)
             continue;
         if (n == cap) {
             char **more = realloc(names, (cap *= 2) * sizeof *names);
@@ -460,13 +563,16 @@ static char **list_dir(const char *dir, const char *suffix, size_t *count)
                 break;
             names = more;
         }
-        names[n] = strndup(de->d_name, len - sl);
+        names[n] = strndup(de->d_name, keep);
         if (names[n])
             n++;
     }
     closedir(d);
-    if (names)
+    if (names) {
         qsort(names, n, sizeof *names, cmp_str);
+        if (ids)
+            n = unique_names(names, n);
+    }
     *count = n;
     return names;
 }
@@ -478,15 +584,16 @@ static void free_list(char **names, size_t n)
     free(names);
 }
 
-/* fn for each name of dir (sorted, suffix stripped) until it returns
- * non-zero; returns that value, or -1 when dir cannot be read (0 when it
- * does not exist and missing_ok).  *visited (may be NULL): names passed. */
-static int each_name(const char *dir, const char *suffix, bool missing_ok,
+/* fn for each name of dir (sorted; with ids, the committed ids) until it
+ * returns non-zero; returns that value, or -1 when dir cannot be read (0
+ * when it does not exist and missing_ok).  *visited (may be NULL): names
+ * passed. */
+static int each_name(const char *dir, bool ids, bool missing_ok,
                      int (*fn)(void *ctx, const char *name), void *ctx,
                      size_t *visited)
 {
     size_t n, i = 0;
-    char **names = list_dir(dir, suffix, &n);
+    char **names = list_dir(dir, ids, &n);
     if (visited)
         *visited = 0;
     if (!names)
@@ -505,7 +612,7 @@ int queue_domains(struct queue *q, int (*fn)(void *ctx, const char *domain),
 {
     char dir[PATH_MAX];
     str_fmt(dir, sizeof dir, "%s/q", q->spool);
-    return each_name(dir, NULL, false, fn, ctx, NULL);
+    return each_name(dir, false, false, fn, ctx, NULL);
 }
 
 /* The ids of a domain directory named by path (queue or quarantine). */
@@ -517,7 +624,7 @@ static int ids_in(bool named, const char *dir,
         errno = EINVAL;
         return -1;
     }
-    int r = each_name(dir, ".e", true, fn, ctx, &visited);
+    int r = each_name(dir, true, true, fn, ctx, &visited);
     return r < 0 ? -1 : (int)visited;
 }
 
@@ -540,12 +647,25 @@ bool queue_has_mail(struct queue *q, const char *domain)
     bool found = false;
     struct dirent *de;
     while (!found && (de = readdir(d)) != NULL) {
-        size_t len = strlen(de->d_name);
-        found = de->d_name[0] != '.' && len > 2 &&
-                !strcmp(de->d_name + len - 2, ".e");
+        found = de->d_name[0] != '.' &&
+                committed_id_len(de->d_name, strlen(de->d_name)) > 0;
     }
     closedir(d);
     return found;
+}
+
+/* The data length of the queue file at path, 0 when it cannot be read
+ * (the usage counter is then off until the next recount). */
+static uint64_t queue_file_data_len(const char *path)
+{
+    uint64_t len = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0)
+        return 0;
+    if (!qfile_data_len(fd, &len))
+        len = 0;
+    close(fd);
+    return len;
 }
 
 struct usage_ctx {
@@ -562,6 +682,8 @@ static int add_usage(void *ctx, const char *id)
     struct stat st;
     if (qpath(path, u->q, u->domain, id, ".m") && stat(path, &st) == 0)
         u->bytes += (uint64_t)st.st_size;
+    else if (qpath(path, u->q, u->domain, id, ".q"))
+        u->bytes += queue_file_data_len(path);
     u->count++;
     return 0;
 }
@@ -686,14 +808,11 @@ void queue_usage_refresh(struct queue *q)
     queue_domains(q, refresh_domain, q);
 }
 
-bool queue_load(struct queue *q, const char *domain, const char *id,
-                struct envelope *e, char *err, size_t n)
+/* Reads an envelope file (.e, .n): false with err, errno ENOENT when it
+ * is not there, EINVAL when it does not parse, another errno otherwise. */
+static bool read_envelope_file(const char *path, struct envelope *e, char *err,
+                               size_t n)
 {
-    char path[PATH_MAX];
-    if (!qpath(path, q, domain, id, ".e")) {
-        snprintf(err, n, "bad queue id or domain");
-        return false;
-    }
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     FILE *f = fd >= 0 ? fdopen(fd, "r") : NULL;
     if (!f) {
@@ -707,37 +826,135 @@ bool queue_load(struct queue *q, const char *domain, const char *id,
     }
     bool ok = envelope_read(f, e, err, n);
     fclose(f);
-    /* The id and domain inside decide what delivery and odmrctl remove or
-     * rewrite, so an envelope that disagrees with its own file name (a
-     * damaged or hand-edited file) is unreadable, not someone else's. */
-    if (ok && (strcmp(e->id, id) || strcmp(e->domain, domain))) {
-        snprintf(err, n, "%s: the envelope names %s in %s", path, e->id, e->domain);
-        ok = false;
-    } else if (ok && e->nrcpt == 0) {
-        snprintf(err, n, "%s: no recipients", path);
-        ok = false;
-    }
-    if (!ok) {
-        envelope_free(e);
-        errno = EINVAL;   /* ENOENT is kept for "removed meanwhile" */
-    }
+    if (!ok)
+        errno = EINVAL;
     return ok;
+}
+
+/* A newer envelope in <id>.n replaces the one inside the queue file (see
+ * queue_update); it must describe the same data. */
+static bool apply_newer_envelope(const char *path, uint64_t data_len,
+                                 struct envelope *e, char *err, size_t n)
+{
+    struct envelope newer;
+    if (!read_envelope_file(path, &newer, err, n))
+        return errno == ENOENT;
+    envelope_free(e);
+    *e = newer;
+    if (e->size == data_len)
+        return true;
+    snprintf(err, n, "%s: the envelope says %llu octets of data, the queue "
+             "file holds %llu", path, (unsigned long long)e->size,
+             (unsigned long long)data_len);
+    errno = EINVAL;
+    return false;
+}
+
+/* The envelope of q/<domain>/<id>.q: 1 when read, 0 when there is no such
+ * file (the message uses the two-file layout, or is gone), -1 on error. */
+static int load_queue_file(struct queue *q, const char *domain, const char *id,
+                           struct envelope *e, char *err, size_t n)
+{
+    char path[PATH_MAX], newer[PATH_MAX], why[256];
+    if (!qpath(path, q, domain, id, ".q") || !qpath(newer, q, domain, id, ".n"))
+        return 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) {
+        if (errno == ENOENT)
+            return 0;
+        int oerr = errno;
+        snprintf(err, n, "%s: %s", path, oerr == ELOOP ? "a symbolic link, "
+                 "not a queue file (left alone)" : strerror(oerr));
+        errno = oerr;
+        return -1;
+    }
+    uint64_t len;
+    bool ok = qfile_read(fd, e, &len, why, sizeof why);
+    int oerr = errno;
+    close(fd);
+    if (!ok) {
+        snprintf(err, n, "%s: %s", path, why);
+        errno = oerr;
+        return -1;
+    }
+    if (apply_newer_envelope(newer, len, e, err, n))
+        return 1;
+    oerr = errno;
+    envelope_free(e);
+    errno = oerr;
+    return -1;
+}
+
+/* The id and domain inside decide what delivery and odmrctl remove or
+ * rewrite, so an envelope that disagrees with its own file name (a
+ * damaged or hand-edited file) is unreadable, not someone else's. */
+static bool envelope_is_for(const struct envelope *e, const char *domain,
+                            const char *id, char *err, size_t n)
+{
+    if (strcmp(e->id, id) || strcmp(e->domain, domain)) {
+        snprintf(err, n, "%s/%s: the envelope names %s in %s", domain, id,
+                 e->id, e->domain);
+        return false;
+    }
+    if (e->nrcpt == 0) {
+        snprintf(err, n, "%s/%s: no recipients", domain, id);
+        return false;
+    }
+    return true;
+}
+
+bool queue_load(struct queue *q, const char *domain, const char *id,
+                struct envelope *e, char *err, size_t n)
+{
+    char path[PATH_MAX];
+    if (!qpath(path, q, domain, id, ".e")) {
+        snprintf(err, n, "bad queue id or domain");
+        errno = EINVAL;
+        return false;
+    }
+    envelope_init(e);   /* freeing it is safe on every path */
+    int found = load_queue_file(q, domain, id, e, err, n);
+    if (found < 0 || (found == 0 && !read_envelope_file(path, e, err, n))) {
+        int oerr = errno;
+        envelope_free(e);
+        errno = oerr;   /* ENOENT is kept for "removed meanwhile" */
+        return false;
+    }
+    if (envelope_is_for(e, domain, id, err, n))
+        return true;
+    envelope_free(e);
+    errno = EINVAL;
+    return false;
 }
 
 int queue_open_data(struct queue *q, const char *domain, const char *id)
 {
     char path[PATH_MAX];
-    if (!qpath(path, q, domain, id, ".m")) {
+    if (!qpath(path, q, domain, id, ".q")) {
         errno = EINVAL;
         return -1;
     }
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd >= 0 || errno != ENOENT || !qpath(path, q, domain, id, ".m"))
+        return fd;
     return open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+}
+
+/* Whether the message is a queue file (and not a .m/.e pair). */
+static bool is_queue_file(const struct queue *q, const char *domain,
+                          const char *id)
+{
+    char path[PATH_MAX];
+    struct stat st;
+    return qpath(path, q, domain, id, ".q") && lstat(path, &st) == 0;
 }
 
 bool queue_update(struct queue *q, const struct envelope *e)
 {
     char env[PATH_MAX], tmp[PATH_MAX], dir[PATH_MAX];
-    if (!qpath(env, q, e->domain, e->id, ".e") ||
+    /* A queue file is never rewritten: its newer envelope goes beside it. */
+    const char *suffix = is_queue_file(q, e->domain, e->id) ? ".n" : ".e";
+    if (!qpath(env, q, e->domain, e->id, suffix) ||
         !qpath(dir, q, e->domain, NULL, "") ||
         !str_fmt(tmp, sizeof tmp, "%s/tmp/%s.%ld.u", q->spool, e->id,
                  (long)getpid()))
@@ -787,6 +1004,28 @@ static void removal_unsynced(const char *dir)
         queue_sync_removals();
 }
 
+/* Removes a queue file and its newer envelope, if any: 1 when removed,
+ * 0 when the message has no queue file, -1 + errno on failure. */
+static int remove_queue_file(struct queue *q, const char *domain,
+                             const char *id, const char *dir)
+{
+    char path[PATH_MAX], newer[PATH_MAX];
+    if (!qpath(path, q, domain, id, ".q") || !qpath(newer, q, domain, id, ".n")) {
+        errno = EINVAL;
+        return -1;
+    }
+    uint64_t size = queue_file_data_len(path);
+    /* The queue file first: once it is gone the message is no longer
+     * queued; a newer envelope left by a crash here is garbage for
+     * queue_cleanup(). */
+    if (unlink(path) != 0)
+        return errno == ENOENT ? 0 : -1;
+    unlink(newer);
+    removal_unsynced(dir);
+    usage_adjust(q, domain, -1, size);
+    return 1;
+}
+
 bool queue_remove(struct queue *q, const char *domain, const char *id)
 {
     char env[PATH_MAX], data[PATH_MAX], dir[PATH_MAX];
@@ -795,6 +1034,9 @@ bool queue_remove(struct queue *q, const char *domain, const char *id)
         errno = EINVAL;
         return false;
     }
+    int one_file = remove_queue_file(q, domain, id, dir);
+    if (one_file != 0)
+        return one_file > 0;
     struct stat st;
     uint64_t size = stat(data, &st) == 0 ? (uint64_t)st.st_size : 0;
     /* Envelope first: once it is gone the message is no longer queued; a
@@ -805,6 +1047,37 @@ bool queue_remove(struct queue *q, const char *domain, const char *id)
     removal_unsynced(dir);
     usage_adjust(q, domain, -1, size);
     return true;
+}
+
+/* Moves a queue file (and its newer envelope) into where: 1 when moved,
+ * 0 when the message has no queue file, -1 + errno on failure. */
+static int quarantine_queue_file(struct queue *q, const char *domain,
+                                 const char *id, const char *where)
+{
+    char path[PATH_MAX], newer[PATH_MAX], to_q[PATH_MAX], to_n[PATH_MAX];
+    struct stat st;
+    if (!qpath(path, q, domain, id, ".q") || !qpath(newer, q, domain, id, ".n") ||
+        !str_fmt(to_q, sizeof to_q, "%s/%s.q", where, id) ||
+        !str_fmt(to_n, sizeof to_n, "%s/%s.n", where, id)) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    if (lstat(path, &st) != 0)
+        return errno == ENOENT ? 0 : -1;
+    uint64_t size = queue_file_data_len(path);
+    /* The newer envelope first: the queue file leaving is what dequeues. */
+    bool moved_newer = rename(newer, to_n) == 0;
+    if (!moved_newer && errno != ENOENT)
+        return -1;
+    if (rename(path, to_q) != 0) {
+        int err = errno;
+        if (moved_newer && rename(to_n, newer) != 0)
+            log_err("%s: newer envelope left in %s: %s", id, to_n, strerror(errno));
+        errno = err;
+        return -1;
+    }
+    usage_adjust(q, domain, -1, size);
+    return 1;
 }
 
 bool queue_quarantine(struct queue *q, const char *domain, const char *id,
@@ -823,6 +1096,12 @@ bool queue_quarantine(struct queue *q, const char *domain, const char *id,
     }
     if (!make_dir(top) || !make_dir(where))
         return false;
+    int one_file = quarantine_queue_file(q, domain, id, where);
+    if (one_file != 0) {
+        if (one_file > 0)
+            fsync_dir(dir);
+        return one_file > 0;
+    }
     struct stat st;
     uint64_t size = stat(data, &st) == 0 ? (uint64_t)st.st_size : 0;
     /* Data first: the envelope leaving the queue is what dequeues it. */
@@ -861,7 +1140,11 @@ static int find_in_domain(void *ctx, const char *domain)
 {
     struct find_ctx *f = ctx;
     char path[PATH_MAX];
-    if (f->path(path, f->q, domain, f->id, ".e") && access(path, F_OK) == 0) {
+    bool there = (f->path(path, f->q, domain, f->id, ".e") &&
+                  access(path, F_OK) == 0) ||
+                 (f->path(path, f->q, domain, f->id, ".q") &&
+                  access(path, F_OK) == 0);
+    if (there) {
         f->found++;
         return f->fn(f->ctx, domain);
     }
@@ -941,7 +1224,7 @@ static void clean_tmp(struct queue *q, time_t limit)
     char dir[PATH_MAX], path[PATH_MAX];
     size_t n;
     str_fmt(dir, sizeof dir, "%s/tmp", q->spool);
-    char **names = list_dir(dir, NULL, &n);
+    char **names = list_dir(dir, false, &n);
     for (size_t i = 0; names && i < n; i++)
         if (str_fmt(path, sizeof path, "%s/%s", dir, names[i]) &&
             stale(path, names[i], limit))
@@ -989,6 +1272,22 @@ static void clean_leftover(struct clean_ctx *c, const char *domain,
         unlink(path);
 }
 
+/* A newer envelope without its queue file is what a crash during a
+ * removal leaves: garbage at once, since a .n is only ever written for a
+ * committed queue file.  next is the name sorted after name ("<id>.n"
+ * sorts right before "<id>.q"). */
+static void clean_newer(struct clean_ctx *c, const char *domain,
+                        const char *name, const char *next)
+{
+    char id[QID_MAX], qid[QID_MAX], path[PATH_MAX], qf[PATH_MAX];
+    if (!id_with_suffix(name, ".n", id) ||
+        (next && id_with_suffix(next, ".q", qid) && !strcmp(id, qid)))
+        return;
+    if (qpath(path, c->q, domain, id, ".n") && qpath(qf, c->q, domain, id, ".q") &&
+        access(qf, F_OK) != 0 && errno == ENOENT)
+        unlink(path);
+}
+
 static int clean_domain(void *ctx, const char *domain)
 {
     struct clean_ctx *c = ctx;
@@ -997,9 +1296,11 @@ static int clean_domain(void *ctx, const char *domain)
     if (!qpath(dir, c->q, domain, NULL, ""))
         return 0;
     /* every name: the envelopes listed need not be looked for */
-    char **names = list_dir(dir, NULL, &n);
-    for (size_t i = 0; names && i < n; i++)
+    char **names = list_dir(dir, false, &n);
+    for (size_t i = 0; names && i < n; i++) {
         clean_leftover(c, domain, i ? names[i - 1] : NULL, names[i]);
+        clean_newer(c, domain, names[i], i + 1 < n ? names[i + 1] : NULL);
+    }
     free_list(names, n);
     return 0;
 }
@@ -1095,12 +1396,8 @@ int queue_in_commit_held(struct queue *q, struct queue_in *in,
     time_t now = time(NULL);
     size_t done = 0;
     for (; !err && done < nenv; done++) {
-        struct envelope *e = envs[done];
-        str_copy(e->id, in->id, sizeof e->id);
-        e->size = in->size;
-        if (!e->arrival)
-            e->arrival = now;
-        err = hold_domain(q, in, e, reason);
+        stamp_envelope(envs[done], in, now);
+        err = hold_domain(q, in, envs[done], reason);
     }
     if (err)
         for (size_t i = 0; i + 1 < done; i++)
@@ -1117,7 +1414,7 @@ int queue_held_domains(struct queue *q,
 {
     char dir[PATH_MAX];
     str_fmt(dir, sizeof dir, "%s/quarantine", q->spool);
-    return each_name(dir, NULL, true, fn, ctx, NULL);
+    return each_name(dir, false, true, fn, ctx, NULL);
 }
 
 int queue_held_ids(struct queue *q, const char *domain,
@@ -1152,28 +1449,16 @@ bool queue_held_load(struct queue *q, const char *domain, const char *id,
         errno = EINVAL;
         return false;
     }
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-    FILE *f = fd >= 0 ? fdopen(fd, "r") : NULL;
-    if (!f) {
-        int oerr = errno;
-        if (fd >= 0)
-            close(fd);
-        snprintf(err, n, "%s: %s", path, strerror(oerr));
-        errno = oerr;
+    if (!read_envelope_file(path, e, err, n))
         return false;
-    }
-    bool ok = envelope_read(f, e, err, n);
-    fclose(f);
-    if (ok && (strcmp(e->id, id) || strcmp(e->domain, domain))) {
+    if (strcmp(e->id, id) || strcmp(e->domain, domain)) {
         snprintf(err, n, "%s: the envelope names %s in %s", path, e->id, e->domain);
         envelope_free(e);
-        ok = false;
-    }
-    if (!ok)
         errno = EINVAL;
-    else
-        read_reason(why, reason, rn);
-    return ok;
+        return false;
+    }
+    read_reason(why, reason, rn);
+    return true;
 }
 
 int queue_held_find(struct queue *q, const char *id,

@@ -2,18 +2,33 @@
  *
  * Layout under spool_dir:
  *   tmp/                    files being written, named by queue id only
- *                           (<id>.m, <id>.e, <id>.<pid>.u); never part of
- *                           the queue
+ *                           (<id>.m, <id>.e, <id>.r, <id>.<pid>.u); never
+ *                           part of the queue
+ * A message is queued for a domain in one of two layouts, and every reader
+ * takes both:
+ *   q/<domain>/<id>.q       a queue file: the data, then the envelope and a
+ *                           trailer (qfile.h).  A message for one domain,
+ *                           which is nearly all mail, is committed this way:
+ *                           one inode, one data sync, one rename.  Its
+ *                           presence is what makes the message queued.
+ *   q/<domain>/<id>.n       a newer envelope for the queue file (written by
+ *                           queue_update; the queue file is never rewritten)
  *   q/<domain>/<id>.m       message data (RFC 5322 text, CRLF lines, no
- *                           dot-stuffing); one inode hard-linked into every
- *                           domain the message is for
- *   q/<domain>/<id>.e       envelope (envelope.h); its presence is what
- *                           makes the message queued
+ *                           dot-stuffing) of a message for several domains:
+ *                           one inode hard-linked into each of them.  Also
+ *                           the name a message's data is written under in
+ *                           its first domain until its commit.
+ *   q/<domain>/<id>.e       the envelope (envelope.h) beside that .m; its
+ *                           presence is what makes the message queued there
+ *                           (also spools written before queue files, and
+ *                           messages released from the quarantine)
  *   q/<domain>/.lock        flock()ed by the session dequeuing the domain;
  *                           the kernel drops the lock when that process dies
  *   q/<domain>/.usage       the domain's usage counter (queue_usage)
- *   corrupt/<domain>/<id>.e/.m  messages whose envelope could not be read
+ *   corrupt/<domain>/<id>.* messages whose envelope could not be read
  *   quarantine/<domain>/...  messages milters held (see below)
+ * Readers of the data stop at the envelope's size (Z): a queue file holds
+ * its envelope after the data.
  *
  * <domain> is the domain's key (common/idna.h): lower-case ASCII with
  * A-labels, at most 255 octets, so every domain that can be hosted fits in
@@ -23,12 +38,16 @@
  * envelope files are opened with O_NOFOLLOW (or checked with lstat), so a
  * link planted in the spool is refused and logged, never delivered.
  *
- * Commit order: data written and fsynced in tmp/, linked into each domain,
- * each envelope written to tmp/, fsynced, renamed to q/<domain>/<id>.e, the
- * domain directory fsynced.  Only then is 250 said.  A crash at any point
- * leaves either a committed message or invisible leftovers (tmp files, .m
- * without .e) that queue_cleanup() removes.  Removal deletes .e first; its
- * directory sync is batched (queue_sync_removals).
+ * Commit order, one domain: data written to q/<domain>/<id>.m (or tmp/),
+ * envelope and trailer appended, fsynced, renamed to <id>.q, the domain
+ * directory fsynced.  Several domains: data fsynced, linked into each
+ * domain, each envelope written to tmp/, fsynced, renamed to
+ * q/<domain>/<id>.e, the domain directory fsynced.  Only then is 250 said.
+ * A crash at any point leaves either a committed message or invisible
+ * leftovers (tmp files, .m without .e) that queue_cleanup() removes.
+ * Removal deletes what makes the message queued first (.q, or .e), then
+ * the rest (.n, or .m); a .n left without its .q is removed by
+ * queue_cleanup(); the directory sync is batched (queue_sync_removals).
  *
  * Looking at one domain touches only that domain's directory, so the cost
  * of an ATRN does not depend on how much other mail is queued. */
@@ -118,16 +137,18 @@ bool queue_usage_exact(struct queue *q, const char *domain, uint64_t *bytes,
 void queue_usage_refresh(struct queue *q);
 bool queue_load(struct queue *q, const char *domain, const char *id,
                 struct envelope *e, char *err, size_t n);
-/* Opens the data file read-only; -1 on failure. */
+/* Opens the data read-only (the queue file, or the .m): its first
+ * envelope-size octets are the message.  -1 on failure. */
 int queue_open_data(struct queue *q, const char *domain, const char *id);
-/* Rewrites the envelope atomically (tmp + rename + fsync). */
+/* Replaces the envelope atomically (tmp + rename + fsync): the .e, or for
+ * a queue file its .n. */
 bool queue_update(struct queue *q, const struct envelope *e);
-/* Moves a message whose envelope cannot be read into spool/corrupt/
- * (as <domain>.<id>.e and .m), out of the queue but kept for the
- * administrator; where receives that directory. */
+/* Moves a message whose envelope cannot be read into
+ * spool/corrupt/<domain>/ (its .q and .n, or its .e and .m), out of the
+ * queue but kept for the administrator; where receives that directory. */
 bool queue_quarantine(struct queue *q, const char *domain, const char *id,
                       char *where, size_t n);
-/* Removes a message from a domain (envelope first, then data).  The
+/* Removes a message from a domain (.q then .n, or .e then .m).  The
  * directory is synced later, in batches (queue_sync_removals): an unsynced
  * removal can at worst come back after a power loss, as a duplicate. */
 bool queue_remove(struct queue *q, const char *domain, const char *id);
@@ -171,7 +192,8 @@ bool queue_held_remove(struct queue *q, const char *domain, const char *id);
 int queue_lock_domain(struct queue *q, const char *domain);
 
 /* Removes stale tmp/ files and data files without an envelope older than
- * max_age seconds. */
+ * max_age seconds (or whose writer is gone), and newer envelopes (.n)
+ * whose queue file is gone. */
 void queue_cleanup(struct queue *q, long max_age);
 
 #endif

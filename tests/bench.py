@@ -19,7 +19,7 @@ Benchmarks:
                  Postfix instance that keeps the mail on its hold queue.
                  Both say 250 only after the message is durably on disk.
                  Wall time is smtp-source's run time; after each run the
-                 queued count is checked (odmrd: M new .e files under
+                 queued count is checked (odmrd: M new .q files under
                  SPOOL/q/example.org/; Postfix: M queue files).  Reports
                  messages/s (median of the rounds) of both, the ratio and
                  odmrd's peak RSS (VmHWM of the master at the end; of the
@@ -266,10 +266,11 @@ class Odmrd:
         return os.path.join(self.env.spool, "q", self.domain)
 
     def queued(self):
-        """Number of committed messages (.e files) of the domain."""
+        """Number of committed messages (.q queue files, or .e envelopes
+        beside a data file) of the domain."""
         try:
             return sum(1 for n in os.listdir(self.domain_dir())
-                       if n.endswith(".e"))
+                       if n.endswith((".e", ".q")))
         except FileNotFoundError:
             return 0
 

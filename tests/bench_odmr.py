@@ -3,7 +3,7 @@ imports this module and lists its benchmarks in BENCHMARKS).
 
   odmr-drain     M queued messages of 5 KB for one domain (filled with
                  smtp-source into odmrd's inbound SMTP listener and counted
-                 as .e files) are delivered over one ATRN session, per round
+                 as .q files) are delivered over one ATRN session, per round
                  once to each of three customers:
                    python     a customer written here: EHLO, AUTH CRAM-MD5,
                               ATRN, then a minimal but correct SMTP server
@@ -17,7 +17,7 @@ imports this module and lists its benchmarks in BENCHMARKS).
                  The time runs from the `250 OK now reversing the
                  connection` to the end of the session (the QUIT at the
                  python customer; fetchmail's exit, whose -v trace gives the
-                 moment of the 250).  Every round must leave no .e file in
+                 moment of the 250).  Every round must leave no message file in
                  the spool, the sink must have counted M messages and
                  odmrd's session summary must say sent=M.  Reports
                  messages/s (median of the rounds) of both, their ratio and
@@ -522,7 +522,7 @@ def odmr_fetch_customer(ctx, od, sink, deadline):
 # ---------------------------------------------------------------- drain
 def fill(ctx, od, n, check_spool=False):
     """Queues n messages with smtp-source over 20 reused connections and
-    checks that n .e files are there."""
+    checks that n messages are queued."""
     if od.queued() != 0:
         raise BenchError("spool not empty before filling: %d" % od.queued())
     t = run_smtp_source(ctx, od.port, rcpt="user@" + DOMAIN, extra=["-d"],
@@ -542,7 +542,7 @@ def fill(ctx, od, n, check_spool=False):
 def all_e_files(od):
     n = 0
     for _, _, files in os.walk(os.path.join(od.env.spool, "q")):
-        n += sum(1 for f in files if f.endswith(".e"))
+        n += sum(1 for f in files if f.endswith((".e", ".q")))
     return n
 
 
@@ -551,10 +551,11 @@ SUMMARY_RE = re.compile(r"account=(\S+), messages=(\d+), sent=(\d+), "
 
 
 def check_drained(od, n, log_mark, who):
-    """0 .e files left and odmrd's summary line says sent=n."""
+    """No message file (.e or .q) left and odmrd's summary line says
+    sent=n."""
     left = all_e_files(od)
     if left:
-        raise BenchError("%s: %d .e files left in the spool after the drain, "
+        raise BenchError("%s: %d messages left in the spool after the drain, "
                          "expected 0\n%s" % (who, left, od.log_tail()))
     # odmrd logs the summary after the customer's reply to QUIT, which may
     # be after the customer has gone

@@ -11,6 +11,7 @@ Python 3 standard library only.
 """
 
 import os
+import re
 import random
 import shutil
 import signal
@@ -870,7 +871,9 @@ class Env:
         return os.path.join(d, domain) if domain else d
 
     def queued(self, domain=None):
-        """Sorted [(domain, id)] of committed messages (those with a .e)."""
+        """Sorted [(domain, id)] of committed messages: those with a queue
+        file (.q, data and envelope in one) or an envelope (.e, beside a
+        data file .m)."""
         out = []
         top = self.queue_dir()
         if not os.path.isdir(top):
@@ -880,46 +883,94 @@ class Env:
             dd = os.path.join(top, d)
             if not os.path.isdir(dd):
                 continue
-            for name in sorted(os.listdir(dd)):
-                if name.endswith(".e"):
-                    out.append((d, name[:-2]))
+            ids = {name[:-2] for name in os.listdir(dd)
+                   if name.endswith((".e", ".q")) and not name.startswith(".")}
+            out.extend((d, i) for i in sorted(ids))
         return out
 
     def queued_ids(self, domain=None):
         return [i for _, i in self.queued(domain)]
 
+    def queue_file(self, domain, qid):
+        """(data, envelope text) of q/<domain>/<qid>.q, checked against its
+        trailer (server/qfile.h); None when the message has no queue file."""
+        path = os.path.join(self.queue_dir(domain), qid + ".q")
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        return split_queue_file(raw, path)
+
+    def message_files(self, domain, qid):
+        """The names of the files that hold the message in its domain."""
+        dd = self.queue_dir(domain)
+        return [qid + s for s in (".e", ".m", ".n", ".q")
+                if os.path.exists(os.path.join(dd, qid + s))]
+
+    def envelope_text(self, domain, qid):
+        """The envelope in force: a newer one (.n) beside a queue file, the
+        queue file's own, or the .e beside the data file."""
+        dd = self.queue_dir(domain)
+        for name in (qid + ".n", qid + ".e"):
+            try:
+                with open(os.path.join(dd, name), "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                pass
+        qf = self.queue_file(domain, qid)
+        if qf is None:
+            raise TestFailure("%s/%s: no envelope" % (domain, qid))
+        return qf[1]
+
     def envelope(self, domain, qid):
-        with open(os.path.join(self.queue_dir(domain), qid + ".e"), "rb") as f:
-            return parse_envelope(f.read())
+        return parse_envelope(self.envelope_text(domain, qid))
+
+    def rewrite_envelope(self, domain, qid, edit):
+        """Replaces the envelope in force by edit(text) (bytes to bytes), in
+        whichever file holds it; a queue file keeps its trailer exact.
+        For tests of damaged or hand-edited spools."""
+        dd = self.queue_dir(domain)
+        for name in (qid + ".n", qid + ".e"):
+            path = os.path.join(dd, name)
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    text = f.read()
+                with open(path, "wb") as f:
+                    f.write(edit(text))
+                return
+        data, text = self.queue_file(domain, qid)
+        new = edit(text)
+        with open(os.path.join(dd, qid + ".q"), "wb") as f:
+            f.write(data + new + b"Q1 %016X %08X\n" % (len(data), len(new)))
 
     def message(self, domain, qid):
+        qf = self.queue_file(domain, qid)
+        if qf is not None:
+            return qf[0]
         with open(os.path.join(self.queue_dir(domain), qid + ".m"), "rb") as f:
             return f.read()
 
     def spool_problems(self):
-        """Checks every committed message of the spool: .e parses, has its
-        .m, and the sizes agree.  Returns a list of problems."""
+        """Checks every committed message of the spool: the envelope parses
+        and names its own file, the data is there, the sizes agree.
+        Returns a list of problems."""
         problems = []
         for d, qid in self.queued():
-            dd = self.queue_dir(d)
             try:
                 env = self.envelope(d, qid)
-            except (TestFailure, ValueError, UnicodeDecodeError) as e:
-                problems.append("%s/%s.e: %s" % (d, qid, e))
+                data = self.message(d, qid)
+            except (TestFailure, ValueError, UnicodeDecodeError, OSError) as e:
+                problems.append("%s/%s: %s" % (d, qid, e))
                 continue
             if env.get("id") != qid:
-                problems.append("%s/%s.e: I record is %r" % (d, qid, env.get("id")))
+                problems.append("%s/%s: I record is %r" % (d, qid, env.get("id")))
             if env.get("domain") != d:
-                problems.append("%s/%s.e: D record is %r" % (d, qid,
-                                                           env.get("domain")))
-            m = os.path.join(dd, qid + ".m")
-            if not os.path.exists(m):
-                problems.append("%s/%s: .e without .m" % (d, qid))
-                continue
-            size = os.path.getsize(m)
-            if env["size"] != size:
-                problems.append("%s/%s: Z %d but .m has %d bytes"
-                                % (d, qid, env["size"], size))
+                problems.append("%s/%s: D record is %r" % (d, qid,
+                                                         env.get("domain")))
+            if env["size"] != len(data):
+                problems.append("%s/%s: Z %d but the data has %d bytes"
+                                % (d, qid, env["size"], len(data)))
             if not env["rcpts"]:
                 problems.append("%s/%s: no recipients" % (d, qid))
         return problems
@@ -934,6 +985,26 @@ class Env:
                 except OSError:
                     pass
         return total
+
+
+QFILE_TRAILER = re.compile(rb"Q1 ([0-9A-F]{16}) ([0-9A-F]{8})\n\Z")
+
+
+def split_queue_file(raw, name="queue file"):
+    """(data, envelope) of a queue file's bytes: the data, the envelope and
+    a 29-octet trailer with both lengths (server/qfile.h).  Raises
+    TestFailure when the trailer does not describe the file exactly."""
+    m = QFILE_TRAILER.search(raw[-29:])
+    if not m:
+        raise TestFailure("%s: no queue file trailer" % name)
+    dlen, elen = int(m.group(1), 16), int(m.group(2), 16)
+    if dlen + elen + 29 != len(raw):
+        raise TestFailure("%s: trailer %d + %d, file %d octets"
+                          % (name, dlen, elen, len(raw)))
+    env = raw[dlen:dlen + elen]
+    if not env.endswith(b".\n"):
+        raise TestFailure("%s: envelope without its end marker" % name)
+    return raw[:dlen], env
 
 
 def queue_id_of(text):

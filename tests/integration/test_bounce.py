@@ -404,17 +404,18 @@ def test_expiry_moves_damaged_envelope(env):
         env.write_conf(queue_lifetime="2s")
         env.start()
         qid = send(env, "s@remote.test", ["u1@example.org"])
-        path = os.path.join(env.queue_dir("example.org"), qid + ".e")
-        with open(path, "w") as f:
-            f.write("this is not an envelope\n")
+        files = env.message_files("example.org", qid)   # [<id>.q]
+        env.rewrite_envelope("example.org", qid,
+                             lambda t: b"this is not an envelope\n")
+        path = os.path.join(env.queue_dir("example.org"), files[0])
         time.sleep(3)
         mark = len(env.log())
         os.kill(env.daemon.pid, signal.SIGUSR1)
         corrupt = os.path.join(env.spool, "corrupt", "example.org")
         wait_for(lambda: not os.path.exists(path), timeout=10,
                  what="the damaged envelope to leave the queue")
-        for ext in (".e", ".m"):
-            f = os.path.join(corrupt, qid + ext)
+        for name in files:
+            f = os.path.join(corrupt, name)
             check(os.path.exists(f), "%s not in %s: %r" % (
                 f, corrupt, os.listdir(corrupt)))
         wait_for(lambda: "damaged envelope in the queue of example.org"

@@ -302,8 +302,9 @@ def test_check_as_root_reports_what_start_cannot_fix(env):
     os.mkdir(run, 0o755)
     pid_file = os.path.join(run, "odmrd.pid")
     env.write_conf(user="nobody", pid_file=pid_file)
+    qid = env.queued_ids("example.com")[0]
     envelope = os.path.join(env.queue_dir("example.com"),
-                            env.queued_ids("example.com")[0] + ".e")
+                            env.message_files("example.com", qid)[0])
     os.chmod(envelope, 0o400)
 
     other = os.path.join(run, "someone-else.pid")

@@ -23,12 +23,9 @@ NO_PIPELINING = ("ENHANCEDSTATUSCODES",)
 
 
 def queue_files(env, qid):
-    d = env.queue_dir("example.org")
-    out = []
-    for ext in (".e", ".m"):
-        with open(os.path.join(d, qid + ext), "rb") as f:
-            out.append(f.read())
-    return out
+    """[envelope in force, data] of the message."""
+    return [env.envelope_text("example.org", qid),
+            env.message("example.org", qid)]
 
 
 def one_message(env):

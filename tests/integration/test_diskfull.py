@@ -64,7 +64,7 @@ def test_disk_full_smtp_and_enqueue(env):
         check(len(queued) == 1, "expected only the small message queued, got %r"
               % queued)
         extra = [p for p in leftovers(env.spool)
-                 if not p.endswith((queued[0][1] + ".e", queued[0][1] + ".m"))]
+                 if not p.endswith(tuple(queued[0][1] + x for x in (".e", ".m", ".q")))]
         check(not extra, "partial files left after a full disk: %r" % extra)
         check(not env.spool_problems(), "spool problems: %r" % env.spool_problems())
 
@@ -76,7 +76,7 @@ def test_disk_full_smtp_and_enqueue(env):
         check(len(env.queued("example.org")) == 1,
               "enqueue on a full disk queued something")
         extra = [p for p in leftovers(env.spool)
-                 if not p.endswith((queued[0][1] + ".e", queued[0][1] + ".m"))]
+                 if not p.endswith(tuple(queued[0][1] + x for x in (".e", ".m", ".q")))]
         check(not extra, "partial files left by enqueue: %r" % extra)
         env.stop()
     finally:

@@ -362,7 +362,7 @@ def usage_counter_ok(env, domain):
 def check_usage_counter(env, domain):
     ids = env.queued_ids(domain)
     d = env.queue_dir(domain)
-    size = sum(os.path.getsize(os.path.join(d, i + ".m")) for i in ids)
+    size = sum(len(env.message(domain, i)) for i in ids)
     with open(os.path.join(d, ".usage")) as f:
         got = f.read()
     check(got == "%d %d\n" % (size, len(ids)),

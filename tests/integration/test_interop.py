@@ -512,7 +512,8 @@ def test_postfix_pipe_odmrctl_enqueue(env):
             top = received_header(data)
             check("(odmrctl, from uid %d)" % nobody.pw_uid in top,
                   "odmrctl's Received: %r" % top)
-            path = os.path.join(env.queue_dir(dom), qid + ".m")
+            path = os.path.join(env.queue_dir(dom),
+                                env.message_files(dom, qid)[-1])   # .m or .q
             st = os.stat(path)
             check(st.st_uid == nobody.pw_uid and st.st_mode & 0o077 == 0,
                   "%s: uid %d mode %o" % (path, st.st_uid, st.st_mode & 0o777))

@@ -109,22 +109,18 @@ def smtp_in(env, rcpts, body, sender=SENDER, mail_params="",
 
 
 def files_of(env, domain, qid):
-    """(bytes of .e, bytes of .m)."""
-    d = env.queue_dir(domain)
-    with open(os.path.join(d, qid + ".e"), "rb") as f:
-        e = f.read()
-    with open(os.path.join(d, qid + ".m"), "rb") as f:
-        m = f.read()
-    return e, m
+    """(bytes of the envelope in force, bytes of the data)."""
+    return env.envelope_text(domain, qid), env.message(domain, qid)
 
 
 def e_files(env):
-    """Every *.e file under the spool's queue (relative paths)."""
+    """Every committed message's file under the spool's queue (its .e or
+    .q; relative paths)."""
     out = []
     top = env.queue_dir()
     for root, _, files in os.walk(top):
         for f in files:
-            if f.endswith(".e"):
+            if f.endswith((".e", ".q")):
                 out.append(os.path.relpath(os.path.join(root, f), top))
     return sorted(out)
 
@@ -643,7 +639,7 @@ def test_fetchmail_odmr_client(env):
             fail("fetchmail exited %d: %s %s" % (r.returncode, r.stdout[-800:],
                                                 r.stderr[-800:]))
     left = e_files(env)
-    check(left == ["example.com/" + env.queued_ids("example.com")[0] + ".e"],
+    check([f[:-2] for f in left] == ["example.com/" + env.queued_ids("example.com")[0]],
           "spool after fetchmail: %r (only bob's message should be left)"
           % left)
     for d in ("example.org", "example.net"):
@@ -1012,7 +1008,10 @@ def test_rcpt_4xx_keeps_message(env):
     check(e["rcpts"][0]["last_reply"] == "451 4.2.0 mailbox busy, try later",
           "last reply recorded: %r" % e["rcpts"][0]["last_reply"])
     check(e.get("attempts") == 1, "attempts: %r" % e.get("attempts"))
-    check(env.message("example.org", qid) == m_before, ".m changed")
+    # the queue file stays as it was; the progress is its newer envelope
+    check(env.message_files("example.org", qid) == [qid + ".n", qid + ".q"],
+          "files: %r" % env.message_files("example.org", qid))
+    check(env.message("example.org", qid) == m_before, "the data changed")
     check(env.spool_problems() == [], "spool: %r" % env.spool_problems())
     # SPEC 3.5: queue id, domain, recipient, account, status and reply
     l = log_line_with(env, mark, qid, "later@example.org", "alice",
@@ -1028,6 +1027,8 @@ def test_rcpt_4xx_keeps_message(env):
           "second session: %r" % c.transactions)
     check(c.transactions[0].data == m_before, "data differs on the retry")
     check(env.queued() == [], "queue after retry: %r" % env.queued())
+    check(domain_files(env, "example.org") == [], "files left: %r"
+          % domain_files(env, "example.org"))
 
 
 def test_rcpt_5xx_returns_dsn(env):
@@ -1534,6 +1535,29 @@ def test_bare_atrn_account_with_many_domains(env):
     check(env.queued() == [], "queue: %r" % env.queued())
 
 
+def test_two_file_spool_of_earlier_versions_is_delivered(env):
+    """A message as spools held it before queue files (server/qfile.h): a
+    data file .m and an envelope .e.  odmrd reads both layouts, so it is
+    delivered as it is, byte-exact, and then removed whole."""
+    setup(env)
+    body = message("two-file layout")
+    qid = smtp_in(env, ["a@example.org"], body)
+    data, text = env.queue_file("example.org", qid)
+    d = env.queue_dir("example.org")
+    with open(os.path.join(d, qid + ".m"), "wb") as f:
+        f.write(data)
+    with open(os.path.join(d, qid + ".e"), "wb") as f:
+        f.write(text)
+    os.unlink(os.path.join(d, qid + ".q"))
+    check(env.queued_ids("example.org") == [qid], "queue %r" % env.queued())
+    c = reverse(env, "example.org").run()
+    check([t.data for t in c.transactions] == [data],
+          "delivered %r, queued %r" % ([t.data for t in c.transactions], data))
+    check(env.queued() == [], "queue: %r" % env.queued())
+    check(domain_files(env, "example.org") == [], "files left in q/example.org:"
+          " %r" % domain_files(env, "example.org"))
+
+
 def test_damaged_envelope_left_alone(env):
     """An envelope whose id or recipients do not fit its file name is
     unreadable: left in the queue with a log line, and never taken for
@@ -1541,12 +1565,10 @@ def test_damaged_envelope_left_alone(env):
     setup(env)
     a = smtp_in(env, ["a@example.org"], message("env-a"))
     b = smtp_in(env, ["b@example.org"], message("env-b"))
-    path = os.path.join(env.queue_dir("example.org"), a + ".e")
-    with open(path) as f:
-        text = f.read()
+    text = env.envelope_text("example.org", a).decode()
     check(("I %s\n" % a) in text, "no I record in %r" % text)
-    with open(path, "w") as f:
-        f.write(text.replace("I %s\n" % a, "I %s\n" % b))
+    env.rewrite_envelope("example.org", a, lambda t: t.replace(
+        ("I %s\n" % a).encode(), ("I %s\n" % b).encode()))
     mark = len(env.log())
     c = reverse(env, "example.org").run()
     check([t.rcpts for t in c.transactions] == [["b@example.org"]],
@@ -1554,9 +1576,8 @@ def test_damaged_envelope_left_alone(env):
     check(env.queued_ids("example.org") == [a], "queue %r" % env.queued())
     log_line_with(env, mark, a, "unreadable envelope", "names %s" % b)
     # no recipients at all: the same
-    with open(path, "w") as f:
-        f.write("".join(l for l in text.splitlines(True)
-                        if not l.startswith("R ")))
+    env.rewrite_envelope("example.org", a, lambda t: "".join(
+        l for l in text.splitlines(True) if not l.startswith("R ")).encode())
     mark = len(env.log())
     c = reverse(env, "example.org")
     c.start()

@@ -286,8 +286,9 @@ def test_queue_delete(env):
                                           ("example.net", d)]),
           "after queue delete %s: %r" % (b, env.queued()))
     for dom in ("example.org", "example.com"):
-        check(not os.path.exists(os.path.join(env.queue_dir(dom), b + ".m")),
-              "%s.m left in %s" % (b, dom))
+        check(not os.path.isdir(env.queue_dir(dom)) or
+              env.message_files(dom, b) == [],
+              "files of %s left in %s" % (b, dom))
     r = env.odmrctl_ok("queue")
     check(b not in r.stdout, "deleted id still listed:\n" + r.stdout)
     r = env.odmrctl("queue", "delete", "NOSUCHID0000")
@@ -299,7 +300,7 @@ def test_queue_delete(env):
           " %r" % env.queued())
     left = os.listdir(env.queue_dir("example.org")) \
         if os.path.isdir(env.queue_dir("example.org")) else []
-    check(not [f for f in left if f.endswith((".e", ".m"))],
+    check(not [f for f in left if f.endswith((".e", ".m", ".n", ".q"))],
           "files left in example.org: %r" % left)
     r = env.odmrctl("queue", "delete")
     expect_exit(r, EX_USAGE, "queue delete without argument")

@@ -29,14 +29,23 @@ static char dir[] = "/tmp/odmr-test-bounce-XXXXXX";
     ".dot line\r\n"                                                        \
     "SECRET-BODY\r\n"
 
-/* Writes data to a file of the test directory; returns it open for reading. */
-static int data_file(const char *name, const char *data, size_t len)
+/* What follows the data in a queue file (server/qfile.h): never part of
+ * a report. */
+#define AFTER_DATA "V 1\nI NOT-THE-MESSAGE\n.\nQ1 trailer\n"
+
+/* Writes data to a file of the test directory, followed by something that
+ * is not the message, as a queue file's envelope follows its data; sets
+ * e's size to the data's; returns it open for reading. */
+static int data_file(struct envelope *e, const char *name, const char *data,
+                     size_t len)
 {
     char path[256];
     snprintf(path, sizeof path, "%s/%s", dir, name);
     int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
-    if (fd < 0 || !write_all(fd, data, len))
+    if (fd < 0 || !write_all(fd, data, len) ||
+        !write_all(fd, AFTER_DATA, strlen(AFTER_DATA)))
         return -1;
+    e->size = len;
     return fd;   /* the offset is at the end: bounce.c must use pread */
 }
 
@@ -68,6 +77,7 @@ static char *make_dsn(const struct envelope *e, int data_fd,
         buf[got > 0 ? got : 0] = '\0';
     }
     close(fd);
+    CHECK(!buf || !strstr(buf, "NOT-THE-MESSAGE"));
     return buf;
 }
 
@@ -127,7 +137,7 @@ static void test_structure(void)
     test_envelope(&e);
     str_copy(e.envid, "abc+2Bdef", sizeof e.envid);
     e.last_attempt = 1700000050;
-    int fd = data_file("m1", MESSAGE, strlen(MESSAGE));
+    int fd = data_file(&e, "m1", MESSAGE, strlen(MESSAGE));
     struct bounce_rcpt r[] = {
         {"u1@example.org", "rfc822;U1+2Bx@example.org", 0, "5.1.1",
          "550 5.1.1 no such user"},
@@ -199,7 +209,7 @@ static void test_ret_hdrs(void)
     struct envelope e;
     test_envelope(&e);
     e.ret = RET_HDRS;
-    int fd = data_file("m2", MESSAGE, strlen(MESSAGE));
+    int fd = data_file(&e, "m2", MESSAGE, strlen(MESSAGE));
     struct bounce_rcpt r[] = {{"u1@example.org", "", 0, "5.1.1", ""}};
     char *dsn = make_dsn(&e, fd, r, 1);
     CHECK(dsn != NULL);
@@ -230,7 +240,7 @@ static void test_ret_hdrs_chunk_edges(void)
         memset(msg + 3, 'a', end - 5);
         memcpy(msg + end - 2, "\r\n\r\nBODY\r\n", 10);
         msg[total] = '\0';
-        int fd = data_file("m3", msg, total);
+        int fd = data_file(&e, "m3", msg, total);
         char *dsn = make_dsn(&e, fd, r, 1);
         CHECK(dsn && !strstr(dsn, "BODY\r\n"));
         CHECK(dsn && strstr(dsn, "aaaa\r\n\r\n--"));
@@ -239,7 +249,7 @@ static void test_ret_hdrs_chunk_edges(void)
         close(fd);
     }
     /* A header section without an empty line: all of it. */
-    int fd = data_file("m4", "Subject: x\r\n", 12);
+    int fd = data_file(&e, "m4", "Subject: x\r\n", 12);
     char *dsn = make_dsn(&e, fd, r, 1);
     CHECK(dsn && strstr(dsn, "\r\n\r\nSubject: x\r\n\r\n--"));
     free(dsn);
@@ -263,7 +273,7 @@ static void test_notify(void)
 
     struct envelope e;
     test_envelope(&e);
-    int fd = data_file("m5", MESSAGE, strlen(MESSAGE));
+    int fd = data_file(&e, "m5", MESSAGE, strlen(MESSAGE));
     struct bounce_rcpt mixed[] = {never, failure, success, dflt};
     char *dsn = make_dsn(&e, fd, mixed, 4);
     CHECK(dsn && !strstr(dsn, "a@x.test"));
@@ -298,7 +308,7 @@ static void test_sanitising(void)
     struct envelope e;
     test_envelope(&e);
     str_copy(e.envid, "x+0D+0ABcc:+20evil@x.test", sizeof e.envid);
-    int fd = data_file("m6", MESSAGE, strlen(MESSAGE));
+    int fd = data_file(&e, "m6", MESSAGE, strlen(MESSAGE));
     struct bounce_rcpt r[] = {
         {"u1@example.org", "rfc822;a+0D+0AX-Injected:+20yes", 0, "5.1.1",
          "550 5.1.1 bad\r\nX-Evil: 1"},
@@ -329,7 +339,7 @@ static void test_smtputf8(void)
     test_envelope(&e);
     e.smtputf8 = true;
     str_copy(e.sender, "j\xc3\xb6rg@remote.test", sizeof e.sender);
-    int fd = data_file("m7", MESSAGE, strlen(MESSAGE));
+    int fd = data_file(&e, "m7", MESSAGE, strlen(MESSAGE));
     struct bounce_rcpt r[] = {{"b\xc3\xa4r@example.org", "", 0, "5.1.1", ""}};
     char *dsn = make_dsn(&e, fd, r, 1);
     CHECK(dsn && strstr(dsn, "report-type=global-delivery-status"));
@@ -396,7 +406,7 @@ static void test_conversion_status(void)
     struct envelope e;
     test_envelope(&e);
     e.body = BODY_8BITMIME;
-    int fd = data_file("m9", m, strlen(m));
+    int fd = data_file(&e, "m9", m, strlen(m));
     struct bounce_rcpt r[] = {{"u1@example.org", "", 0,
                                BOUNCE_STATUS_NO_CONVERSION, diag}};
     char *dsn = make_dsn(&e, fd, r, 1);
@@ -439,7 +449,7 @@ static void test_fallback(void)
     struct envelope e;
     test_envelope(&e);
     str_copy(e.sender, "sender@Remote.TEST", sizeof e.sender);
-    int fd = data_file("m8", MESSAGE, strlen(MESSAGE));
+    int fd = data_file(&e, "m8", MESSAGE, strlen(MESSAGE));
     struct bounce_rcpt r[] = {{"u1@example.org", "", 0, "5.0.0",
                                "returned to sender by the administrator"}};
     CHECK(bounce_message(&conf, &q, &e, fd, r, 1) == BOUNCE_QUEUED);

@@ -31,6 +31,10 @@ static bool buf_sink(void *ctx, const char *p, size_t len)
     return true;
 }
 
+/* data, then 8-bit octets that are not the message, as a queue file's
+ * envelope follows its data (server/qfile.h): the walk must stop at len. */
+#define AFTER_DATA "\r\n\xe9t\xe9 NOT-THE-MESSAGE\r\n"
+
 static int file_with(const char *data, size_t len)
 {
     FILE *f = tmpfile();
@@ -38,7 +42,8 @@ static int file_with(const char *data, size_t len)
         abort();
     int fd = dup(fileno(f));
     fclose(f);
-    if (fd < 0 || write(fd, data, len) != (ssize_t)len)
+    if (fd < 0 || write(fd, data, len) != (ssize_t)len ||
+        write(fd, AFTER_DATA, strlen(AFTER_DATA)) != (ssize_t)strlen(AFTER_DATA))
         abort();
     return fd;
 }
@@ -50,12 +55,13 @@ static void convert(const char *data, size_t len, struct dg_plan *plan,
 {
     int fd = file_with(data, len);
     memset(out, 0, sizeof *out);
-    CHECK(downgrade_plan(fd, plan));
+    CHECK(downgrade_plan(fd, len, plan));
     if (plan->convert)
         CHECK(downgrade_write(fd, plan, buf_sink, out));
     else
         buf_sink(out, data, len);
     CHECK(plan->size == out->len);
+    CHECK(!out->p || !strstr(out->p, "NOT-THE-MESSAGE"));
     close(fd);
 }
 

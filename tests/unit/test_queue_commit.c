@@ -1,9 +1,12 @@
 /* test_queue_commit.c - receiving into the queue (server/queue.c): what a
- * commit leaves in the spool (the envelope renamed beside its data, no
- * temporary file anywhere), that a failed or aborted message leaves
- * nothing, that a link planted for a domain directory is refused, and
- * that the maintenance pass removes what a crash leaves (a data file
- * without envelope) and nothing else. */
+ * commit leaves in the spool (one queue file for one domain, a data file
+ * linked into each domain with an envelope each for several, no
+ * temporary file anywhere), that both layouts read, update and remove
+ * alike, that a failed or aborted message leaves nothing, that a link
+ * planted for a domain directory is refused, that a damaged queue file
+ * is refused and moved aside, and that the maintenance pass removes what
+ * a crash leaves (a data file without envelope, a newer envelope without
+ * its queue file) and nothing else. */
 #include <dirent.h>
 #include <errno.h>
 #include <limits.h>
@@ -79,19 +82,95 @@ static void test_commit_leaves_envelope_and_data(struct queue *q)
     char id[QID_MAX], err[256];
     const char *one[] = {"example.org"};
     CHECK(receive(q, one, 1, id) == 0);
-    CHECK(exists("example.org", id, ".e"));
-    CHECK(exists("example.org", id, ".m"));
+    /* one domain: one file, data then envelope (qfile.h) */
+    CHECK(exists("example.org", id, ".q"));
+    CHECK(!exists("example.org", id, ".e"));
+    CHECK(!exists("example.org", id, ".m"));
     CHECK(entries("tmp") == 0);
     struct envelope e;
     CHECK(queue_load(q, "example.org", id, &e, err, sizeof err));
     CHECK(e.size == 7 && e.nrcpt == 1);
     envelope_free(&e);
+    char data[64] = "";
+    int fd = queue_open_data(q, "example.org", id);
+    CHECK(fd >= 0 && pread(fd, data, sizeof data, 0) > 7);
+    CHECK(!memcmp(data, "hello\r\nV 1\n", 11));   /* the envelope follows */
+    if (fd >= 0)
+        close(fd);
     /* two domains: one data inode linked into both, an envelope each */
     const char *two[] = {"example.org", "example.net"};
     CHECK(receive(q, two, 2, id) == 0);
     CHECK(exists("example.net", id, ".e"));
     CHECK(exists("example.net", id, ".m"));
+    CHECK(!exists("example.net", id, ".q"));
     CHECK(entries("tmp") == 0);
+}
+
+static int count_id(void *ctx, const char *id)
+{
+    (void)id;
+    ++*(int *)ctx;
+    return 0;
+}
+
+/* An update of a queue file's envelope goes beside it as <id>.n and
+ * wins; removal takes both, the queue file first. */
+static void test_queue_file_update_and_remove(struct queue *q)
+{
+    char id[QID_MAX], err[256];
+    const char *one[] = {"update.test"};
+    CHECK(receive(q, one, 1, id) == 0);
+    int listed = 0;
+    CHECK(queue_ids(q, "update.test", count_id, &listed) == 1 && listed == 1);
+    CHECK(queue_has_mail(q, "update.test"));
+    uint64_t bytes = 0;
+    unsigned long count = 0;
+    CHECK(queue_usage_exact(q, "update.test", &bytes, &count));
+    CHECK(bytes == 7 && count == 1);   /* the data, not the envelope */
+    struct envelope e;
+    CHECK(queue_load(q, "update.test", id, &e, err, sizeof err));
+    e.attempts = 3;
+    CHECK(queue_update(q, &e));
+    envelope_free(&e);
+    CHECK(exists("update.test", id, ".n") && exists("update.test", id, ".q"));
+    CHECK(queue_load(q, "update.test", id, &e, err, sizeof err));
+    CHECK(e.attempts == 3 && e.size == 7);
+    envelope_free(&e);
+    listed = 0;
+    CHECK(queue_ids(q, "update.test", count_id, &listed) == 1);
+    queue_cleanup(q, 0);   /* a .n beside its queue file stays */
+    CHECK(exists("update.test", id, ".n"));
+    CHECK(queue_remove(q, "update.test", id));
+    CHECK(!exists("update.test", id, ".n") && !exists("update.test", id, ".q"));
+    CHECK(!queue_has_mail(q, "update.test"));
+    CHECK(!queue_load(q, "update.test", id, &e, err, sizeof err) && errno == ENOENT);
+    CHECK(!queue_remove(q, "update.test", id));
+}
+
+/* Cuts the last n octets off spool/q/<domain>/<id>.q. */
+static void truncate_queue_file(const char *domain, const char *id, off_t n)
+{
+    char path[PATH_MAX];
+    struct stat st;
+    snprintf(path, sizeof path, "%s/q/%s/%s.q", spool, domain, id);
+    CHECK(stat(path, &st) == 0 && truncate(path, st.st_size - n) == 0);
+}
+
+/* A queue file whose trailer does not add up is refused, with the reason,
+ * and moved aside whole into corrupt/. */
+static void test_damaged_queue_file(struct queue *q)
+{
+    char id[QID_MAX], err[256], where[PATH_MAX], moved[PATH_MAX + QID_MAX + 4];
+    const char *one[] = {"damaged.test"};
+    CHECK(receive(q, one, 1, id) == 0);
+    truncate_queue_file("damaged.test", id, 1);
+    struct envelope e;
+    CHECK(!queue_load(q, "damaged.test", id, &e, err, sizeof err));
+    CHECK(errno == EINVAL && strstr(err, "trailer"));
+    CHECK(queue_quarantine(q, "damaged.test", id, where, sizeof where));
+    CHECK(!exists("damaged.test", id, ".q"));
+    snprintf(moved, sizeof moved, "%s/%s.q", where, id);
+    CHECK(access(moved, F_OK) == 0);
 }
 
 static void test_abort_leaves_nothing(struct queue *q)
@@ -165,8 +244,14 @@ static void test_cleanup_of_crash_leftovers(struct queue *q)
     CHECK(!exists("example.org", dead, ".m"));
     CHECK(exists("example.org", live, ".m"));     /* its writer is alive */
     CHECK(exists("example.org", longer, ".m"));   /* it has its envelope */
-    CHECK(exists("example.org", id, ".e"));
-    CHECK(exists("example.org", id, ".m"));
+    CHECK(exists("example.org", id, ".q"));
+    /* a newer envelope whose queue file is gone (a crash in a removal)
+     * goes at once, whoever wrote it */
+    snprintf(name, sizeof name, "%s.n", live);
+    put("example.org", name);
+    queue_cleanup(q, 3600);
+    CHECK(!exists("example.org", live, ".n"));
+    CHECK(exists("example.org", id, ".q"));
 }
 
 int main(void)
@@ -183,6 +268,8 @@ int main(void)
     test_abort_leaves_nothing(&q);
     test_link_for_a_domain_refused(&q);
     test_cleanup_of_crash_leftovers(&q);
+    test_queue_file_update_and_remove(&q);
+    test_damaged_queue_file(&q);
     char cmd[400];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     CHECK(system(cmd) == 0);
