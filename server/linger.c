@@ -128,9 +128,11 @@ static bool watch_domains(struct linger_watch *lg, const struct queue *q,
     }
     for (size_t i = 0; i < n; i++) {
         char dir[PATH_MAX];
-        /* IN_MOVED_TO: an envelope renamed into place (a commit, a
-         * release from the quarantine); the rest: the directory is gone */
-        uint32_t mask = IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF |
+        /* IN_MOVED_TO: an envelope or queue file renamed into place (a
+         * commit, a release from the quarantine); IN_CREATE: a queue file
+         * linked into place (written unnamed, server/queue.c); the rest:
+         * the directory is gone */
+        uint32_t mask = IN_MOVED_TO | IN_CREATE | IN_DELETE_SELF | IN_MOVE_SELF |
                         IN_ONLYDIR | IN_DONT_FOLLOW;
         lg->wd[i] = domain_path(dir, q, domains[i], NULL)
                         ? inotify_add_watch(lg->notify_fd, dir, mask) : -1;

@@ -1,4 +1,5 @@
 /* queue.c - the durable per-domain filesystem queue (layout in queue.h). */
+#define _GNU_SOURCE   /* O_TMPFILE */
 #include "queue.h"
 
 #include <dirent.h>
@@ -130,6 +131,56 @@ static void in_release_dir(struct queue_in *in)
     in->dirfd = -1;
 }
 
+/* /proc/self/fd/<fd>: the name linkat() gives an unnamed file by. */
+static void fd_path(char *buf, size_t n, int fd)
+{
+    snprintf(buf, n, "/proc/self/fd/%d", fd);
+}
+
+/* An unnamed file (O_TMPFILE) in dirfd, or -1 where there is none to be
+ * had: a file system without O_TMPFILE, or no /proc to link it by (both
+ * found out once per process, then the named file is used).
+ * Why: creating a named file allocates its inode under the directory's
+ * lock, and every session receiving for the same domain waits on that
+ * lock; an unnamed file's inode is allocated outside it, and its one
+ * directory operation is the link that commits it. */
+static int open_unnamed(int dirfd)
+{
+    static int works = -1;   /* not known yet, 1 yes, 0 no */
+    char path[32];
+    if (works == 0)
+        return -1;
+    int fd = openat(dirfd, ".", O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        if (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)
+            works = 0;
+        return -1;
+    }
+    if (works < 0) {
+        fd_path(path, sizeof path, fd);
+        works = access(path, F_OK) == 0;
+        if (!works) {
+            close(fd);
+            return -1;
+        }
+    }
+    return fd;
+}
+
+/* Gives an unnamed data file its name, tmp_path, for the steps that link
+ * or open it by name: 0 or an errno value. */
+static int in_name(struct queue_in *in)
+{
+    char path[32];
+    if (!in->unnamed)
+        return 0;
+    fd_path(path, sizeof path, in->fd);
+    if (linkat(AT_FDCWD, path, AT_FDCWD, in->tmp_path, AT_SYMLINK_FOLLOW) != 0)
+        return errno;
+    in->unnamed = false;
+    return 0;
+}
+
 /* The data file in q/<home>/ (home != NULL) or tmp/. */
 static bool in_open(struct queue *q, struct queue_in *in, const char *home)
 {
@@ -141,9 +192,12 @@ static bool in_open(struct queue *q, struct queue_in *in, const char *home)
     in->dirfd = open_domain_dir(q, home);
     if (in->dirfd < 0)
         return false;
+    in->fd = open_unnamed(in->dirfd);
+    in->unnamed = in->fd >= 0;
     /* relative to the directory: no second walk of the whole path */
-    in->fd = openat(in->dirfd, strrchr(in->tmp_path, '/') + 1,
-                    O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (in->fd < 0)
+        in->fd = openat(in->dirfd, strrchr(in->tmp_path, '/') + 1,
+                        O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (in->fd < 0) {
         int err = errno;
         in_release_dir(in);
@@ -157,6 +211,7 @@ static bool in_open(struct queue *q, struct queue_in *in, const char *home)
 static bool in_begin(struct queue *q, struct queue_in *in, const char *home)
 {
     in->fd = in->dirfd = -1;
+    in->unnamed = false;
     in->size = 0;
     in->error = 0;
     in->blen = 0;
@@ -193,6 +248,8 @@ static void in_flush(struct queue_in *in)
 int queue_in_reread(struct queue_in *in)
 {
     in_flush(in);
+    if (!in->error)
+        in->error = in_name(in);
     if (in->error) {
         errno = in->error;
         return -1;
@@ -247,9 +304,10 @@ void queue_in_abort(struct queue_in *in)
     if (in->fd >= 0)
         close(in->fd);
     in->fd = -1;
-    if (in->tmp_path[0])
+    if (in->tmp_path[0] && !in->unnamed)
         unlink(in->tmp_path);
     in->tmp_path[0] = '\0';
+    in->unnamed = false;
     in_release_dir(in);
 }
 
@@ -396,16 +454,31 @@ static int commit_domain(struct queue *q, struct queue_in *in,
 }
 
 /* The data durable and closed: 0 or an errno value. */
-static int in_finish(struct queue_in *in)
+/* The data durable, still open: 0 or an errno value. */
+static int in_sync(struct queue_in *in)
 {
     in_flush(in);
     int err = in->error;
     if (!err && fsync(in->fd) != 0)
         err = errno;
+    return err;
+}
+
+static int in_close(struct queue_in *in, int err)
+{
     if (close(in->fd) != 0 && !err)
         err = errno;
     in->fd = -1;
     return err;
+}
+
+/* The data durable, named and closed: 0 or an errno value. */
+static int in_finish(struct queue_in *in)
+{
+    int err = in_sync(in);
+    if (!err)
+        err = in_name(in);
+    return in_close(in, err);
 }
 
 static void stamp_envelope(struct envelope *e, const struct queue_in *in,
@@ -424,12 +497,16 @@ static int name_queue_file(struct queue *q, struct queue_in *in,
 {
     char final[PATH_MAX], dir[PATH_MAX];
     if (!strcmp(domain, in->home) && in->dirfd >= 0) {
-        /* written in place: a rename inside the open directory */
-        char from[QID_MAX + 3], to[QID_MAX + 3];
+        /* written in place: its first name, or a rename, inside the open
+         * directory */
+        char from[QID_MAX + 3], to[QID_MAX + 3], path[32];
         snprintf(from, sizeof from, "%s.m", in->id);
         snprintf(to, sizeof to, "%s.q", in->id);
-        if (renameat(in->dirfd, from, in->dirfd, to) != 0)
+        fd_path(path, sizeof path, in->fd);
+        if (in->unnamed ? linkat(AT_FDCWD, path, in->dirfd, to, AT_SYMLINK_FOLLOW) != 0
+                        : renameat(in->dirfd, from, in->dirfd, to) != 0)
             return errno;
+        in->unnamed = false;
         if (fsync(in->dirfd) == 0)
             return 0;
         int err = errno;
@@ -437,6 +514,8 @@ static int name_queue_file(struct queue *q, struct queue_in *in,
         return err;
     }
     int err = ensure_domain_dir(q, domain);
+    if (!err)
+        err = in_name(in);   /* a milter took the message out of home */
     if (err)
         return err;
     if (!qpath(final, q, domain, in->id, ".q") || !qpath(dir, q, domain, NULL, ""))
@@ -469,14 +548,19 @@ static int commit_one_file(struct queue *q, struct queue_in *in,
         in_append(in, text, len);
         in_append(in, trailer, QFILE_TRAILER_LEN);
         free(text);
-        err = in_finish(in);
+        err = in_sync(in);
     }
     if (!err)
         err = name_queue_file(q, in, e->domain);
-    if (err)
-        unlink(in->tmp_path);
-    else
+    /* open until named (an unnamed file is linked by its descriptor);
+     * after the fsync, what close says changes nothing */
+    close(in->fd);
+    in->fd = -1;
+    if (!err)
         usage_adjust(q, e->domain, +1, e->size);
+    else if (!in->unnamed)
+        unlink(in->tmp_path);
+    in->unnamed = false;
     in->tmp_path[0] = '\0';
     in_release_dir(in);
     return err;

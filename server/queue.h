@@ -38,9 +38,10 @@
  * envelope files are opened with O_NOFOLLOW (or checked with lstat), so a
  * link planted in the spool is refused and logged, never delivered.
  *
- * Commit order, one domain: data written to q/<domain>/<id>.m (or tmp/),
- * envelope and trailer appended, fsynced, renamed to <id>.q, the domain
- * directory fsynced.  Several domains: data fsynced, linked into each
+ * Commit order, one domain: data written to an unnamed file (O_TMPFILE)
+ * in q/<domain>/ (where the file system has none: to <id>.m there, or to
+ * tmp/), envelope and trailer appended, fsynced, linked (or renamed) as
+ * <id>.q, the domain directory fsynced.  Several domains: data fsynced, linked into each
  * domain, each envelope written to tmp/, fsynced, renamed to
  * q/<domain>/<id>.e, the domain directory fsynced.  Only then is 250 said.
  * A crash at any point leaves either a committed message or invisible
@@ -82,6 +83,8 @@ struct queue_in {
     uint64_t size;
     int error;                 /* first errno seen while writing, 0 if none */
     char home[ADDR_DOMAIN_MAX + 1];   /* data written in place there, or "" */
+    bool unnamed;              /* an O_TMPFILE in home: tmp_path is only the
+                                  name it gets if a step needs one */
     size_t blen;
     char buf[65536];
 };

@@ -179,6 +179,10 @@ static void test_abort_leaves_nothing(struct queue *q)
     int before = entries("q/example.org");
     CHECK(queue_in_begin_at(q, &in, "example.org"));
     CHECK(in.dirfd >= 0);
+    /* written unnamed (O_TMPFILE, which /tmp has): nothing to see, and
+     * nothing a crash could leave */
+    CHECK(in.unnamed);
+    CHECK(entries("q/example.org") == before);
     queue_in_write(&in, "x", 1);
     queue_in_abort(&in);
     CHECK(in.dirfd == -1);
