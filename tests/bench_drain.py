@@ -6,7 +6,7 @@ tests/bench.py imports this module and lists its benchmarks in BENCHMARKS.
                  Postfix smtp-sink, per round once by each of two paths,
                  alternating:
                    odmrd      the messages are queued in odmrd (smtp-source
-                              -d into its inbound listener, counted as .e
+                              -d into its inbound listener, counted as .q
                               files), then odmr-fetch does one ATRN and
                               relays them to the sink (the odmr-drain
                               machinery of tests/bench_odmr.py).  Timed from
