@@ -453,7 +453,6 @@ static int commit_domain(struct queue *q, struct queue_in *in,
     return err;
 }
 
-/* The data durable and closed: 0 or an errno value. */
 /* The data durable, still open: 0 or an errno value. */
 static int in_sync(struct queue_in *in)
 {
@@ -490,8 +489,9 @@ static void stamp_envelope(struct envelope *e, const struct queue_in *in,
         e->arrival = now;
 }
 
-/* Renames the synced file to q/<domain>/<id>.q and syncs that directory:
- * 0 or an errno value, and then nothing is queued. */
+/* Names the synced file q/<domain>/<id>.q (a link of the unnamed file, or
+ * a rename) and syncs that directory: 0, or an errno value and then
+ * nothing is queued. */
 static int name_queue_file(struct queue *q, struct queue_in *in,
                            const char *domain)
 {
@@ -530,7 +530,7 @@ static int name_queue_file(struct queue *q, struct queue_in *in,
 }
 
 /* A message for one domain becomes one queue file (qfile.h): the envelope
- * and trailer follow the data, one sync, one rename.  -1 when the
+ * and trailer follow the data, one sync, one link or rename.  -1 when the
  * envelope is too large for the trailer (nothing done yet). */
 static int commit_one_file(struct queue *q, struct queue_in *in,
                            struct envelope *e)
