@@ -184,10 +184,7 @@ static size_t domain_of(const struct linger_watch *lg, int wd)
 
 static bool is_envelope(const struct inotify_event *ev)
 {
-    size_t len = ev->len ? strlen(ev->name) : 0;
-    /* an envelope (.e) or a queue file (.q) arrived: mail is committed */
-    return len > 2 && ev->name[len - 2] == '.' &&
-           (ev->name[len - 1] == 'e' || ev->name[len - 1] == 'q');
+    return ev->len && queue_name_commits(ev->name);
 }
 
 /* Reads every pending event.  The queue is re-read anyway, so an overflow

@@ -720,6 +720,11 @@ int queue_ids(struct queue *q, const char *domain,
     return ids_in(qpath(dir, q, domain, NULL, ""), dir, fn, ctx);
 }
 
+bool queue_name_commits(const char *name)
+{
+    return name[0] != '.' && committed_id_len(name, strlen(name)) > 0;
+}
+
 bool queue_has_mail(struct queue *q, const char *domain)
 {
     char dir[PATH_MAX];
@@ -731,8 +736,7 @@ bool queue_has_mail(struct queue *q, const char *domain)
     bool found = false;
     struct dirent *de;
     while (!found && (de = readdir(d)) != NULL) {
-        found = de->d_name[0] != '.' &&
-                committed_id_len(de->d_name, strlen(de->d_name)) > 0;
+        found = queue_name_commits(de->d_name);
     }
     closedir(d);
     return found;

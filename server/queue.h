@@ -124,6 +124,9 @@ int queue_domains(struct queue *q,
  * Returns the number of ids or -1 (errno set). */
 int queue_ids(struct queue *q, const char *domain,
               int (*fn)(void *ctx, const char *id), void *ctx);
+/* Whether a file of this name in a domain directory is what makes a
+ * message queued there (an envelope <id>.e or a queue file <id>.q). */
+bool queue_name_commits(const char *name);
 /* Is anything queued for the domain?  Stops at the first envelope, so it
  * costs little however much is queued.  True on a read error too (the
  * caller then looks closer and reports it). */
