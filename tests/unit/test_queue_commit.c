@@ -179,10 +179,11 @@ static void test_abort_leaves_nothing(struct queue *q)
     int before = entries("q/example.org");
     CHECK(queue_in_begin_at(q, &in, "example.org"));
     CHECK(in.dirfd >= 0);
-    /* written unnamed (O_TMPFILE, which /tmp has): nothing to see, and
-     * nothing a crash could leave */
-    CHECK(in.unnamed);
-    CHECK(entries("q/example.org") == before);
+    /* written unnamed (O_TMPFILE): nothing to see, and nothing a crash
+     * could leave; on a file system without it, the named <id>.m */
+    if (!in.unnamed)
+        printf("info: no O_TMPFILE under %s: the named data file is used\n", dir);
+    CHECK(entries("q/example.org") == before + (in.unnamed ? 0 : 1));
     queue_in_write(&in, "x", 1);
     queue_in_abort(&in);
     CHECK(in.dirfd == -1);
