@@ -427,8 +427,13 @@ static enum io_status fill(struct io *io, int64_t line_due)
 size_t io_pending(const struct io *io)
 {
     size_t n = io->rlen - io->rpos;
-    if (io->ssl)
+    if (io->ssl) {
         n += (size_t)SSL_pending(io->ssl);
+        /* records read ahead but not yet decrypted: their size is not
+         * known, only that input is there */
+        if (n == 0 && SSL_has_pending(io->ssl))
+            n = 1;
+    }
     return n;
 }
 
@@ -744,6 +749,11 @@ static bool tls_start(struct io *io, SSL_CTX *ctx, bool server,
         fail(io, IO_ERROR);
         return false;
     }
+    /* One read() takes whatever records have arrived, instead of one for
+     * each record's header and one for its body (a resumed poll made 21
+     * reads, 8 of them avoidable).  What OpenSSL then holds unprocessed
+     * is input too: see input_buffered and io_pending. */
+    SSL_set_read_ahead(ssl, 1);
     if (server)
         SSL_set_accept_state(ssl);
     else

@@ -76,9 +76,10 @@ long io_getline(struct io *io, char *buf, size_t max, bool *bare_lf);
  * number of bytes (> 0) or an io_status (< 0). */
 long io_getseg(struct io *io, char *buf, size_t max, bool *complete);
 
-/* Bytes already read from the socket but not yet consumed by the caller.
- * A server must refuse STARTTLS when this is not zero (plaintext command
- * injection). */
+/* Bytes already read from the socket but not yet consumed by the caller
+ * (at least 1 while TLS records read ahead wait to be decrypted): not
+ * zero whenever input is there without asking the kernel.  A server must
+ * refuse STARTTLS when this is not zero (plaintext command injection). */
 size_t io_pending(const struct io *io);
 
 bool io_write(struct io *io, const void *data, size_t len);

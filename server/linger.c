@@ -227,7 +227,7 @@ enum linger_wake linger_wait(struct linger_watch *lg, const struct io *io,
                              int64_t until_ms, bool *mail)
 {
     /* Data the customer sent is already buffered: nothing to wait for. */
-    if (io_pending(io) || (io->ssl && SSL_pending(io->ssl) > 0))
+    if (io_pending(io))
         return LINGER_PEER;
     sigset_t block, old;
     sigemptyset(&block);

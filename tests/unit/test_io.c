@@ -601,7 +601,7 @@ static void remove_tls_files(const struct tls_files *tf)
     rmdir(tf->dir);
 }
 
-enum tls_mode { TLS_GOOD, TLS_REFUSED, TLS_INJECT };
+enum tls_mode { TLS_GOOD, TLS_REFUSED, TLS_INJECT, TLS_READAHEAD };
 
 struct tls_case {
     SSL_CTX *ctx;
@@ -637,6 +637,25 @@ static int tls_server_session(struct io *io)
     return 0;   /* exit without SSL_shutdown */
 }
 
+/* Server side of test_tls_readahead: two records are in by the time the
+ * first line is read; the second must count as pending input (linger
+ * waits on the socket only when nothing is), the first line must not
+ * swallow it. */
+static int tls_readahead_session(struct io *io)
+{
+    char line[64];
+    usleep(200 * 1000);
+    if (io_getline(io, line, sizeof line, NULL) != 3 || strcmp(line, "ONE"))
+        return 30;
+    if (io_pending(io) == 0)
+        return 31;
+    if (io_getline(io, line, sizeof line, NULL) != 3 || strcmp(line, "TWO"))
+        return 32;
+    if (io_pending(io) != 0)
+        return 33;
+    return io_puts(io, "250 both\r\n") && io_flush(io) ? 0 : 34;
+}
+
 static int tls_server_child(int fd, void *arg)
 {
     const struct tls_case *tc = arg;
@@ -660,9 +679,12 @@ static int tls_server_child(int fd, void *arg)
         io_close(&io);
         return ok ? 12 : 0;
     }
-    if (!ok || io_pending(&io) != 0)
+    /* the client's first record may already be read ahead with its
+     * Finished: pending input is allowed here, plaintext was refused above */
+    if (!ok)
         return 13;
-    return tls_server_session(&io);
+    return tc->mode == TLS_READAHEAD ? tls_readahead_session(&io)
+                                     : tls_server_session(&io);
 }
 
 /* Runs the client side up to the end of the handshake; the server child
@@ -742,6 +764,23 @@ static void test_tls_refused(SSL_CTX *sctx, SSL_CTX *cctx, const char *host,
     if (strncmp(err, want_err, strlen(want_err)) != 0)
         printf("  err was: %s\n", err);
     CHECK(io.ssl == NULL);
+    io_close(&io);
+    CHECK(reap(pid) == 0);
+}
+
+/* Records sent one by one, read ahead together (tls_readahead_session). */
+static void test_tls_readahead(SSL_CTX *sctx, SSL_CTX *cctx)
+{
+    struct io io;
+    pid_t pid;
+    char err[256] = "", line[64];
+
+    CHECK(tls_client_start(&io, &pid, sctx, TLS_READAHEAD, cctx, CERT_NAME,
+                           err, sizeof err));
+    CHECK(io_puts(&io, "ONE\r\n") && io_flush(&io));
+    CHECK(io_puts(&io, "TWO\r\n") && io_flush(&io));
+    CHECK(io_getline(&io, line, sizeof line, NULL) == 8);
+    CHECK_STR(line, "250 both");
     io_close(&io);
     CHECK(reap(pid) == 0);
 }
@@ -843,6 +882,7 @@ static void test_tls(void)
         /* our self-signed certificate is not in the system store */
         test_tls_refused(sctx, sys, CERT_NAME, "certificate verify failed: ");
         test_tls_inject(sctx, cctx);
+        test_tls_readahead(sctx, cctx);
         test_tls_handshake_failures(sctx, cctx);
     }
     test_tls_ctx_errors(&tf);
