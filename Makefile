@@ -47,12 +47,15 @@ SERVER_LIB_SRC += server/ownership.c
 ODMRD_SRC  := $(filter-out server/odmrctl%.c $(SERVER_LIB_SRC),$(wildcard server/*.c))
 CLIENT_SRC := $(wildcard client/*.c)
 UNIT_SRC   := $(wildcard tests/unit/test_*.c)
+# make bench: what the file system and OpenSSL allow at best (tests/floor)
+FLOOR_SRC  := $(wildcard tests/floor/*_floor.c)
 
 obj = $(patsubst %.c,$(B)/obj/%.o,$(1))
 COMMON_OBJ := $(call obj,$(COMMON_SRC))
 SERVER_LIB_OBJ := $(call obj,$(SERVER_LIB_SRC))
 PROGRAMS := $(B)/odmrd $(B)/odmrctl $(B)/odmr-fetch
 UNIT_BIN := $(patsubst tests/unit/%.c,$(B)/tests/%,$(UNIT_SRC))
+FLOOR_BIN := $(patsubst tests/floor/%.c,$(B)/floor/%,$(FLOOR_SRC))
 
 .PHONY: all deps check bench run install clean test-deps deb
 all: deps $(PROGRAMS)
@@ -94,7 +97,11 @@ $(B)/tests/%: tests/unit/%.c $(SERVER_LIB_OBJ) $(COMMON_OBJ)
 check: all test-deps $(UNIT_BIN)
 	@python3 tests/run.py --build $(B)
 
-bench: all test-deps
+$(B)/floor/%: tests/floor/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) -pthread -o $@ $< $(LIBS_SSL)
+
+bench: all test-deps $(FLOOR_BIN)
 	@python3 tests/bench.py --build $(B)
 
 run: all

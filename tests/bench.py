@@ -24,6 +24,10 @@ Benchmarks:
                  messages/s (median of the rounds) of both, the ratio and
                  odmrd's peak RSS (VmHWM of the master at the end; of the
                  session children sampled every 50 ms while they run).
+                 In each round, tests/floor/fs_floor commits as many
+                 files with as many writers on the spool's file system,
+                 with no SMTP at all (odmrd's two syncs, and one sync):
+                 the rate no server syncing that way could pass here.
   smtp-inbound-reuse  the same with smtp-source -d: the messages go over
                  the 20 connections (one session each), which separates
                  the cost per message from the cost per connection.
@@ -58,9 +62,11 @@ import collections
 import contextlib
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -454,6 +460,7 @@ def bench_smtp_inbound(ctx, reuse=False, milter=False):
         cpu.roots["rspamd"] = rspamd_pid
 
     rates = {"odmrd": [], "postfix": []}
+    floor_rates = {mode: [] for mode, _ in FLOOR_MODES}
     for r in range(1, ctx.rounds + 1):
         # odmrd
         od.clear_spool()
@@ -489,12 +496,18 @@ def bench_smtp_inbound(ctx, reuse=False, milter=False):
         rates["postfix"].append(n / t)
         ctx.info("round %d postfix: %7.2fs %8.1f msgs/s  (%d queued)"
                  % (r, t, n / t, got))
+        if not milter:
+            for mode, _ in FLOOR_MODES:
+                floor_rates[mode].append(run_fs_floor(ctx, od, mode, n))
+            ctx.info("round %d fs floor: %s files/s" % (r, ", ".join(
+                "%s %.0f" % (m, floor_rates[m][-1]) for m, _ in FLOOR_MODES)))
 
     master_kb = proc_status_kb(od.pid)
     od.clear_spool()
     pf.clear_queue()
 
     med = {k: statistics.median(v) for k, v in rates.items()}
+    floor = [] if milter else fs_floor_rows(ctx, name, med, floor_rates)
 
     def rounds_note(v):
         return "median of %d rounds: %s" % (
@@ -518,7 +531,56 @@ def bench_smtp_inbound(ctx, reuse=False, milter=False):
         Row(name, "postfix smtpd / cleanup peak RSS",
             "%s / %s" % (mb(pf_smtpd), mb(pf_cleanup)), "MB",
             "for comparison, sampled the same way"),
-    ] + cpu_rows(name, cpu)
+    ] + cpu_rows(name, cpu) + floor
+
+
+# Bytes a message takes in its queue file beyond the body: the Received
+# header, the envelope and the trailer (about 400 in the bench).
+QUEUE_FILE_EXTRA = 512
+FLOOR_MODES = (("two", "fs floor, odmrd's commit (write, fsync, link, "
+                       "fsync of the directory)"),
+               ("one", "fs floor, one sync per message (write, link, fsync; "
+                       "Postfix syncs its queue file once)"))
+
+
+def run_fs_floor(ctx, od, mode, files):
+    """tests/floor/fs_floor in a new directory beside odmrd's spool (the
+    same file system), removed afterwards: files/s."""
+    prog = os.path.join(ctx.build, "floor", "fs_floor")
+    if not os.access(prog, os.X_OK):
+        raise BenchError("%s is not built (make bench builds it)" % prog)
+    d = tempfile.mkdtemp(prefix="fs-floor-", dir=os.path.dirname(od.env.spool))
+    try:
+        r = subprocess.run([prog, d, str(ctx.sessions), str(files),
+                            str(ctx.size + QUEUE_FILE_EXTRA), mode],
+                           capture_output=True, text=True, timeout=ROUND_TIMEOUT)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    if r.returncode != 0 or not r.stdout.startswith("files/s "):
+        raise BenchError("fs_floor %s: %s" % (mode, (r.stderr or r.stdout).strip()))
+    return float(r.stdout.split()[1])
+
+
+def fs_floor_rows(ctx, name, med, floor_rates):
+    """What the spool's file system allowed with no SMTP at all, measured
+    in each round after Postfix's part: as many writers as smtp-source
+    has sessions, committing as many files as a round has messages.  A
+    server that cost no CPU and synced the way odmrd does could not pass
+    the first figure.  The disk's sync latency moves from minute to
+    minute on a shared machine, hence a median of the rounds."""
+    rates = {mode: statistics.median(v) for mode, v in floor_rates.items()}
+    rows = [Row(name, label, "%.1f" % rates[mode], "files/s",
+                "%d writers, files of %d bytes on the spool's file system, "
+                "median of the rounds (%s); best ratio to Postfix's rate "
+                "this allows: %.2fx"
+                % (ctx.sessions, ctx.size + QUEUE_FILE_EXTRA,
+                   ", ".join("%.0f" % x for x in floor_rates[mode]),
+                   rates[mode] / med["postfix"]))
+            for mode, label in FLOOR_MODES]
+    rows.append(Row(name, "odmrd / fs floor of its commit",
+                    "%.2f" % (med["odmrd"] / rates["two"]), "x",
+                    "1.00 would mean the SMTP work costs nothing"))
+    return rows
 
 
 def cpu_rows(name, cpu):

@@ -46,7 +46,11 @@ imports this module and lists its benchmarks in BENCHMARKS).
                  ticket, as odmr-fetch keeps it between runs; each
                  customer's first, unmeasured poll makes one).  Reports
                  each mode's median round and odmrd's CPU per poll full /
-                 resumed (ratio of the medians, and per round).
+                 resumed (ratio of the medians, and per round).  Each
+                 round also runs a plain storm and tests/floor/tls_floor
+                 (OpenSSL alone, both kinds of handshake, odmrd's
+                 certificate); from them, the best ratio a poll could
+                 show if TLS cost odmrd nothing beyond OpenSSL's work.
 
 Needs fetchmail, smtp-sink, smtp-source and openssl.  Only 127.0.0.1 is
 used.  Every process is started through the harness Env (own session,
@@ -81,6 +85,7 @@ DRAIN_PER_MESSAGE = 0.25     # ... or this per message (fetchmail: ~0.1 s)
 # benchmark stays within minutes.
 CLIENT_MESSAGES = 500
 POLL_TIMEOUT = 300           # seconds per poll storm
+TLS_FLOOR_SESSIONS = 2000    # sessions per tests/floor/tls_floor run
 IO_TIMEOUT = 60              # seconds per network wait
 REVERSING = b"250 OK now reversing the connection"
 
@@ -939,13 +944,17 @@ def bench_polls(ctx, use_tls=False):
     # see the same moments of a shared machine; the rows shown are each
     # mode's median round.
     name_r = "odmr-polls STARTTLS resumed c=%d" % customers
-    runs = {"full": [], "resumed": []}
+    runs = {"full": [], "resumed": [], "plain": []}
+    floor = {"full": [], "resumed": []}
     for _ in range(ctx.rounds):
         runs["full"].append(measure_polls(ctx, od, name, "full", procs))
         runs["resumed"].append(measure_polls(ctx, od, name_r, "resumed",
                                              procs))
-    full, resumed = (statistics.median(c for _, c in runs[m])
-                     for m in ("full", "resumed"))
+        runs["plain"].append(measure_polls(ctx, od, "plain", None, procs))
+        for mode in floor:
+            floor[mode].append(tls_floor(ctx, od, mode))
+    full, resumed, plain = (statistics.median(c for _, c in runs[m])
+                            for m in ("full", "resumed", "plain"))
     ratio = full / resumed if resumed > 0 else float("inf")
     per_round = ", ".join("%.2f" % (f / r) for (_, f), (_, r)
                           in zip(runs["full"], runs["resumed"]))
@@ -954,6 +963,41 @@ def bench_polls(ctx, use_tls=False):
             "same odmrd, alternating rounds: median %.3f ms per poll with a "
             "full handshake, %.3f ms resumed; per round %s (goal: at least "
             "2x)" % (1000 * full, 1000 * resumed, per_round)),
+    ] + tls_floor_rows(name_r, plain, floor)
+
+
+def tls_floor(ctx, od, mode):
+    """tests/floor/tls_floor with odmrd's certificate: OpenSSL's own
+    server CPU seconds per session (handshake, one record each way)."""
+    prog = os.path.join(ctx.build, "floor", "tls_floor")
+    if not os.access(prog, os.X_OK):
+        raise BenchError("%s is not built (make bench builds it)" % prog)
+    r = subprocess.run([prog, od.env.path("cert.pem"), od.env.path("key.pem"),
+                        str(TLS_FLOOR_SESSIONS), mode],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0 or not r.stdout.startswith("server_ms "):
+        raise BenchError("tls_floor %s: %s" % (mode, (r.stderr or r.stdout).strip()))
+    return float(r.stdout.split()[1]) / 1000
+
+
+def tls_floor_rows(name, plain, floor):
+    """The bound on the full/resumed ratio of whole polls: the part of a
+    poll that TLS does not change (a plain poll of the same odmrd), plus
+    what OpenSSL alone spends on each kind of handshake."""
+    f_full, f_res = (statistics.median(floor[m]) for m in ("full", "resumed"))
+    best = (plain + f_full) / (plain + f_res)
+    return [
+        Row(name, "odmrd CPU per plain poll", "%.3f" % (1000 * plain), "ms",
+            "the same odmrd and customers without STARTTLS, in the same "
+            "rounds (median)"),
+        Row(name, "OpenSSL floor full / resumed", "%.3f / %.3f"
+            % (1000 * f_full, 1000 * f_res), "ms",
+            "server CPU per session of tests/floor/tls_floor (one process, "
+            "a BIO pair, odmrd's certificate, %d sessions; median of the "
+            "rounds): %.2fx" % (TLS_FLOOR_SESSIONS, f_full / f_res)),
+        Row(name, "best full / resumed a poll could show", "%.2f" % best, "x",
+            "(plain poll + floor full) / (plain poll + floor resumed): the "
+            "ratio if TLS cost odmrd nothing beyond OpenSSL's own work"),
     ]
 
 
