@@ -752,7 +752,8 @@ static bool tls_start(struct io *io, SSL_CTX *ctx, bool server,
     /* One read() takes whatever records have arrived, instead of one for
      * each record's header and one for its body (a resumed poll made 21
      * reads, 8 of them avoidable).  What OpenSSL then holds unprocessed
-     * is input too: see input_buffered and io_pending. */
+     * is input too: see input_buffered and io_pending (linger's wait).
+     * Plaintext is never read ahead: the STARTTLS checks run before. */
     SSL_set_read_ahead(ssl, 1);
     if (server)
         SSL_set_accept_state(ssl);

@@ -78,7 +78,8 @@ long io_getseg(struct io *io, char *buf, size_t max, bool *complete);
 
 /* Bytes already read from the socket but not yet consumed by the caller
  * (at least 1 while TLS records read ahead wait to be decrypted): not
- * zero whenever input is there without asking the kernel.  A server must
+ * zero whenever input is there without asking the kernel, which is what
+ * a wait on the socket itself (linger) must test first.  A server must
  * refuse STARTTLS when this is not zero (plaintext command injection). */
 size_t io_pending(const struct io *io);
 

@@ -109,6 +109,15 @@ static int parse_mode(const char *s, enum mode *m)
     return -1;
 }
 
+/* A decimal number, or -1 for anything else. */
+static long number(const char *s)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    return errno || end == s || *end ? -1 : v;
+}
+
 int main(int argc, char **argv)
 {
     enum mode mode;
@@ -116,25 +125,30 @@ int main(int argc, char **argv)
         fprintf(stderr, "usage: fs_floor DIR WRITERS FILES SIZE two|one|none\n");
         return 2;
     }
-    long writers = atol(argv[2]), files = atol(argv[3]);
-    size_t size = (size_t)atol(argv[4]);
+    long writers = number(argv[2]), files = number(argv[3]);
+    long size = number(argv[4]);
     if (writers < 1 || writers > 256 || files < writers || size < 1 ||
         size > 1 << 24) {
         fprintf(stderr, "fs_floor: WRITERS 1-256, FILES >= WRITERS, SIZE 1-16M\n");
         return 2;
     }
     int dirfd = open(argv[1], O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    char *data = malloc(size);
-    struct job *jobs = calloc((size_t)writers, sizeof *jobs);
-    pthread_t *th = calloc((size_t)writers, sizeof *th);
-    if (dirfd < 0 || !data || !jobs || !th) {
+    if (dirfd < 0) {
         fprintf(stderr, "fs_floor: %s: %s\n", argv[1], strerror(errno));
         return 1;
     }
-    memset(data, 'x', size);
+    char *data = malloc((size_t)size);
+    struct job *jobs = calloc((size_t)writers, sizeof *jobs);
+    pthread_t *th = calloc((size_t)writers, sizeof *th);
+    if (!data || !jobs || !th) {
+        fprintf(stderr, "fs_floor: out of memory\n");
+        return 1;
+    }
+    memset(data, 'x', (size_t)size);
     double t0 = seconds();
     for (long w = 0; w < writers; w++) {
-        jobs[w] = (struct job){dirfd, mode, w, files / writers, data, size, 0};
+        jobs[w] = (struct job){dirfd, mode, w, files / writers, data,
+                               (size_t)size, 0};
         if (pthread_create(&th[w], NULL, writer, &jobs[w]) != 0) {
             fprintf(stderr, "fs_floor: cannot start a thread\n");
             return 1;
