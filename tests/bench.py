@@ -62,7 +62,6 @@ import collections
 import contextlib
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -75,6 +74,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "integration"))
 
+import harness  # noqa: E402
 import postfix_instance  # noqa: E402
 from postfix_instance import PostfixInstance, PostfixError  # noqa: E402
 
@@ -233,7 +233,6 @@ class Odmrd:
     started in the foreground; built on tests/integration/harness.Env."""
 
     def __init__(self, ctx, domain="example.org", user="bench", **conf):
-        import harness
         self.harness = harness
         for prog in ("odmrd", "odmrctl"):
             p = os.path.join(ctx.build, prog)
@@ -381,10 +380,10 @@ def start_bench_rspamd(ctx, od):
     return proc.pid, port
 
 
-def tree_cpu_s(root):
-    """CPU seconds (user + system) used so far by root and its descendants,
-    children they have reaped included (cutime/cstime), so that a worker
-    that exited during a round still counts."""
+def tree_cpu_s(root, system_only=False):
+    """CPU seconds (user + system, or system alone) used so far by root and
+    its descendants, children they have reaped included (cutime/cstime),
+    so that a worker that exited during a round still counts."""
     ticks = 0
     for pid in [root] + postfix_instance.proc_descendants(root):
         try:
@@ -392,7 +391,9 @@ def tree_cpu_s(root):
                 fields = f.read().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        ticks += sum(int(x) for x in fields[11:15])   # utime stime cu cs
+        # utime stime cutime cstime
+        times = [int(x) for x in fields[11:15]]
+        ticks += times[1] + times[3] if system_only else sum(times)
     return ticks / float(os.sysconf("SC_CLK_TCK"))
 
 
@@ -402,21 +403,26 @@ class CPUMeter:
 
     def __init__(self, roots):
         self.roots = roots               # name -> pid
-        self.used = {}                   # (side, name) -> seconds
+        self.used = {}                   # (side, name, system_only) -> s
         self.messages = {}               # side -> messages
 
     @contextlib.contextmanager
     def round(self, side, messages):
-        before = {k: tree_cpu_s(p) for k, p in self.roots.items()}
+        kinds = (False, True)
+        before = {(k, so): tree_cpu_s(p, so)
+                  for k, p in self.roots.items() for so in kinds}
         yield
         for k, p in self.roots.items():
-            key = (side, k)
-            self.used[key] = self.used.get(key, 0.0) + tree_cpu_s(p) - before[k]
+            for so in kinds:
+                key = (side, k, so)
+                self.used[key] = (self.used.get(key, 0.0) + tree_cpu_s(p, so)
+                                  - before[(k, so)])
         self.messages[side] = self.messages.get(side, 0) + messages
 
-    def ms_per_msg(self, side, name):
+    def ms_per_msg(self, side, name, system_only=False):
         n = self.messages.get(side)
-        return 1000.0 * self.used.get((side, name), 0.0) / n if n else 0.0
+        used = self.used.get((side, name, system_only), 0.0)
+        return 1000.0 * used / n if n else 0.0
 
 
 def bench_smtp_inbound(ctx, reuse=False, milter=False):
@@ -551,7 +557,10 @@ FLOOR_MODES = (("two", "fs floor, odmrd's commit (write, fsync, link, "
 
 def run_fs_floor(ctx, od, mode, files):
     """tests/floor/fs_floor in a new directory beside odmrd's spool (the
-    same file system), removed afterwards: files/s."""
+    same file system): files/s.  Its files stay until the benchmark ends
+    (with odmrd's directory): deleting them between rounds would make the
+    next odmrd round, not Postfix's, pay for their recently freed inodes
+    on an ext4 without a journal (see filesystem_lines)."""
     prog = os.path.join(ctx.build, "floor", "fs_floor")
     if not os.access(prog, os.X_OK):
         raise BenchError("%s is not built (make bench builds it)" % prog)
@@ -562,8 +571,6 @@ def run_fs_floor(ctx, od, mode, files):
                            capture_output=True, text=True, timeout=ROUND_TIMEOUT)
     except subprocess.TimeoutExpired:
         raise BenchError("fs_floor %s: no result within %ds" % (mode, ROUND_TIMEOUT))
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
     if r.returncode != 0 or not r.stdout.startswith("files/s "):
         raise BenchError("fs_floor %s: %s" % (mode, (r.stderr or r.stdout).strip()))
     return float(r.stdout.split()[1])
@@ -597,7 +604,10 @@ def cpu_rows(name, cpu):
     rows = [Row(name, "CPU per message odmrd / postfix",
                 "%.2f / %.2f" % (cpu.ms_per_msg("odmrd", "odmrd"),
                                  cpu.ms_per_msg("postfix", "postfix")),
-                "ms", "user+system of each MTA's process tree in its rounds")]
+                "ms", "user+system of each MTA's process tree in its "
+                "rounds; in the kernel: %.2f / %.2f"
+                % (cpu.ms_per_msg("odmrd", "odmrd", True),
+                   cpu.ms_per_msg("postfix", "postfix", True)))]
     if "rspamd" in cpu.roots:
         rows.append(Row(name, "rspamd CPU per message fed by odmrd / postfix",
                         "%.2f / %.2f" % (cpu.ms_per_msg("odmrd", "rspamd"),
@@ -665,6 +675,56 @@ def system_line():
         " ".join("%.2f" % x for x in os.getloadavg()))
 
 
+def filesystem_of(path):
+    """(type, source, mount point, journal) of the file system path is on,
+    from /proc/self/mountinfo.  journal is True or False for ext3/ext4
+    (whether the kernel runs a jbd2 journal for the device), else None."""
+    st = os.stat(path)
+    dev = "%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev))
+    real = os.path.realpath(path)
+    found = ("?", "?", "?")
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, tail = left.split(), right.split()
+            if len(fields) < 5 or len(tail) < 2 or fields[2] != dev:
+                continue
+            mnt = fields[4]
+            # of several mounts of one device, the one path lies below
+            if found[2] == "?" or (real.startswith(mnt.rstrip("/") + "/")
+                                   and len(mnt) > len(found[2])):
+                found = (tail[0], tail[1], mnt)
+    journal = None
+    if found[0] in ("ext3", "ext4"):
+        name = os.path.basename(os.path.realpath("/sys/dev/block/" + dev))
+        try:
+            journal = any(e.startswith(name + "-")
+                          for e in os.listdir("/proc/fs/jbd2"))
+        except OSError:
+            journal = False
+    return found + (journal,)
+
+
+def filesystem_lines(path):
+    """The file system the spools are on, and what to keep in mind."""
+    fstype, source, mnt, journal = filesystem_of(path)
+    kind = {True: ", with a journal", False: ", without a journal"}.get(
+        journal, "")
+    lines = ["spools and queues in %s: %s on %s at %s%s"
+             % (path, fstype, source, mnt, kind)]
+    if journal is False:
+        lines.append(
+            "note: ext4 without a journal does not reuse an inode freed in the "
+            "last 60 s (360 s while its table block is unwritten) and looks "
+            "each one up whenever it creates a file: the files every round "
+            "deletes make the next rounds' file creation cost more kernel "
+            "time (docs/benchmarks.md)")
+    elif fstype == "tmpfs":
+        lines.append("note: on tmpfs fsync does nothing: these figures leave "
+                     "the disk out")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description="odmr benchmarks")
     ap.add_argument("--build", default="build")
@@ -685,6 +745,10 @@ def main():
     ap.add_argument("--out", help="table file (default BUILD/bench.txt)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the temporary directories")
+    ap.add_argument("--dir", default="/tmp",
+                    help="where the instances keep their spools and queues "
+                         "(default /tmp): a directory on the file system to "
+                         "measure")
     args = ap.parse_args()
     if args.rounds < 1 or args.messages < 1:
         ap.error("--rounds and --messages must be positive")
@@ -692,13 +756,20 @@ def main():
         ap.error("--polls and --customers must be positive")
     if os.environ.get("ODMR_KEEP") == "1":
         args.keep = True
+    if not os.path.isdir(args.dir):
+        ap.error("--dir %s: not a directory" % args.dir)
+    if not os.stat(args.dir).st_mode & 0o001:
+        ap.error("--dir %s: Postfix's daemons (user postfix) cannot enter it; "
+                 "make it searchable by all (as /tmp is)" % args.dir)
+    args.dir = os.path.abspath(args.dir)
+    harness.TMP_ROOT = args.dir
     out_path = args.out or os.path.join(args.build, "bench.txt")
 
     rows, errors = [], []
     started = time.strftime("%Y-%m-%d %H:%M:%S %z")
-    sysline = system_line()
+    header = [system_line()] + filesystem_lines(args.dir)
     print("odmr benchmarks, %s" % started)
-    print(sysline)
+    print("\n".join(header))
     load = os.getloadavg()[0]
     if load > 1.0:
         print("warning: the machine is busy (load average %.2f): other work "
@@ -743,7 +814,8 @@ def main():
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         with open(out_path, "w") as f:
-            f.write("# odmr benchmarks, %s\n# %s\n" % (started, sysline))
+            f.write("# odmr benchmarks, %s\n" % started)
+            f.write("".join("# %s\n" % line for line in header))
             f.write(table)
         print("table written to %s" % out_path)
     except OSError as e:

@@ -64,6 +64,7 @@ import time
 # zombies) in one place.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "integration"))
+import harness  # noqa: E402
 from harness import (_alive as proc_alive,  # noqa: E402
                      _proc_stat, descendants as proc_descendants,
                      find_program, free_port,
@@ -178,7 +179,8 @@ class PostfixInstance:
             os.makedirs(base_dir, exist_ok=True)
             self.dir = base_dir
         else:
-            self.dir = tempfile.mkdtemp(prefix="odmr-%s-" % name, dir="/tmp")
+            self.dir = tempfile.mkdtemp(prefix="odmr-%s-" % name,
+                                        dir=harness.TMP_ROOT)
         # Postfix daemons (uid postfix) resolve paths below this directory
         os.chmod(self.dir, 0o755)
         self.config_dir = os.path.join(self.dir, "etc")

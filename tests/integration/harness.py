@@ -49,6 +49,9 @@ def check_reply(reply, code, enhanced=None, what=""):
 
 
 SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+# Where every instance keeps its temporary directory (spool, queue, logs).
+# The benchmarks move it (bench.py --dir) to measure another file system.
+TMP_ROOT = "/tmp"
 
 
 def find_program(program):
@@ -460,7 +463,7 @@ class Env:
         self.odmrctl_bin = os.path.join(self.build, "odmrctl")
         self.fetch_bin = os.path.join(self.build, "odmr-fetch")
         self.keep = os.environ.get("ODMR_KEEP") == "1"
-        self.dir = tempfile.mkdtemp(prefix="odmr-%s-" % name, dir="/tmp")
+        self.dir = tempfile.mkdtemp(prefix="odmr-%s-" % name, dir=TMP_ROOT)
         self.spool = os.path.join(self.dir, "spool")
         self.db = os.path.join(self.dir, "accounts.db")
         self.conf_path = os.path.join(self.dir, "odmrd.conf")
