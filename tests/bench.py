@@ -634,7 +634,8 @@ def cpu_rows(name, cpu):
                 "%.2f / %.2f" % (cpu.ms_per_msg("odmrd", "odmrd"),
                                  cpu.ms_per_msg("postfix", "postfix")),
                 "ms", "user+system of each MTA's process tree in its "
-                "rounds; in the kernel: %.2f / %.2f"
+                "rounds; of it system time (kernel threads not counted): "
+                "%.2f / %.2f"
                 % (cpu.ms_per_msg("odmrd", "odmrd", True),
                    cpu.ms_per_msg("postfix", "postfix", True)))]
     if "rspamd" in cpu.roots:
@@ -707,7 +708,8 @@ def system_line():
 def filesystem_of(path):
     """(type, source, mount point, journal) of the file system path is on,
     from /proc/self/mountinfo.  journal is True or False for ext3/ext4
-    (whether the kernel runs a jbd2 journal for the device), else None."""
+    (whether the kernel runs a jbd2 journal for the device); None for other
+    file systems, or when /sys or /proc/fs/jbd2 cannot tell."""
     st = os.stat(path)
     dev = "%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev))
     real = os.path.realpath(path)
