@@ -532,13 +532,23 @@ void addr_domain_key(const char *domain, char *buf, size_t n)
     buf[i] = '\0';
 }
 
-/* The last '@' because a quoted local part may itself contain '@'. */
+/* The '@' after the local part: a quoted local part may contain '@', and
+ * so may a General-address-literal ("[tag:x@y]"), so neither the first
+ * nor the last '@' will do for every address. */
 const char *addr_domain_of(const char *address)
 {
-    const char *at;
+    const char *p = address;
 
-    if (address == NULL)
+    if (p == NULL)
         return NULL;
-    at = strrchr(address, '@');
-    return (at != NULL && at[1] != '\0') ? at + 1 : NULL;
+    if (*p == '"') {
+        for (p++; *p != '\0' && *p != '"'; p++)
+            if (*p == '\\' && p[1] != '\0')
+                p++;
+        if (*p++ != '"')
+            return NULL;
+    } else {
+        p += strcspn(p, "@");
+    }
+    return (*p == '@' && p[1] != '\0') ? p + 1 : NULL;
 }

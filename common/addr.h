@@ -53,8 +53,8 @@ bool addr_format(const struct mailbox *mb, char *buf, size_t n);
 /* Lower-cased copy of a domain, for lookups and queue names. */
 void addr_domain_key(const char *domain, char *buf, size_t n);
 
-/* Domain part of a formatted address "local@domain" (after the last '@'),
- * or NULL. */
+/* Domain part of a formatted address "local@domain" (after the '@' that
+ * ends the local part, quoted or not), or NULL. */
 const char *addr_domain_of(const char *address);
 
 #endif

@@ -572,6 +572,11 @@ static void test_helpers(void)
 
     CHECK_STR(addr_domain_of("a@b.c"), "b.c");
     CHECK_STR(addr_domain_of("\"x@y\"@z.org"), "z.org");
+    CHECK_STR(addr_domain_of("\"x\\\"@y\"@z.org"), "z.org");
+    /* a General-address-literal may hold '@' too (dcontent) */
+    CHECK_STR(addr_domain_of("u@[tag:a@victim.example]"), "[tag:a@victim.example]");
+    CHECK_STR(addr_domain_of("\"a@b\"@[tag:c@d]"), "[tag:c@d]");
+    CHECK(addr_domain_of("\"unterminated@x") == NULL);
     CHECK(addr_domain_of("nodomain") == NULL);
     CHECK(addr_domain_of("a@") == NULL);
     CHECK(addr_domain_of("") == NULL);
