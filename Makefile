@@ -41,7 +41,8 @@ COMMON_SRC := $(wildcard common/*.c)
 SERVER_LIB_SRC := $(wildcard server/conf.c server/envelope.c server/queue.c \
                   server/accounts.c server/auxprop.c server/bounce.c server/expire.c \
                   server/downgrade.c server/throttle.c server/recipients.c \
-                  server/milter.c server/milter_edit.c server/qfile.c)
+                  server/milter.c server/milter_edit.c server/qfile.c \
+                  server/data_stream.c)
 # odmrctl switches users the way odmrd does (server/ownership.h).
 SERVER_LIB_SRC += server/ownership.c
 ODMRD_SRC  := $(filter-out server/odmrctl%.c $(SERVER_LIB_SRC),$(wildcard server/*.c))
@@ -107,9 +108,10 @@ bench: all test-deps $(FLOOR_BIN)
 run: all
 	@sh tools/run-demo.sh $(B)
 
-# fuzz: each harness in tests/fuzz under libFuzzer (clang) for FUZZ_SECONDS.
+# fuzz: each harness in tests/fuzz under libFuzzer (clang) for FUZZ_SECONDS;
+# FUZZ=name runs tests/fuzz/fuzz_name.c alone.
 FUZZ_SECONDS ?= 60
-FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
+FUZZ_SRC := $(if $(FUZZ),tests/fuzz/fuzz_$(FUZZ).c,$(wildcard tests/fuzz/fuzz_*.c))
 .PHONY: fuzz
 fuzz:
 	@command -v clang >/dev/null || sh tools/deps.sh fuzz

@@ -24,12 +24,12 @@
 #include "../common/smtp.h"
 #include "../common/util.h"
 #include "accounts.h"
+#include "data_stream.h"
 #include "milter.h"
 #include "queue.h"
 #include "recipients.h"
 
 #define MAX_RECEIVED 50          /* SPEC 3.4: more means a mail loop */
-#define DATA_CHUNK 8192          /* longest piece of a data line we look at */
 
 volatile sig_atomic_t session_stop_requested;
 volatile sig_atomic_t session_idle;
@@ -501,15 +501,7 @@ static void do_rcpt(struct smtp *s, const char *arg)
 /* ---------------------------------------------------------------- DATA */
 
 struct data_state {
-    bool line_start;      /* next byte begins a line */
-    bool after_crlf;      /* ... and the line before ended in CRLF */
-    bool prev_cr;         /* last byte written was CR (line split at CR) */
-    bool in_headers;
-    bool bad_eol;         /* bare CR or LF seen */
-    bool nul;             /* a NUL octet seen */
-    bool too_big;
-    unsigned received;
-    uint64_t size;
+    struct data_stream st;        /* the data's lines and their faults */
     int64_t start_ms;             /* io_clock_ms() when DATA began */
     unsigned long long start_in;  /* io bytes_in then */
     /* for milters: where the headers and the body are in the queue file */
@@ -547,80 +539,39 @@ static void record_span(struct data_state *d, uint64_t off, size_t len,
     d->hdrs[d->nhdrs++] = (struct milter_span){off, len};
 }
 
-/* Passes one piece of message data (at offset off of the queue file) on
+/* Passes one piece of message text (at offset off of the queue file) on
  * to the milters: header, the end of the headers or body. */
 static void milter_feed(struct smtp *s, struct data_state *d,
-                        const struct queue_in *in, const char *p, size_t len,
-                        bool starts, bool was_header)
+                        const struct queue_in *in, const struct data_text *t)
 {
     uint64_t off = in->size;
-    if (was_header && d->in_headers) {
-        record_span(d, off, len, starts && p[0] != ' ' && p[0] != '\t');
-        milter_chain_header_piece(s->milter, p, len, starts);
-    } else if (was_header) {
+    if (t->part == DATA_HEADER) {
+        bool folded = t->len && (t->p[0] == ' ' || t->p[0] == '\t');
+        record_span(d, off, t->len, t->line_start && !folded);
+        milter_chain_header_piece(s->milter, t->p, t->len, t->line_start);
+    } else if (t->part == DATA_HEADERS_END) {
         struct milter_macros m;
         d->body_off = off;
         milter_macros_of(s, &m, in->id, NULL);
         milter_chain_end_of_headers(s->milter, &m);
     } else {
-        milter_chain_body(s->milter, p, len);
+        milter_chain_body(s->milter, t->p, t->len);
     }
-}
-
-/* Flags CR and LF that are not part of a CRLF pair. */
-static void check_line_ends(struct data_state *d, const char *p, size_t len)
-{
-    for (size_t i = 0; i < len; i++) {
-        if (p[i] == '\n') {
-            bool after_cr = i ? p[i - 1] == '\r' : d->prev_cr;
-            if (!after_cr)
-                d->bad_eol = true;
-        } else if (p[i] == '\r' && i + 1 < len && p[i + 1] != '\n') {
-            d->bad_eol = true;
-        }
-    }
-    if (len && d->prev_cr && p[0] != '\n')
-        d->bad_eol = true;
-    d->prev_cr = len ? p[len - 1] == '\r' : d->prev_cr;
 }
 
 /* Handles one piece of a line: the whole line (ends in LF) or, for very
- * long lines, DATA_CHUNK bytes of it. Returns true at end of data. */
+ * long lines, DATA_STREAM_PIECE_MAX bytes of it. Returns true at end of
+ * data. */
 static bool data_piece(struct smtp *s, struct queue_in *in, struct data_state *d,
-                       char *p, size_t len, bool complete)
+                       const char *p, size_t len, bool complete)
 {
-    /* Only CRLF "." CRLF ends the data: a "." line after a bare LF is
-     * message text (the SMTP smuggling defence). */
-    if (d->after_crlf && complete && len == 3 && !memcmp(p, ".\r\n", 3))
+    struct data_text t;
+    if (data_stream_piece(&d->st, p, len, complete, &t))
         return true;
-    if (d->line_start && p[0] == '.') {   /* undo dot-stuffing (RFC 5321 4.5.2) */
-        p++;
-        len--;
-    }
-    bool crlf_end = complete && ((len >= 2 && p[len - 2] == '\r') ||
-                                 (len == 1 && d->prev_cr));
-    check_line_ends(d, p, len);
-    /* RFC 2045 2.8 allows no NUL in 8bit data and BINARYMIME is not
-     * offered; a later hop that strips NULs would see "\r\n\0.\r\n" as
-     * the end of data, so the message is refused, not passed on. */
-    if (memchr(p, '\0', len))
-        d->nul = true;
-    bool starts = d->line_start, was_header = d->in_headers;
-    if (d->line_start && d->in_headers) {
-        if ((len == 2 && p[0] == '\r') || (len == 1 && p[0] == '\n'))
-            d->in_headers = false;
-        else if (len >= 9 && !strncasecmp(p, "Received:", 9))
-            d->received++;
-    }
-    d->line_start = complete;
-    d->after_crlf = crlf_end;
-    d->size += len;
-    if (d->size > s->conf->max_message_size)
-        d->too_big = true;
-    if (!d->too_big && !d->bad_eol && !d->nul) {
+    if (!data_stream_refused(&d->st)) {
         if (s->milter)
-            milter_feed(s, d, in, p, len, starts, was_header);
-        queue_in_write(in, p, len);
+            milter_feed(s, d, in, &t);
+        queue_in_write(in, t.p, t.len);
     }
     return false;
 }
@@ -644,7 +595,7 @@ static void set_data_deadline(struct smtp *s, const struct data_state *d)
  * connection failed or was too slow (nothing may be acknowledged then). */
 static bool read_data(struct smtp *s, struct queue_in *in, struct data_state *d)
 {
-    char piece[DATA_CHUNK];
+    char piece[DATA_STREAM_PIECE_MAX];
     size_t plen = 0;
     d->start_ms = io_clock_ms();
     d->start_in = s->io.bytes_in;
@@ -929,28 +880,28 @@ static struct queue_in *milter_end(struct smtp *s, struct queue_in *in,
 static bool data_refused(struct smtp *s, struct queue_in *in,
                          const struct data_state *d)
 {
-    if (d->bad_eol) {
+    if (d->st.bad_eol) {
         queue_in_abort(in);
         reply_all(s, "554 5.5.2 Bare CR or LF in message data (not accepted)");
         log_info("%s: rejected: bare CR or LF in data from %s", in->id, s->peer->addr);
         return true;
     }
-    if (d->nul) {
+    if (d->st.nul) {
         queue_in_abort(in);
         reply_all(s, "554 5.6.0 NUL character in message data (not accepted)");
         log_info("%s: rejected: NUL in data from %s", in->id, s->peer->addr);
         return true;
     }
-    if (d->too_big) {
+    if (d->st.too_big) {
         queue_in_abort(in);
         reply_all(s, "552 5.3.4 Message size exceeds fixed limit");
         return true;
     }
-    if (d->received > MAX_RECEIVED) {
+    if (d->st.received > MAX_RECEIVED) {
         queue_in_abort(in);
         reply_all(s, "554 5.4.6 Too many Received: headers - mail loop?");
         log_info("%s: rejected: %u Received: headers (loop) from %s", in->id,
-                 d->received, s->peer->addr);
+                 d->st.received, s->peer->addr);
         return true;
     }
     return false;
@@ -1045,8 +996,7 @@ static bool milter_data_ok(struct smtp *s, struct queue_in *in)
 static void do_data(struct smtp *s, const char *arg)
 {
     struct queue_in in;
-    struct data_state d = {.line_start = true, .after_crlf = true,
-                          .in_headers = true};
+    struct data_state d = {0};
     if (!s->have_mail || s->nrcpt == 0) {
         reply(s, "503 5.5.1 %s", s->have_mail ? "No valid recipients"
                                               : "Need MAIL command");
@@ -1064,6 +1014,7 @@ static void do_data(struct smtp *s, const char *arg)
     }
     if (!milter_data_ok(s, &in))
         return;
+    data_stream_init(&d.st, s->conf->max_message_size);
     reply(s, "354 End data with <CR><LF>.<CR><LF>");
     add_received(s, &in);
     d.prefix = in.size;
