@@ -7,8 +7,10 @@
  * arrives, with LF line ends as Unix delivery programs (procmail,
  * maildrop, dovecot-lda) expect.  Its stdout goes to our stderr.
  *
- * Exit 0 -> 250; 75 (EX_TEMPFAIL), killed by a signal, or no exit within
- * --timeout -> 451 (odmrd keeps the mail); anything else -> 554 (odmrd
+ * Exit 0 -> 250; 75 (EX_TEMPFAIL), killed by a signal, no exit within
+ * --timeout, or not reading its input for --timeout (it is killed, never
+ * left to take a cut message as whole) -> 451 (odmrd keeps the mail);
+ * anything else -> 554 (odmrd
  * returns it).  The shell reports a command killed by signal N as exit
  * status 128+N, so 129..192 count as killed too.  A message with a bare CR or LF is never handed over in
  * full: the command is killed before it sees the end of its input. */
@@ -47,6 +49,7 @@ struct mda {
     pid_t pid;
     int fd;                            /* the command's stdin */
     bool broken;                       /* it stopped reading */
+    bool stalled;                      /* ... without exiting (timeout) */
     char buf[MDA_BUF];
     size_t blen;
 };
@@ -210,6 +213,7 @@ static void mda_data(struct target *t, struct reply *r)
      * past the timeout. */
     fcntl(m->fd, F_SETFL, fcntl(m->fd, F_GETFL) | O_NONBLOCK);
     m->broken = false;
+    m->stalled = false;
     m->blen = 0;
     reply_set(r, 354, "Go ahead");
 }
@@ -232,7 +236,11 @@ static bool flush_buf(struct target *t)
         if (w < 0 && errno == EAGAIN &&
             poll(&pf, 1, (int)(t->conf->timeout * 1000)) > 0)
             continue;
-        m->broken = true;   /* EPIPE: it exited; timeout: it hangs */
+        /* EPIPE: it closed its input and chose its exit status on what
+         * it read (as Postfix's pipe(8) takes it); anything else - the
+         * timeout above - and it would see a cut message as complete. */
+        m->broken = true;
+        m->stalled = !(w < 0 && errno == EPIPE);
     }
     m->blen = 0;
     return !m->broken;
@@ -316,13 +324,19 @@ static void mda_end(struct target *t, bool abort, struct reply *r)
         reply_set(r, 451, "4.3.0 Delivery command not running");
         return;
     }
-    if (abort)
-        kill_command(m->pid);    /* before it can see the end of input */
-    else
+    if (!abort)
         flush_buf(t);
+    /* Killed before it can see an end of input that is not the end of
+     * the message. */
+    if (abort || m->stalled)
+        kill_command(m->pid);
     close(m->fd);
     m->fd = -1;
-    if (!wait_child(t, &status))
+    bool exited = wait_child(t, &status);
+    if (!abort && m->stalled)
+        reply_set(r, 451, "4.4.7 Delivery command stopped reading its "
+                          "input for %ld s", t->conf->timeout);
+    else if (!exited)
         reply_set(r, 451, "4.4.7 Delivery command timed out");
     else
         verdict(status, r);

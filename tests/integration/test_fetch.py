@@ -990,6 +990,41 @@ def test_fetch_provider_silent(env):
           "expected 421 4.4.2 after the timeout, got %r" % (got["reply"],))
 
 
+def test_fetch_mda_stops_reading(env):
+    """A delivery command that stops reading for --timeout while the
+    message still comes is killed and answered 451: closing its input
+    would make it take the cut message for a whole one."""
+    out = env.path("out")
+    os.mkdir(out)
+    got = {}
+
+    def s(c):
+        c.ehlo("fake.test")
+        check_reply(c.cmd("MAIL FROM:<s@remote.test>"), 250, what="MAIL")
+        check_reply(c.cmd("RCPT TO:<u1@example.org>"), 250, what="RCPT")
+        check_reply(c.cmd("DATA"), 354, what="DATA")
+        c.send_raw(b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n")
+        for _ in range(400):
+            c.send_raw(b"y" * 998 + b"\r\n")
+        c.send_raw(b".\r\n")
+        got["dot"] = c.reply()
+        c.cmd("QUIT")
+
+    # It sleeps past the 2 s timeout of the write, then would read what
+    # the pipe holds and exit 0 - well inside the wait for its exit.
+    p = FakeProvider(script=s)
+    r = fetch(env, "--timeout", "2", deliver="mda:sleep 3; cat > %s/msg" % out,
+              server=p.server)
+    p.join()
+    expect(r, EX_TEMPFAIL, "a command that stopped reading")
+    check(got.get("dot", (0,))[0] == 451 and
+          "stopped reading" in got["dot"][1],
+          "reply to the final dot: %r" % (got.get("dot"),))
+    time.sleep(1.5)
+    check(not os.path.exists(os.path.join(out, "msg")),
+          "the command was left to read a cut message")
+
+
 def test_fetch_terminated_mid_message(env):
     """SIGTERM while a delivery command reads a message: the command (and
     what it started) is killed before it sees an end of input."""
