@@ -381,9 +381,12 @@ static bool input_buffered(const struct io *io)
     return io->ssl && SSL_has_pending(io->ssl);
 }
 
-/* Refills the empty rbuf, waiting no later than line_due (0: no line
- * deadline).  Pending output goes first (see the top of the file). */
-static enum io_status fill(struct io *io, int64_t line_due)
+/* Refills the empty rbuf, waiting no later than *line_due (0: none yet;
+ * line_due NULL: no line deadline at all).  Under TLS a line begins with
+ * the first octet of the record that carries it: a peer trickling one
+ * record octet by octet sends no plaintext, so *line_due is set once a
+ * record has begun.  Pending output goes first (see the top of the file). */
+static enum io_status fill(struct io *io, int64_t *line_due)
 {
     io->rpos = io->rlen = 0;
     /* Right after a reply has left, a peer in lock step cannot have
@@ -400,7 +403,7 @@ static enum io_status fill(struct io *io, int64_t line_due)
     for (;;) {
         if (wait_first) {
             wait_first = false;
-            enum io_status st = wait_io(io, POLLIN, line_due);
+            enum io_status st = wait_io(io, POLLIN, line_due ? *line_due : 0);
             if (st != IO_OK)
                 return st;
         }
@@ -418,7 +421,10 @@ static enum io_status fill(struct io *io, int64_t line_due)
                 return io->status;
             continue;
         }
-        enum io_status st = wait_io(io, ev, line_due);
+        if (line_due && !*line_due && io->line_deadline_ms > 0 &&
+            input_buffered(io))
+            *line_due = mono_ms() + io->line_deadline_ms;
+        enum io_status st = wait_io(io, ev, line_due ? *line_due : 0);
         if (st != IO_OK)
             return st;
     }
@@ -451,7 +457,7 @@ long io_getline(struct io *io, char *buf, size_t max, bool *bare_lf)
         if (io->rpos == io->rlen) {
             if (total > 0 && !line_due && io->line_deadline_ms > 0)
                 line_due = mono_ms() + io->line_deadline_ms;
-            enum io_status st = fill(io, line_due);
+            enum io_status st = fill(io, &line_due);
             if (st != IO_OK) {
                 if (max > 0)
                     buf[0] = '\0';
@@ -500,7 +506,7 @@ long io_getseg(struct io *io, char *buf, size_t max, bool *complete)
     if (max == 0)
         return fail(io, IO_ERROR);   /* a caller bug: nothing can fit */
     if (io->rpos == io->rlen) {
-        enum io_status st = fill(io, 0);
+        enum io_status st = fill(io, NULL);
         if (st != IO_OK)
             return fail(io, st);
     }
@@ -656,8 +662,12 @@ static bool tls_set_peer_name(SSL *ssl, const char *host)
            SSL_set_tlsext_host_name(ssl, host) == 1;
 }
 
+/* A handshake is bounded like a command line (it is what the peer sends
+ * in place of one): a peer trickling its ClientHello is cut off. */
 static enum io_status tls_handshake(struct io *io)
 {
+    int64_t due = io->line_deadline_ms > 0 ? mono_ms() + io->line_deadline_ms
+                                           : 0;
     for (;;) {
         short ev = 0;
         ERR_clear_error();
@@ -667,7 +677,7 @@ static enum io_status tls_handshake(struct io *io)
         long st = tls_blocked(io, r, &ev);
         if (st < 0)
             return (enum io_status)st;
-        enum io_status w = wait_io(io, ev, 0);
+        enum io_status w = wait_io(io, ev, due);
         if (w != IO_OK)
             return w;
     }

@@ -42,10 +42,12 @@ void session_start_io(struct io *io, const struct odmrd_conf *conf,
 void session_reply(struct io *io, const char *peer, const char *fmt, ...)
     PRINTF_LIKE(3, 4);
 
-/* After this many bad commands the client is not talking SMTP: 421. */
+/* After this many bad commands (in the inbound session also refused
+ * ones) the client is not talking SMTP, or not usefully: 421. */
 #define SESSION_MAX_BAD_COMMANDS 20
 
-/* NOOP, RSET, HELP and VRFY move no mail; more than this many (Postfix's
+/* NOOP, RSET, HELP, VRFY and EHLO/HELO/LHLO move no mail; more than this
+ * many without a message between them (Postfix's
  * smtpd_junk_command_limit) and the session is ended, or a client sending
  * NOOP just inside the timeout would hold its slot forever. */
 #define SESSION_MAX_JUNK_COMMANDS 100

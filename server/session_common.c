@@ -78,12 +78,13 @@ bool session_too_much_junk(struct io *io, const char *peer,
                            const char *hostname, int verb, unsigned *junk)
 {
     if (verb != SMTP_NOOP && verb != SMTP_RSET && verb != SMTP_HELP &&
-        verb != SMTP_VRFY)
+        verb != SMTP_VRFY && verb != SMTP_EHLO && verb != SMTP_HELO &&
+        verb != SMTP_LHLO)
         return false;
     if (++*junk <= SESSION_MAX_JUNK_COMMANDS)
         return false;
-    log_info("%s: more than %d NOOP/RSET/HELP/VRFY commands: session ended",
-             peer, SESSION_MAX_JUNK_COMMANDS);
+    log_info("%s: more than %d NOOP/RSET/HELP/VRFY/EHLO/HELO commands: "
+             "session ended", peer, SESSION_MAX_JUNK_COMMANDS);
     session_reply(io, peer, "421 4.7.0 %s Too many commands", hostname);
     io_flush(io);
     return true;
@@ -138,6 +139,8 @@ enum command_read session_read_command(struct io *io, const char *peer,
         ++*bad_commands;
     }
     if (*bad_commands >= SESSION_MAX_BAD_COMMANDS) {
+        log_info("%s: %d commands refused: session ended", peer,
+                 SESSION_MAX_BAD_COMMANDS);
         session_reply(io, peer, "421 4.7.0 %s Too many errors", hostname);
         io_flush(io);
         return COMMAND_END;

@@ -8,6 +8,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netdb.h>
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,7 +48,7 @@ struct smtp {
     struct queue q;
     char helo[HELO_MAX + 1];
     bool greeted, esmtp, tls_on;
-    unsigned bad_commands;
+    unsigned bad_commands;       /* and refusals: see reply() */
     unsigned junk_commands;      /* since the last message (Postfix's rule) */
     /* transaction */
     bool have_mail;
@@ -57,6 +58,7 @@ struct smtp {
     size_t nenv;
     struct accepted *rcpts;
     size_t nrcpt;
+    unsigned rcpt_overshoot;     /* RCPTs past max_recipients */
     /* mail filters (milter.h); NULL when none are configured */
     struct milter_chain *milter;
     char milter_refusal[MILTER_REPLY_MAX];   /* at connect or HELO, or "" */
@@ -65,8 +67,25 @@ struct smtp {
     struct io io;                /* last: its buffers need no clearing */
 };
 
-/* Every reply of this session goes to its connection, traced with its peer. */
-#define reply(s, ...) session_reply(&(s)->io, (s)->peer->addr, __VA_ARGS__)
+/* Every reply of this session goes to its connection, traced with its
+ * peer.  A refusal (a last reply line of 4xx or 5xx, but not the 421 that
+ * ends the session) counts against SESSION_MAX_BAD_COMMANDS, as Postfix's
+ * smtpd_hard_error_limit does: a client that keeps being refused -
+ * guessing recipients, repeating a refused MAIL - moves no mail, and must
+ * neither hold its slot for ever nor probe without end. */
+static void reply(struct smtp *s, const char *fmt, ...) PRINTF_LIKE(2, 3);
+static void reply(struct smtp *s, const char *fmt, ...)
+{
+    char line[SMTP_REPLY_LINE_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    session_reply(&s->io, s->peer->addr, "%s", line);
+    if ((line[0] == '4' || line[0] == '5') && line[3] != '-' &&
+        strncmp(line, "421", 3) != 0)
+        s->bad_commands++;
+}
 
 static void reset_transaction(struct smtp *s)
 {
@@ -79,6 +98,7 @@ static void reset_transaction(struct smtp *s)
     s->envs = NULL;
     s->rcpts = NULL;
     s->nenv = s->nrcpt = 0;
+    s->rcpt_overshoot = 0;
     s->have_mail = false;
     memset(&s->mail, 0, sizeof s->mail);
     s->milter_discard = false;
@@ -472,7 +492,12 @@ static void do_rcpt(struct smtp *s, const char *arg)
         return;
     }
     if (s->nrcpt >= s->conf->max_recipients) {
-        reply(s, "452 4.5.3 Too many recipients");
+        /* The client is to send the rest in another transaction (RFC 5321
+         * 4.5.3.1.10): a pipelined batch past the limit is no error, up
+         * to as many again (Postfix's smtpd_recipient_overshoot_limit). */
+        session_reply(&s->io, s->peer->addr, "452 4.5.3 Too many recipients");
+        if (++s->rcpt_overshoot > s->conf->max_recipients)
+            s->bad_commands++;
         return;
     }
     struct envelope *e = domain_envelope(s, &ra.to);
@@ -481,17 +506,16 @@ static void do_rcpt(struct smtp *s, const char *arg)
     addr_format(&ra.to, addr, sizeof addr);
     if (!milter_rcpt_ok(s, e, addr))
         return;
-    if (!already_listed(e, addr) &&
-        !envelope_add_rcpt(e, addr, ra.notify, ra.orcpt, SIZE_MAX)) {
-        reply(s, "452 4.3.1 Insufficient system resources");
-        return;
-    }
+    /* Room in the list first: a recipient in the envelope is one the
+     * client was told 250 for. */
     struct accepted *grown = realloc(s->rcpts, (s->nrcpt + 1) * sizeof *grown);
-    if (!grown) {
+    if (grown)
+        s->rcpts = grown;
+    if (!grown || (!already_listed(e, addr) &&
+                   !envelope_add_rcpt(e, addr, ra.notify, ra.orcpt, SIZE_MAX))) {
         reply(s, "452 4.3.1 Insufficient system resources");
         return;
     }
-    s->rcpts = grown;
     s->rcpts[s->nrcpt].env = (size_t)(e - s->envs);
     str_copy(s->rcpts[s->nrcpt].addr, addr, sizeof s->rcpts[0].addr);
     s->nrcpt++;
@@ -504,6 +528,7 @@ struct data_state {
     struct data_stream st;        /* the data's lines and their faults */
     int64_t start_ms;             /* io_clock_ms() when DATA began */
     unsigned long long start_in;  /* io bytes_in then */
+    bool deadline_fixed;          /* refused: the deadline moves no more */
     /* for milters: where the headers and the body are in the queue file */
     uint64_t prefix;              /* odmrd's Received: */
     struct milter_span *hdrs;
@@ -581,14 +606,19 @@ static bool data_piece(struct smtp *s, struct queue_in *in, struct data_state *d
  * alone would let a client sending a byte every few seconds hold the
  * session forever; a client that really sends data keeps moving its
  * deadline forward. */
-static void set_data_deadline(struct smtp *s, const struct data_state *d)
+static void set_data_deadline(struct smtp *s, struct data_state *d)
 {
     unsigned long rate = s->conf->data_min_rate;
-    if (!rate)
+    if (!rate || d->deadline_fixed)
         return;
     unsigned long long got = s->io.bytes_in - d->start_in;
     io_set_deadline(&s->io, d->start_ms + s->io.timeout_ms +
                                 (int64_t)(got * 1000 / rate));
+    /* A refused message is still read to its end, so that the client
+     * hears the refusal as the reply to its final dot, but it earns no
+     * more time: a client streaming on after a bare LF would otherwise
+     * keep its slot for ever, and a fast one has time in hand. */
+    d->deadline_fixed = data_stream_refused(&d->st);
 }
 
 /* Reads message data to the terminating CRLF.CRLF. Returns false when the
@@ -686,8 +716,11 @@ static bool milter_apply(struct smtp *s, struct queue_in *in,
                          struct queue_in *copy)
 {
     char err[256];
-    if (d->hdrs_over && e->nheaders) {
-        log_err("%s: milters changed headers of a message with more than %d "
+    /* Past MILTER_HEADERS_MAX the headers are not recorded, so neither
+     * new headers nor a new body (written after the recorded ones) can
+     * be applied without losing some of them. */
+    if (d->hdrs_over && (e->nheaders || e->body_fd >= 0)) {
+        log_err("%s: milters changed a message with more than %d "
                 "headers: not accepted", in->id, MILTER_HEADERS_MAX);
         queue_in_abort(in);
         reply_all(s, "451 4.3.0 Local error in processing");
@@ -955,7 +988,12 @@ static void data_lost(struct smtp *s, struct queue_in *in,
                       const struct data_state *d)
 {
     enum io_status st = s->io.status;
-    if (st == IO_DEADLINE) {
+    bool refused_late = st == IO_DEADLINE && d->deadline_fixed;
+    if (refused_late) {
+        log_info("%s: refused message from %s still coming at its deadline "
+                 "after %llu bytes: session ended", in->id, s->peer->addr,
+                 s->io.bytes_in - d->start_in);
+    } else if (st == IO_DEADLINE) {
         log_info("%s: lost connection with %s during DATA (data rate below "
                  "data_min_rate: %llu bytes in %lld s)", in->id, s->peer->addr,
                  s->io.bytes_in - d->start_in,
@@ -965,7 +1003,10 @@ static void data_lost(struct smtp *s, struct queue_in *in,
                  s->peer->addr, st == IO_TIMEOUT ? "timeout" : "closed");
     }
     queue_in_abort(in);
-    if (st == IO_DEADLINE)
+    if (refused_late)
+        reply(s, "421 4.7.0 %s Error: refused message not ended in time",
+              s->conf->hostname);
+    else if (st == IO_DEADLINE)
         reply(s, "421 4.4.2 %s Error: data rate too low", s->conf->hostname);
     else if (st == IO_TIMEOUT)
         reply(s, "421 4.4.2 %s Error: timeout exceeded", s->conf->hostname);
@@ -989,7 +1030,9 @@ static bool milter_data_ok(struct smtp *s, struct queue_in *in)
         return true;
     queue_in_abort(in);
     milter_refused(s, "DATA", &r);
-    milter_chain_abort(s->milter);
+    /* The milters have forgotten the transaction: so does the session,
+     * or another DATA would reach them without MAIL and RCPT. */
+    reset_transaction(s);
     return false;
 }
 
@@ -1074,11 +1117,9 @@ static bool dispatch(struct smtp *s, const struct smtp_cmd *cmd)
         return false;
     case SMTP_UNKNOWN:
         reply(s, "500 5.5.2 Command unrecognized");
-        s->bad_commands++;
         break;
     default:
         reply(s, "502 5.5.1 Command not implemented");
-        s->bad_commands++;
         break;
     }
     return true;

@@ -524,6 +524,9 @@ def test_syntax_errors(env):
             ("MAIL FROM:<s@src.test> BODY=8BITMIME BODY=7BIT", 501, "5.5.4"),
             ("MAIL FROM:<s@src.test> FOO=bar", 555, "5.5.4")):
         check_reply(s.cmd(bad), code, enh, bad)
+    # a new session: 20 refusals would end this one (test_trickle)
+    s.quit()
+    s = session(env)
     check_reply(s.cmd("MAIL FROM:<s@src.test>"), 250, "2.1.0")
     for bad in ("RCPT TO:<a b@example.org>", "RCPT TO:<@example.org>",
                 "RCPT TO:<alice@>", "RCPT TO:<>", "RCPT TO:<alice@example..org>",

@@ -321,6 +321,37 @@ def test_milter_tempfail_and_reject_at_mail(env):
               "transaction's end: %r" % m.cmds())
 
 
+def test_milter_refuses_data(env):
+    """A refusal at DATA ends the transaction (the milters were told to
+    abort it): a second DATA needs MAIL and RCPT again."""
+    with ScriptedMilter(on={"T": lambda d, m: [packet("r")]}) as m:
+        started(env, m.spec)
+        with session(env) as s:
+            check_reply(s.cmd("MAIL FROM:<s@client.test>"), 250, what="MAIL")
+            check_reply(s.cmd("RCPT TO:<alice@example.org>"), 250, what="RCPT")
+            check_reply(s.cmd("DATA"), 550, "5.7.1", "DATA refused by a milter")
+            check_reply(s.cmd("DATA"), 503, "5.5.1", "DATA after the refusal")
+            s.quit()
+        check_nothing_queued(env, "DATA refused")
+        cmds = m.cmds()
+        check(cmds.count("T") == 1, "the milter saw DATA again without a "
+              "transaction: %r" % cmds)
+
+
+def test_milter_body_of_a_message_with_too_many_headers(env):
+    """Past 10,000 headers odmrd does not record where each one is, so a
+    new body from a milter cannot be written after them: 451, not a
+    message with headers missing."""
+    new = b"Replaced body.\r\n"
+    with ScriptedMilter(on={"E": lambda d, m: [packet("b", new),
+                                               packet("c")]}) as m:
+        started(env, m.spec)
+        body = "".join("X-H%d: v\n" % i for i in range(10001)) + "\nbody\n"
+        reply = send(env, body=body)
+        check_reply(reply, 451, "4.3.0", "a new body after 10,001 headers")
+        check_nothing_queued(env, "new body after 10,001 headers")
+
+
 def test_milter_discard(env):
     with ScriptedMilter(on={"E": lambda d, m: [packet("d")]}) as m:
         started(env, m.spec)

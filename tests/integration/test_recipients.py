@@ -60,7 +60,8 @@ def unknown_user(addr):
 class Transaction:
     """A session of its own (SMTP or LMTP) with MAIL FROM given; new()
     starts the next transaction on the same connection (a new connection
-    after 90 RSETs: odmrd ends a session after 100)."""
+    after 90 RSETs or 19 refusals: odmrd ends a session after 100 commands
+    that move no mail, or 20 refused ones)."""
 
     def __init__(self, env, lmtp=False):
         self.env, self.lmtp = env, lmtp
@@ -70,13 +71,13 @@ class Transaction:
 
     def connect(self):
         self.s = self.env.lmtp() if self.lmtp else self.env.smtp()
-        self.resets = 0
+        self.resets = self.n_refused = 0
         check_reply(self.s.greeting, 220, what=self.kind + " greeting")
         check_reply(self.s.cmd(("LHLO" if self.lmtp else "EHLO") +
                                " client.test"), 250, what=self.kind + " hello")
 
     def new(self):
-        if self.resets >= 90:
+        if self.resets >= 90 or self.n_refused >= 19:
             self.close()
             self.connect()
         self.resets += 1
@@ -85,7 +86,9 @@ class Transaction:
                     self.kind + " MAIL")
 
     def rcpt(self, addr):
-        return self.s.cmd("RCPT TO:<%s>" % addr)
+        r = self.s.cmd("RCPT TO:<%s>" % addr)
+        self.n_refused += r[0] >= 400
+        return r
 
     def accepted(self, addr, why=""):
         check_reply(self.rcpt(addr), 250, "2.1.5", "%s RCPT %s%s" % (

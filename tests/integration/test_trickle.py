@@ -4,8 +4,11 @@ on loopback.
 `timeout` bounds each wait for the client; `command_deadline` bounds a
 whole command line (and a SASL response line) once its first byte is in;
 the DATA phase must end within timeout + bytes / data_min_rate; more than
-100 NOOP/RSET/HELP/VRFY end the session; a session that starts while its
-service is above 80% of its budget has a 10 s idle timeout.
+100 NOOP/RSET/HELP/VRFY/EHLO/HELO end the session; a session that starts
+while its service is above 80% of its budget has a 10 s idle timeout;
+20 refused commands end it; a refused message is not read past twice
+max_message_size; under TLS the handshake and each record keep to
+command_deadline.
 
 Accounts (harness.Env.setup_accounts): alice owns example.org.
 Python 3 standard library only."""
@@ -172,11 +175,11 @@ def test_data_rate_counts_bytes(env):
 def test_junk_commands(env):
     started(env)
     junk = ["NOOP", "RSET", "HELP", "VRFY alice"]
-    s = smtp_session(env)
-    s.send_raw("".join(junk[i % 4] + "\r\n" for i in range(100)))
-    for i in range(100):
+    s = smtp_session(env)   # its EHLO is the first
+    s.send_raw("".join(junk[i % 4] + "\r\n" for i in range(99)))
+    for i in range(99):
         r = s.reply()
-        check(r[0] in (214, 250, 252), "junk command %d: %r" % (i + 1, r))
+        check(r[0] in (214, 250, 252), "junk command %d: %r" % (i + 2, r))
     check_reply(s.cmd("NOOP"), 421, "4.7.0", "101st junk command")
     check("Too many commands" in s.last_lines[0], "421 text: %r"
           % s.last_lines)
@@ -193,10 +196,10 @@ def test_junk_commands(env):
     s.quit()
     # the ODMR port before the reversal
     s = odmr_session(env)
-    s.send_raw("".join(junk[i % 3] + "\r\n" for i in range(100)))
-    for i in range(100):
+    s.send_raw("".join(junk[i % 3] + "\r\n" for i in range(99)))
+    for i in range(99):
         r = s.reply()
-        check(r[0] in (214, 250), "ODMR junk command %d: %r" % (i + 1, r))
+        check(r[0] in (214, 250), "ODMR junk command %d: %r" % (i + 2, r))
     check_reply(s.cmd("HELP"), 421, "4.7.0", "ODMR: 101st junk command")
     check_closed(s, "ODMR junk commands")
 
@@ -244,3 +247,159 @@ def test_stress_mode_idle_timeout(env):
     lines = [l for l in env.log().splitlines()
              if "stress mode: idle timeout 10s" in l]
     check(len(lines) == 1, "expected one stress mode line, got %r" % lines)
+
+
+def test_refusals_end_the_session(env):
+    """Each refused command counts (Postfix's smtpd_hard_error_limit):
+    20 refused RCPTs, and the next command gets 421 4.7.0; recipients
+    past max_recipients are no error until as many again."""
+    started(env, max_recipients="3")
+    s = smtp_session(env)
+    check_reply(s.cmd("MAIL FROM:<s@remote.test>"), 250, "2.1.0", "MAIL")
+    for i in range(3):
+        check_reply(s.cmd("RCPT TO:<r%d@example.org>" % i), 250, "2.1.5")
+    for i in range(3):
+        check_reply(s.cmd("RCPT TO:<over%d@example.org>" % i), 452, "4.5.3",
+                    "RCPT past max_recipients %d" % (i + 1))
+    check_reply(s.data(b"Subject: x\r\n\r\nx\r\n"), 250, "2.0.0",
+                "DATA after 3 recipients too many")
+    for i in range(20):
+        check_reply(s.cmd("RCPT TO:<guess%d@example.org>" % i), 503, "5.5.1",
+                    "RCPT without MAIL %d" % (i + 1))
+    r = s.cmd("NOOP")
+    check_reply(r, 421, "4.7.0", "the command after 20 refusals")
+    check("Too many errors" in r[1], "421 text: %r" % (r,))
+    check_closed(s, "refusals")
+    check("20 commands refused: session ended" in env.log(),
+          "no log line for the refusals:\n%s" % env.log_tail())
+    # past max_recipients more, each one counts
+    s = smtp_session(env)
+    check_reply(s.cmd("MAIL FROM:<s@remote.test>"), 250, "2.1.0", "MAIL")
+    for i in range(3):
+        check_reply(s.cmd("RCPT TO:<r%d@example.org>" % i), 250, "2.1.5")
+    for i in range(23):
+        check_reply(s.cmd("RCPT TO:<over%d@example.org>" % i), 452, "4.5.3",
+                    "RCPT past max_recipients %d" % (i + 1))
+    check_reply(s.cmd("RCPT TO:<over@example.org>"), 421, "4.7.0",
+                "the 21st RCPT past twice max_recipients")
+
+
+def test_ehlo_is_a_junk_command(env):
+    started(env)
+    s = smtp_session(env)
+    for i in range(99):
+        check_reply(s.cmd("EHLO again%d.test" % i), 250, what="EHLO %d" % i)
+    check_reply(s.cmd("HELO again.test"), 421, "4.7.0", "101st EHLO/HELO")
+    check_closed(s, "EHLO junk")
+
+
+def test_refused_data_earns_no_more_time(env):
+    """A message refused while it still comes (a bare LF) is read to its
+    end and answered, but its DATA deadline stops moving: a client
+    streaming on well above data_min_rate is cut off at the deadline it
+    had earned (timeout 3s + 100 bytes at 1000 bytes/s), where an
+    accepted message would go on."""
+    started(env, timeout="3s", data_min_rate="1000")
+    s = in_data(env)
+    r, dt = trickle(s, b"Subject: bare\n\r\n" + b"y" * 78 + b"\r\n" +
+                    (b"z" * 498 + b"\r\n") * 100, "a refused message at 5 "
+                    "kB/s", chunk=500, interval=0.1, give_up=9)
+    check(r is not None, "no 421 before the connection was closed")
+    check_reply(r, 421, "4.7.0", "a refused message still coming")
+    check(2.5 <= dt <= 5, "cut off after %.1fs, expected about 3.1s" % dt)
+    check_closed(s, "refused message")
+    check(not env.queued(), "queued: %r" % env.queued())
+    check("still coming at its deadline" in env.log(), "no log line:\n%s"
+          % env.log_tail())
+    # sent at once, the refused message is answered at its final dot
+    s = in_data(env)
+    s.send_raw(b"Subject: bare\n\r\n" + (b"y" * 998 + b"\r\n") * 30 +
+               b".\r\n")
+    check_reply(s.reply(), 554, what="a refused message of 30 kB")
+    s.quit()
+
+
+def tls_records(ctx, sock, data):
+    """The TLS records that carry data, over an established session run in
+    memory (ssl.SSLObject), so that a test can send them one byte at a
+    time."""
+    import ssl
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname="mx.test")
+    while True:
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(out.read())
+            got = sock.recv(65536)
+            if not got:
+                fail("server closed during the TLS handshake")
+            inc.write(got)
+    sock.sendall(out.read())
+    # the server's session tickets come after the handshake
+    while select.select([sock], [], [], 0.5)[0]:
+        got = sock.recv(65536)
+        if not got:
+            fail("server closed after the TLS handshake")
+        inc.write(got)
+    obj.write(data)
+    return obj, out.read()
+
+
+def test_tls_trickle_is_cut_off(env):
+    """Under TLS the command deadline still holds: a ClientHello, or the
+    record carrying a command, sent one byte per second is cut off."""
+    import ssl
+    env.make_cert("mx.test")
+    started(env, timeout="30s", command_deadline="3s")
+    s = smtp_session(env)
+    check_reply(s.cmd("STARTTLS"), 220, what="STARTTLS")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname="mx.test")
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = out.read()
+    t0 = time.time()
+    closed = False
+    for b in hello[:20]:
+        try:
+            s.sock.sendall(bytes([b]))
+        except OSError:
+            closed = True
+            break
+        ready, _, _ = select.select([s.sock], [], [], 1.0)
+        if ready:
+            closed = True   # odmrd never answers a partial ClientHello
+            break
+    dt = time.time() - t0
+    check(closed, "a trickled ClientHello was still read after %.0fs" % dt)
+    check(2.5 <= dt <= 6, "ClientHello cut off after %.1fs; "
+          "command_deadline is 3s" % dt)
+    # the record carrying a command
+    s = smtp_session(env)
+    check_reply(s.cmd("STARTTLS"), 220, what="STARTTLS")
+    obj, rec = tls_records(ctx, s.sock, b"NOOP\r\n")
+    t0 = time.time()
+    answered = None
+    for b in rec:
+        try:
+            s.sock.sendall(bytes([b]))
+        except OSError:
+            break
+        ready, _, _ = select.select([s.sock], [], [], 1.0)
+        if ready:
+            answered = s.sock.recv(65536)
+            break
+        if time.time() - t0 > 12:
+            break
+    dt = time.time() - t0
+    check(answered is not None, "a trickled TLS record was still read "
+          "after %.0fs" % dt)
+    check(2.5 <= dt <= 6, "TLS record cut off after %.1fs; "
+          "command_deadline is 3s" % dt)
