@@ -62,8 +62,10 @@ static int io_failed(const struct provider *p, int st, bool malformed,
         return EX_PROTOCOL;
     }
     fprintf(stderr, "odmr-fetch: %s %s during %s\n", p->c->server,
-            st == IO_TIMEOUT ? "timed out" :
-            st == IO_EOF ? "closed the connection" : "connection failed",
+            st == IO_TIMEOUT    ? "timed out"
+            : st == IO_DEADLINE ? "sent a reply too slowly"
+            : st == IO_EOF      ? "closed the connection"
+                                : "connection failed",
             during);
     return EX_TEMPFAIL;
 }
@@ -124,11 +126,13 @@ static int tls_handshake(struct provider *p)
     SSL_SESSION *saved = p->resume ? tls_cache_load(p->cache) : NULL;
     bool ok = io_starttls_client_resume(&p->io, p->tls_ctx, p->c->server,
                                         saved, err, sizeof err);
+    bool offered = saved != NULL;
     SSL_SESSION_free(saved);
     if (!ok) {
         tls_cache_discard(p->cache);
-        bool lost = p->io.status == IO_TIMEOUT || p->io.status == IO_EOF;
-        if (saved && !lost) {
+        bool lost = p->io.status == IO_TIMEOUT || p->io.status == IO_EOF ||
+                    p->io.status == IO_DEADLINE;
+        if (offered && !lost) {
             fprintf(stderr, "odmr-fetch: TLS with the saved session failed "
                             "(%s); trying a full handshake\n", err);
             return RETRY_FULL_HANDSHAKE;
@@ -398,6 +402,10 @@ static int connect_and_run(const struct fetch_conf *c,
         return EX_TEMPFAIL;
     }
     io_init(&p.io, fd, (int)(c->timeout * 1000));
+    /* A line, and the TLS handshake, must be complete within the timeout
+     * of its first octet: a provider trickling bytes cannot hold the run
+     * (and its lock) for ever. */
+    io_set_line_deadline(&p.io, (int)(c->timeout * 1000));
     int st = session(&p, stats);
     /* RFC 5321 4.1.1.10: end politely whenever the connection still
      * works and is still ours to end. */

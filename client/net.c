@@ -2,6 +2,7 @@
  * replies, and the -vv protocol trace. */
 #include "fetch.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -51,14 +52,15 @@ bool net_send(struct io *io, const char *who, const char *line,
     return io_puts(io, line) && io_puts(io, "\r\n");
 }
 
-int net_reply(struct io *io, const char *who, struct smtp_reply *r,
-              bool *malformed)
+/* The reply's lines; after the first, the rest must follow within the
+ * timeout, or a peer could trickle a 200-line reply one line per
+ * timeout. */
+static int reply_lines(struct io *io, const char *who, struct smtp_reply *r,
+                       bool *malformed, int64_t outer_deadline)
 {
     char line[REPLY_LINE_READ_MAX];
 
-    *malformed = false;
-    smtp_reply_init(r);
-    for (;;) {
+    for (bool first = true;; first = false) {
         long n = io_getline(io, line, sizeof line, NULL);
         if (n == IO_TOOLONG || (n >= 0 && strlen(line) != (size_t)n)) {
             *malformed = true;
@@ -74,5 +76,20 @@ int net_reply(struct io *io, const char *who, struct smtp_reply *r,
         }
         if (rc == 1)
             return IO_OK;
+        int64_t due = io_clock_ms() + io->timeout_ms;
+        if (first && (!outer_deadline || due < outer_deadline))
+            io_set_deadline(io, due);
     }
+}
+
+int net_reply(struct io *io, const char *who, struct smtp_reply *r,
+              bool *malformed)
+{
+    int64_t outer = io->deadline;
+
+    *malformed = false;
+    smtp_reply_init(r);
+    int st = reply_lines(io, who, r, malformed, outer);
+    io_set_deadline(io, outer);
+    return st;
 }

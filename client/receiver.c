@@ -28,6 +28,13 @@
 #define WHO "provider"
 #define DATA_PIECE 8192
 #define MAX_BAD_COMMANDS 20
+/* Commands that move no mail (NOOP, RSET, VRFY, HELP, EHLO, HELO) allowed
+ * between two messages, as odmrd allows its own clients. */
+#define MAX_JUNK_COMMANDS 100
+/* The message data must arrive at this rate once --timeout has passed,
+ * as odmrd's own data_min_rate default: a provider trickling a message
+ * must not hold the run, and its lock, for ever. */
+#define DATA_MIN_RATE 500
 
 struct rx {
     const struct fetch_conf *c;
@@ -39,6 +46,9 @@ struct rx {
     struct mail_args mail;
     size_t nrcpt;                 /* recipients the target accepted */
     unsigned bad_commands;
+    unsigned junk_commands;       /* since the last message */
+    int64_t last_mail_ms;         /* io_clock_ms() of the last message end */
+    bool linger_over;             /* we ended a lingering session */
     int status;                   /* exit status if the session ends now */
 };
 
@@ -272,14 +282,27 @@ static bool data_piece(struct rx *x, struct data_state *d, const char *p,
     return false;
 }
 
+/* The data may take --timeout plus one second per DATA_MIN_RATE bytes
+ * received so far. */
+static void set_data_deadline(struct rx *x, int64_t start_ms,
+                              unsigned long long start_in)
+{
+    unsigned long long got = x->io->bytes_in - start_in;
+    io_set_deadline(x->io, start_ms + x->c->timeout * 1000 +
+                               (int64_t)(got * 1000 / DATA_MIN_RATE));
+}
+
 /* Reads to the end of the data; IO_OK or the io_status that ended it. */
 static int read_data(struct rx *x, struct data_state *d)
 {
     static char piece[DATA_PIECE];
     size_t plen = 0;
+    int64_t start_ms = io_clock_ms();
+    unsigned long long start_in = x->io->bytes_in;
 
     for (;;) {
         bool complete = false;
+        set_data_deadline(x, start_ms, start_in);
         long n = io_getseg(x->io, piece + plen, sizeof piece - plen,
                            &complete);
         if (n < 0)
@@ -392,14 +415,22 @@ static bool receive_one(struct rx *x)
 
     say(x, "354 End data with <CR><LF>.<CR><LF>");
     int st = read_data(x, &d);
+    io_set_deadline(x->io, 0);
     if (st != IO_OK) {
         x->t.ops->end(&x->t, true, &r);   /* nothing was acknowledged */
         x->in_mail = false;
         x->done = x->lost = true;
         if (st == IO_TIMEOUT)
             say(x, "421 4.4.2 %s Error: timeout exceeded", x->c->fqdn);
-        fprintf(stderr, "odmr-fetch: connection to %s lost during message "
-                        "data\n", x->c->server);
+        else if (st == IO_DEADLINE)
+            say(x, "421 4.4.2 %s Error: data rate too low", x->c->fqdn);
+        if (st == IO_DEADLINE)
+            fprintf(stderr, "odmr-fetch: %s sent message data slower than %d "
+                            "bytes/s: session ended\n", x->c->server,
+                    DATA_MIN_RATE);
+        else
+            fprintf(stderr, "odmr-fetch: connection to %s lost during "
+                            "message data\n", x->c->server);
         return false;
     }
     struct target_group *next = d.bad_eol || !x->t.ops->end_group
@@ -407,6 +438,8 @@ static bool receive_one(struct rx *x)
     finish_data(x, &d, next);
     x->in_mail = false;
     x->nrcpt = 0;
+    x->junk_commands = 0;
+    x->last_mail_ms = io_clock_ms();
     return next != NULL;
 }
 
@@ -619,6 +652,43 @@ static void dispatch(struct rx *x, const struct smtp_cmd *cmd)
 
 enum { LINE_END = -1, LINE_BAD = 0, LINE_OK = 1 };
 
+static bool moves_no_mail(int verb)
+{
+    return verb == SMTP_NOOP || verb == SMTP_RSET || verb == SMTP_VRFY ||
+           verb == SMTP_HELP || verb == SMTP_EHLO || verb == SMTP_HELO;
+}
+
+/* A provider that keeps the session up without sending mail: past
+ * MAX_JUNK_COMMANDS such commands; lingering, once --linger and then
+ * --timeout have passed since the last message (odmrd's NOOPs keep a
+ * lingering session up, and it ends it within our XLINGER).  Ends the
+ * session with 421 and returns true. */
+static bool idle_too_long(struct rx *x, int verb)
+{
+    if (!moves_no_mail(verb))
+        return false;
+    if (x->c->linger) {
+        int64_t idle_ms = io_clock_ms() - x->last_mail_ms;
+        if (idle_ms <= (x->c->linger + x->c->timeout) * 1000)
+            return false;
+        say(x, "421 4.4.2 %s Linger time over, closing connection",
+            x->c->fqdn);
+        fprintf(stderr, "odmr-fetch: %s kept the session up past --linger "
+                        "(%ld s) and --timeout: ended it\n", x->c->server,
+                x->c->linger);
+        x->linger_over = true;
+    } else {
+        if (++x->junk_commands <= MAX_JUNK_COMMANDS)
+            return false;
+        say(x, "421 4.7.0 %s Too many commands", x->c->fqdn);
+        fprintf(stderr, "odmr-fetch: %s sent more than %d commands without "
+                        "a message\n", x->c->server, MAX_JUNK_COMMANDS);
+        x->status = EX_PROTOCOL;
+    }
+    x->done = true;
+    return true;
+}
+
 /* Reads and checks one command line: LINE_OK, LINE_BAD (answered
  * already), or LINE_END when the connection is gone. */
 static int next_command(struct rx *x, char *line, size_t size)
@@ -633,8 +703,13 @@ static int next_command(struct rx *x, char *line, size_t size)
     if (n < 0) {
         if (n == IO_TIMEOUT)
             say(x, "421 4.4.2 %s Error: timeout exceeded", x->c->fqdn);
+        else if (n == IO_DEADLINE)
+            say(x, "421 4.4.2 %s Error: command deadline exceeded",
+                x->c->fqdn);
         fprintf(stderr, "odmr-fetch: %s %s before QUIT\n", x->c->server,
-                n == IO_TIMEOUT ? "went silent" : "closed the connection");
+                n == IO_TIMEOUT    ? "went silent"
+                : n == IO_DEADLINE ? "sent a command line too slowly"
+                                   : "closed the connection");
         x->lost = true;
         return LINE_END;
     }
@@ -663,6 +738,8 @@ static void serve(struct rx *x)
             if (strlen(line) + 2 > max) {
                 say(x, "500 5.5.6 Line too long");
                 k = LINE_BAD;
+            } else if (idle_too_long(x, cmd.verb)) {
+                return;
             } else {
                 dispatch(x, &cmd);
             }
@@ -689,6 +766,7 @@ int receiver_run(const struct fetch_conf *c, struct io *io,
     x.c = c;
     x.io = io;
     x.st = st;
+    x.last_mail_ms = io_clock_ms();
     target_init(&x.t, c);
     if (!target_open(&x.t, err, sizeof err)) {
         fprintf(stderr, "odmr-fetch: delivery target %s: %s; the provider "
@@ -705,7 +783,7 @@ int receiver_run(const struct fetch_conf *c, struct io *io,
     end_transaction(&x);
     x.t.ops->close(&x.t);
     /* Without QUIT odmrd may not have settled everything it sent. */
-    if (x.status == 0 && !x.quit)
+    if (x.status == 0 && !x.quit && !x.linger_over)
         return EX_TEMPFAIL;
     return x.status;
 }

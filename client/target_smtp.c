@@ -293,6 +293,11 @@ static void remember_accepted(struct smtp_target *s, const char *addr,
         free(copy);
         if (more)
             s->accepted = more;
+        /* The site accepted a recipient we cannot count: its LMTP replies
+         * to the data would no longer line up with the recipients.  Drop
+         * the connection, so that nothing of this message is delivered
+         * and every later reply is a 4xx. */
+        disconnect(s);
         reply_set(r, 452, "4.3.0 Out of memory");
         return;
     }

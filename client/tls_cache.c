@@ -73,6 +73,14 @@ static void describe_file(const char *path, char *buf, size_t n)
              st.st_mtim.tv_nsec);
 }
 
+/* OpenSSL takes the system store from SSL_CERT_FILE and SSL_CERT_DIR
+ * when they are set: a narrower store there must discard the session. */
+static const char *env_or(const char *name, const char *fallback)
+{
+    const char *v = getenv(name);
+    return v && *v ? v : fallback;
+}
+
 static bool settings_hash(const struct fetch_conf *c, char hex[65])
 {
     char text[3 * PATH_MAX + FETCH_HOST_MAX + 128], a[PATH_MAX + 64],
@@ -84,8 +92,10 @@ static bool settings_hash(const struct fetch_conf *c, char hex[65])
         describe_file(c->ca_file, a, sizeof a);
         snprintf(b, sizeof b, "-");
     } else {   /* the system store, as SSL_CTX_set_default_verify_paths */
-        describe_file(X509_get_default_cert_file(), a, sizeof a);
-        describe_file(X509_get_default_cert_dir(), b, sizeof b);
+        describe_file(env_or(X509_get_default_cert_file_env(),
+                             X509_get_default_cert_file()), a, sizeof a);
+        describe_file(env_or(X509_get_default_cert_dir_env(),
+                             X509_get_default_cert_dir()), b, sizeof b);
     }
     /* v1: peer verification with the host name check, partial chains
      * when a CA file is given (common/io.c tls_client_ctx). */

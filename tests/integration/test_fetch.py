@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import os
 import re
+import select
 import socket
 import socketserver
 import stat
@@ -21,8 +22,8 @@ import subprocess
 import threading
 import time
 
-from harness import (SMTP, check, check_reply, dot_stuff, fail, free_port,
-                     need, queue_id_of, to_crlf, wait_for)
+from harness import (SMTP, SMTPClosed, check, check_reply, dot_stuff, fail,
+                     free_port, need, queue_id_of, to_crlf, wait_for)
 from sink import Sink
 
 EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL = 0, 64, 69, 75
@@ -348,6 +349,9 @@ class FakeProvider:
             elif verb == "QUIT":
                 c.send("221 2.0.0 Bye")
                 return
+            elif verb == "XLINGER" and any(e.startswith("XLINGER")
+                                           for e in self.extensions):
+                c.send("250 2.0.0 Lingering")
             else:
                 c.send("502 5.5.1 no")
 
@@ -1023,6 +1027,131 @@ def test_fetch_mda_stops_reading(env):
     time.sleep(1.5)
     check(not os.path.exists(os.path.join(out, "msg")),
           "the command was left to read a cut message")
+
+
+def test_fetch_provider_trickles_data(env):
+    """A provider sending message data slower than 500 bytes/s once
+    --timeout has passed is cut off: 421, nothing delivered, 75."""
+    out = env.path("out")
+    os.mkdir(out)
+    got = {}
+
+    def s(c):
+        c.ehlo("fake.test")
+        check_reply(c.cmd("MAIL FROM:<s@remote.test>"), 250, what="MAIL")
+        check_reply(c.cmd("RCPT TO:<u1@example.org>"), 250, what="RCPT")
+        check_reply(c.cmd("DATA"), 354, what="DATA")
+        t0 = time.time()
+        try:
+            for ch in b"Subject: slow\r\n\r\n" + b"x" * 60:
+                c.send_raw(bytes([ch]))
+                ready, _, _ = select.select([c.sock], [], [], 0.3)
+                if ready:
+                    got["reply"] = c.reply()
+                    break
+        except (OSError, SMTPClosed):
+            pass
+        got["after"] = time.time() - t0
+
+    p = FakeProvider(script=s)
+    r = fetch(env, "--timeout", "2", deliver="mda:cat > %s/msg" % out,
+              server=p.server)
+    p.join()
+    expect(r, EX_TEMPFAIL, "a provider trickling message data")
+    check(got.get("reply", (0, ""))[0] == 421 and
+          "data rate" in got["reply"][1], "reply: %r" % (got.get("reply"),))
+    check(1.5 <= got["after"] <= 6, "cut off after %.1fs" % got["after"])
+    check("slower than 500 bytes/s" in r.stderr, "stderr: %r" % r.stderr)
+    check(not os.path.exists(os.path.join(out, "msg")) or
+          os.path.getsize(os.path.join(out, "msg")) == 0,
+          "a cut message was delivered")
+
+
+def trickling_provider(data, interval):
+    """A listener that sends data one byte per interval to the first
+    connection; returns (server address, thread, seconds it kept going)."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    kept = []
+
+    def run():
+        sock, _ = lsock.accept()
+        t0 = time.time()
+        try:
+            for ch in data:
+                sock.sendall(bytes([ch]))
+                time.sleep(interval)
+        except OSError:
+            pass
+        kept.append(time.time() - t0)
+        sock.close()
+        lsock.close()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return "127.0.0.1:%d" % lsock.getsockname()[1], t, kept
+
+
+def test_fetch_provider_trickles_greeting(env):
+    """A reply line must be complete within --timeout of its first byte."""
+    server, t, kept = trickling_provider(b"220 fake.test ESMTP " + b"x" * 40 +
+                                         b"\r\n", 0.25)
+    t0 = time.time()
+    r = fetch(env, "--timeout", "2", deliver="mda:cat >/dev/null",
+              server=server)
+    dt = time.time() - t0
+    t.join(20)
+    expect(r, EX_TEMPFAIL, "a trickled greeting")
+    check("too slowly" in r.stderr, "stderr: %r" % r.stderr)
+    check(dt < 6, "odmr-fetch waited %.1fs for a greeting trickled at "
+          "4 bytes/s with --timeout 2" % dt)
+
+
+def test_fetch_provider_junk_commands(env):
+    """More than 100 commands that move no mail between two messages end
+    the reversed session: 421 4.7.0, exit 76."""
+    got = {}
+
+    def s(c):
+        c.ehlo("fake.test")
+        for i in range(99):
+            check_reply(c.cmd("NOOP" if i % 2 else "RSET"), 250,
+                        what="junk command %d" % (i + 2))
+        got["last"] = c.cmd("NOOP")
+
+    r, p = run_fake(env, s, "mda:cat >/dev/null")
+    expect(r, EX_PROTOCOL, "a provider sending only NOOP and RSET")
+    check(got["last"][0] == 421 and "Too many commands" in got["last"][1],
+          "the 101st junk command got %r" % (got["last"],))
+
+
+def test_fetch_linger_limit(env):
+    """Lingering, a provider that keeps the session up with NOOPs past
+    --linger and --timeout since the last message is told 421; the run
+    ends with 0 (the session ended at our limit)."""
+    got = {}
+
+    def s(c):
+        c.ehlo("fake.test")
+        t0 = time.time()
+        while time.time() - t0 < 10:
+            rr = c.cmd("NOOP")
+            if rr[0] != 250:
+                got["reply"], got["after"] = rr, time.time() - t0
+                return
+            time.sleep(0.3)
+
+    p = FakeProvider(script=s, extensions=("AUTH CRAM-MD5", "ATRN",
+                                           "XLINGER 3600"))
+    r = fetch(env, "--timeout", "1", "--linger", "1",
+              deliver="mda:cat >/dev/null", server=p.server)
+    p.join()
+    expect(r, EX_OK, "a lingering session ended at our limit")
+    check(got.get("reply", (0, ""))[0] == 421 and
+          "Linger time over" in got["reply"][1], "reply %r" % (got.get("reply"),))
+    check(1.5 <= got["after"] <= 4, "ended after %.1fs; --linger 1 and "
+          "--timeout 1" % got["after"])
 
 
 def test_fetch_terminated_mid_message(env):

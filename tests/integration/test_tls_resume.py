@@ -96,6 +96,28 @@ def test_ca_change_discards(env):
     check(resumed(poll(env, cert, what="after")), "new session not saved")
 
 
+def test_system_store_from_the_environment(env):
+    """Without --ca-file the system store is what OpenSSL reads, which
+    SSL_CERT_FILE can name: another file there discards the session."""
+    cert = started(env)
+    other = env.path("other-ca.pem")
+    with open(cert) as f, open(other, "w") as g:
+        g.write(f.read())
+
+    def run(store, what):
+        r = expect(fetch(env, "-v", tls="require",
+                         server="localhost:%d" % env.odmr_port,
+                         deliver=NO_MAIL,
+                         env_extra={"SSL_CERT_FILE": store}), EX_OK, what)
+        return r.stderr
+
+    check("(full handshake)" in run(cert, "first run"), "first run resumed?")
+    check(resumed(run(cert, "second run")), "no resumption from the store")
+    out = run(other, "SSL_CERT_FILE names another file")
+    check("(full handshake)" in out, "resumed across another SSL_CERT_FILE: "
+          "%r" % out)
+
+
 def test_server_name_change_discards(env):
     """A session made for one name is never offered under another, even
     when the file is copied by hand."""
