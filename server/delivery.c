@@ -71,6 +71,9 @@ static void log_conn_failure(struct delivery_ctx *d, const char *phase)
     if (d->io->status == IO_TIMEOUT)
         log_info("%s%stimeout after %s to customer %s", qid_prefix(d),
                  qid_sep(d), phase, d->peer);
+    else if (d->io->status == IO_DEADLINE)
+        log_info("%s%scustomer %s too slow during %s (deadline exceeded)",
+                 qid_prefix(d), qid_sep(d), d->peer, phase);
     else
         log_info("%s%slost connection after %s with customer %s",
                  qid_prefix(d), qid_sep(d), phase, d->peer);
@@ -78,13 +81,19 @@ static void log_conn_failure(struct delivery_ctx *d, const char *phase)
 
 /* ------------------------------------------------------------ replies */
 
-/* Reads one complete reply to phase; false (logged) on I/O failure or a
- * malformed reply. */
-static bool read_reply(struct delivery_ctx *d, struct smtp_reply *r,
-                       const char *phase)
+/* Once the first line of a reply is in, the rest must follow within the
+ * timeout: each line has its own deadline (command_deadline), but a
+ * customer sending one line of a 200-line reply per timeout would hold
+ * the domain's lock for hours. */
+static void reply_deadline(struct delivery_ctx *d)
+{
+    io_set_deadline(d->io, io_clock_ms() + d->io->timeout_ms);
+}
+
+static bool read_reply_lines(struct delivery_ctx *d, struct smtp_reply *r,
+                             const char *phase)
 {
     char line[REPLY_LINE_MAX];
-    smtp_reply_init(r);
     for (;;) {
         long n = io_getline(d->io, line, sizeof line, NULL);
         if (n == IO_TOOLONG) {
@@ -113,7 +122,20 @@ static bool read_reply(struct delivery_ctx *d, struct smtp_reply *r,
         }
         if (rc == 1)
             return true;
+        if (r->nlines == 1)
+            reply_deadline(d);
     }
+}
+
+/* Reads one complete reply to phase; false (logged) on I/O failure or a
+ * malformed reply. */
+static bool read_reply(struct delivery_ctx *d, struct smtp_reply *r,
+                       const char *phase)
+{
+    smtp_reply_init(r);
+    bool ok = read_reply_lines(d, r, phase);
+    io_set_deadline(d->io, 0);
+    return ok;
 }
 
 /* "550 5.1.1 text" on one line, for logs, envelopes and DSNs. */
@@ -378,6 +400,23 @@ static bool next_reply(struct delivery_ctx *d, const char *phase, int *code,
     return true;
 }
 
+/* The reply to DATA.  After a 354 nothing can be due from the customer
+ * until the final dot: more input then is a reply out of turn, which
+ * would be taken for the dot's - and a message removed on a 250 that
+ * was not for it. */
+static bool read_data_reply(struct delivery_ctx *d, int *code, char *text,
+                            size_t n)
+{
+    if (!next_reply(d, PH_DATA, code, text, n))
+        return false;
+    if (*code == 354 && io_pending(d->io) != 0) {
+        log_info("%s%scustomer %s sent more after its 354 to DATA: protocol "
+                 "error", qid_prefix(d), qid_sep(d), d->peer);
+        return false;
+    }
+    return true;
+}
+
 /* Applies the reply to DATA (anything but 354 ends the transaction). */
 static bool data_reply(struct rcpt_state *st, size_t n, int code,
                        const char *text)
@@ -419,7 +458,7 @@ static bool envelope_pipelined(struct delivery_ctx *d, const struct caps *c,
             st[i].out = OUT_NONE;
         set_all(st, e->nrcpt, OUT_NONE, classify(mail_code), mail_text);
     }
-    if (!next_reply(d, PH_DATA, &code, text, sizeof text))
+    if (!read_data_reply(d, &code, text, sizeof text))
         return false;
     if (count_accepted(st, e->nrcpt) == 0) {
         /* A server may still say 354 (RFC 2920 3.1): end the empty data. */
@@ -455,7 +494,7 @@ static bool envelope_stepwise(struct delivery_ctx *d, const struct caps *c,
     if (count_accepted(st, e->nrcpt) == 0)
         return true;
     if (!send_line(d, "DATA", PH_DATA) || !flush(d, PH_DATA) ||
-        !next_reply(d, PH_DATA, &code, text, sizeof text))
+        !read_data_reply(d, &code, text, sizeof text))
         return false;
     *go = data_reply(st, e->nrcpt, code, text);
     return true;
@@ -846,6 +885,9 @@ static bool deliver_cur(struct pass *p)
     d->qid = NULL;
     if (!ok) {
         close_message(m);
+        /* What load_ahead put there was never offered: nothing of it is
+         * to be settled (settle_pending emptied the slot before). */
+        close_message(p->settling);
         return false;
     }
     t = p->settling;

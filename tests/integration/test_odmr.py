@@ -1682,3 +1682,130 @@ def test_helo_fallback_and_bad_greeting(env):
           "MAIL FROM:<%s>" % SENDER, "after HELO: %r" % c.transactions)
     check(c.transactions[0].data == stored, "data differs")
     check(env.queued() == [], "queue: %r" % env.queued())
+
+
+def raw_line(s, timeout=10):
+    """One line from odmrd on the reversed connection (bytes, CRLF cut),
+    None when it closed it."""
+    s.sock.settimeout(timeout)
+    while b"\n" not in s.buf:
+        try:
+            chunk = s.sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            chunk = b""
+        if not chunk:
+            return None
+        s.buf += chunk
+    line, s.buf = s.buf.split(b"\n", 1)
+    return line.rstrip(b"\r")
+
+
+def closed_within(s, seconds):
+    """True when odmrd closes the connection within seconds (what it sends
+    meanwhile is read and dropped)."""
+    end = time.time() + seconds
+    s.sock.settimeout(0.2)
+    while time.time() < end:
+        try:
+            chunk = s.sock.recv(65536)
+        except (socket.timeout, TimeoutError):
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        if not chunk:
+            return True
+    return False
+
+
+def reversed_to_ehlo(env, tag):
+    """One message queued for example.org, the reversal done by hand up
+    to odmrd's EHLO; returns (session, queue id, its files, log mark)."""
+    qid = enqueue(env, ["u1@example.org"], message(tag))["example.org"]
+    before = files_of(env, "example.org", qid)
+    mark = len(env.log())
+    s = login(env)
+    check_reply(atrn(s, "example.org"), 250, what="ATRN")
+    s.sock.sendall(b"220 customer.test ESMTP\r\n")
+    check((raw_line(s) or b"").upper().startswith(b"EHLO"), "no EHLO")
+    return s, qid, before, mark
+
+
+def test_customer_trickling_a_reply_is_cut_off(env):
+    """Each line of the customer's reply keeps to the timeout, and the
+    rest of a multi-line reply must follow its first line within the
+    timeout: one line per 1.2 s with timeout 2s is cut off after about
+    2 s, and the message stays queued unchanged."""
+    setup(env, timeout="2s")
+    s, qid, before, mark = reversed_to_ehlo(env, "trickle")
+    t0 = time.time()
+    s.sock.sendall(b"250-customer.test\r\n")
+    for i in range(12):
+        time.sleep(1.2)
+        try:
+            s.sock.sendall(b"250-X-SLOW-%d\r\n" % i)
+        except OSError:
+            break
+        if closed_within(s, 0.05):
+            break
+    dt = time.time() - t0
+    check(dt < 5, "odmrd still read a trickled EHLO reply after %.1fs "
+          "(timeout 2s)" % dt)
+    wait_session_end(env, mark)
+    check("too slow during EHLO (deadline exceeded)" in log_since(env, mark),
+          "no deadline log line:\n%s" % env.log_tail())
+    check(files_of(env, "example.org", qid) == before,
+          "the queued message changed")
+
+
+def test_reply_out_of_turn_after_354(env):
+    """A customer that answers DATA with 354 and, in the same packet, a
+    250 that would be taken for the final dot's: a protocol error, the
+    message stays queued."""
+    setup(env)
+    s, qid, before, mark = reversed_to_ehlo(env, "early")
+    s.sock.sendall(b"250 customer.test\r\n")        # no PIPELINING
+    check((raw_line(s) or b"").upper().startswith(b"MAIL"), "no MAIL")
+    s.sock.sendall(b"250 2.1.0 Ok\r\n")
+    check((raw_line(s) or b"").upper().startswith(b"RCPT"), "no RCPT")
+    s.sock.sendall(b"250 2.1.5 Ok\r\n")
+    check((raw_line(s) or b"").upper() == b"DATA", "no DATA")
+    s.sock.sendall(b"354 go ahead\r\n250 2.0.0 early\r\n")
+    data_lines = 0
+    while True:
+        line = raw_line(s)
+        if line is None or line == b".":
+            break
+        data_lines += 1
+    if line == b".":
+        try:
+            s.sock.sendall(b"451 4.3.0 not taken\r\n")
+        except OSError:
+            pass
+    closed_within(s, 5)
+    wait_session_end(env, mark)
+    check("sent more after its 354" in log_since(env, mark),
+          "no protocol error logged:\n%s" % env.log_tail())
+    check(env.queued_ids("example.org") == [qid], "queue: %r" % env.queued())
+    check(files_of(env, "example.org", qid) == before,
+          "the queued message changed")
+
+
+def test_drop_at_the_dot_settles_nothing_else(env):
+    """Three messages, PIPELINING: the customer drops the connection
+    instead of answering the first message's final dot.  The messages
+    loaded ahead were never offered: none of them is marked deferred."""
+    setup(env)
+    ids = [enqueue(env, ["u1@example.org"], message("m%d" % i))["example.org"]
+           for i in range(3)]
+    before = {q: files_of(env, "example.org", q) for q in ids}
+    mark = len(env.log())
+    c = reverse(env, "example.org", data_reply=lambda tx: None).run()
+    check(c.closed, "customer: %r" % c.transactions)
+    wait_session_end(env, mark)
+    log = log_since(env, mark)
+    check("status=deferred" not in log, "a message was settled as deferred "
+          "after the connection was lost:\n%s" % log)
+    for q in ids:
+        check(files_of(env, "example.org", q) == before[q],
+              "queued message %s changed" % q)
+
