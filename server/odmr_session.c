@@ -62,8 +62,11 @@ struct domain_set {
     size_t n;
 };
 
-/* Every reply of this session goes to its connection, traced with its peer. */
-#define reply(s, ...) session_reply(&(s)->io, (s)->peer->addr, __VA_ARGS__)
+/* Every reply of this session goes to its connection, traced with its
+ * peer; refusals count (an ATRN or AUTH refused over and over). */
+#define reply(s, ...) \
+    session_reply_counted(&(s)->io, (s)->peer->addr, &(s)->bad_commands, \
+                          __VA_ARGS__)
 
 static void sockaddr_ipport(const struct sockaddr_storage *ss, char *buf,
                             size_t n)
@@ -177,7 +180,6 @@ static const char *auth_response(struct odmr *s, char *line, size_t n)
     long len = io_getline(&s->io, line, n, NULL);
     if (len == IO_TOOLONG) {
         reply(s, "500 5.5.6 Authentication line too long");
-        s->bad_commands++;
         return NULL;
     }
     if (len < 0) {
@@ -522,7 +524,6 @@ static void do_xlinger(struct odmr *s, const char *arg)
     unsigned long secs;
     if (!push_offered(s->conf)) {
         reply(s, "502 5.5.1 Command not implemented");
-        s->bad_commands++;
     } else if (!s->user[0]) {
         reply(s, "530 5.7.0 Authentication required");
     } else if (!parse_ulong(arg, 366UL * 86400, &secs) || secs == 0) {
@@ -629,7 +630,6 @@ static void dispatch(struct odmr *s, const struct smtp_cmd *cmd,
             break;
         }
         reply(s, "502 5.5.1 Command not implemented");
-        s->bad_commands++;
         break;
     }
 }

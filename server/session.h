@@ -41,6 +41,13 @@ void session_start_io(struct io *io, const struct odmrd_conf *conf,
 /* One reply line (CRLF added), traced with -d. */
 void session_reply(struct io *io, const char *peer, const char *fmt, ...)
     PRINTF_LIKE(3, 4);
+/* The same, counting a refusal - a last reply line of 4xx or 5xx, but not
+ * the 421 that ends the session - in *refused, which session_read_command
+ * holds to SESSION_MAX_BAD_COMMANDS (Postfix's smtpd_hard_error_limit): a
+ * client that keeps being refused moves no mail, and must neither hold
+ * its slot for ever nor probe without end. */
+void session_reply_counted(struct io *io, const char *peer, unsigned *refused,
+                           const char *fmt, ...) PRINTF_LIKE(4, 5);
 
 /* After this many bad commands (in the inbound session also refused
  * ones) the client is not talking SMTP, or not usefully: 421. */

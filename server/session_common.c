@@ -46,6 +46,20 @@ void session_reply(struct io *io, const char *peer, const char *fmt, ...)
     log_debug("%s > %s", peer, line);
 }
 
+void session_reply_counted(struct io *io, const char *peer, unsigned *refused,
+                           const char *fmt, ...)
+{
+    char line[SMTP_REPLY_LINE_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    session_reply(io, peer, "%s", line);
+    if ((line[0] == '4' || line[0] == '5') && line[3] != '-' &&
+        strncmp(line, "421", 3) != 0)
+        ++*refused;
+}
+
 enum starttls_result session_starttls(struct io *io, SSL_CTX *ctx, bool tls_on,
                                       const char *arg, const char *peer)
 {

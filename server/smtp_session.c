@@ -8,7 +8,6 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netdb.h>
-#include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -48,7 +47,7 @@ struct smtp {
     struct queue q;
     char helo[HELO_MAX + 1];
     bool greeted, esmtp, tls_on;
-    unsigned bad_commands;       /* and refusals: see reply() */
+    unsigned bad_commands;       /* and refusals: see reply */
     unsigned junk_commands;      /* since the last message (Postfix's rule) */
     /* transaction */
     bool have_mail;
@@ -68,24 +67,10 @@ struct smtp {
 };
 
 /* Every reply of this session goes to its connection, traced with its
- * peer.  A refusal (a last reply line of 4xx or 5xx, but not the 421 that
- * ends the session) counts against SESSION_MAX_BAD_COMMANDS, as Postfix's
- * smtpd_hard_error_limit does: a client that keeps being refused -
- * guessing recipients, repeating a refused MAIL - moves no mail, and must
- * neither hold its slot for ever nor probe without end. */
-static void reply(struct smtp *s, const char *fmt, ...) PRINTF_LIKE(2, 3);
-static void reply(struct smtp *s, const char *fmt, ...)
-{
-    char line[SMTP_REPLY_LINE_MAX];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
-    va_end(ap);
-    session_reply(&s->io, s->peer->addr, "%s", line);
-    if ((line[0] == '4' || line[0] == '5') && line[3] != '-' &&
-        strncmp(line, "421", 3) != 0)
-        s->bad_commands++;
-}
+ * peer; refusals count (guessing recipients, repeating a refused MAIL). */
+#define reply(s, ...) \
+    session_reply_counted(&(s)->io, (s)->peer->addr, &(s)->bad_commands, \
+                          __VA_ARGS__)
 
 static void reset_transaction(struct smtp *s)
 {
@@ -528,7 +513,6 @@ struct data_state {
     struct data_stream st;        /* the data's lines and their faults */
     int64_t start_ms;             /* io_clock_ms() when DATA began */
     unsigned long long start_in;  /* io bytes_in then */
-    bool deadline_fixed;          /* refused: the deadline moves no more */
     /* for milters: where the headers and the body are in the queue file */
     uint64_t prefix;              /* odmrd's Received: */
     struct milter_span *hdrs;
@@ -606,19 +590,20 @@ static bool data_piece(struct smtp *s, struct queue_in *in, struct data_state *d
  * alone would let a client sending a byte every few seconds hold the
  * session forever; a client that really sends data keeps moving its
  * deadline forward. */
-static void set_data_deadline(struct smtp *s, struct data_state *d)
+static void set_data_deadline(struct smtp *s, const struct data_state *d)
 {
     unsigned long rate = s->conf->data_min_rate;
-    if (!rate || d->deadline_fixed)
+    if (!rate)
         return;
+    /* Only what an accepted message may hold earns time.  A refused one
+     * (a bare LF, too big) is still read to its end, so that the client
+     * hears the refusal as the reply to its final dot - but a client
+     * streaming on after a bare LF must not keep its slot for ever. */
     unsigned long long got = s->io.bytes_in - d->start_in;
+    if (got > s->conf->max_message_size)
+        got = s->conf->max_message_size;
     io_set_deadline(&s->io, d->start_ms + s->io.timeout_ms +
                                 (int64_t)(got * 1000 / rate));
-    /* A refused message is still read to its end, so that the client
-     * hears the refusal as the reply to its final dot, but it earns no
-     * more time: a client streaming on after a bare LF would otherwise
-     * keep its slot for ever, and a fast one has time in hand. */
-    d->deadline_fixed = data_stream_refused(&d->st);
 }
 
 /* Reads message data to the terminating CRLF.CRLF. Returns false when the
@@ -988,7 +973,7 @@ static void data_lost(struct smtp *s, struct queue_in *in,
                       const struct data_state *d)
 {
     enum io_status st = s->io.status;
-    bool refused_late = st == IO_DEADLINE && d->deadline_fixed;
+    bool refused_late = st == IO_DEADLINE && data_stream_refused(&d->st);
     if (refused_late) {
         log_info("%s: refused message from %s still coming at its deadline "
                  "after %llu bytes: session ended", in->id, s->peer->addr,
@@ -1063,10 +1048,17 @@ static void do_data(struct smtp *s, const char *arg)
     d.prefix = in.size;
     bool complete = read_data(s, &in, &d);
     io_set_deadline(&s->io, 0);   /* DATA is over, and a 421 must go out */
+    unsigned refused_before = s->bad_commands;
     if (complete)
         finish_data(s, &in, &d);
     else
         data_lost(s, &in, &d);
+    /* The end of data is one command, however many LMTP replies it has;
+     * and a message taken forgives the errors before it, as Postfix
+     * does (a relay reusing its connection sends many messages). */
+    s->bad_commands = s->bad_commands > refused_before ? refused_before + 1
+                      : complete                       ? 0
+                                                       : s->bad_commands;
     free(d.hdrs);
     if (!complete)
         return;

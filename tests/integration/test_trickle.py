@@ -295,27 +295,43 @@ def test_ehlo_is_a_junk_command(env):
 
 def test_refused_data_earns_no_more_time(env):
     """A message refused while it still comes (a bare LF) is read to its
-    end and answered, but its DATA deadline stops moving: a client
-    streaming on well above data_min_rate is cut off at the deadline it
-    had earned (timeout 3s + 100 bytes at 1000 bytes/s), where an
-    accepted message would go on."""
-    started(env, timeout="3s", data_min_rate="1000")
+    end and answered, but only its first max_message_size bytes earn DATA
+    time: a client streaming on well above data_min_rate is cut off at
+    timeout 3s + 20000 bytes at 100000 bytes/s, where without the rule it
+    would go on as long as it liked."""
+    started(env, timeout="3s", data_min_rate="100000",
+            max_message_size="20000")
     s = in_data(env)
     r, dt = trickle(s, b"Subject: bare\n\r\n" + b"y" * 78 + b"\r\n" +
-                    (b"z" * 498 + b"\r\n") * 100, "a refused message at 5 "
-                    "kB/s", chunk=500, interval=0.1, give_up=9)
+                    (b"z" * 998 + b"\r\n") * 3000, "a refused message at "
+                    "250 kB/s", chunk=5000, interval=0.02, give_up=9)
     check(r is not None, "no 421 before the connection was closed")
     check_reply(r, 421, "4.7.0", "a refused message still coming")
-    check(2.5 <= dt <= 5, "cut off after %.1fs, expected about 3.1s" % dt)
+    check(2.5 <= dt <= 5.5, "cut off after %.1fs, expected about 3.2s" % dt)
     check_closed(s, "refused message")
     check(not env.queued(), "queued: %r" % env.queued())
     check("still coming at its deadline" in env.log(), "no log line:\n%s"
           % env.log_tail())
-    # sent at once, the refused message is answered at its final dot
+    # sent at once, a refused message is answered at its final dot
     s = in_data(env)
     s.send_raw(b"Subject: bare\n\r\n" + (b"y" * 998 + b"\r\n") * 30 +
                b".\r\n")
     check_reply(s.reply(), 554, what="a refused message of 30 kB")
+    s.quit()
+
+
+def test_errors_forgiven_after_a_message(env):
+    """A message taken forgives the errors before it (Postfix's rule): 19
+    refusals, a message, 19 more, and the session still works."""
+    started(env)
+    s = smtp_session(env)
+    for _ in range(2):
+        for i in range(19):
+            check_reply(s.cmd("RCPT TO:<x%d@example.org>" % i), 503,
+                        what="RCPT without MAIL")
+        check_reply(s.cmd("MAIL FROM:<s@remote.test>"), 250, "2.1.0", "MAIL")
+        check_reply(s.cmd("RCPT TO:<alice@example.org>"), 250, "2.1.5")
+        check_reply(s.data(b"Subject: x\r\n\r\nx\r\n"), 250, "2.0.0")
     s.quit()
 
 
@@ -403,3 +419,14 @@ def test_tls_trickle_is_cut_off(env):
           "after %.0fs" % dt)
     check(2.5 <= dt <= 6, "TLS record cut off after %.1fs; "
           "command_deadline is 3s" % dt)
+
+
+def test_odmr_refusals_end_the_session(env):
+    """On the ODMR port too: 20 refused commands (ATRN before AUTH here)
+    and the next one gets 421 4.7.0."""
+    started(env)
+    s = odmr_session(env)
+    for i in range(20):
+        check_reply(s.cmd("ATRN example.org"), 530, what="ATRN %d" % (i + 1))
+    check_reply(s.cmd("ATRN example.org"), 421, "4.7.0", "the 21st ATRN")
+    check_closed(s, "ODMR refusals")
