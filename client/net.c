@@ -76,7 +76,9 @@ static int reply_lines(struct io *io, const char *who, struct smtp_reply *r,
         }
         if (rc == 1)
             return IO_OK;
-        int64_t due = io_clock_ms() + io->timeout_ms;
+        /* io's own rule: a timeout of 0 or less means 300 s */
+        int64_t due = io_clock_ms() + (io->timeout_ms > 0 ? io->timeout_ms
+                                                          : 300000);
         if (first && (!outer_deadline || due < outer_deadline))
             io_set_deadline(io, due);
     }

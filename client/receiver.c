@@ -28,8 +28,10 @@
 #define WHO "provider"
 #define DATA_PIECE 8192
 #define MAX_BAD_COMMANDS 20
-/* Commands that move no mail (NOOP, RSET, VRFY, HELP, EHLO, HELO) allowed
- * between two messages, as odmrd allows its own clients. */
+/* Commands that move no mail (NOOP, VRFY, HELP, EHLO, HELO) allowed
+ * between two transactions, as odmrd allows its own clients.  RSET is
+ * not one here: odmrd sends it after each transaction the target took
+ * no recipient of (a site that is down refuses every one). */
 #define MAX_JUNK_COMMANDS 100
 /* The message data must arrive at this rate once --timeout has passed,
  * as odmrd's own data_min_rate default: a provider trickling a message
@@ -46,8 +48,9 @@ struct rx {
     struct mail_args mail;
     size_t nrcpt;                 /* recipients the target accepted */
     unsigned bad_commands;
-    unsigned junk_commands;       /* since the last message */
-    int64_t last_mail_ms;         /* io_clock_ms() of the last message end */
+    unsigned junk_commands;       /* since the last MAIL */
+    int64_t last_mail_ms;         /* io_clock_ms() of the last MAIL or end
+                                     of data */
     bool linger_over;             /* we ended a lingering session */
     int status;                   /* exit status if the session ends now */
 };
@@ -438,7 +441,6 @@ static bool receive_one(struct rx *x)
     finish_data(x, &d, next);
     x->in_mail = false;
     x->nrcpt = 0;
-    x->junk_commands = 0;
     x->last_mail_ms = io_clock_ms();
     return next != NULL;
 }
@@ -654,17 +656,21 @@ enum { LINE_END = -1, LINE_BAD = 0, LINE_OK = 1 };
 
 static bool moves_no_mail(int verb)
 {
-    return verb == SMTP_NOOP || verb == SMTP_RSET || verb == SMTP_VRFY ||
-           verb == SMTP_HELP || verb == SMTP_EHLO || verb == SMTP_HELO;
+    return verb == SMTP_NOOP || verb == SMTP_VRFY || verb == SMTP_HELP ||
+           verb == SMTP_EHLO || verb == SMTP_HELO;
 }
 
 /* A provider that keeps the session up without sending mail: past
  * MAX_JUNK_COMMANDS such commands; lingering, once --linger and then
- * --timeout have passed since the last message (odmrd's NOOPs keep a
+ * --timeout have passed since the last transaction (odmrd's NOOPs keep a
  * lingering session up, and it ends it within our XLINGER).  Ends the
  * session with 421 and returns true. */
 static bool idle_too_long(struct rx *x, int verb)
 {
+    if (verb == SMTP_MAIL) {
+        x->junk_commands = 0;
+        x->last_mail_ms = io_clock_ms();
+    }
     if (!moves_no_mail(verb))
         return false;
     if (x->c->linger) {
@@ -683,7 +689,8 @@ static bool idle_too_long(struct rx *x, int verb)
         say(x, "421 4.7.0 %s Too many commands", x->c->fqdn);
         fprintf(stderr, "odmr-fetch: %s sent more than %d commands without "
                         "a message\n", x->c->server, MAX_JUNK_COMMANDS);
-        x->status = EX_PROTOCOL;
+        if (x->status == 0)   /* mail deferred says more: try again */
+            x->status = EX_PROTOCOL;
     }
     x->done = true;
     return true;

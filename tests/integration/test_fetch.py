@@ -994,6 +994,14 @@ def test_fetch_provider_silent(env):
           "expected 421 4.4.2 after the timeout, got %r" % (got["reply"],))
 
 
+def up_to_data(c):
+    """The fake provider's side after the reversal, up to our 354."""
+    c.ehlo("fake.test")
+    check_reply(c.cmd("MAIL FROM:<s@remote.test>"), 250, what="MAIL")
+    check_reply(c.cmd("RCPT TO:<u1@example.org>"), 250, what="RCPT")
+    check_reply(c.cmd("DATA"), 354, what="DATA")
+
+
 def test_fetch_mda_stops_reading(env):
     """A delivery command that stops reading for --timeout while the
     message still comes is killed and answered 451: closing its input
@@ -1003,10 +1011,7 @@ def test_fetch_mda_stops_reading(env):
     got = {}
 
     def s(c):
-        c.ehlo("fake.test")
-        check_reply(c.cmd("MAIL FROM:<s@remote.test>"), 250, what="MAIL")
-        check_reply(c.cmd("RCPT TO:<u1@example.org>"), 250, what="RCPT")
-        check_reply(c.cmd("DATA"), 354, what="DATA")
+        up_to_data(c)
         c.send_raw(b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n")
         for _ in range(400):
             c.send_raw(b"y" * 998 + b"\r\n")
@@ -1037,10 +1042,7 @@ def test_fetch_provider_trickles_data(env):
     got = {}
 
     def s(c):
-        c.ehlo("fake.test")
-        check_reply(c.cmd("MAIL FROM:<s@remote.test>"), 250, what="MAIL")
-        check_reply(c.cmd("RCPT TO:<u1@example.org>"), 250, what="RCPT")
-        check_reply(c.cmd("DATA"), 354, what="DATA")
+        up_to_data(c)
         t0 = time.time()
         try:
             for ch in b"Subject: slow\r\n\r\n" + b"x" * 60:
@@ -1109,21 +1111,31 @@ def test_fetch_provider_trickles_greeting(env):
 
 
 def test_fetch_provider_junk_commands(env):
-    """More than 100 commands that move no mail between two messages end
-    the reversed session: 421 4.7.0, exit 76."""
+    """More than 100 commands that move no mail between two transactions
+    end the reversed session: 421 4.7.0, exit 76.  RSET is not one of
+    them (odmrd sends one after every transaction the target refused)."""
     got = {}
 
     def s(c):
         c.ehlo("fake.test")
         for i in range(99):
-            check_reply(c.cmd("NOOP" if i % 2 else "RSET"), 250,
-                        what="junk command %d" % (i + 2))
+            verb, code = ("NOOP", 250) if i % 2 else ("VRFY x", 252)
+            check_reply(c.cmd(verb), code, what="junk command %d" % (i + 2))
         got["last"] = c.cmd("NOOP")
+
+    def resets(c):
+        c.ehlo("fake.test")
+        for i in range(150):
+            check_reply(c.cmd("RSET"), 250, what="RSET %d" % (i + 1))
+        got["quit"] = c.cmd("QUIT")
 
     r, p = run_fake(env, s, "mda:cat >/dev/null")
     expect(r, EX_PROTOCOL, "a provider sending only NOOP and RSET")
     check(got["last"][0] == 421 and "Too many commands" in got["last"][1],
           "the 101st junk command got %r" % (got["last"],))
+    r, p = run_fake(env, resets, "mda:cat >/dev/null")
+    expect(r, EX_OK, "a provider sending 150 RSETs")
+    check(got["quit"][0] == 221, "QUIT after 150 RSETs: %r" % (got["quit"],))
 
 
 def test_fetch_linger_limit(env):
