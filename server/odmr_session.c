@@ -161,6 +161,8 @@ static void do_starttls(struct odmr *s, const char *arg)
                                               s->peer->addr);
     if (r == STARTTLS_FAILED)
         s->done = true;
+    if (r == STARTTLS_REFUSED)
+        s->bad_commands++;   /* a refusal like any other */
     if (r != STARTTLS_ON)
         return;
     /* RFC 3207 section 4.2: start over as if the session were new. */

@@ -423,10 +423,15 @@ def test_tls_trickle_is_cut_off(env):
 
 def test_odmr_refusals_end_the_session(env):
     """On the ODMR port too: 20 refused commands (ATRN before AUTH here)
-    and the next one gets 421 4.7.0."""
+    and the next one gets 421 4.7.0; so do 20 refused STARTTLS."""
     started(env)
     s = odmr_session(env)
     for i in range(20):
         check_reply(s.cmd("ATRN example.org"), 530, what="ATRN %d" % (i + 1))
     check_reply(s.cmd("ATRN example.org"), 421, "4.7.0", "the 21st ATRN")
     check_closed(s, "ODMR refusals")
+    # a refused STARTTLS (no certificate here) counts as well
+    s = smtp_session(env)
+    for i in range(20):
+        check_reply(s.cmd("STARTTLS"), 502, what="STARTTLS %d" % (i + 1))
+    check_reply(s.cmd("NOOP"), 421, "4.7.0", "after 20 refused STARTTLS")
