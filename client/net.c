@@ -2,7 +2,6 @@
  * replies, and the -vv protocol trace. */
 #include "fetch.h"
 
-#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -52,15 +51,13 @@ bool net_send(struct io *io, const char *who, const char *line,
     return io_puts(io, line) && io_puts(io, "\r\n");
 }
 
-/* The reply's lines; after the first, the rest must follow within the
- * timeout, or a peer could trickle a 200-line reply one line per
- * timeout. */
+/* The reply's lines; after the first, the rest within the timeout. */
 static int reply_lines(struct io *io, const char *who, struct smtp_reply *r,
-                       bool *malformed, int64_t outer_deadline)
+                       bool *malformed)
 {
     char line[REPLY_LINE_READ_MAX];
 
-    for (bool first = true;; first = false) {
+    for (;;) {
         long n = io_getline(io, line, sizeof line, NULL);
         if (n == IO_TOOLONG || (n >= 0 && strlen(line) != (size_t)n)) {
             *malformed = true;
@@ -76,11 +73,8 @@ static int reply_lines(struct io *io, const char *who, struct smtp_reply *r,
         }
         if (rc == 1)
             return IO_OK;
-        /* io's own rule: a timeout of 0 or less means 300 s */
-        int64_t due = io_clock_ms() + (io->timeout_ms > 0 ? io->timeout_ms
-                                                          : 300000);
-        if (first && (!outer_deadline || due < outer_deadline))
-            io_set_deadline(io, due);
+        if (r->nlines == 1)
+            io_deadline_within_timeout(io);
     }
 }
 
@@ -91,7 +85,7 @@ int net_reply(struct io *io, const char *who, struct smtp_reply *r,
 
     *malformed = false;
     smtp_reply_init(r);
-    int st = reply_lines(io, who, r, malformed, outer);
+    int st = reply_lines(io, who, r, malformed);
     io_set_deadline(io, outer);
     return st;
 }

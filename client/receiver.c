@@ -667,10 +667,6 @@ static bool moves_no_mail(int verb)
  * session with 421 and returns true. */
 static bool idle_too_long(struct rx *x, int verb)
 {
-    if (verb == SMTP_MAIL) {
-        x->junk_commands = 0;
-        x->last_mail_ms = io_clock_ms();
-    }
     if (!moves_no_mail(verb))
         return false;
     if (x->c->linger) {
@@ -745,6 +741,10 @@ static void serve(struct rx *x)
             if (strlen(line) + 2 > max) {
                 say(x, "500 5.5.6 Line too long");
                 k = LINE_BAD;
+            } else if (cmd.verb == SMTP_MAIL) {   /* a transaction begins */
+                x->junk_commands = 0;
+                x->last_mail_ms = io_clock_ms();
+                dispatch(x, &cmd);
             } else if (idle_too_long(x, cmd.verb)) {
                 return;
             } else {

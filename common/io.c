@@ -303,6 +303,13 @@ void io_set_deadline(struct io *io, int64_t when)
     io->deadline = when;
 }
 
+void io_deadline_within_timeout(struct io *io)
+{
+    int64_t due = mono_ms() + timeout_of(io);
+    if (!io->deadline || due < io->deadline)
+        io->deadline = due;
+}
+
 /* Sends len bytes on the socket itself, past OpenSSL (records it has
  * already made), waiting as io_flush does. */
 static void send_raw(struct io *io, const char *p, size_t len)

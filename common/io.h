@@ -58,6 +58,11 @@ void io_set_line_deadline(struct io *io, int ms);
  * removes the deadline); one that would fails with IO_DEADLINE.  For
  * limits on a whole phase such as DATA. */
 void io_set_deadline(struct io *io, int64_t when);
+/* Brings the deadline forward to one timeout from now, unless a sooner
+ * one is set: for the rest of a multi-line reply once its first line is
+ * in (a peer sending one line per timeout would hold the session for
+ * hours).  The caller puts back what it had with io_set_deadline. */
+void io_deadline_within_timeout(struct io *io);
 /* Milliseconds on CLOCK_MONOTONIC, the clock of io_set_deadline. */
 int64_t io_clock_ms(void);
 

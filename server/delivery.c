@@ -81,15 +81,9 @@ static void log_conn_failure(struct delivery_ctx *d, const char *phase)
 
 /* ------------------------------------------------------------ replies */
 
-/* Once the first line of a reply is in, the rest must follow within the
- * timeout: each line has its own deadline (command_deadline), but a
- * customer sending one line of a 200-line reply per timeout would hold
- * the domain's lock for hours. */
-static void reply_deadline(struct delivery_ctx *d)
-{
-    io_set_deadline(d->io, io_clock_ms() + d->io->timeout_ms);
-}
-
+/* Each line of a reply has its own deadline (command_deadline); once the
+ * first is in, the rest must follow within the timeout, or a customer
+ * could hold the domain's lock for hours with a long reply. */
 static bool read_reply_lines(struct delivery_ctx *d, struct smtp_reply *r,
                              const char *phase)
 {
@@ -123,7 +117,7 @@ static bool read_reply_lines(struct delivery_ctx *d, struct smtp_reply *r,
         if (rc == 1)
             return true;
         if (r->nlines == 1)
-            reply_deadline(d);
+            io_deadline_within_timeout(d->io);
     }
 }
 

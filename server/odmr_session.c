@@ -158,11 +158,9 @@ static void do_helo(struct odmr *s, const char *arg, bool extended)
 static void do_starttls(struct odmr *s, const char *arg)
 {
     enum starttls_result r = session_starttls(&s->io, s->tls_ctx, s->tls_on, arg,
-                                              s->peer->addr);
+                                              s->peer->addr, &s->bad_commands);
     if (r == STARTTLS_FAILED)
         s->done = true;
-    if (r == STARTTLS_REFUSED)
-        s->bad_commands++;   /* a refusal like any other */
     if (r != STARTTLS_ON)
         return;
     /* RFC 3207 section 4.2: start over as if the session were new. */

@@ -84,11 +84,13 @@ enum command_read session_read_command(struct io *io, const char *peer,
 
 enum starttls_result { STARTTLS_ON, STARTTLS_REFUSED, STARTTLS_FAILED };
 /* The STARTTLS command (RFC 3207): refuses when unavailable, with an
- * argument or with pipelined plaintext behind it; otherwise runs the
+ * argument or with pipelined plaintext behind it (counted in *refused,
+ * as session_reply_counted does); otherwise runs the
  * handshake.  After STARTTLS_ON the caller forgets the session state;
  * after STARTTLS_FAILED the connection is unusable. */
 enum starttls_result session_starttls(struct io *io, SSL_CTX *ctx, bool tls_on,
-                                      const char *arg, const char *peer);
+                                      const char *arg, const char *peer,
+                                      unsigned *refused);
 
 /* Set by the child's SIGTERM handler; sessions finish the transaction they
  * are in and then close with 421. */

@@ -61,22 +61,25 @@ void session_reply_counted(struct io *io, const char *peer, unsigned *refused,
 }
 
 enum starttls_result session_starttls(struct io *io, SSL_CTX *ctx, bool tls_on,
-                                      const char *arg, const char *peer)
+                                      const char *arg, const char *peer,
+                                      unsigned *refused)
 {
     char err[256];
     if (!ctx || tls_on) {
-        session_reply(io, peer, "502 5.5.1 STARTTLS not available");
+        session_reply_counted(io, peer, refused,
+                              "502 5.5.1 STARTTLS not available");
         return STARTTLS_REFUSED;
     }
     if (*arg) {
-        session_reply(io, peer, "501 5.5.4 Syntax: STARTTLS");
+        session_reply_counted(io, peer, refused,
+                              "501 5.5.4 Syntax: STARTTLS");
         return STARTTLS_REFUSED;
     }
     if (io_pending(io)) {
         /* RFC 3207 section 6: plaintext pipelined after STARTTLS would be
          * executed as if it had come over TLS. */
-        session_reply(io, peer,
-                      "503 5.5.1 No command may follow STARTTLS in the same packet");
+        session_reply_counted(io, peer, refused, "503 5.5.1 No command may "
+                              "follow STARTTLS in the same packet");
         return STARTTLS_REFUSED;
     }
     session_reply(io, peer, "220 2.0.0 Ready to start TLS");

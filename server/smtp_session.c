@@ -291,11 +291,8 @@ static void do_helo(struct smtp *s, const char *arg, bool extended)
 
 static void do_starttls(struct smtp *s, const char *arg)
 {
-    enum starttls_result r =
-        session_starttls(&s->io, s->tls_ctx, s->tls_on, arg, s->peer->addr);
-    if (r == STARTTLS_REFUSED)
-        s->bad_commands++;   /* a refusal like any other */
-    if (r != STARTTLS_ON)
+    if (session_starttls(&s->io, s->tls_ctx, s->tls_on, arg, s->peer->addr,
+                         &s->bad_commands) != STARTTLS_ON)
         return;
     s->tls_on = true;
     /* RFC 3207: forget everything learnt before the handshake. */
