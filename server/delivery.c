@@ -702,10 +702,25 @@ static void open_message(struct delivery_ctx *d, const struct caps *c,
                   precheck(d, c, &m->e, &m->plan, m->size, m->st);
 }
 
-/* After this message's data: the next one's envelope, when the customer
- * pipelines and the session goes on; then everything leaves at once. */
-static bool send_data_and_next(struct delivery_ctx *d, const struct caps *c,
-                               struct outgoing *m, struct outgoing *next)
+/* The customer must take the message at data_min_rate once timeout has
+ * passed, as inbound clients must send it.  The per-write timeout alone
+ * is not enough: a customer that frees a third of the send buffer within
+ * each timeout would hold the domain's lock (and a slot) for hours. */
+static void set_write_deadline(struct delivery_ctx *d, uint64_t size)
+{
+    unsigned long rate = d->conf->data_min_rate;
+    if (!rate)
+        return;
+    if (size > (uint64_t)1 << 40)
+        size = (uint64_t)1 << 40;   /* keeps the sum below in range */
+    io_set_deadline(d->io, io_clock_ms() + d->io->timeout_ms +
+                               (int64_t)(size * 1000 / rate));
+}
+
+static bool send_data_and_next_within(struct delivery_ctx *d,
+                                      const struct caps *c,
+                                      struct outgoing *m,
+                                      struct outgoing *next)
 {
     if (!send_data(d, m->fd, m->e.size, &m->plan))
         return false;
@@ -717,6 +732,18 @@ static bool send_data_and_next(struct delivery_ctx *d, const struct caps *c,
         return ok;
     }
     return flush(d, PH_DATA);
+}
+
+/* After this message's data: the next one's envelope, when the customer
+ * pipelines and the session goes on; then everything leaves at once.  The
+ * write deadline ends with the flush: the reply to the dot has its own. */
+static bool send_data_and_next(struct delivery_ctx *d, const struct caps *c,
+                               struct outgoing *m, struct outgoing *next)
+{
+    set_write_deadline(d, m->size);
+    bool ok = send_data_and_next_within(d, c, m, next);
+    io_set_deadline(d->io, 0);
+    return ok;
 }
 
 /* Offers the message and sends its data, the next envelope behind the

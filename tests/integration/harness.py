@@ -192,13 +192,22 @@ class SMTP:
     "\\n".  `lines` of the last reply is kept in self.last_lines."""
 
     def __init__(self, port=None, host="127.0.0.1", unix=None, timeout=15.0,
-                 greeting=True, source=None):
+                 greeting=True, source=None, rcvbuf=None):
         """source: the local address to connect from (127.0.0.0/8 lets a
-        test be many clients)."""
+        test be many clients).  rcvbuf: SO_RCVBUF, set before connecting
+        (a slow reader whose buffer never fills opens its window again
+        at once; loopback's default drops segments and backs off)."""
         if unix:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.settimeout(timeout)
             self.sock.connect(unix)
+        elif rcvbuf:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.settimeout(timeout)
+            if source:
+                self.sock.bind((source, 0))
+            self.sock.connect((host, port))
         else:
             self.sock = socket.create_connection(
                 (host, port), timeout=timeout,
@@ -462,6 +471,7 @@ class Env:
         self.odmrd_bin = os.path.join(self.build, "odmrd")
         self.odmrctl_bin = os.path.join(self.build, "odmrctl")
         self.fetch_bin = os.path.join(self.build, "odmr-fetch")
+        self.sndbuf_shim = os.path.join(self.build, "tests", "sndbuf_shim.so")
         self.keep = os.environ.get("ODMR_KEEP") == "1"
         self.dir = tempfile.mkdtemp(prefix="odmr-%s-" % name, dir=TMP_ROOT)
         self.spool = os.path.join(self.dir, "spool")
@@ -628,10 +638,21 @@ class Env:
         except OSError:
             return ""
 
-    def start(self, wait=10.0, extra_args=()):
-        """Starts odmrd -f -c CONF and waits until every listener accepts."""
+    def start(self, wait=10.0, extra_args=(), sndbuf=None):
+        """Starts odmrd -f -c CONF and waits until every listener accepts.
+        sndbuf: bytes of send buffer for every accepted connection
+        (tests/shim/sndbuf_shim.c), instead of loopback's autotuning."""
         check(os.access(self.odmrd_bin, os.X_OK),
               "odmrd not built: %s" % self.odmrd_bin)
+        environ = None
+        if sndbuf:
+            check(os.access(self.sndbuf_shim, os.R_OK),
+                  "test shim not built: %s" % self.sndbuf_shim)
+            environ = dict(os.environ, LD_PRELOAD=self.sndbuf_shim,
+                           ODMR_TEST_SNDBUF=str(sndbuf))
+            # ASan wants its runtime first; the shim needs nothing of it.
+            environ["ASAN_OPTIONS"] = (os.environ.get("ASAN_OPTIONS", "")
+                                       + ":verify_asan_link_order=0")
         if self.daemon and self.daemon.poll() is None:
             fail("odmrd already running")
         self._log = open(self.log_path, "ab")
@@ -640,7 +661,7 @@ class Env:
         self.daemon = self.spawn([self.odmrd_bin, "-f", "-c", self.conf_path]
                                  + list(extra_args),
                                  stdin=subprocess.DEVNULL, stdout=self._log,
-                                 stderr=subprocess.STDOUT)
+                                 stderr=subprocess.STDOUT, env=environ)
         deadline = time.time() + wait
         pending = self.listeners()
         probes = 0
@@ -652,7 +673,8 @@ class Env:
                     self._port_retries += 1
                     self._close_log()
                     self.new_ports()
-                    return self.start(wait=wait, extra_args=extra_args)
+                    return self.start(wait=wait, extra_args=extra_args,
+                                      sndbuf=sndbuf)
                 fail("odmrd exited with %s during start-up; log:\n%s" % (
                     self.daemon.returncode, self.log_tail()))
             still = []

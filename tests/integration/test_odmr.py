@@ -1757,6 +1757,81 @@ def test_customer_trickling_a_reply_is_cut_off(env):
           "the queued message changed")
 
 
+def read_slowly(s, per_tick, tick, give_up, ended):
+    """Reads the reversed connection, at most per_tick bytes per tick
+    seconds, until ended() (checked every tick), the final dot arrives or
+    give_up seconds pass; returns (seconds, bytes read, dot seen)."""
+    t0 = time.time()
+    got = len(s.buf)
+    tail = s.buf[-5:]
+    s.sock.settimeout(tick)
+    while time.time() - t0 < give_up and not ended():
+        try:
+            chunk = s.sock.recv(per_tick)
+        except (socket.timeout, TimeoutError):
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            break
+        if not chunk:
+            break
+        got += len(chunk)
+        tail = (tail + chunk)[-5:]
+        if tail == b"\r\n.\r\n":
+            return time.time() - t0, got, True
+        time.sleep(tick)
+    return time.time() - t0, got, False
+
+
+def test_customer_reading_slowly_is_cut_off(env):
+    """After the reversal the customer must take a message at
+    data_min_rate once timeout has passed, as an inbound client must send
+    one.  odmrd's send buffer is held at 16 KB (tests/shim), so every
+    write waits for the customer as on a slow link.  The customer frees
+    that buffer well within each 3 s timeout but takes 64 KB/s: 3 MB
+    would hold the domain's lock for most of a minute; at data_min_rate
+    1000000 the cut comes after 3 + 3 s.  The message stays
+    queued, and a customer that reads at speed gets it next time."""
+    setup(env, start=False, timeout="3s", data_min_rate="1000000")
+    env.start(sndbuf=16384)
+    line = b"x" * 998 + b"\r\n"
+    big = message("slow-reader", extra=line * 3000)
+    qid = enqueue(env, ["u1@example.org"], big)["example.org"]
+    before = files_of(env, "example.org", qid)
+    mark = len(env.log())
+    s = login(env)
+    check_reply(atrn(s, "example.org"), 250, what="ATRN")
+    s.sock.sendall(b"220 customer.test ESMTP\r\n")
+    check((raw_line(s) or b"").upper().startswith(b"EHLO"), "no EHLO")
+    s.sock.sendall(b"250 customer.test\r\n")       # no PIPELINING
+    check((raw_line(s) or b"").upper().startswith(b"MAIL"), "no MAIL")
+    s.sock.sendall(b"250 2.1.0 Ok\r\n")
+    check((raw_line(s) or b"").upper().startswith(b"RCPT"), "no RCPT")
+    s.sock.sendall(b"250 2.1.5 Ok\r\n")
+    check((raw_line(s) or b"").upper() == b"DATA", "no DATA")
+    s.sock.sendall(b"354 go ahead\r\n")
+    # 64 KB a second, in whole reads: loopback frees a receive buffer
+    # only skb by skb, and smaller reads stall the window for longer
+    # than the timeout.
+    cut = "too slow during DATA (deadline exceeded)"
+    dt, got, dot = read_slowly(s, 65536, 1.0, give_up=25,
+                               ended=lambda: cut in log_since(env, mark))
+    env.info("odmrd gave up after %.1f s; the customer had read %d bytes"
+             % (dt, got))
+    check(not dot, "odmrd sent the whole message (%d bytes) to a customer "
+          "reading 64 KB/s in %.1fs" % (got, dt))
+    check(cut in log_since(env, mark) and dt < 11,
+          "odmrd still writing to a customer reading 64 KB/s after %.1fs "
+          "(%d bytes; deadline 3 + 3 s):\n%s" % (dt, got, env.log_tail()))
+    s.sock.close()
+    wait_session_end(env, mark)
+    check(files_of(env, "example.org", qid) == before,
+          "the queued message changed")
+    c = reverse(env, "example.org").run()
+    check(len(c.transactions) == 1 and c.transactions[0].data == before[1],
+          "a customer reading at speed: %r" % c.transactions)
+    check(env.queued() == [], "queue after the delivery: %r" % env.queued())
+
+
 def test_reply_out_of_turn_after_354(env):
     """A customer that answers DATA with 354 and, in the same packet, a
     250 that would be taken for the final dot's: a protocol error, the
