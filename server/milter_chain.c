@@ -101,7 +101,9 @@ static bool flush_out(struct milter_conn *m, int64_t deadline, char *err,
 static bool put_packet(struct milter_conn *m, char cmd, const void *data,
                        size_t len, int64_t deadline, char *err, size_t n)
 {
-    if (len <= sizeof m->out - 5 - m->olen) {
+    /* olen may be within 5 of the end: the unsigned sum must stay on the
+     * left, where it cannot wrap */
+    if (5 + len <= sizeof m->out - m->olen) {
         milter_packet_head(m->out + m->olen, cmd, len);
         if (len)
             memcpy(m->out + m->olen + 5, data, len);
@@ -690,9 +692,11 @@ void milter_chain_body(struct milter_chain *c, const char *p, size_t len)
 
 static bool edit_allowed(const struct milter_conn *m, char cmd)
 {
-    uint32_t need = cmd == SMFIR_ADDHEADER ? SMFIF_ADDHDRS
-                    : cmd == SMFIR_INSHEADER || cmd == SMFIR_CHGHEADER
-                        ? SMFIF_CHGHDRS
+    /* libmilter's smfi_insheader asks for ADDHDRS, as smfi_addheader
+     * does: a filter such as OpenDKIM negotiates only that one */
+    uint32_t need = cmd == SMFIR_ADDHEADER || cmd == SMFIR_INSHEADER
+                        ? SMFIF_ADDHDRS
+                    : cmd == SMFIR_CHGHEADER ? SMFIF_CHGHDRS
                     : cmd == SMFIR_REPLBODY ? SMFIF_CHGBODY
                     : cmd == SMFIR_ADDRCPT ? SMFIF_ADDRCPT
                     : cmd == SMFIR_ADDRCPT_PAR ? SMFIF_ADDRCPT_PAR

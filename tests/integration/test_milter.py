@@ -425,6 +425,42 @@ def test_milter_no_reply_steps_and_skipped_stages(env):
         only_message(env)
 
 
+def test_milter_batched_headers_fill_the_buffer_exactly(env):
+    """With no-reply headers odmrd gathers the header packets in one
+    8 KB buffer.  Ten messages whose first header grows by one byte each
+    time end the gathering at every offset near the buffer's end; each
+    must reach the milter whole and be queued (an unsigned subtraction
+    once let a packet past the end when fewer than 5 bytes were left)."""
+    with ScriptedMilter(steps=NR_HDR) as m:
+        started(env, m.spec)
+        many = "".join("Xa: b\n" for _ in range(1700))
+        for j in range(10):
+            body = ("X-Pad: " + "p" * (j + 1) + "\n" + many +
+                    "Subject: pad %d\n\nbody %d\n" % (j, j))
+            check_reply(send(env, body=body), 250,
+                        what="end of data, padding %d" % (j + 1))
+            got = m.data_of("L")
+            check(len(got) == 1702 and got[-1] == b"Subject\0pad %d\0" % j,
+                  "padding %d: the milter got %d headers, last %r"
+                  % (j + 1, len(got), got[-1:]))
+        check(m.errors == [], "milter errors: %r" % m.errors)
+        check(len(env.queued()) == 10, "queued: %r" % env.queued())
+
+
+def test_milter_inserts_header_with_addhdrs_only(env):
+    """smfi_insheader needs only SMFIF_ADDHDRS (as in libmilter): a
+    milter that negotiated that alone may insert a header."""
+    def eom(data, m):
+        return [packet("i", struct.pack(">I", 0) + b"X-Inserted\0yes\0"),
+                packet("c")]
+    with ScriptedMilter(actions=ADDHDRS, on={"E": eom}) as m:
+        started(env, m.spec)
+        check_reply(send(env), 250, what="end of data")
+        _, data = only_message(env)
+        head, _ = split_message(data)
+        check(b"X-Inserted: yes" in head, "header not inserted: %r" % head)
+
+
 def test_milter_applies_to_lmtp(env):
     with ScriptedMilter(on={"E": lambda d, m: [packet("y", b"554 5.7.1 spam\0")]}) as m:
         started(env, m.spec)
