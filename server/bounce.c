@@ -441,6 +441,7 @@ struct relay {
     struct smtp_reply reply;
     bool ehlo_8bit, ehlo_utf8;
     bool in_data;   /* between 354 and the final dot: QUIT would be data */
+    bool refused;   /* for good (5xx, SMTPUTF8 missing), not just for now */
 };
 
 /* "550 5.1.1 text" from a reply, on one line, bounded. */
@@ -495,6 +496,7 @@ static bool relay_cmd(struct relay *rl, const char *cmd, int want_class,
         return false;
     if (rl->reply.code / 100 == want_class)
         return true;
+    rl->refused = rl->reply.code / 100 == 5;
     reply_summary(&rl->reply, summary, sizeof summary);
     snprintf(why, n, "%s[%s] said: %s (%s)", rl->host, rl->port, summary, stage);
     return false;
@@ -508,6 +510,7 @@ static bool relay_hello(struct relay *rl, const char *hostname, char *why,
     if (!relay_read(rl, "while waiting for the greeting", why, n))
         return false;
     if (rl->reply.code / 100 != 2) {
+        rl->refused = rl->reply.code / 100 == 5;
         reply_summary(&rl->reply, summary, sizeof summary);
         snprintf(why, n, "%s[%s] refused to talk: %s", rl->host, rl->port,
                  summary);
@@ -521,6 +524,7 @@ static bool relay_hello(struct relay *rl, const char *hostname, char *why,
     }
     if (rl->reply.code / 100 != 5)
         return false;
+    rl->refused = false;
     snprintf(cmd, sizeof cmd, "HELO %s", hostname);
     return relay_cmd(rl, cmd, 2, why, n);
 }
@@ -564,6 +568,7 @@ static bool relay_transaction(struct relay *rl, const struct dsn *d,
     char cmd[ADDR_MAX + 64];
     const char *sender = d->e->sender;
     if (has_non_ascii(sender) && !rl->ehlo_utf8) {
+        rl->refused = true;
         snprintf(why, n, "%s[%s] does not support SMTPUTF8, needed for <%s>",
                  rl->host, rl->port, sender);
         return false;
@@ -596,10 +601,12 @@ static bool relay_transaction(struct relay *rl, const struct dsn *d,
 }
 
 /* Hands the DSN to bounce_relay.  result: the relay's reply to the final
- * dot, or why it failed. */
+ * dot, or why it failed; *refused: it failed for good (a 5xx), not for
+ * now (unreachable, a timeout, a 4xx, the queued data unreadable). */
 static bool relay_send(const struct odmrd_conf *conf, const struct dsn *d,
-                       char *result, size_t n)
+                       char *result, size_t n, bool *refused)
 {
+    *refused = false;
     long t = conf->timeout > 0 && conf->timeout < 86400 ? conf->timeout : 300;
     unsigned long port = 0;
     parse_ulong(conf->bounce_relay_port, 65535, &port);   /* checked by conf.c */
@@ -623,6 +630,7 @@ static bool relay_send(const struct odmrd_conf *conf, const struct dsn *d,
         char quit_why[64];
         relay_read(rl, "after QUIT", quit_why, sizeof quit_why);
     }
+    *refused = !ok && rl->refused;
     io_close(&rl->io);
     free(rl);
     return ok;
@@ -699,11 +707,22 @@ static void rcpt_list(const struct bounce_rcpt *r, size_t n, bool wanted_only,
         snprintf(buf + used, len - used, " (and %zu more)", total - shown);
 }
 
-/* The relay could not take the DSN (why): queue it for a hosted sender
- * domain, or log it as undeliverable. */
+/* A bounce the relay could not take for now is tried again while its
+ * message has been queued for less than twice queue_lifetime: as long
+ * again as the message itself had (Postfix's bounce_queue_lifetime). */
+static bool still_retrying(const struct odmrd_conf *conf,
+                           const struct envelope *e)
+{
+    time_t now = time(NULL);
+    return now - e->arrival < 2 * (time_t)conf->queue_lifetime;
+}
+
+/* The relay could not take the DSN (why; temporary: for now only): queue
+ * it for a hosted sender domain, keep the message to try again, or log
+ * it as undeliverable. */
 static enum bounce_result fallback(const struct odmrd_conf *conf,
                                    struct queue *q, const struct dsn *d,
-                                   const char *why)
+                                   const char *why, bool temporary)
 {
     const struct envelope *e = d->e;
     char key[ADDR_DOMAIN_MAX + 1] = "", newid[QID_MAX], list[LOG_LIST_MAX];
@@ -723,9 +742,14 @@ static enum bounce_result fallback(const struct odmrd_conf *conf,
                 "will try again later", e->id, e->sender, strerror(err));
         return BOUNCE_RETRY;
     }
-    if (hosted == ACCT_TEMPFAIL) {
+    if (hosted == ACCT_TEMPFAIL || hosted == ACCT_PERM) {
         log_warn("%s: bounce to <%s> deferred: account database unavailable "
                  "(%s)", e->id, e->sender, why);
+        return BOUNCE_RETRY;
+    }
+    if (temporary && still_retrying(conf, e)) {
+        log_warn("%s: bounce to <%s> deferred: %s; trying again later",
+                 e->id, e->sender, why);
         return BOUNCE_RETRY;
     }
     rcpt_list(d->r, d->n, true, list, sizeof list);
@@ -753,15 +777,16 @@ enum bounce_result bounce_message(const struct odmrd_conf *conf,
         return BOUNCE_NOT_NEEDED;
     struct dsn d;
     dsn_init(&d, conf->hostname, e, data_fd, r, n, time(NULL));
+    bool refused = true;    /* no relay: nowhere else to try later */
     if (!conf->bounce_relay_host[0]) {
         str_copy(why, "no bounce_relay configured", sizeof why);
-    } else if (relay_send(conf, &d, why, sizeof why)) {
+    } else if (relay_send(conf, &d, why, sizeof why, &refused)) {
         log_info("%s: sender non-delivery notification: to=<%s>, relay=%s[%s], "
                  "%s", e->id, e->sender, conf->bounce_relay_host,
                  conf->bounce_relay_port, why);
         return BOUNCE_SENT;
     }
-    return fallback(conf, q, &d, why);
+    return fallback(conf, q, &d, why, !refused);
 }
 
 void bounce_format_age(long seconds, char *buf, size_t n)

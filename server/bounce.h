@@ -14,7 +14,11 @@
  *   2. when the relay is unset, unreachable or says anything but 2xx, and
  *      the sender's domain is hosted here: into that domain's queue
  *      (domain_quota is not applied: a bounce is never dropped for it);
- *   3. otherwise nowhere - an error line with the recipients is logged.
+ *   3. when the relay failed for now only (unreachable, a timeout, a 4xx,
+ *      the queued data unreadable) and the message has been queued for
+ *      less than twice queue_lifetime: nowhere yet (BOUNCE_RETRY), the
+ *      message is kept and the bounce tried again later;
+ *   4. otherwise nowhere - an error line with the recipients is logged.
  * The DSN is produced as a stream from the queued data file (read with
  * pread, in chunks), once for the relay and, if that fails, once more for
  * the local queue: memory use does not depend on the message size and no
@@ -59,8 +63,9 @@ enum bounce_result {
     BOUNCE_QUEUED,      /* queued locally for the sender's hosted domain */
     BOUNCE_NOT_NEEDED,  /* null sender, or no recipient asked for a notice */
     BOUNCE_LOGGED,      /* undeliverable: an error line was logged */
-    BOUNCE_RETRY,       /* the DSN had to be queued locally and that failed
-                           (disk full, I/O error, account database locked):
+    BOUNCE_RETRY,       /* the relay failed for now (3. above), or the DSN
+                           had to be queued locally and that failed (disk
+                           full, I/O error, account database locked):
                            nothing was sent; keep the message, try later */
 };
 

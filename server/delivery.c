@@ -535,14 +535,18 @@ static void return_bounced(struct delivery_ctx *d, const struct envelope *e,
                                      e->rcpt[i].notify, status[n], st[i].reply};
         n++;
     }
-    if (n && bounce_message(d->conf, d->q, e, fd, br, n) == BOUNCE_RETRY) {
+    bool kept = !br || !status;
+    if (kept)
+        log_err("%s: out of memory while returning mail; keeping the "
+                "recipients queued", e->id);
+    else if (n && bounce_message(d->conf, d->q, e, fd, br, n) == BOUNCE_RETRY) {
         log_warn("%s: bounce could not be sent or stored; keeping the "
                  "recipients queued", e->id);
-        for (size_t i = 0; i < e->nrcpt; i++)
-            if (st[i].out == OUT_BOUNCE)
-                st[i].out = OUT_DEFER;
-    } else if (!br || !status)
-        log_err("%s: out of memory while returning mail", e->id);
+        kept = true;
+    }
+    for (size_t i = 0; kept && i < e->nrcpt; i++)
+        if (st[i].out == OUT_BOUNCE)
+            st[i].out = OUT_DEFER;
     free(br);
     free(status);
 }

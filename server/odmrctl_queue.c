@@ -592,8 +592,8 @@ static int bounce_copies(struct ctl *c, const char *id, bool *unknown)
         close(fd);
     free(r);
     if (res == BOUNCE_RETRY) {
-        rc = fail(EX_TEMPFAIL, "%s: the report to <%s> cannot be queued now; "
-                  "the message stays queued, try again later", id, k.env[0].sender);
+        rc = fail(EX_TEMPFAIL, "%s: the report to <%s> cannot be sent or queued "
+                  "now; the message stays queued, try again later", id, k.env[0].sender);
     } else {
         print_bounce_result(&k.env[0], names, res);
         log_info("%s: returned to sender by odmrctl (uid %lu)", id,

@@ -215,15 +215,66 @@ def test_bounce_relay_refuses_hosted_sender(env):
 
 
 def test_bounce_undeliverable(env):
-    """Relay down (or none) and a foreign sender: removed and logged."""
+    """No relay, or a relay that refuses for good (5xx), and a foreign
+    sender: removed and logged."""
     env.setup_accounts()
-    for relay in ("127.0.0.1:%d" % closed_port(), None):
-        env.write_conf(bounce_relay=relay)
-        qid = enqueue(env, "someone@elsewhere.test", ["u1@example.org"])
-        r = bounce(env, qid)
-        check("could not be delivered" in r.stdout,
-              "odmrctl output %r" % r.stdout)
-        check(env.queued() == [], "still queued: %r" % env.queued())
+    with Sink(rcpt_replies={"someone@elsewhere.test":
+                            "550 5.1.1 no such user"}) as sink:
+        for relay in (None, sink.address):
+            env.write_conf(bounce_relay=relay)
+            qid = enqueue(env, "someone@elsewhere.test", ["u1@example.org"])
+            r = bounce(env, qid)
+            check("could not be delivered" in r.stdout,
+                  "relay %s: odmrctl output %r" % (relay, r.stdout))
+            check(env.queued() == [], "still queued: %r" % env.queued())
+
+
+def test_bounce_relay_failing_for_now_keeps_the_message(env):
+    """A relay that is down or answers 4xx fails for now only: the
+    message stays queued (odmrctl exits 75) so that the bounce is tried
+    again, until the message has been queued for twice queue_lifetime;
+    then the bounce is logged as undeliverable."""
+    env.setup_accounts()
+    with Sink(rcpt_replies={"someone@elsewhere.test":
+                            "451 4.3.0 try later"}) as sink:
+        for relay in ("127.0.0.1:%d" % closed_port(), sink.address):
+            env.write_conf(bounce_relay=relay)
+            qid = enqueue(env, "someone@elsewhere.test", ["u1@example.org"])
+            r = bounce(env, qid, code=EX_TEMPFAIL)
+            check("stays queued" in r.stderr, "relay %s: odmrctl said %r"
+                  % (relay, r.stderr))
+            check(env.queued_ids("example.org") == [qid],
+                  "relay %s: queue %r" % (relay, env.queued()))
+            bounce(env, qid, code=EX_TEMPFAIL)
+            env.write_conf(bounce_relay=relay, queue_lifetime="1s")
+            time.sleep(2.2)
+            r = bounce(env, qid)
+            check("could not be delivered" in r.stdout,
+                  "relay %s after 2 x queue_lifetime: %r" % (relay, r.stdout))
+            check(env.queued() == [], "still queued: %r" % env.queued())
+            env.write_conf(queue_lifetime="5d")
+        check(sink.transactions == [], "the sink accepted %r"
+              % sink.transactions)
+
+
+def test_expiry_keeps_the_message_while_the_relay_defers(env):
+    """At expiry a relay that answers 4xx keeps the expired message
+    queued (the maintenance pass tries its bounce again)."""
+    env.setup_accounts()
+    with Sink(rcpt_replies={"s@remote.test": "451 4.3.0 try later"}) as sink:
+        use_relay(env, sink)
+        env.write_conf(queue_lifetime="2s")
+        env.start()
+        qid = send(env, "s@remote.test", ["u1@example.org"])
+        time.sleep(2.5)
+        mark = len(env.log())
+        os.kill(env.daemon.pid, signal.SIGUSR1)
+        wait_for(lambda: "%s: bounce to <s@remote.test> deferred" % qid
+                 in env.log()[mark:], timeout=20, what="the deferred bounce")
+        wait_for(lambda: "kept until its bounce" in env.log()[mark:],
+                 timeout=10, what="the expiry line")
+        check(env.queued_ids("example.org") == [qid],
+              "queue after a deferred bounce: %r" % env.queued())
 
 
 def test_bounce_ids_and_usage(env):
