@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -338,6 +339,10 @@ static bool send_data(struct delivery_ctx *d, int fd, uint64_t len,
             ok = got > 0 && stuff_write(&st, buf, (size_t)got);
             if (ok)
                 len -= (uint64_t)got;
+        }
+        if (ok && len > 0) {
+            errno = EIO;    /* shrank since open_message: never a cut 250 */
+            ok = false;
         }
     }
     if (ok && !st.last_lf)
@@ -677,6 +682,19 @@ static void close_message(struct outgoing *m)
     m->fd = -1;
 }
 
+/* A data file shorter than its envelope's size (a damaged spool) would
+ * go out cut short and be answered 250: it is left alone instead. */
+static bool data_too_short(const struct outgoing *m)
+{
+    struct stat sb = {0};
+    if (fstat(m->fd, &sb) == 0 && (uint64_t)sb.st_size >= m->e.size)
+        return false;
+    log_err("%s: message data shorter than its envelope says (%lld of %llu "
+            "bytes), left alone", m->id, (long long)sb.st_size,
+            (unsigned long long)m->e.size);
+    return true;
+}
+
 /* Loads id and decides whether it can be offered to this customer at all
  * (precheck's refusals are settled like the customer's). */
 static void open_message(struct delivery_ctx *d, const struct caps *c,
@@ -698,6 +716,8 @@ static void open_message(struct delivery_ctx *d, const struct caps *c,
         log_err("%s: cannot open message data: %s", id, strerror(errno));
         return;
     }
+    if (data_too_short(m))
+        return;
     if (!plan_downgrade(c, &m->e, m->fd, &m->plan))
         return;
     m->loaded = true;

@@ -1558,6 +1558,29 @@ def test_two_file_spool_of_earlier_versions_is_delivered(env):
           " %r" % domain_files(env, "example.org"))
 
 
+def test_two_file_message_cut_short_is_left_alone(env):
+    """A data file .m shorter than the size its envelope gives (a damaged
+    spool) is never sent: it would go out cut short, be answered 250 and
+    be removed.  It stays queued with a log line; the next message goes."""
+    setup(env)
+    qid = smtp_in(env, ["a@example.org"], message("cut short"))
+    other = smtp_in(env, ["b@example.org"], message("whole"))
+    data, text = env.queue_file("example.org", qid)
+    d = env.queue_dir("example.org")
+    with open(os.path.join(d, qid + ".m"), "wb") as f:
+        f.write(data[:len(data) // 2])
+    with open(os.path.join(d, qid + ".e"), "wb") as f:
+        f.write(text)
+    os.unlink(os.path.join(d, qid + ".q"))
+    mark = len(env.log())
+    c = reverse(env, "example.org").run()
+    check([t.rcpts for t in c.transactions] == [["b@example.org"]],
+          "delivered %r" % c.transactions)
+    check(env.queued_ids("example.org") == [qid], "queue %r" % env.queued())
+    log_line_with(env, mark, qid, "shorter than its envelope says")
+    check(other not in env.queued_ids("example.org"), "the whole one stayed")
+
+
 def test_damaged_envelope_left_alone(env):
     """An envelope whose id or recipients do not fit its file name is
     unreadable: left in the queue with a log line, and never taken for
