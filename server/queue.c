@@ -64,6 +64,29 @@ static DIR *open_dir_nofollow(const char *path)
     return d;
 }
 
+/* Opens a spool file to read it.  A FIFO or device placed in the spool
+ * would block the open or the reads with the domain's lock held: anything
+ * but a regular file fails with EINVAL (damage), a symbolic link with
+ * ELOOP. */
+static int open_spool_file(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+    struct stat sb;
+    if (fd < 0 || (fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode)))
+        return fd;
+    close(fd);
+    errno = EINVAL;
+    return -1;
+}
+
+/* Why a spool file could not be opened, for the log. */
+static const char *open_failure(int err)
+{
+    return err == ELOOP    ? "a symbolic link, not a queue file (left alone)"
+           : err == EINVAL ? "not a regular file (left alone)"
+                           : strerror(err);
+}
+
 /* 0 when path is a real directory, ELOOP for a symbolic link (O_NOFOLLOW's
  * errno), another errno otherwise. */
 static int real_dir(const char *path)
@@ -747,7 +770,7 @@ bool queue_has_mail(struct queue *q, const char *domain)
 static uint64_t queue_file_data_len(const char *path)
 {
     uint64_t len = 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    int fd = open_spool_file(path);
     if (fd < 0)
         return 0;
     if (!qfile_data_len(fd, &len))
@@ -901,14 +924,13 @@ void queue_usage_refresh(struct queue *q)
 static bool read_envelope_file(const char *path, struct envelope *e, char *err,
                                size_t n)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    int fd = open_spool_file(path);
     FILE *f = fd >= 0 ? fdopen(fd, "r") : NULL;
     if (!f) {
         int oerr = errno;
         if (fd >= 0)
             close(fd);
-        snprintf(err, n, "%s: %s", path, oerr == ELOOP ? "a symbolic link, "
-                 "not a queue file (left alone)" : strerror(oerr));
+        snprintf(err, n, "%s: %s", path, open_failure(oerr));
         errno = oerr;
         return false;
     }
@@ -946,13 +968,12 @@ static int load_queue_file(struct queue *q, const char *domain, const char *id,
     char path[PATH_MAX], newer[PATH_MAX], why[256];
     if (!qpath(path, q, domain, id, ".q") || !qpath(newer, q, domain, id, ".n"))
         return 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    int fd = open_spool_file(path);
     if (fd < 0) {
         if (errno == ENOENT)
             return 0;
         int oerr = errno;
-        snprintf(err, n, "%s: %s", path, oerr == ELOOP ? "a symbolic link, "
-                 "not a queue file (left alone)" : strerror(oerr));
+        snprintf(err, n, "%s: %s", path, open_failure(oerr));
         errno = oerr;
         return -1;
     }
@@ -1022,10 +1043,10 @@ int queue_open_data(struct queue *q, const char *domain, const char *id)
         errno = EINVAL;
         return -1;
     }
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    int fd = open_spool_file(path);
     if (fd >= 0 || errno != ENOENT || !qpath(path, q, domain, id, ".m"))
         return fd;
-    return open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    return open_spool_file(path);
 }
 
 /* Whether the message is a queue file (and not a .m/.e pair). */
@@ -1515,7 +1536,7 @@ int queue_held_ids(struct queue *q, const char *domain,
 static void read_reason(const char *path, char *reason, size_t rn)
 {
     reason[0] = '\0';
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    int fd = open_spool_file(path);
     if (fd < 0 || rn == 0) {
         if (fd >= 0)
             close(fd);

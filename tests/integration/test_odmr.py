@@ -1581,6 +1581,25 @@ def test_two_file_message_cut_short_is_left_alone(env):
     check(other not in env.queued_ids("example.org"), "the whole one stayed")
 
 
+def test_fifo_in_the_queue_does_not_hang_delivery(env):
+    """A FIFO named like a queue file would block open() for ever, with
+    the domain's lock held.  Spool files are opened without blocking and
+    must be regular files: the FIFO is left alone with a log line and the
+    real message is delivered."""
+    setup(env)
+    qid = smtp_in(env, ["a@example.org"], message("next to a fifo"))
+    fifo = os.path.join(env.queue_dir("example.org"), "0000000000000001.q")
+    os.mkfifo(fifo, 0o600)
+    mark = len(env.log())
+    c = reverse(env, "example.org", timeout=10).run()
+    check([t.rcpts for t in c.transactions] == [["a@example.org"]],
+          "delivered %r" % c.transactions)
+    check(c.quit, "no QUIT: odmrd hung on the FIFO")
+    check(qid not in env.queued_ids("example.org"), "message still queued")
+    log_line_with(env, mark, "0000000000000001", "not a regular file")
+    os.unlink(fifo)
+
+
 def test_damaged_envelope_left_alone(env):
     """An envelope whose id or recipients do not fit its file name is
     unreadable: left in the queue with a log line, and never taken for
