@@ -1309,16 +1309,31 @@ static bool older_than(const char *path, time_t limit)
     return lstat(path, &st) == 0 && st.st_mtime < limit;
 }
 
+/* The process writing name: an envelope update "<id>.<pid>.u" names its
+ * writer in decimal (queue_update), since the id's own pid is that of the
+ * process that received the message, long gone; other names are ids. */
+static long writer_of(const char *name)
+{
+    char *end;
+    const char *dot = strchr(name, '.');
+    size_t len = strlen(name);
+    if (dot && len > 2 && !strcmp(name + len - 2, ".u")) {
+        long pid = strtol(dot + 1, &end, 10);
+        return end == name + len - 2 ? pid : 0;
+    }
+    if (len < 14)
+        return 0;
+    long pid = strtol(name + 13, &end, 16);
+    return *end == '\0' || *end == '.' ? pid : 0;
+}
+
 /* Queue ids end in the hex pid of the process that made them (see
  * queue_new_id): when that process is gone, whatever it left unfinished
  * can go at once instead of waiting for the age limit. */
 static bool writer_gone(const char *name)
 {
-    if (strlen(name) < 14)
-        return false;
-    char *end;
-    long pid = strtol(name + 13, &end, 16);
-    if (pid <= 0 || (*end != '\0' && *end != '.'))
+    long pid = writer_of(name);
+    if (pid <= 0)
         return false;
     return kill((pid_t)pid, 0) != 0 && errno == ESRCH;
 }

@@ -259,6 +259,44 @@ static void test_cleanup_of_crash_leftovers(struct queue *q)
     CHECK(exists("example.org", id, ".q"));
 }
 
+static bool tmp_exists(const char *name)
+{
+    char path[PATH_MAX];
+    struct stat st;
+    snprintf(path, sizeof path, "%s/tmp/%s", spool, name);
+    return lstat(path, &st) == 0;
+}
+
+static void put_tmp(const char *name)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/tmp/%s", spool, name);
+    FILE *f = fopen(path, "w");
+    CHECK(f != NULL);
+    if (f)
+        fclose(f);
+}
+
+/* An envelope update being written, tmp/<id>.<pid>.u, belongs to the
+ * process <pid>, not to the long-gone receiver named in the id: the
+ * cleanup must leave it while that process lives (removing it made the
+ * update fail, and delivered recipients were delivered again). */
+static void test_cleanup_keeps_updates_in_progress(struct queue *q)
+{
+    char id[QID_MAX], mine[QID_MAX + 32], orphan[QID_MAX + 32];
+    snprintf(id, sizeof id, "0000000100000%lX", (unsigned long)dead_pid());
+    snprintf(mine, sizeof mine, "%s.%ld.u", id, (long)getpid());
+    snprintf(orphan, sizeof orphan, "%s.%ld.u", id, dead_pid());
+    put_tmp(mine);
+    put_tmp(orphan);
+    queue_cleanup(q, 3600);
+    CHECK(tmp_exists(mine));
+    CHECK(!tmp_exists(orphan));
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/tmp/%s", spool, mine);
+    unlink(path);
+}
+
 int main(void)
 {
     char err[256];
@@ -273,6 +311,7 @@ int main(void)
     test_abort_leaves_nothing(&q);
     test_link_for_a_domain_refused(&q);
     test_cleanup_of_crash_leftovers(&q);
+    test_cleanup_keeps_updates_in_progress(&q);
     test_queue_file_update_and_remove(&q);
     test_damaged_queue_file(&q);
     char cmd[400];
