@@ -1615,7 +1615,14 @@ bool queue_release(struct queue *q, const char *domain, const char *id)
         return false;
     if (rename(henv, env) != 0)
         return false;
-    fsync_dir(dir);
+    /* Between the link and the rename the data was a .m without its .e,
+     * which a maintenance pass (no lock) takes for a crash's leftover:
+     * its receiver is long gone.  Linked again, the quarantined copy goes
+     * only once the queued one is there and synced. */
+    if (lstat(data, &st) != 0 && (errno != ENOENT || link(hdata, data) != 0))
+        return false;
+    if (!fsync_dir(dir) || lstat(hdata, &st) != 0)
+        return false;
     usage_adjust(q, domain, +1, (uint64_t)st.st_size);
     unlink(hwhy);
     unlink(hdata);
