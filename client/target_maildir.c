@@ -123,18 +123,37 @@ static bool expand_path(const char *tmpl, const char *local,
     return true;
 }
 
+/* mkdir, and when it made the directory, a sync of its parent: the new
+ * entry must survive a power loss as the mail that goes into it will
+ * (SPEC 3.4, "directory entry synced").  0, or errno (EEXIST kept). */
+static int mkdir_synced(char *path)
+{
+    if (mkdir(path, 0700) != 0)
+        return errno;
+    char *slash = strrchr(path, '/');
+    if (!slash)
+        return fsync_dir(".") ? 0 : errno;
+    if (slash == path)
+        return fsync_dir("/") ? 0 : errno;
+    *slash = '\0';
+    int e = fsync_dir(path) ? 0 : errno;
+    *slash = '/';
+    return e;
+}
+
 static int mkdir_p(char *path)
 {
     for (char *p = path + 1; *p; p++) {
         if (*p != '/')
             continue;
         *p = '\0';
-        int r = mkdir(path, 0700);
+        int r = mkdir_synced(path);
         *p = '/';
-        if (r != 0 && errno != EEXIST)
-            return errno;
+        if (r != 0 && r != EEXIST)
+            return r;
     }
-    return mkdir(path, 0700) == 0 || errno == EEXIST ? 0 : errno;
+    int r = mkdir_synced(path);
+    return r == EEXIST ? 0 : r;
 }
 
 /* 0 when dir is a usable maildir (made so when may_create), else errno. */
@@ -156,8 +175,9 @@ static int ensure_maildir(char *dir, bool may_create)
     for (size_t i = 0; i < 3; i++) {
         if (!str_fmt(path, sizeof path, "%s/%s", dir, sub[i]))
             return ENAMETOOLONG;
-        if (mkdir(path, 0700) != 0 && errno != EEXIST)
-            return errno;
+        int e = mkdir_synced(path);
+        if (e && e != EEXIST)
+            return e;
     }
     return 0;
 }
@@ -339,6 +359,26 @@ static int sync_all(struct maildir *d)
     return 0;
 }
 
+/* tmp/ to new/ without ever replacing a message there: rename() would,
+ * if a name ever came back (a pid reused after a reboot with the clock
+ * set back, two hosts of one name sharing the maildir).  link() fails
+ * instead, as the Maildir convention has it; a file system without hard
+ * links gets the rename after a check. */
+static int move_new(const char *from, const char *to)
+{
+    struct stat st;
+    if (link(from, to) == 0) {
+        unlink(from);
+        return 0;
+    }
+    if (errno != EPERM && errno != EOPNOTSUPP && errno != ENOSYS &&
+        errno != EMLINK)
+        return errno;
+    if (lstat(to, &st) == 0)
+        return EEXIST;
+    return rename(from, to) == 0 ? 0 : errno;
+}
+
 /* Moves every copy into new/; on failure takes back the ones moved. */
 static int publish(struct maildir *d)
 {
@@ -350,8 +390,8 @@ static int publish(struct maildir *d)
         if (!file_path(&d->r[i], "tmp", from, sizeof from) ||
             !file_path(&d->r[i], "new", to, sizeof to))
             e = ENAMETOOLONG;
-        else if (rename(from, to) != 0)
-            e = errno;
+        else
+            e = move_new(from, to);
     }
     if (!e)
         return 0;
