@@ -24,6 +24,7 @@
  * LMTP servers at RCPT time, where they map one to one. */
 #include "target.h"
 
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -144,6 +145,10 @@ static bool connect_target(struct target *t, char *err, size_t n)
     if (fd < 0)
         return false;
     io_init(&s->io, fd, (int)(t->conf->timeout * 1000));
+    /* as on the provider's connection: a reply line trickled one octet
+     * per timeout would hold the run, and the provider's session, for
+     * ever */
+    io_set_line_deadline(&s->io, (int)(t->conf->timeout * 1000));
     s->connected = true;
     if (!talk(s, NULL, &r)) {
         snprintf(err, n, "no greeting");
@@ -421,9 +426,27 @@ static void end_replies(struct target *t, struct reply *r)
     forget_accepted(s);
 }
 
+/* Whether the site sent anything since its 354: nothing is due from it
+ * before the final dot, so that would be taken for the dot's reply - a
+ * 250 the site never gave this message - and every later reply would be
+ * one behind. */
+static bool replied_out_of_turn(struct smtp_target *s)
+{
+    struct pollfd p = {s->io.fd, POLLIN, 0};
+    return io_pending(&s->io) != 0 || (poll(&p, 1, 0) == 1 && p.revents);
+}
+
 static void smtp_end(struct target *t, bool abort, struct reply *r)
 {
     struct smtp_target *s = S(t);
+
+    if (!abort && !s->failed && s->connected && replied_out_of_turn(s)) {
+        disconnect(s);
+        forget_accepted(s);
+        reply_set(r, 451, "4.5.0 The local mail system replied out of turn "
+                          "during the data; not delivered");
+        return;
+    }
 
     if (abort || s->failed || !s->connected) {
         /* No final dot: closing mid-data makes the server drop it. */

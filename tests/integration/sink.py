@@ -144,6 +144,8 @@ class _Handler(socketserver.StreamRequestHandler):
                     self.out("503 5.5.1 Need RCPT first")
                     continue
                 self.out("354 End data with <CR><LF>.<CR><LF>")
+                if s.after_354:
+                    self.out(s.after_354)
                 if not self.read_data(tx):
                     return
                 self.reply_data(tx)
@@ -213,8 +215,9 @@ class Sink:
                  ehlo_reply=None, mail_reply="250 2.1.0 Ok",
                  rcpt_reply="250 2.1.5 Ok", rcpt_replies=None,
                  data_reply="250 2.0.0 Ok: queued as SINK%d",
-                 data_replies=None, require_helo=False):
+                 data_replies=None, require_helo=False, after_354=None):
         self.lmtp = lmtp
+        self.after_354 = after_354   # a line sent out of turn after 354
         self.greeting = greeting
         self.extensions = extensions
         self.ehlo_reply = ehlo_reply

@@ -436,6 +436,22 @@ def test_fetch_smtp_end_to_end(env):
         check(item in lines[0], "summary %r lacks %s" % (lines[0], item))
 
 
+def test_fetch_site_replying_out_of_turn_after_354(env):
+    """A site that answers DATA with 354 and at once a 250: nothing is due
+    from it before the final dot, so that 250 must not be taken for the
+    dot's reply.  odmr-fetch answers 451, the message stays queued."""
+    started(env)
+    qid = send(env, "s@remote.test", ["u1@example.org"])
+    with Sink(after_354="250 2.0.0 early") as sink:
+        r = fetch(env, deliver="smtp:" + sink.address)
+    check(r.returncode == EX_TEMPFAIL, "exit %d: %s" % (r.returncode,
+                                                         r.stderr))
+    check(env.queued_ids("example.org") == [qid],
+          "queue after a reply out of turn: %r" % env.queued())
+    check("out of turn" in env.log(), "odmrd did not hear why:\n%s"
+          % env.log_tail())
+
+
 def test_fetch_smtp_per_recipient(env):
     with Sink() as bounces:
         started(env, bounce_relay=bounces.address)
