@@ -97,8 +97,8 @@ $(B)/tests/%: tests/unit/%.c $(SERVER_LIB_OBJ) $(COMMON_OBJ)
 
 # A test-only LD_PRELOAD (tests/shim): built without the sanitizers, which
 # want their own runtime first and need nothing from this one.
-SHIM_BIN := $(B)/tests/sndbuf_shim.so
-$(SHIM_BIN): tests/shim/sndbuf_shim.c
+SHIM_BIN := $(B)/tests/accept_shim.so
+$(SHIM_BIN): tests/shim/accept_shim.c
 	@mkdir -p $(dir $@)
 	$(CC) $(STD) $(WARN) -O2 -fPIC -shared -o $@ $< -ldl
 

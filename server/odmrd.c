@@ -296,12 +296,21 @@ static bool drop_privileges(void)
 
 /* ------------------------------------------------------------ children */
 
+/* The maintenance child running, or 0: one at a time.  A pass that is
+ * slow (a bounce relay that drops packets costs a timeout per bounce)
+ * must not have the next ones pile up behind it, each holding locks. */
+static pid_t maintenance_pid;
+
 static void reap_children(void)
 {
     int status;
     pid_t pid;
-    while ((pid = waitpid(-1, &status, WNOHANG)) > 0)
-        pool_reaped(pid, status);   /* else: a maintenance child */
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        if (pid == maintenance_pid)
+            maintenance_pid = 0;
+        else
+            pool_reaped(pid, status);
+    }
 }
 
 static void peer_name(const struct sockaddr_storage *ss, char *buf, size_t n)
@@ -391,14 +400,59 @@ static void apply_limits(void)
     guard_configure(&conf);
 }
 
+/* accept4 failing for want of descriptors or memory leaves the connection
+ * waiting, so its listener stays readable and the level-triggered epoll
+ * would spin the master at full CPU.  The listeners leave the set for a
+ * second instead (the connections wait in the backlog meanwhile). */
+#define ACCEPT_PAUSE_MS 1000
+static int64_t accept_paused_until;   /* now_ms() time, 0: accepting */
+
+static void watch_listeners(bool on)
+{
+    for (size_t i = 0; i < nlisteners; i++) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.fd = listeners[i].fd};
+        (void)epoll_ctl(watch_fd, on ? EPOLL_CTL_ADD : EPOLL_CTL_DEL,
+                        listeners[i].fd, &ev);
+    }
+}
+
+static void pause_accepting(int err)
+{
+    static int64_t last_log;
+    int64_t now = now_ms();
+    if (!last_log || now - last_log >= 60000) {
+        log_err("cannot accept connections: %s; pausing for %d ms (raise "
+                "LimitNOFILE or lower max_connections)", strerror(err),
+                ACCEPT_PAUSE_MS);
+        last_log = now;
+    }
+    watch_listeners(false);
+    accept_paused_until = now + ACCEPT_PAUSE_MS;
+}
+
+static void resume_accepting_when_due(void)
+{
+    if (accept_paused_until && now_ms() >= accept_paused_until) {
+        accept_paused_until = 0;
+        watch_listeners(true);
+    }
+}
+
 static void accept_one(const struct listener *l)
 {
     struct sockaddr_storage ss;
     socklen_t sl = sizeof ss;
     struct worker_job job = {.service = (int)l->svc};
+    if (accept_paused_until)
+        return;   /* another listener of the same wake-up failed */
     int fd = accept4(l->fd, (struct sockaddr *)&ss, &sl, SOCK_CLOEXEC);
-    if (fd < 0)
-        return;   /* EAGAIN, ECONNABORTED, EMFILE: try again at next poll */
+    if (fd < 0) {
+        /* EAGAIN, ECONNABORTED: nothing to do until the next wake-up */
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS ||
+            errno == ENOMEM)
+            pause_accepting(errno);
+        return;
+    }
     peer_name(&ss, job.addr, sizeof job.addr);
     if (l->svc == SVC_ODMR)
         guard_job(&job);   /* the table's word travels with the job */
@@ -430,10 +484,22 @@ static void accept_one(const struct listener *l)
 
 static void run_maintenance(void)
 {
+    if (maintenance_pid) {
+        log_info("maintenance: the previous pass (pid %ld) is still running; "
+                 "skipping this one", (long)maintenance_pid);
+        return;
+    }
     pid_t pid = fork();
-    if (pid != 0)
-        return;   /* the master does not wait: SIGCHLD reaps it */
+    if (pid != 0) {
+        if (pid > 0)
+            maintenance_pid = pid;   /* the master does not wait: SIGCHLD */
+        return;
+    }
+    /* on_signal would write to the signal pipe's number, closed below and
+     * maybe reused for a queue file or the relay's socket */
     set_handler(SIGTERM, SIG_DFL);
+    set_handler(SIGINT, SIG_DFL);
+    set_handler(SIGCHLD, SIG_DFL);
     set_handler(SIGHUP, SIG_DFL);
     set_handler(SIGUSR1, SIG_IGN);
     close(sig_pipe[0]);
@@ -568,6 +634,7 @@ static void main_loop(void)
         }
         if (rc > 0)
             handle_events(ev, rc);
+        resume_accepting_when_due();
         pool_expire_idle();
         if (got_usr1 || now_ms() >= next_maint) {
             got_usr1 = 0;

@@ -471,7 +471,7 @@ class Env:
         self.odmrd_bin = os.path.join(self.build, "odmrd")
         self.odmrctl_bin = os.path.join(self.build, "odmrctl")
         self.fetch_bin = os.path.join(self.build, "odmr-fetch")
-        self.sndbuf_shim = os.path.join(self.build, "tests", "sndbuf_shim.so")
+        self.accept_shim = os.path.join(self.build, "tests", "accept_shim.so")
         self.keep = os.environ.get("ODMR_KEEP") == "1"
         self.dir = tempfile.mkdtemp(prefix="odmr-%s-" % name, dir=TMP_ROOT)
         self.spool = os.path.join(self.dir, "spool")
@@ -638,18 +638,22 @@ class Env:
         except OSError:
             return ""
 
-    def start(self, wait=10.0, extra_args=(), sndbuf=None):
+    def start(self, wait=10.0, extra_args=(), sndbuf=None, emfile=None):
         """Starts odmrd -f -c CONF and waits until every listener accepts.
-        sndbuf: bytes of send buffer for every accepted connection
-        (tests/shim/sndbuf_shim.c), instead of loopback's autotuning."""
+        With tests/shim/accept_shim.c: sndbuf, bytes of send buffer for
+        every accepted connection instead of loopback's autotuning;
+        emfile, a path: while it exists, accept4() fails with EMFILE."""
         check(os.access(self.odmrd_bin, os.X_OK),
               "odmrd not built: %s" % self.odmrd_bin)
         environ = None
-        if sndbuf:
-            check(os.access(self.sndbuf_shim, os.R_OK),
-                  "test shim not built: %s" % self.sndbuf_shim)
-            environ = dict(os.environ, LD_PRELOAD=self.sndbuf_shim,
-                           ODMR_TEST_SNDBUF=str(sndbuf))
+        if sndbuf or emfile:
+            check(os.access(self.accept_shim, os.R_OK),
+                  "test shim not built: %s" % self.accept_shim)
+            environ = dict(os.environ, LD_PRELOAD=self.accept_shim)
+            if sndbuf:
+                environ["ODMR_TEST_SNDBUF"] = str(sndbuf)
+            if emfile:
+                environ["ODMR_TEST_EMFILE"] = emfile
             # ASan wants its runtime first; the shim needs nothing of it.
             environ["ASAN_OPTIONS"] = (os.environ.get("ASAN_OPTIONS", "")
                                        + ":verify_asan_link_order=0")
@@ -674,7 +678,7 @@ class Env:
                     self._close_log()
                     self.new_ports()
                     return self.start(wait=wait, extra_args=extra_args,
-                                      sndbuf=sndbuf)
+                                      sndbuf=sndbuf, emfile=emfile)
                 fail("odmrd exited with %s during start-up; log:\n%s" % (
                     self.daemon.returncode, self.log_tail()))
             still = []

@@ -473,3 +473,32 @@ def test_expiry_moves_damaged_envelope(env):
                  in env.log()[mark:], timeout=5, what="the log line")
         check(env.queued() == [], "queue: %r" % env.queued())
         check(sink.transactions == [], "a report for a damaged envelope")
+
+
+def test_maintenance_passes_do_not_pile_up(env):
+    """A maintenance pass held up by a silent bounce relay (it accepts the
+    connection and never greets) is not joined by a second one on
+    SIGUSR1: one pass at a time."""
+    import socket
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        env.setup_accounts()
+        env.write_conf(bounce_relay="127.0.0.1:%d" % silent.getsockname()[1],
+                       queue_lifetime="1s", timeout="6s")
+        env.start()
+        send(env, "s@remote.test", ["u1@example.org"])
+        time.sleep(1.5)
+        mark = len(env.log())
+        os.kill(env.daemon.pid, signal.SIGUSR1)
+        time.sleep(1)
+        os.kill(env.daemon.pid, signal.SIGUSR1)
+        wait_for(lambda: "still running; skipping" in env.log()[mark:],
+                 timeout=5, what="the second pass to be skipped")
+        wait_for(lambda: "bounce to <s@remote.test>" in env.log()[mark:],
+                 timeout=20, what="the first pass's bounce")
+        check(env.log()[mark:].count("maintenance: the previous pass") == 1,
+              "passes:\n%s" % env.log_tail())
+    finally:
+        silent.close()

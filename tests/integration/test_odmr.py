@@ -1827,7 +1827,7 @@ def read_slowly(s, per_tick, tick, give_up, ended):
 def test_customer_reading_slowly_is_cut_off(env):
     """After the reversal the customer must take a message at
     data_min_rate once timeout has passed, as an inbound client must send
-    one.  odmrd's send buffer is held at 16 KB (tests/shim), so every
+    one.  odmrd's send buffer is held at 16 KB (tests/shim/accept_shim.c), so every
     write waits for the customer as on a slow link.  The customer frees
     that buffer well within each 3 s timeout but takes 64 KB/s: 3 MB
     would hold the domain's lock for most of a minute; at data_min_rate
