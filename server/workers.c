@@ -71,25 +71,36 @@ size_t pool_size(void)
 
 /* ------------------------------------------------------------- worker */
 
-/* Receives one socket and its job; false on EOF (the master retired us). */
+/* Receives one socket and its job; false on EOF (the master retired us).
+ * An answer that came after its question timed out (worker_ask) may be
+ * waiting first: it is no job and is passed over, instead of ending the
+ * worker and dropping the connection queued behind it. */
 static bool receive_job(int chan, int *fd, struct worker_job *job)
 {
-    char cbuf[CMSG_SPACE(sizeof(int))];
-    struct iovec iov = {job, sizeof *job};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1,
-                         .msg_control = cbuf, .msg_controllen = sizeof cbuf};
-    ssize_t got;
-    do
-        got = recvmsg(chan, &msg, MSG_CMSG_CLOEXEC);
-    while (got < 0 && errno == EINTR);
-    if (got != (ssize_t)sizeof *job)
-        return false;
-    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-    if (!c || c->cmsg_type != SCM_RIGHTS)
-        return false;
-    memcpy(fd, CMSG_DATA(c), sizeof *fd);
-    job->addr[sizeof job->addr - 1] = '\0';
-    return true;
+    for (;;) {
+        char cbuf[CMSG_SPACE(sizeof(int))];
+        struct iovec iov = {job, sizeof *job};
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1,
+                             .msg_control = cbuf, .msg_controllen = sizeof cbuf};
+        ssize_t got;
+        do
+            got = recvmsg(chan, &msg, MSG_CMSG_CLOEXEC);
+        while (got < 0 && errno == EINTR);
+        if (got <= 0)
+            return false;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        bool rights = c && c->cmsg_level == SOL_SOCKET &&
+                      c->cmsg_type == SCM_RIGHTS;
+        if (rights)
+            memcpy(fd, CMSG_DATA(c), sizeof *fd);
+        if (rights && got == (ssize_t)sizeof *job &&
+            !(msg.msg_flags & MSG_TRUNC)) {
+            job->addr[sizeof job->addr - 1] = '\0';
+            return true;
+        }
+        if (rights)
+            close(*fd);
+    }
 }
 
 static void worker_main(int chan)
