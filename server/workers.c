@@ -1,5 +1,6 @@
 /* workers.c - the session process pool (see workers.h). */
 #include "workers.h"
+#include "throttle.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -23,6 +24,7 @@ struct worker {
     bool retire;                 /* exit after the current session */
     int64_t idle_since;          /* now_ms() when it last became idle */
     struct worker_job job;
+    char key[64];                /* throttle_addr_key of job.addr */
 };
 
 static struct worker *workers;
@@ -272,12 +274,15 @@ static struct worker *idle_worker(void)
     return best;
 }
 
-static size_t sessions_from(const char *addr, int service)
+/* Sessions from key's client: an IPv6 /64 counts as one client, as it
+ * does for the failure table, since one host there has a whole /64 and
+ * could otherwise take a service's budget with one address per session. */
+static size_t sessions_from(const char *key, int service)
 {
     size_t n = 0;
     for (size_t i = 0; i < nworkers; i++)
         n += workers[i].busy && workers[i].job.service == service &&
-             !strcmp(workers[i].job.addr, addr);
+             !strcmp(workers[i].key, key);
     return n;
 }
 
@@ -311,8 +316,10 @@ enum pool_result pool_dispatch(int fd, struct worker_job *job)
 {
     enum pool_result r = POOL_OK;
     int svc = job->service >= 0 && job->service < POOL_SERVICES ? job->service : 0;
+    char key[sizeof workers[0].key];
+    throttle_addr_key(job->addr, key, sizeof key);
     if (per_ip_limit && strcmp(job->addr, "unix") &&
-        sessions_from(job->addr, svc) >= per_ip_limit)
+        sessions_from(key, svc) >= per_ip_limit)
         return POOL_PER_IP;
     size_t busy = pool_service_busy(svc);
     if (busy >= budgets[svc])
@@ -332,6 +339,7 @@ enum pool_result pool_dispatch(int fd, struct worker_job *job)
         if (send_job(w, fd, job)) {
             w->busy = true;
             w->job = *job;
+            str_copy(w->key, key, sizeof w->key);
             close(fd);
             return POOL_OK;
         }
