@@ -10,6 +10,7 @@ struct addr_entry {
     char key[THROTTLE_KEY_MAX];          /* "" = free */
     unsigned long failures;              /* in the window that began at first_ms */
     int64_t first_ms, last_ms, blocked_until;
+    int64_t forgiven_ms;                 /* last success that reset it, 0 */
 };
 
 struct account_entry {
@@ -200,12 +201,18 @@ static struct addr_entry *addr_entry(const char *key, bool create, int64_t now)
     return victim;
 }
 
-/* A success forgets the address. */
-static void addr_forget(struct addr_entry *e)
+/* A success forgets the address's failures, once per window: the
+ * customers behind a NAT should not pay for one typing error, but a
+ * guesser that owns one account must not wipe its count with a login
+ * after every few guesses. */
+static void addr_forgive(struct addr_entry *e, int64_t now)
 {
-    index_remove(&addr_index, e->key);
-    memset(e, 0, sizeof *e);
-    index_tidy(&addr_index, THROTTLE_ADDRS);
+    if (e->forgiven_ms && now - e->forgiven_ms <= conf.window_ms)
+        return;
+    e->failures = 0;
+    e->blocked_until = 0;
+    e->first_ms = now;
+    e->forgiven_ms = now;
 }
 
 /* A window that has passed (and no block running) starts over. */
@@ -368,7 +375,7 @@ void throttle_succeeded(const char *addr, const char *account, int64_t now_ms)
     throttle_addr_key(addr, key, sizeof key);
     struct addr_entry *e = addr_entry(key, false, now_ms);
     if (e)
-        addr_forget(e);
+        addr_forgive(e, now_ms);
     if (!account || !account[0])
         return;
     struct account_entry *a = account_entry(account, true, now_ms);

@@ -15,7 +15,8 @@
  *     all addresses together, except from the addresses that logged in to
  *     it before: so a botnet cannot guess fast, and the customer, from its
  *     own address, still logs in at the first try;
- *   - a success resets its address;
+ *   - a success resets its address, at most once per window (a guesser
+ *     with one account of its own could otherwise log in between guesses);
  *   - memory is bounded: THROTTLE_ADDRS addresses and THROTTLE_ACCOUNTS
  *     accounts (names that do not exist count too), the oldest entry
  *     making room.

@@ -83,6 +83,16 @@ static void test_success_resets(void)
     throttle_succeeded("192.0.2.1", "alice", 2);
     struct throttle_failure f = throttle_failed("192.0.2.1", "alice", 3);
     CHECK(f.addr_failures == 1 && !f.now_blocked);
+    /* a second success in the same window forgives nothing */
+    fail_once("192.0.2.1", "alice", 4);
+    throttle_succeeded("192.0.2.1", "alice", 5);
+    f = throttle_failed("192.0.2.1", "alice", 6);
+    CHECK(f.addr_failures == 3 && f.now_blocked);
+    /* once the window has passed, a success forgives again */
+    fail_once("192.0.2.1", "alice", 700000);
+    throttle_succeeded("192.0.2.1", "alice", 700001);
+    f = throttle_failed("192.0.2.1", "alice", 700002);
+    CHECK(f.addr_failures == 1 && !f.now_blocked);
 }
 
 static void test_account_spacing(void)
