@@ -423,7 +423,8 @@ static void run_stage(struct milter_chain *c, const struct stage *st,
             apply_default(c, m, r);
         else if (m->fd >= 0 && !(m->neg.steps & st->skip_flag) &&
                  !(st->kind == STAGE_MESSAGE && m->done_with_message) &&
-                 !(st->cmd == SMFIC_BODY && m->skip_body))
+                 !(st->cmd == SMFIC_BODY && m->skip_body) &&
+                 !(st->cmd == SMFIC_DATA && m->neg.version < 4))
             exchange(c, m, st, macros, mlen, data, len, r);
     }
 }
@@ -809,7 +810,8 @@ struct new_body {
 /* Appends a replacement body chunk, bare LF made CRLF (the queue holds
  * CRLF lines), to an unlinked file in tmp_dir. */
 static bool add_body_chunk(struct new_body *e, const char *tmp_dir,
-                           const uint8_t *p, size_t len, char *err, size_t n)
+                           uint64_t max, const uint8_t *p, size_t len,
+                           char *err, size_t n)
 {
     if (e->fd < 0) {
         char path[PATH_MAX];
@@ -828,6 +830,13 @@ static bool add_body_chunk(struct new_body *e, const char *tmp_dir,
             out[o++] = '\r';
         out[o++] = (char)p[i];
         e->cr = p[i] == '\r';
+    }
+    /* A milter streaming body for its whole end-of-message time could
+     * fill the spool; what it sends must fit what a client may send. */
+    if (e->size + o > max) {
+        snprintf(err, n, "replacement body over max_message_size (%llu "
+                 "bytes)", (unsigned long long)max);
+        return false;
     }
     if (!write_all(e->fd, out, o)) {
         snprintf(err, n, "replacement body: %s", strerror(errno));
@@ -867,7 +876,8 @@ static bool take_edit(const struct milter_chain *c, struct milter_conn *m,
         return false;
     }
     if (rep->cmd == SMFIR_REPLBODY)
-        return add_body_chunk(body, tmp_dir, rep->data, rep->len, err, n);
+        return add_body_chunk(body, tmp_dir, c->conf->max_message_size,
+                              rep->data, rep->len, err, n);
     if (rep->cmd == SMFIR_QUARANTINE) {
         /* the first milter to hold the message names the reason */
         if (!e->quarantine[0]) {

@@ -414,6 +414,34 @@ def test_milter_replaces_body(env):
               "size from the result: %r vs %d" % (e.get("size"), len(data)))
 
 
+def test_milter_replacement_body_over_max_message_size(env):
+    """A replacement body must fit max_message_size like a client's: a
+    milter streaming more is a broken milter (milter_default_action,
+    tempfail here), and nothing is queued."""
+    def eom(data, m):
+        return [packet("b", b"y" * 60000 + b"\r\n"),
+                packet("b", b"z" * 60000 + b"\r\n"), packet("c")]
+    with ScriptedMilter(on={"E": eom}) as m:
+        started(env, m.spec, max_message_size="100k")
+        check_reply(send(env), 451, what="end of data")
+        check_nothing_queued(env, "replacement body too big")
+        check("over max_message_size" in env.log(), "no log line:\n%s"
+              % env.log_tail())
+
+
+def test_milter_version_2_gets_no_data_command(env):
+    """SMFIC_DATA came with protocol version 4: a milter that negotiated
+    2 (or 3) would take it for a protocol error.  It gets none, and the
+    message goes through."""
+    with ScriptedMilter(version=2) as m:
+        started(env, m.spec)
+        check_reply(send(env), 250, what="end of data")
+        wait_for(lambda: "E" in m.cmds(), what="end of message")
+        check("T" not in m.cmds(), "DATA sent to a version 2 milter: %r"
+              % m.cmds())
+        only_message(env)
+
+
 def test_milter_no_reply_steps_and_skipped_stages(env):
     steps = NOHELO | NR_CONN | NR_MAIL | NR_RCPT | NR_DATA | NR_HDR | NR_EOH | NR_BODY
     with ScriptedMilter(steps=steps) as m:
