@@ -286,6 +286,7 @@ struct milter_conn {
     struct milter_neg neg;
     bool broken;              /* failed: milter_default_action from now on */
     bool done_with_message;   /* accepted the message: hears no more of it */
+    bool aborted;             /* told SMFIC_ABORT for this message already */
     bool skip_body;           /* SMFIR_SKIP: no more body chunks */
 };
 

@@ -411,6 +411,24 @@ static void clear_result(struct milter_result *r)
     r->reply[0] = r->by[0] = '\0';
 }
 
+/* A milter discarded the message: the ones after it never saw this
+ * stage, so none of them may see the rest of the message either (libmilter
+ * would take RCPT without MAIL for a protocol error).  Each is told the
+ * message is over, as Sendmail does. */
+static void discard_for_all(struct milter_chain *c)
+{
+    char err[ERR_MAX];
+    int64_t deadline = io_clock_ms() + c->conf->milter_command_timeout * 1000;
+    for (size_t i = 0; i < c->n; i++) {
+        struct milter_conn *m = &c->conn[i];
+        if (m->fd >= 0 && !m->aborted &&
+            (!put_packet(m, SMFIC_ABORT, "", 0, deadline, err, sizeof err) ||
+             !flush_out(m, deadline, err, sizeof err)))
+            conn_failed(c, m, "abort", err, NULL);
+        m->aborted = m->done_with_message = true;
+    }
+}
+
 /* One stage, milter after milter, until one refuses. */
 static void run_stage(struct milter_chain *c, const struct stage *st,
                       const uint8_t *macros, size_t mlen, const void *data,
@@ -427,6 +445,8 @@ static void run_stage(struct milter_chain *c, const struct stage *st,
                  !(st->cmd == SMFIC_DATA && m->neg.version < 4))
             exchange(c, m, st, macros, mlen, data, len, r);
     }
+    if (r->verdict == MILTER_DISCARD)
+        discard_for_all(c);
 }
 
 /* ------------------------------------------------------------- macros */
@@ -542,7 +562,8 @@ void milter_chain_mail(struct milter_chain *c, const struct milter_macros *mm,
     c->smtputf8 = has_smtputf8(args);
     c->msg.verdict = MILTER_CONTINUE;
     for (size_t i = 0; i < c->n; i++)
-        c->conn[i].done_with_message = c->conn[i].skip_body = false;
+        c->conn[i].done_with_message = c->conn[i].skip_body =
+            c->conn[i].aborted = false;
     run_stage(c, &ST_MAIL, b.data, b.len, data, len, r);
 }
 
@@ -1054,10 +1075,11 @@ void milter_chain_abort(struct milter_chain *c)
         return;
     for (size_t i = 0; i < c->n; i++) {
         struct milter_conn *m = &c->conn[i];
-        if (m->fd >= 0 && (!put_packet(m, SMFIC_ABORT, "", 0, deadline, err,
-                                       sizeof err) ||
-                           !flush_out(m, deadline, err, sizeof err)))
+        if (m->fd >= 0 && !m->aborted &&
+            (!put_packet(m, SMFIC_ABORT, "", 0, deadline, err, sizeof err) ||
+             !flush_out(m, deadline, err, sizeof err)))
             conn_failed(c, m, "abort", err, NULL);
+        m->aborted = true;
     }
 }
 

@@ -363,6 +363,26 @@ def test_milter_discard(env):
               "the discard is logged with the queue id: %s" % env.log_tail())
 
 
+def test_milter_discard_at_mail_ends_the_message_for_all(env):
+    """The first milter discards at MAIL: the second never saw that MAIL,
+    so it must not get RCPT, DATA or the content either (libmilter takes
+    RCPT without MAIL for a protocol error).  Both are told ABORT; the
+    message is acknowledged and dropped."""
+    with ScriptedMilter(on={"M": lambda d, m: [packet("d")]}) as m1, \
+            ScriptedMilter() as m2:
+        started(env, "%s %s" % (m1.spec, m2.spec))
+        reply = send(env)
+        check_reply(reply, 250, "2.0.0", "a discarded message is acknowledged")
+        check_nothing_queued(env, "discarded at MAIL")
+        wait_for(lambda: "A" in m2.cmds(), what="the second milter's ABORT")
+        for m, name in ((m1, "first"), (m2, "second")):
+            seen = m.cmds()
+            check(not any(c in seen for c in "RTLNBE"),
+                  "the %s milter heard more of the message: %r" % (name, seen))
+        check(m1.errors == [] and m2.errors == [], "milter errors: %r %r"
+              % (m1.errors, m2.errors))
+
+
 def test_milter_header_changes(env):
     def eom(data, m):
         return [packet("h", b"X-Added\0at the end\0"),
