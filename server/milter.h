@@ -302,6 +302,11 @@ struct milter_chain {
     size_t hlen;
     bool in_hdr, hdr_over;
     bool eoh_sent;
+    /* What the milters may still spend answering this message's headers
+     * and body, all chunks together (ms): a milter answering each of a
+     * thousand headers just within milter_content_timeout would hold
+     * the session for days. */
+    int64_t content_left_ms;
     uint8_t body[MILTER_CHUNK];
     size_t blen;
     uint8_t *pkt;               /* MILTER_PACKET_MAX, allocated once */

@@ -2,8 +2,9 @@
  *
  * Every exchange has a deadline (milter_connect_timeout for connecting and
  * OPTNEG, milter_command_timeout for the SMTP stages,
- * milter_content_timeout for headers, body and end of message) and every
- * wait is bounded by it; nothing a milter sends is used before
+ * milter_content_timeout for headers, body and end of message, and
+ * EOM_TIMEOUTS_MAX of them for a message's headers and body together) and
+ * every wait is bounded by it; nothing a milter sends is used before
  * milter_parse_reply has checked it. */
 #include "milter.h"
 
@@ -326,12 +327,21 @@ static const struct stage ST_EOH = {"end of headers", SMFIC_EOH, SMFIP_NOEOH,
 static const struct stage ST_BODY = {"body", SMFIC_BODY, SMFIP_NOBODY,
                                      SMFIP_NR_BODY, STAGE_MESSAGE, true};
 
-static long stage_timeout(const struct milter_chain *c, const struct stage *st)
+static bool is_content(const struct stage *st)
 {
-    bool content = st->cmd == SMFIC_HEADER || st->cmd == SMFIC_EOH ||
-                   st->cmd == SMFIC_BODY || st->cmd == SMFIC_BODYEOB;
-    return content ? c->conf->milter_content_timeout
-                   : c->conf->milter_command_timeout;
+    return st->cmd == SMFIC_HEADER || st->cmd == SMFIC_EOH ||
+           st->cmd == SMFIC_BODY;
+}
+
+/* ms for one exchange: the stage's timeout, and for the headers and body
+ * no more than what is left of the message's content budget. */
+static int64_t stage_timeout_ms(const struct milter_chain *c,
+                                const struct stage *st)
+{
+    if (!is_content(st))
+        return c->conf->milter_command_timeout * 1000;
+    int64_t t = c->conf->milter_content_timeout * 1000;
+    return c->content_left_ms < t ? c->content_left_ms : t;
 }
 
 /* The verdict a final reply gives; false for one that is not allowed at
@@ -374,14 +384,14 @@ static bool take_final(struct milter_conn *m, const struct stage *st,
 }
 
 /* Sends the stage's macros and command to m and takes its answer. */
-static void exchange(struct milter_chain *c, struct milter_conn *m,
+static void exchange_once(struct milter_chain *c, struct milter_conn *m,
                      const struct stage *st, const uint8_t *macros,
                      size_t mlen, const void *data, size_t len,
                      struct milter_result *r)
 {
     char err[ERR_MAX];
     struct milter_reply rep;
-    int64_t deadline = io_clock_ms() + stage_timeout(c, st) * 1000;
+    int64_t deadline = io_clock_ms() + stage_timeout_ms(c, st);
     if ((mlen && !put_packet(m, SMFIC_MACRO, macros, mlen, deadline, err,
                              sizeof err)) ||
         !put_packet(m, st->cmd, data, len, deadline, err, sizeof err)) {
@@ -403,6 +413,19 @@ static void exchange(struct milter_chain *c, struct milter_conn *m,
         snprintf(err, sizeof err, "reply '%c' not allowed here", rep.cmd);
         conn_failed(c, m, st->name, err, r);
     }
+}
+
+/* exchange_once, the time it took charged to the message's content
+ * budget when it was for the headers or the body. */
+static void exchange(struct milter_chain *c, struct milter_conn *m,
+                     const struct stage *st, const uint8_t *macros,
+                     size_t mlen, const void *data, size_t len,
+                     struct milter_result *r)
+{
+    int64_t t0 = io_clock_ms();
+    exchange_once(c, m, st, macros, mlen, data, len, r);
+    if (is_content(st))
+        c->content_left_ms -= io_clock_ms() - t0;
 }
 
 static void clear_result(struct milter_result *r)
@@ -587,6 +610,7 @@ void milter_chain_data(struct milter_chain *c, const struct milter_macros *mm,
     macro_add(&b, "i", mm->queue_id);
     c->hlen = c->blen = 0;
     c->in_hdr = c->hdr_over = c->eoh_sent = false;
+    c->content_left_ms = EOM_TIMEOUTS_MAX * c->conf->milter_content_timeout * 1000;
     clear_result(&c->msg);
     run_stage(c, &ST_DATA, b.data, b.len, "", 0, r);
 }

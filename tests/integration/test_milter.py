@@ -1068,6 +1068,25 @@ def test_milter_progress_extends_the_wait(env):
         only_message(env)
 
 
+def test_milter_slow_on_every_header_meets_the_message_budget(env):
+    """Each header answered just within milter_content_timeout (1 s): the
+    headers and body of one message together get 4 of them, so ten
+    headers at 0.7 s each end in the default action (tempfail) after
+    about 4 s instead of holding the session for 7."""
+    def slow(data, m):
+        time.sleep(0.7)
+        return [packet("c")]
+    with ScriptedMilter(on={"L": slow}) as m:
+        started(env, m.spec, milter_content_timeout="1s")
+        body = "".join("X-H%d: v\n" % i for i in range(10)) + "\nbody\n"
+        t0 = time.time()
+        check_reply(send(env, body=body), 451, what="a milter slow on "
+                    "every header")
+        dt = time.time() - t0
+        check(dt < 6, "the milter held the message for %.1f s" % dt)
+        check_nothing_queued(env, "slow milter")
+
+
 def m_conn_send(m, data):
     """Sends data at once on the milter's current connection (for replies
     that must go out before the handler returns)."""
