@@ -12,6 +12,7 @@
  * connection after DATA with customer 192.0.2.1" (phase names below). */
 #include "delivery.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -515,6 +516,34 @@ static void log_outcome(struct delivery_ctx *d, const struct envelope *e,
     }
 }
 
+/* The enhanced status code (RFC 3463: 5.d{1,3}.d{1,3}) that starts the
+ * text after a reply's code, into out; false when there is none.  A
+ * reply such as "550 5.7.1: blocked" still gives 5.7.1, but nothing that
+ * is not a code reaches the report's Status field. */
+static bool reply_status(const char *reply, char *out, size_t n)
+{
+    const char *p = strchr(reply, ' ');
+    if (!p || p[1] != '5' || p[2] != '.')
+        return false;
+    const char *q = p + 3;
+    for (int part = 0; part < 2; part++) {
+        size_t digits = strspn(q, "0123456789");
+        if (digits < 1 || digits > 3)
+            return false;
+        q += digits;
+        if (part == 0 && *q++ != '.')
+            return false;
+    }
+    if (isalnum((unsigned char)*q))
+        return false;   /* "5.1.10x": not a code */
+    size_t len = (size_t)(q - (p + 1));
+    if (len >= n)
+        return false;
+    memcpy(out, p + 1, len);
+    out[len] = '\0';
+    return true;
+}
+
 /* Returns the bounced recipients to the sender.  When even that cannot be
  * done now (BOUNCE_RETRY: the report could not be stored anywhere), those
  * recipients stay queued instead, so the notice is tried again later. */
@@ -528,13 +557,9 @@ static void return_bounced(struct delivery_ctx *d, const struct envelope *e,
         if (st[i].out != OUT_BOUNCE)
             continue;
         /* "550 5.1.1 ..." -> "5.1.1"; a reply without one gets 5.0.0 */
-        const char *sp = strchr(st[i].reply, ' ');
-        size_t len = sp ? strcspn(sp + 1, " ") : 0;
         if (st[i].status)
             str_copy(status[n], st[i].status, sizeof status[n]);
-        else if (sp && sp[1] == '5' && sp[2] == '.' && len < sizeof status[0])
-            memcpy(status[n], sp + 1, len);
-        else
+        else if (!reply_status(st[i].reply, status[n], sizeof status[n]))
             str_copy(status[n], "5.0.0", sizeof status[n]);
         br[n] = (struct bounce_rcpt){e->rcpt[i].addr, e->rcpt[i].orcpt,
                                      e->rcpt[i].notify, status[n], st[i].reply};

@@ -1061,6 +1061,26 @@ def test_rcpt_5xx_returns_dsn(env):
               "files left: %r" % domain_files(env, "example.org"))
 
 
+def test_dsn_status_only_from_a_status_code(env):
+    """The report's Status is the enhanced code that starts the
+    customer's reply text, or 5.0.0: "5.7.1:" gives 5.7.1, "5.1.10x" and
+    "5.x" give 5.0.0 - never text that is not a code."""
+    replies = {"a@example.org": "550 5.7.1: blocked by policy",
+               "b@example.org": "550 5.1.10x odd",
+               "c@example.org": "550 5.x not a code"}
+    with Sink() as relay:
+        setup(env, relay=relay)
+        smtp_in(env, sorted(replies), message("status"))
+        c = reverse(env, "example.org", rcpt_reply=lambda a: replies[a]).run()
+        check(c.quit, "odmrd did not QUIT")
+        dsn = relay.wait(1, what="the DSN")
+        per = check_dsn(dsn[0], SENDER, sorted(replies), "5.")
+        got = {f["Final-Recipient"].split(";")[1].strip(): f["Status"]
+               for f in per}
+        check(got == {"a@example.org": "5.7.1", "b@example.org": "5.0.0",
+                      "c@example.org": "5.0.0"}, "statuses %r" % got)
+
+
 def test_data_reply_outcomes(env):
     """The reply after the final dot decides for every recipient the
     customer accepted: 4xx keeps them, 5xx returns them (one DSN for the
