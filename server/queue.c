@@ -925,6 +925,16 @@ static bool read_envelope_file(const char *path, struct envelope *e, char *err,
                                size_t n)
 {
     int fd = open_spool_file(path);
+    struct stat sb;
+    if (fd >= 0 && fstat(fd, &sb) == 0 && sb.st_size > QFILE_ENVELOPE_MAX) {
+        /* as for the envelope inside a queue file: beyond this it is
+         * damage, and parsing it would expand into gigabytes */
+        close(fd);
+        snprintf(err, n, "%s: an envelope of %lld bytes (at most %u)", path,
+                 (long long)sb.st_size, QFILE_ENVELOPE_MAX);
+        errno = EINVAL;
+        return false;
+    }
     FILE *f = fd >= 0 ? fdopen(fd, "r") : NULL;
     if (!f) {
         int oerr = errno;

@@ -17,6 +17,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "../../server/qfile.h"
 #include "../../server/queue.h"
 #include "check.h"
 
@@ -297,6 +298,30 @@ static void test_cleanup_keeps_updates_in_progress(struct queue *q)
     unlink(path);
 }
 
+/* A newer envelope (.n) bigger than any envelope can be is damage: it is
+ * refused without being parsed, which would expand it into gigabytes. */
+static void test_oversized_newer_envelope(struct queue *q)
+{
+    char id[QID_MAX], path[PATH_MAX], err[256];
+    const char *one[] = {"example.org"};
+    CHECK(receive(q, one, 1, id) == 0);
+    snprintf(path, sizeof path, "%s/q/example.org/%s.n", spool, id);
+    FILE *f = fopen(path, "w");
+    CHECK(f != NULL);
+    if (!f)
+        return;
+    CHECK(ftruncate(fileno(f), (off_t)QFILE_ENVELOPE_MAX + 1) == 0);
+    fclose(f);
+    struct envelope e;
+    envelope_init(&e);
+    errno = 0;
+    CHECK(!queue_load(q, "example.org", id, &e, err, sizeof err));
+    CHECK(errno == EINVAL);
+    CHECK(strstr(err, "an envelope of") != NULL);
+    envelope_free(&e);
+    unlink(path);
+}
+
 int main(void)
 {
     char err[256];
@@ -312,6 +337,7 @@ int main(void)
     test_link_for_a_domain_refused(&q);
     test_cleanup_of_crash_leftovers(&q);
     test_cleanup_keeps_updates_in_progress(&q);
+    test_oversized_newer_envelope(&q);
     test_queue_file_update_and_remove(&q);
     test_damaged_queue_file(&q);
     char cmd[400];
