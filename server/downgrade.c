@@ -41,6 +41,10 @@ struct level {
     char boundary[BOUNDARY_MAX + 1];
     size_t blen;
     bool digest;
+    /* 8-bit text before the first delimiter: a preamble, replaced by '?',
+     * only once a delimiter proves it was one.  A multipart whose boundary
+     * never comes has its whole body there, real text included. */
+    bool preamble_8bit;
 };
 
 struct walker {
@@ -65,6 +69,7 @@ struct walker {
     bool leaf;                   /* the current body is a leaf part ... */
     bool convertible;            /* ... with an identity encoding */
     bool filler;                 /* ... or a preamble or an epilogue */
+    bool preamble;               /* the filler is lv[depth - 1]'s preamble */
     enum dg_problem stuck;       /* ... or why it cannot be converted */
     size_t leaf_index;
     size_t leaf_count;
@@ -279,7 +284,8 @@ static void take_token(const char **s, char *out, size_t n)
     *s = p;
 }
 
-/* Finds the boundary parameter in a Content-Type value (RFC 2045 5.1). */
+/* Finds the boundary parameter in a Content-Type value (RFC 2045 5.1).
+ * One longer than n - 1 gives "": cut short it would never match. */
 static void boundary_param(const char *v, char *out, size_t n)
 {
     out[0] = '\0';
@@ -295,23 +301,31 @@ static void boundary_param(const char *v, char *out, size_t n)
         }
         p += 1 + strspn(p + 1, " \t");
         size_t k = 0;
+        bool cut = false;
         if (*p == '"') {
             for (p++; *p && *p != '"'; p++) {
                 if (*p == '\\' && p[1])
                     p++;
                 if (k + 1 < n)
                     out[k++] = *p;
+                else
+                    cut = true;
             }
         } else {
             while (*p && !strchr("; \t", *p)) {
                 if (k + 1 < n)
                     out[k++] = *p;
+                else
+                    cut = true;
                 p++;
             }
         }
         out[k] = '\0';
-        if (!strcmp(attr, "boundary"))
+        if (!strcmp(attr, "boundary")) {
+            if (cut)
+                out[0] = '\0';
             return;
+        }
         out[0] = '\0';
         p = strchr(p, ';');
     }
@@ -439,7 +453,8 @@ static void end_composite_headers(struct walker *w, const struct part_info *pi)
         memcpy(l->boundary, pi->boundary, sizeof l->boundary);
         l->blen = strlen(pi->boundary);
         l->digest = pi->digest;
-        w->filler = true;   /* the preamble */
+        l->preamble_8bit = false;
+        w->filler = w->preamble = true;   /* the preamble */
     } else if (pi->kind == P_MULTI) {
         w->stuck = DG_TOO_DEEP;
     }
@@ -457,7 +472,7 @@ static void end_headers(struct walker *w)
     struct part_info pi;
     bool digest = w->in_multi && w->depth > 0 && w->lv[w->depth - 1].digest;
     bool nonmime = false;
-    w->leaf = w->qp = w->convertible = w->filler = false;
+    w->leaf = w->qp = w->convertible = w->filler = w->preamble = false;
     w->stuck = DG_NONE;
     if (w->hdr_full) {
         memset(&pi, 0, sizeof pi);
@@ -526,6 +541,10 @@ static void at_boundary(struct walker *w, const char *p, size_t len,
     w->hlen = 0;
     w->hdr_full = false;
     emit(w, p, len);
+    if (w->lv[level].preamble_8bit)   /* it was a preamble after all */
+        w->plan->filler_8bit = true;
+    w->lv[level].preamble_8bit = false;
+    w->preamble = false;
     w->depth = close ? level : level + 1;   /* an epilogue is the parent's */
     w->in_headers = w->in_multi = !close;
     w->qp = w->leaf = w->convertible = false;
@@ -587,6 +606,8 @@ static void body_segment(struct walker *w, const char *p, size_t len, bool eol)
     w->plan->has_8bit = true;
     if (w->convertible)
         w->plan->leaf_8bit[w->leaf_index] = 1;
+    else if (w->filler && w->preamble && w->depth > 0)
+        w->lv[w->depth - 1].preamble_8bit = true;
     else if (w->filler)
         w->plan->filler_8bit = true;
     else
@@ -689,6 +710,9 @@ bool downgrade_plan(int fd, uint64_t len, struct dg_plan *plan)
     struct walker w = {.plan = plan};
     if (!walk(fd, &w))
         return false;
+    for (int i = 0; i < w.depth; i++)
+        if (w.lv[i].preamble_8bit)
+            note_problem(plan, DG_UNENCODABLE_TYPE);
     plan->convert = plan->filler_8bit;
     for (size_t i = 0; i < plan->nleaves && !plan->convert; i++)
         plan->convert = plan->leaf_8bit[i] != 0;

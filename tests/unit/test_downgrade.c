@@ -451,6 +451,32 @@ static void test_unconvertible_reasons(void)
             CHECK(strcmp(texts[i], texts[j]) != 0);
 }
 
+/* A multipart whose delimiter never comes - declared but absent, or a
+ * boundary too long to keep - has its whole body where a preamble would
+ * be.  That is real text: it stays 8-bit and blocks a 7-bit receiver
+ * instead of being replaced by '?' as a preamble is. */
+static void test_boundary_never_seen(void)
+{
+    static const char absent[] =
+        MULTI_HEAD "Gr\xc3\xbc\xc3\x9f" "e\r\nno delimiter at all\r\n";
+    enum dg_problem body;
+    CHECK(problem_of(absent, strlen(absent), &body) == DG_UNENCODABLE_TYPE);
+    CHECK(body == DG_UNENCODABLE_TYPE);
+    char b[260], m[1024];
+    memset(b, 'x', 250);
+    b[250] = '\0';
+    int n = snprintf(m, sizeof m, "MIME-Version: 1.0\r\nContent-Type: "
+                     "multipart/mixed; boundary=\"%s\"\r\n\r\n--%s\r\n"
+                     "Content-Type: text/plain; charset=utf-8\r\n\r\n"
+                     "Gr\xc3\xbc\xc3\x9f" "e\r\n--%s--\r\n", b, b, b);
+    CHECK(n > 0 && (size_t)n < sizeof m);
+    CHECK(problem_of(m, (size_t)n, &body) == DG_UNENCODABLE_TYPE);
+    /* a delimiter after an 8-bit preamble: a preamble after all */
+    static const char late[] =
+        MULTI_HEAD "Pr\xc3\xa4" "ambel\r\n--b\r\n\r\nascii\r\n--b--\r\n";
+    CHECK(problem_of(late, strlen(late), &body) == DG_NONE);
+}
+
 /* A part header block over DOWNGRADE_HEADER_MAX, and more leaf parts than
  * DOWNGRADE_MAX_PARTS: what follows is not looked into. */
 static void test_limits_reported(void)
@@ -597,6 +623,7 @@ int main(void)
     test_digest_defaults_to_message();
     test_nesting_limit();
     test_unconvertible_reasons();
+    test_boundary_never_seen();
     test_limits_reported();
     test_preamble_and_epilogue();
     test_long_lines();
