@@ -595,8 +595,8 @@ static void body_segment(struct walker *w, const char *p, size_t len, bool eol)
     if (w->writing) {
         if (w->qp)
             qp_segment(w, (const unsigned char *)p, eol ? len - 2 : len, eol);
-        else if (w->filler && len <= SEG_MAX)
-            emit_filler(w, p, len);
+        else if (w->filler && w->plan->filler_8bit && len <= SEG_MAX)
+            emit_filler(w, p, len);   /* 8-bit only in proven fillers */
         else
             emit(w, p, len);
         return;
