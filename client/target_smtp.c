@@ -260,8 +260,18 @@ static bool ready_for_mail(struct target *t, const struct mail_args *m,
         reply_set(r, 451, "4.4.1 Local mail system unavailable: %.300s", err);
         return false;
     }
+    /* What odmr-fetch offered the provider came from the first
+     * connection: one made since must still take what was accepted. */
     if (m->smtputf8 && !s->have.smtputf8) {
         reply_set(r, 451, "4.3.0 Local mail system no longer offers SMTPUTF8");
+        return false;
+    }
+    if (m->body == BODY_8BITMIME && t->caps.eightbit && !s->have.eightbit) {
+        reply_set(r, 451, "4.3.0 Local mail system no longer offers 8BITMIME");
+        return false;
+    }
+    if ((m->ret != RET_UNSPEC || m->envid[0]) && t->caps.dsn && !s->have.dsn) {
+        reply_set(r, 451, "4.3.0 Local mail system no longer offers DSN");
         return false;
     }
     return true;
