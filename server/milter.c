@@ -265,13 +265,29 @@ bool milter_header_name_ok(const char *name)
 
 bool milter_header_value_ok(const char *value)
 {
+    size_t col = 0;            /* octets on this line so far */
+    bool blank_line = false;   /* a continuation line of only blanks yet */
     for (const char *p = value; *p; p++) {
-        if (*p == '\r' && p[1] != '\n')
+        unsigned char ch = (unsigned char)*p;
+        if (*p == '\r' && p[1] == '\n')
+            continue;
+        if (*p == '\n') {
+            /* a line of blanks alone reads as the end of the header
+             * block to some programs: what follows would be body */
+            if (blank_line || (p[1] != ' ' && p[1] != '\t'))
+                return false;
+            col = 0;
+            blank_line = true;
+            continue;
+        }
+        if ((ch < 32 && ch != '\t') || ch == 127)
             return false;
-        if (*p == '\n' && p[1] != ' ' && p[1] != '\t')
+        if (++col > 998)       /* RFC 5322 2.1.1 */
             return false;
+        if (ch != ' ' && ch != '\t')
+            blank_line = false;
     }
-    return true;
+    return !blank_line;
 }
 
 /* ------------------------------------------ sender and recipient args */

@@ -200,7 +200,8 @@ bool milter_rcpt_with_args(const char *addr, const char *args, char *out,
 bool milter_header_name_ok(const char *name);
 
 /* A header value the milter sets: lines joined by LF or CRLF, each line
- * after the first starting with a space or tab (folding), no NUL. */
+ * after the first starting with a space or tab (folding) and holding more
+ * than blanks, no other control characters, lines of at most 998 octets. */
 bool milter_header_value_ok(const char *value);
 
 /* ------------------------------------------------------------ the chain
