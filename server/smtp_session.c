@@ -62,6 +62,7 @@ struct smtp {
     struct milter_chain *milter;
     char milter_refusal[MILTER_REPLY_MAX];   /* at connect or HELO, or "" */
     bool milter_discard;         /* a milter discarded the message early */
+    bool milter_421;             /* a milter answered 421: end the session */
     char client_port[8], if_addr[64];
     struct io io;                /* last: its buffers need no clearing */
 };
@@ -137,6 +138,9 @@ static void milter_refused(struct smtp *s, const char *what,
     log_info("milter-reject: %s from %s: %.200s (milter %s)", what,
              s->peer->addr, r->reply, r->by);
     reply_lines(s, r->reply, "");
+    /* 421 closes the transmission channel (RFC 5321 3.8), as Sendmail and
+     * Postfix do when a milter chooses it */
+    s->milter_421 |= !strncmp(r->reply, "421", 3);
 }
 
 /* The client's port and the address it reached, for the macros. */
@@ -875,6 +879,7 @@ static struct queue_in *milter_end(struct smtp *s, struct queue_in *in,
                  in->id, s->peer->addr, r.reply, r.by);
         queue_in_abort(in);
         reply_all_lines(s, r.reply);
+        s->milter_421 |= !strncmp(r.reply, "421", 3);
         result = NULL;
     } else if (e.nrcpts && milter_recipients(s, in->id, &e) == 0) {
         milter_discarded(s, in, "(no recipient left)");
@@ -1153,7 +1158,7 @@ static void session_loop(struct smtp *s)
         if (session_too_much_junk(&s->io, s->peer->addr, s->conf->hostname,
                                   cmd.verb, &s->junk_commands))
             return;
-        if (!dispatch(s, &cmd) || s->io.status != IO_OK) {
+        if (!dispatch(s, &cmd) || s->io.status != IO_OK || s->milter_421) {
             io_flush(&s->io);
             return;
         }

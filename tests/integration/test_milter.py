@@ -321,6 +321,28 @@ def test_milter_tempfail_and_reject_at_mail(env):
               "transaction's end: %r" % m.cmds())
 
 
+def test_milter_421_ends_the_session(env):
+    """A milter that answers 421 (SMFIR_REPLYCODE) closes the session, as
+    RFC 5321 3.8 has it and Sendmail and Postfix do."""
+    with ScriptedMilter(on={"R": lambda d, m: [
+            packet("y", b"421 4.7.0 too busy\0")]}) as m:
+        started(env, m.spec)
+        with session(env) as s:
+            check_reply(s.cmd("MAIL FROM:<sender@client.test>"), 250,
+                        what="MAIL")
+            check_reply(s.cmd("RCPT TO:<alice@example.org>"), 421, "4.7.0",
+                        "RCPT")
+            s.sock.settimeout(5)
+            try:
+                rest = s.sock.recv(100)     # b"": odmrd closed it
+            except socket.timeout:
+                rest = "(still open after 5 s)"
+            except ConnectionResetError:
+                rest = b""
+            check(rest == b"", "the session went on after 421: %r" % (rest,))
+        check_nothing_queued(env, "421 from a milter")
+
+
 def test_milter_refuses_data(env):
     """A refusal at DATA ends the transaction (the milters were told to
     abort it): a second DATA needs MAIL and RCPT again."""
