@@ -320,6 +320,14 @@ static void remember_accepted(struct smtp_target *s, const char *addr,
     s->accepted[s->naccepted++] = copy;
 }
 
+/* A recipient with DSN parameters odmr-fetch accepted, for a site that
+ * no longer offers DSN since a reconnection: they would be lost. */
+static bool rcpt_dsn_lost(const struct target *t, const struct rcpt_args *a)
+{
+    const struct smtp_target *s = t->impl;
+    return (a->notify || a->orcpt[0]) && t->caps.dsn && !s->have.dsn;
+}
+
 static void smtp_rcpt(struct target *t, const struct rcpt_args *a,
                       const char *addr, struct reply *r)
 {
@@ -329,6 +337,10 @@ static void smtp_rcpt(struct target *t, const struct rcpt_args *a,
 
     if (!s->connected || !s->in_tx) {
         lost(r, "before RCPT");
+        return;
+    }
+    if (rcpt_dsn_lost(t, a)) {
+        reply_set(r, 451, "4.3.0 Local mail system no longer offers DSN");
         return;
     }
     rcpt_line(s, a, addr, line, sizeof line);
@@ -626,6 +638,11 @@ static void smtp_group(struct target *t, struct target_group *g)
             reply_set(&g->data_reply, 503, "5.5.1 Need MAIL command");
         return;
     }
+    for (size_t i = 0; i < g->nrcpt; i++)
+        if (rcpt_dsn_lost(t, g->rcpt[i].args)) {
+            group_stepwise(t, g);   /* each such recipient gets its 451 */
+            return;
+        }
     if (S(t)->pipelining)
         group_pipelined(t, g);
     else

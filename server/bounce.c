@@ -742,7 +742,10 @@ static enum bounce_result fallback(const struct odmrd_conf *conf,
                 "will try again later", e->id, e->sender, strerror(err));
         return BOUNCE_RETRY;
     }
-    if (hosted == ACCT_TEMPFAIL || hosted == ACCT_PERM) {
+    /* whether the sender is hosted here cannot be told: as for a relay
+     * failing for now, tried again for a while */
+    if ((hosted == ACCT_TEMPFAIL || hosted == ACCT_PERM) &&
+        still_retrying(conf, e)) {
         log_warn("%s: bounce to <%s> deferred: account database unavailable "
                  "(%s)", e->id, e->sender, why);
         return BOUNCE_RETRY;

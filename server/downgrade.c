@@ -531,6 +531,8 @@ static bool is_boundary(const struct walker *w, const char *p, size_t len,
     return false;
 }
 
+static void note_problem(struct dg_plan *pl, enum dg_problem why);
+
 static void at_boundary(struct walker *w, const char *p, size_t len,
                         int level, bool close)
 {
@@ -541,8 +543,15 @@ static void at_boundary(struct walker *w, const char *p, size_t len,
     w->hlen = 0;
     w->hdr_full = false;
     emit(w, p, len);
-    if (w->lv[level].preamble_8bit)   /* it was a preamble after all */
-        w->plan->filler_8bit = true;
+    if (!w->writing) {
+        if (w->lv[level].preamble_8bit)   /* it was a preamble after all */
+            w->plan->filler_8bit = true;
+        /* levels inside this one end here unseen: their "preamble" was
+         * all they had, and real text */
+        for (int k = level + 1; k < w->depth; k++)
+            if (w->lv[k].preamble_8bit)
+                note_problem(w->plan, DG_UNENCODABLE_TYPE);
+    }
     w->lv[level].preamble_8bit = false;
     w->preamble = false;
     w->depth = close ? level : level + 1;   /* an epilogue is the parent's */

@@ -134,7 +134,7 @@ static bool parse_header_op(const uint8_t *d, size_t len, bool indexed,
         snprintf(err, n, "malformed header modification");
         return false;
     }
-    if (!milter_header_name_ok(r->name) || !milter_header_value_ok(r->value)) {
+    if (!milter_header_name_ok(r->name) || !milter_header_value_ok(r->name, r->value)) {
         snprintf(err, n, "invalid header \"%.60s\" in modification", r->name);
         return false;
     }
@@ -263,9 +263,9 @@ bool milter_header_name_ok(const char *name)
     return true;
 }
 
-bool milter_header_value_ok(const char *value)
+bool milter_header_value_ok(const char *name, const char *value)
 {
-    size_t col = 0;            /* octets on this line so far */
+    size_t col = strlen(name) + 2;   /* "Name: " starts the first line */
     bool blank_line = false;   /* a continuation line of only blanks yet */
     for (const char *p = value; *p; p++) {
         unsigned char ch = (unsigned char)*p;

@@ -202,7 +202,7 @@ bool milter_header_name_ok(const char *name);
 /* A header value the milter sets: lines joined by LF or CRLF, each line
  * after the first starting with a space or tab (folding) and holding more
  * than blanks, no other control characters, lines of at most 998 octets. */
-bool milter_header_value_ok(const char *value);
+bool milter_header_value_ok(const char *name, const char *value);
 
 /* ------------------------------------------------------------ the chain
  * (milter_chain.c, odmrd only).  One chain per SMTP/LMTP session, one

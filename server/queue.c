@@ -1395,11 +1395,17 @@ static bool envelope_of(const char *name, const char *id)
  * every hex digit), so a committed message costs no system call here (it
  * cost an access() of its envelope); a .m without one in the listing is
  * checked again, since the envelope may have come since. */
+static bool hpath(char *buf, const struct queue *q, const char *domain,
+                  const char *id, const char *suffix);
+
 static void clean_leftover(struct clean_ctx *c, const char *domain,
                            const char *prev, const char *name)
 {
-    char id[QID_MAX], path[PATH_MAX], env[PATH_MAX];
+    char id[QID_MAX], path[PATH_MAX], env[PATH_MAX], held[PATH_MAX];
     if (!id_with_suffix(name, ".m", id) || envelope_of(prev, id))
+        return;
+    /* a held copy: queue_release is between its link and its rename */
+    if (hpath(held, c->q, domain, id, ".m") && access(held, F_OK) == 0)
         return;
     if (qpath(path, c->q, domain, id, ".m") && qpath(env, c->q, domain, id, ".e") &&
         access(env, F_OK) != 0 && errno == ENOENT && stale(path, id, c->limit))
@@ -1625,18 +1631,19 @@ bool queue_release(struct queue *q, const char *domain, const char *id)
         return false;
     if (rename(henv, env) != 0)
         return false;
-    /* Between the link and the rename the data was a .m without its .e,
-     * which a maintenance pass (no lock) takes for a crash's leftover:
-     * its receiver is long gone.  Linked again, the quarantined copy goes
-     * only once the queued one is there and synced. */
-    if (lstat(data, &st) != 0 && (errno != ENOENT || link(hdata, data) != 0))
-        return false;
-    if (!fsync_dir(dir) || lstat(hdata, &st) != 0)
-        return false;
+    /* Released from here on.  The cleanup spares a .m that still has a
+     * held copy (clean_leftover); should the data be gone all the same,
+     * it is linked again, and the held copy goes only once the queued
+     * one is there and synced. */
+    if (lstat(data, &st) != 0 && errno == ENOENT && link(hdata, data) != 0)
+        log_err("%s: released, but its data could not be linked again: %s "
+                "(a copy stays in the quarantine)", id, strerror(errno));
+    else if (fsync_dir(dir) && lstat(hdata, &st) == 0) {
+        unlink(hdata);
+        fsync_dir(hdir);
+    }
     usage_adjust(q, domain, +1, (uint64_t)st.st_size);
     unlink(hwhy);
-    unlink(hdata);
-    fsync_dir(hdir);
     return true;
 }
 

@@ -207,6 +207,7 @@ static bool milter_mail_ok(struct smtp *s)
         return true;
     if (s->milter_refusal[0]) {
         reply_lines(s, s->milter_refusal, "");
+        s->milter_421 |= !strncmp(s->milter_refusal, "421", 3);
         return false;
     }
     milter_macros_of(s, &m, NULL, NULL);
@@ -863,7 +864,7 @@ static struct queue_in *milter_end(struct smtp *s, struct queue_in *in,
         return in;
     if (s->milter_discard) {
         milter_chain_abort(s->milter);
-        milter_discarded(s, in, "(at MAIL or RCPT)");
+        milter_discarded(s, in, "(at MAIL, RCPT or DATA)");
         return NULL;
     }
     if (!str_fmt(tmp_dir, sizeof tmp_dir, "%s/tmp", s->q.spool))

@@ -263,10 +263,11 @@ def test_expiry_keeps_the_message_while_the_relay_defers(env):
     env.setup_accounts()
     with Sink(rcpt_replies={"s@remote.test": "451 4.3.0 try later"}) as sink:
         use_relay(env, sink)
-        env.write_conf(queue_lifetime="2s")
+        env.write_conf(queue_lifetime="3s")
         env.start()
         qid = send(env, "s@remote.test", ["u1@example.org"])
-        time.sleep(2.5)
+        # whole seconds: aged 4 or 5, past 3 s and short of twice that
+        time.sleep(4.5)
         mark = len(env.log())
         os.kill(env.daemon.pid, signal.SIGUSR1)
         wait_for(lambda: "%s: bounce to <s@remote.test> deferred" % qid
@@ -480,25 +481,41 @@ def test_maintenance_passes_do_not_pile_up(env):
     connection and never greets) is not joined by a second one on
     SIGUSR1: one pass at a time."""
     import socket
+    import threading
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
+    held = []
+    def accept_and_hold():
+        silent.settimeout(0.2)
+        while silent.fileno() >= 0:
+            try:
+                held.append(silent.accept()[0])
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+    t = threading.Thread(target=accept_and_hold, daemon=True)
+    t.start()
     try:
         env.setup_accounts()
         env.write_conf(bounce_relay="127.0.0.1:%d" % silent.getsockname()[1],
-                       queue_lifetime="1s", timeout="6s")
+                       queue_lifetime="1s", timeout="10s")
         env.start()
         send(env, "s@remote.test", ["u1@example.org"])
-        time.sleep(1.5)
+        time.sleep(2.5)
         mark = len(env.log())
         os.kill(env.daemon.pid, signal.SIGUSR1)
-        time.sleep(1)
+        wait_for(lambda: held, timeout=10, what="the pass to reach the relay")
         os.kill(env.daemon.pid, signal.SIGUSR1)
         wait_for(lambda: "still running; skipping" in env.log()[mark:],
                  timeout=5, what="the second pass to be skipped")
         wait_for(lambda: "bounce to <s@remote.test>" in env.log()[mark:],
-                 timeout=20, what="the first pass's bounce")
+                 timeout=30, what="the first pass's bounce")
         check(env.log()[mark:].count("maintenance: the previous pass") == 1,
               "passes:\n%s" % env.log_tail())
     finally:
         silent.close()
+        t.join(2)
+        for c in held:
+            c.close()

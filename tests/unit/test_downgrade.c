@@ -471,6 +471,13 @@ static void test_boundary_never_seen(void)
                      "Gr\xc3\xbc\xc3\x9f" "e\r\n--%s--\r\n", b, b, b);
     CHECK(n > 0 && (size_t)n < sizeof m);
     CHECK(problem_of(m, (size_t)n, &body) == DG_UNENCODABLE_TYPE);
+    /* a nested multipart closed by its parent's delimiter before its own
+     * ever came: its text is real */
+    static const char nested[] =
+        "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=a\r\n"
+        "\r\n--a\r\nContent-Type: multipart/alternative; boundary=b\r\n"
+        "\r\nGr\xc3\xbc\xc3\x9f" "e\r\n--a--\r\n";
+    CHECK(problem_of(nested, strlen(nested), &body) == DG_UNENCODABLE_TYPE);
     /* a delimiter after an 8-bit preamble: a preamble after all */
     static const char late[] =
         MULTI_HEAD "Pr\xc3\xa4" "ambel\r\n--b\r\n\r\nascii\r\n--b--\r\n";
