@@ -438,7 +438,8 @@ static void clear_result(struct milter_result *r)
  * stage, so none of them may see the rest of the message either (libmilter
  * would take RCPT without MAIL for a protocol error).  Each is told the
  * message is over, as Sendmail does. */
-static void discard_for_all(struct milter_chain *c)
+/* SMFIC_ABORT to every milter not told yet (once per message). */
+static void abort_each(struct milter_chain *c)
 {
     char err[ERR_MAX];
     int64_t deadline = io_clock_ms() + c->conf->milter_command_timeout * 1000;
@@ -448,8 +449,15 @@ static void discard_for_all(struct milter_chain *c)
             (!put_packet(m, SMFIC_ABORT, "", 0, deadline, err, sizeof err) ||
              !flush_out(m, deadline, err, sizeof err)))
             conn_failed(c, m, "abort", err, NULL);
-        m->aborted = m->done_with_message = true;
+        m->aborted = true;
     }
+}
+
+static void discard_for_all(struct milter_chain *c)
+{
+    abort_each(c);
+    for (size_t i = 0; i < c->n; i++)
+        c->conn[i].done_with_message = true;
 }
 
 /* One stage, milter after milter, until one refuses. */
@@ -1088,23 +1096,13 @@ void milter_chain_end_of_message(struct milter_chain *c,
 
 void milter_chain_abort(struct milter_chain *c)
 {
-    char err[ERR_MAX];
-    int64_t deadline = io_clock_ms() + c->conf->milter_command_timeout * 1000;
     bool was = c->in_message;
     c->in_message = false;
     clear_result(&c->msg);
     c->hlen = c->blen = 0;
     c->in_hdr = false;
-    if (!was)
-        return;
-    for (size_t i = 0; i < c->n; i++) {
-        struct milter_conn *m = &c->conn[i];
-        if (m->fd >= 0 && !m->aborted &&
-            (!put_packet(m, SMFIC_ABORT, "", 0, deadline, err, sizeof err) ||
-             !flush_out(m, deadline, err, sizeof err)))
-            conn_failed(c, m, "abort", err, NULL);
-        m->aborted = true;
-    }
+    if (was)
+        abort_each(c);
 }
 
 void milter_chain_close(struct milter_chain *c)

@@ -1779,10 +1779,12 @@ def closed_within(s, seconds):
     return False
 
 
-def reversed_to_ehlo(env, tag):
-    """One message queued for example.org, the reversal done by hand up
-    to odmrd's EHLO; returns (session, queue id, its files, log mark)."""
-    qid = enqueue(env, ["u1@example.org"], message(tag))["example.org"]
+def reversed_to_ehlo(env, tag, body=None):
+    """One message (body, or a small one) queued for example.org, the
+    reversal done by hand up to odmrd's EHLO; returns (session, queue id,
+    its files, log mark)."""
+    qid = enqueue(env, ["u1@example.org"],
+                  body or message(tag))["example.org"]
     before = files_of(env, "example.org", qid)
     mark = len(env.log())
     s = login(env)
@@ -1817,6 +1819,18 @@ def test_customer_trickling_a_reply_is_cut_off(env):
           "no deadline log line:\n%s" % env.log_tail())
     check(files_of(env, "example.org", qid) == before,
           "the queued message changed")
+
+
+def stepwise_to_354(s, answer_to_data):
+    """Answers odmrd's EHLO without PIPELINING, then its MAIL and RCPT
+    with 250, and its DATA with answer_to_data (bytes)."""
+    s.sock.sendall(b"250 customer.test\r\n")
+    check((raw_line(s) or b"").upper().startswith(b"MAIL"), "no MAIL")
+    s.sock.sendall(b"250 2.1.0 Ok\r\n")
+    check((raw_line(s) or b"").upper().startswith(b"RCPT"), "no RCPT")
+    s.sock.sendall(b"250 2.1.5 Ok\r\n")
+    check((raw_line(s) or b"").upper() == b"DATA", "no DATA")
+    s.sock.sendall(answer_to_data)
 
 
 def read_slowly(s, per_tick, tick, give_up, ended):
@@ -1857,20 +1871,8 @@ def test_customer_reading_slowly_is_cut_off(env):
     env.start(sndbuf=16384)
     line = b"x" * 998 + b"\r\n"
     big = message("slow-reader", extra=line * 3000)
-    qid = enqueue(env, ["u1@example.org"], big)["example.org"]
-    before = files_of(env, "example.org", qid)
-    mark = len(env.log())
-    s = login(env)
-    check_reply(atrn(s, "example.org"), 250, what="ATRN")
-    s.sock.sendall(b"220 customer.test ESMTP\r\n")
-    check((raw_line(s) or b"").upper().startswith(b"EHLO"), "no EHLO")
-    s.sock.sendall(b"250 customer.test\r\n")       # no PIPELINING
-    check((raw_line(s) or b"").upper().startswith(b"MAIL"), "no MAIL")
-    s.sock.sendall(b"250 2.1.0 Ok\r\n")
-    check((raw_line(s) or b"").upper().startswith(b"RCPT"), "no RCPT")
-    s.sock.sendall(b"250 2.1.5 Ok\r\n")
-    check((raw_line(s) or b"").upper() == b"DATA", "no DATA")
-    s.sock.sendall(b"354 go ahead\r\n")
+    s, qid, before, mark = reversed_to_ehlo(env, "slow-reader", body=big)
+    stepwise_to_354(s, b"354 go ahead\r\n")
     # 64 KB a second, in whole reads: loopback frees a receive buffer
     # only skb by skb, and smaller reads stall the window for longer
     # than the timeout.
@@ -1900,13 +1902,7 @@ def test_reply_out_of_turn_after_354(env):
     message stays queued."""
     setup(env)
     s, qid, before, mark = reversed_to_ehlo(env, "early")
-    s.sock.sendall(b"250 customer.test\r\n")        # no PIPELINING
-    check((raw_line(s) or b"").upper().startswith(b"MAIL"), "no MAIL")
-    s.sock.sendall(b"250 2.1.0 Ok\r\n")
-    check((raw_line(s) or b"").upper().startswith(b"RCPT"), "no RCPT")
-    s.sock.sendall(b"250 2.1.5 Ok\r\n")
-    check((raw_line(s) or b"").upper() == b"DATA", "no DATA")
-    s.sock.sendall(b"354 go ahead\r\n250 2.0.0 early\r\n")
+    stepwise_to_354(s, b"354 go ahead\r\n250 2.0.0 early\r\n")
     data_lines = 0
     while True:
         line = raw_line(s)
