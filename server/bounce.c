@@ -374,8 +374,12 @@ static bool copy_data(const struct dsn *d, struct dsn_out *o, char *chunk,
             continue;
         if (got < 0)
             return false;
-        if (got == 0)
+        if (got == 0) {   /* a damaged spool: the report still goes */
+            log_warn("%s: the returned message is cut short: its data file "
+                     "ends after %lld of %lld octets", d->e->id,
+                     (long long)off, (long long)end);
             break;
+        }
         emit(o, chunk, (size_t)got);
         off += got;
     }
