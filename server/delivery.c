@@ -17,7 +17,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -707,19 +706,6 @@ static void close_message(struct outgoing *m)
     m->fd = -1;
 }
 
-/* A data file shorter than its envelope's size (a damaged spool) would
- * go out cut short and be answered 250: it is left alone instead. */
-static bool data_too_short(const struct outgoing *m)
-{
-    struct stat sb = {0};
-    if (fstat(m->fd, &sb) == 0 && (uint64_t)sb.st_size >= m->e.size)
-        return false;
-    log_err("%s: message data shorter than its envelope says (%lld of %llu "
-            "bytes), left alone", m->id, (long long)sb.st_size,
-            (unsigned long long)m->e.size);
-    return true;
-}
-
 /* Loads id and decides whether it can be offered to this customer at all
  * (precheck's refusals are settled like the customer's). */
 static void open_message(struct delivery_ctx *d, const struct caps *c,
@@ -741,8 +727,6 @@ static void open_message(struct delivery_ctx *d, const struct caps *c,
         log_err("%s: cannot open message data: %s", id, strerror(errno));
         return;
     }
-    if (data_too_short(m))
-        return;
     if (!plan_downgrade(c, &m->e, m->fd, &m->plan))
         return;
     m->loaded = true;

@@ -1022,6 +1022,24 @@ static bool envelope_is_for(const struct envelope *e, const char *domain,
     return true;
 }
 
+/* A .m shorter than its envelope's size (a damaged spool) would go out
+ * cut short and be answered 250: it is damage, as a bad envelope is.
+ * (A queue file's trailer check covers the one-file layout.) */
+static bool data_covers_envelope(const struct queue *q, const char *domain,
+                                 const char *id, const struct envelope *e,
+                                 char *err, size_t n)
+{
+    char path[PATH_MAX];
+    struct stat sb;
+    if (!qpath(path, q, domain, id, ".m") || lstat(path, &sb) != 0 ||
+        (uint64_t)sb.st_size >= e->size)
+        return true;   /* a missing .m is the reader's to report */
+    snprintf(err, n, "%s: message data shorter than its envelope says (%lld "
+             "of %llu bytes)", path, (long long)sb.st_size,
+             (unsigned long long)e->size);
+    return false;
+}
+
 bool queue_load(struct queue *q, const char *domain, const char *id,
                 struct envelope *e, char *err, size_t n)
 {
@@ -1039,7 +1057,8 @@ bool queue_load(struct queue *q, const char *domain, const char *id,
         errno = oerr;   /* ENOENT is kept for "removed meanwhile" */
         return false;
     }
-    if (envelope_is_for(e, domain, id, err, n))
+    if (envelope_is_for(e, domain, id, err, n) &&
+        (found || data_covers_envelope(q, domain, id, e, err, n)))
         return true;
     envelope_free(e);
     errno = EINVAL;

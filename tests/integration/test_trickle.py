@@ -249,15 +249,21 @@ def test_stress_mode_idle_timeout(env):
     check(len(lines) == 1, "expected one stress mode line, got %r" % lines)
 
 
+def session_with_recipients(env, n):
+    """An SMTP session with MAIL and n accepted recipients."""
+    s = smtp_session(env)
+    check_reply(s.cmd("MAIL FROM:<s@remote.test>"), 250, "2.1.0", "MAIL")
+    for i in range(n):
+        check_reply(s.cmd("RCPT TO:<r%d@example.org>" % i), 250, "2.1.5")
+    return s
+
+
 def test_refusals_end_the_session(env):
     """Each refused command counts (Postfix's smtpd_hard_error_limit):
     20 refused RCPTs, and the next command gets 421 4.7.0; recipients
     past max_recipients are no error until as many again."""
     started(env, max_recipients="3")
-    s = smtp_session(env)
-    check_reply(s.cmd("MAIL FROM:<s@remote.test>"), 250, "2.1.0", "MAIL")
-    for i in range(3):
-        check_reply(s.cmd("RCPT TO:<r%d@example.org>" % i), 250, "2.1.5")
+    s = session_with_recipients(env, 3)
     for i in range(3):
         check_reply(s.cmd("RCPT TO:<over%d@example.org>" % i), 452, "4.5.3",
                     "RCPT past max_recipients %d" % (i + 1))
@@ -273,10 +279,7 @@ def test_refusals_end_the_session(env):
     check("20 commands refused: session ended" in env.log(),
           "no log line for the refusals:\n%s" % env.log_tail())
     # past max_recipients more, each one counts
-    s = smtp_session(env)
-    check_reply(s.cmd("MAIL FROM:<s@remote.test>"), 250, "2.1.0", "MAIL")
-    for i in range(3):
-        check_reply(s.cmd("RCPT TO:<r%d@example.org>" % i), 250, "2.1.5")
+    s = session_with_recipients(env, 3)
     for i in range(23):
         check_reply(s.cmd("RCPT TO:<over%d@example.org>" % i), 452, "4.5.3",
                     "RCPT past max_recipients %d" % (i + 1))
