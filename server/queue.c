@@ -1032,8 +1032,8 @@ static bool data_covers_envelope(const struct queue *q, const char *domain,
     char path[PATH_MAX];
     struct stat sb;
     if (!qpath(path, q, domain, id, ".m") || lstat(path, &sb) != 0 ||
-        (uint64_t)sb.st_size >= e->size)
-        return true;   /* a missing .m is the reader's to report */
+        !S_ISREG(sb.st_mode) || (uint64_t)sb.st_size >= e->size)
+        return true;   /* missing, a link, a FIFO: the reader's to report */
     snprintf(err, n, "%s: message data shorter than its envelope says (%lld "
              "of %llu bytes)", path, (long long)sb.st_size,
              (unsigned long long)e->size);
