@@ -388,6 +388,19 @@ static bool input_buffered(const struct io *io)
     return io->ssl && SSL_has_pending(io->ssl);
 }
 
+/* Whether the phase deadline or line_due (0: none) has passed.  Checked
+ * before every read, not only when a read would block: a peer sending
+ * fast enough never makes it block, and an over-long line or endless
+ * data would then outlive every deadline. */
+static bool past_due(const struct io *io, int64_t line_due)
+{
+    if (!io->deadline && !line_due)
+        return false;
+    int64_t now = mono_ms();
+    return (io->deadline && now >= io->deadline) ||
+           (line_due && now >= line_due);
+}
+
 /* Refills the empty rbuf, waiting no later than *line_due (0: none yet;
  * line_due NULL: no line deadline at all).  Under TLS a line begins with
  * the first octet of the record that carries it: a peer trickling one
@@ -408,6 +421,8 @@ static enum io_status fill(struct io *io, int64_t *line_due)
         wait_first = true;
     }
     for (;;) {
+        if (past_due(io, line_due ? *line_due : 0))
+            return IO_DEADLINE;
         if (wait_first) {
             wait_first = false;
             enum io_status st = wait_io(io, POLLIN, line_due ? *line_due : 0);
@@ -500,7 +515,8 @@ long io_getline(struct io *io, char *buf, size_t max, bool *bare_lf)
         return fail(io, IO_TOOLONG);
     }
     /* len <= stored here: at most the CR was left out of buf. */
-    buf[len] = '\0';
+    if (max > 0)
+        buf[len] = '\0';
     if (io->trace)
         io->trace(io->trace_ctx, false, buf, len);
     return (long)len;

@@ -395,6 +395,42 @@ static void test_phase_deadline(void)
     CHECK(reap(pid) == 128 + SIGKILL);
 }
 
+/* A long line sent at once, then the rest of a session. */
+static int flood_child(int fd, void *arg)
+{
+    (void)arg;
+    static char line[40000];
+    memset(line, 'A', sizeof line - 2);
+    memcpy(line + sizeof line - 2, "\r\n", 2);
+    if (!put_raw(fd, line, sizeof line))
+        return 2;
+    drain_to_eof(fd);
+    return 0;
+}
+
+/* A deadline that has passed holds even when every read finds input
+ * waiting: a peer fast enough never to make a read block must not outlive
+ * it (an over-long line is read on to its end). */
+static void test_deadline_with_input_waiting(void)
+{
+    int fd;
+    pid_t pid = spawn(&fd, flood_child, NULL);
+    struct io io;
+    char buf[512];
+
+    io_init(&io, fd, 2000);
+    usleep(200 * 1000);   /* the whole line is in the socket by now */
+    io_set_deadline(&io, io_clock_ms() - 1);
+    CHECK(io_getline(&io, buf, sizeof buf, NULL) == IO_DEADLINE);
+    CHECK(io.status == IO_DEADLINE);
+    CHECK(io.bytes_in == 0);
+    io_set_deadline(&io, 0);
+    io.status = IO_OK;
+    CHECK(io_getline(&io, buf, sizeof buf, NULL) == IO_TOOLONG);
+    io_close(&io);
+    CHECK(reap(pid) == 0);
+}
+
 /* ---- getseg ------------------------------------------------------------ */
 
 #define SEG_BIG 10000
@@ -920,6 +956,7 @@ int main(void)
     test_write_timeout();
     test_line_deadline();
     test_phase_deadline();
+    test_deadline_with_input_waiting();
     test_getseg();
     test_pipelining();
     test_tls();
