@@ -64,9 +64,18 @@ static bool lock_byte(int fd, unsigned long i)
  * fs.inotify.max_user_instances of them (128 by default) and every
  * session runs as odmrd's user: a customer beyond that is told 451 at
  * XLINGER and polls, instead of being granted push that then cannot
- * start.  One per process at most: a slot granted and not used (no
- * XLINGER in the customer's EHLO reply) leaves it for the next session. */
+ * start.  A slot granted and not used (no ATRN, or no XLINGER in the
+ * customer's EHLO reply) gives it back at the end of the session
+ * (linger_drop_reserve): workers serve many sessions, and each keeping
+ * one would use up the user's instances with no session lingering. */
 static int reserved_notify_fd = -1;
+
+void linger_drop_reserve(void)
+{
+    if (reserved_notify_fd >= 0)
+        close(reserved_notify_fd);
+    reserved_notify_fd = -1;
+}
 
 static bool reserve_notify(void)
 {

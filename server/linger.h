@@ -46,6 +46,10 @@ int linger_lock_domain(const struct queue *q, const char *domain);
  * finds no room is told so before the reversal and simply polls. */
 int linger_take_slot(const struct odmrd_conf *conf);
 
+/* Closes the inotify instance reserved with a slot that no linger_begin
+ * took: at the end of every ODMR session. */
+void linger_drop_reserve(void);
+
 struct linger_watch {
     int slots_fd;                 /* the slot (linger_take_slot) */
     int notify_fd;                /* inotify */

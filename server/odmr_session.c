@@ -641,6 +641,17 @@ static size_t command_limit(int verb)
     return verb == SMTP_AUTH ? SIZE_MAX : SMTP_LINE_MAX;
 }
 
+/* Before the reversal an ATRN answered 453 or 450, and XLINGER, move no
+ * mail and may be repeated as freely as NOOP: they count with it, or a
+ * client could hold a connection (and a linger slot) for ever. */
+static int junk_verb(const struct smtp_cmd *cmd, const char *line)
+{
+    const char *arg;
+    if (cmd->verb == SMTP_ATRN || is_xlinger(line, &arg))
+        return SMTP_NOOP;
+    return cmd->verb;
+}
+
 static void session_loop(struct odmr *s)
 {
     static char line[SASL_GLUE_B64_MAX + 64];   /* see command_limit */
@@ -659,7 +670,7 @@ static void session_loop(struct odmr *s)
         if (r == COMMAND_BAD)
             continue;
         if (session_too_much_junk(&s->io, s->peer->addr, s->conf->hostname,
-                                  cmd.verb, &junk_commands))
+                                  junk_verb(&cmd, line), &junk_commands))
             return;
         dispatch(s, &cmd, line);
         /* A SASL response line that timed out or trickled past
@@ -696,6 +707,7 @@ void odmr_session_run(const struct odmrd_conf *conf, SSL_CTX *tls,
              s.user);
     if (s.linger_slot >= 0)   /* asked for, no ATRN followed */
         close(s.linger_slot);
+    linger_drop_reserve();
     sasl_glue_server_free(s.sasl);
     io_close(&s.io);
 }

@@ -100,8 +100,9 @@ bool session_too_much_junk(struct io *io, const char *peer,
         return false;
     if (++*junk <= SESSION_MAX_JUNK_COMMANDS)
         return false;
-    log_info("%s: more than %d NOOP/RSET/HELP/VRFY/EHLO/HELO commands: "
-             "session ended", peer, SESSION_MAX_JUNK_COMMANDS);
+    log_info("%s: more than %d NOOP/RSET/HELP/VRFY/EHLO/HELO commands "
+             "(on the ODMR port also ATRN/XLINGER): session ended", peer,
+             SESSION_MAX_JUNK_COMMANDS);
     session_reply(io, peer, "421 4.7.0 %s Too many commands", hostname);
     io_flush(io);
     return true;

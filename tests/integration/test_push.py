@@ -256,6 +256,65 @@ def test_push_without_mail_and_old_customers(env):
         check_reply(s.cmd("XLINGER 30"), 502, what="XLINGER while off")
 
 
+def test_repeated_atrn_and_xlinger_are_junk(env):
+    """An ATRN answered 453 and a repeated XLINGER move no mail: like NOOP
+    they end the session after 100, so a client cannot hold a connection
+    and a linger slot for ever by repeating them."""
+    push_env(env)
+    with SMTP(env.odmr_port) as s:
+        s.cmd("EHLO site.test")
+        check_reply(cram_md5(s, "alice", "secret"), 235, what="AUTH")
+        for i in range(10):   # 453s also count as refused commands (20)
+            check_reply(s.cmd("ATRN"), 453, what="ATRN %d" % (i + 1))
+        for i in range(89):
+            check_reply(s.cmd("XLINGER 30"), 250, what="XLINGER %d" % (i + 1))
+        check_reply(s.cmd("XLINGER 30"), 421, "4.7.0", "the 101st")
+    check("on the ODMR port also ATRN/XLINGER" in env.log(),
+          "no log line:\n%s" % env.log_tail())
+
+
+def odmrd_inotify_instances(env):
+    """inotify instances open in odmrd's processes (master and workers)."""
+    pids = [env.daemon.pid]
+    for d in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % d) as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pids[0]:
+                    pids.append(int(d))
+        except (OSError, ValueError, IndexError):
+            pass
+    n = 0
+    for pid in pids:
+        fds = "/proc/%d/fd" % pid
+        try:
+            for fd in os.listdir(fds):
+                try:
+                    n += os.readlink(os.path.join(fds, fd)) == \
+                        "anon_inode:inotify"
+                except OSError:
+                    pass
+        except OSError:
+            pass
+    return n
+
+
+def test_unused_linger_slot_gives_back_its_inotify_instance(env):
+    """XLINGER reserves an inotify instance with its slot; a session that
+    never reverses must give it back: workers serve many sessions, and each
+    keeping one would use up the user's instances with nobody lingering."""
+    push_env(env)
+    for i in range(4):
+        with SMTP(env.odmr_port) as s:
+            s.cmd("EHLO site.test")
+            check_reply(cram_md5(s, "alice", "secret"), 235, what="AUTH")
+            check_reply(s.cmd("XLINGER 30"), 250, what="XLINGER %d" % i)
+            check_reply(s.cmd("QUIT"), 221, what="QUIT")
+    time.sleep(0.3)   # the last session's end
+    n = odmrd_inotify_instances(env)
+    check(n == 0, "%d inotify instance(s) held by odmrd after four sessions "
+                  "that did not linger" % n)
+
+
 def test_push_max_lingering(env):
     """odmr_max_lingering reached: the next customer is served and QUITs
     as usual (and is told why); a second ATRN for a lingering domain gets
