@@ -656,8 +656,9 @@ static void smtp_end_group(struct target *t, struct reply *r,
 {
     struct smtp_target *s = S(t);
 
+    /* smtp_end also answers a site that replied out of turn */
     if (!s->pipelining || s->failed || !s->connected ||
-        (g->mail->smtputf8 && !s->have.smtputf8)) {
+        (g->mail->smtputf8 && !s->have.smtputf8) || replied_out_of_turn(s)) {
         smtp_end(t, false, r);
         smtp_group(t, g);
         return;

@@ -452,6 +452,21 @@ def test_fetch_site_replying_out_of_turn_after_354(env):
           % env.log_tail())
 
 
+def test_fetch_site_replying_out_of_turn_with_pipelining(env):
+    """The same with two messages, so that the first one's final dot goes
+    out pipelined with the next MAIL: the early line must not be taken for
+    the dot's reply there either."""
+    started(env)
+    q1 = send(env, "s@remote.test", ["u1@example.org"])
+    q2 = send(env, "t@remote.test", ["u2@example.org"])
+    with Sink(after_354="250 2.0.0 early") as sink:
+        r = fetch(env, deliver="smtp:" + sink.address)
+    check(r.returncode == EX_TEMPFAIL, "exit %d: %s" % (r.returncode,
+                                                         r.stderr))
+    check(sorted(env.queued_ids("example.org")) == sorted([q1, q2]),
+          "queue after replies out of turn: %r" % env.queued())
+
+
 def test_fetch_smtp_per_recipient(env):
     with Sink() as bounces:
         started(env, bounce_relay=bounces.address)
