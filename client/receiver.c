@@ -37,6 +37,11 @@
  * as odmrd's own data_min_rate default: a provider trickling a message
  * must not hold the run, and its lock, for ever. */
 #define DATA_MIN_RATE 500
+/* RCPTs in one transaction before the session ends: odmrd sends every
+ * recipient of a message (its max_recipients may exceed our
+ * TARGET_RCPT_MAX, and those beyond get 452 and come next time), so only
+ * a provider looping RCPT reaches this. */
+#define RCPT_SEEN_MAX (100 * TARGET_RCPT_MAX)
 
 struct rx {
     const struct fetch_conf *c;
@@ -47,6 +52,7 @@ struct rx {
     bool done, quit, lost;        /* session over; by QUIT; connection gone */
     struct mail_args mail;
     size_t nrcpt;                 /* recipients the target accepted */
+    size_t rcpts_seen;            /* RCPT commands in this transaction */
     unsigned bad_commands;
     unsigned junk_commands;       /* since the last MAIL */
     int64_t last_mail_ms;         /* io_clock_ms() of the last MAIL or end
@@ -77,6 +83,24 @@ static void say(struct rx *x, const char *fmt, ...)
     net_send(x->io, WHO, line, NULL);
 }
 
+/* A command odmrd never sends when it keeps to the protocol (bad syntax,
+ * parameters not offered, a nested MAIL): answered, and counted towards
+ * MAX_BAD_COMMANDS.  "Need MAIL" is not one: it follows a MAIL the target
+ * refused, once per message. */
+static void say_error(struct rx *x, const char *fmt, ...) PRINTF_LIKE(2, 3);
+
+static void say_error(struct rx *x, const char *fmt, ...)
+{
+    char line[SMTP_REPLY_LINE_MAX];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line - 2, fmt, ap);
+    va_end(ap);
+    net_send(x->io, WHO, line, NULL);
+    x->bad_commands++;
+}
+
 /* Counts what a final reply means for odmrd's copy of the message. */
 static void count_reply(struct rx *x, int code)
 {
@@ -100,6 +124,7 @@ static void end_transaction(struct rx *x)
         x->t.ops->reset(&x->t);
     x->in_mail = false;
     x->nrcpt = 0;
+    x->rcpts_seen = 0;
 }
 
 /* ---- HELO/EHLO ------------------------------------------------------- */
@@ -112,7 +137,8 @@ static void do_hello(struct rx *x, const char *arg, bool extended)
     size_t n = 0;
 
     if (!*arg) {
-        say(x, "501 5.5.4 Syntax: %s hostname", extended ? "EHLO" : "HELO");
+        say_error(x, "501 5.5.4 Syntax: %s hostname",
+                  extended ? "EHLO" : "HELO");
         return;
     }
     end_transaction(x);
@@ -163,20 +189,20 @@ static void do_mail(struct rx *x, const char *arg)
     struct reply r;
 
     if (!x->greeted) {
-        say(x, "503 5.5.1 Send HELO/EHLO first");
+        say_error(x, "503 5.5.1 Send HELO/EHLO first");
         return;
     }
     if (x->in_mail) {
-        say(x, "503 5.5.1 Nested MAIL command");
+        say_error(x, "503 5.5.1 Nested MAIL command");
         return;
     }
     if (!smtp_parse_mail(arg, &x->mail, x->esmtp && x->t.caps.smtputf8,
                          &err)) {
-        say(x, "%s", err.reply);
+        say_error(x, "%s", err.reply);
         return;
     }
     if (!mail_params_offered(x, &x->mail)) {
-        say(x, "555 5.5.4 Unsupported parameter");
+        say_error(x, "555 5.5.4 Unsupported parameter");
         return;
     }
     if (x->t.caps.size && x->mail.size > x->t.caps.size) {
@@ -190,6 +216,7 @@ static void do_mail(struct rx *x, const char *arg)
     send_reply(x, &r);
     x->in_mail = r.code / 100 == 2;
     x->nrcpt = 0;
+    x->rcpts_seen = 0;
 }
 
 /* The checks of RCPT's argument made here; false with the reply in why.
@@ -231,8 +258,17 @@ static void do_rcpt(struct rx *x, const char *arg)
         say(x, "503 5.5.1 Need MAIL command");
         return;
     }
+    if (++x->rcpts_seen > RCPT_SEEN_MAX) {
+        say(x, "421 4.7.0 %s Too many recipients", x->c->fqdn);
+        fprintf(stderr, "odmr-fetch: %s sent more than %d RCPT commands in "
+                        "one transaction\n", x->c->server, RCPT_SEEN_MAX);
+        if (x->status == 0)
+            x->status = EX_PROTOCOL;
+        x->done = true;
+        return;
+    }
     if (!rcpt_acceptable(x, arg, &a, addr, why, sizeof why)) {
-        say(x, "%s", why);
+        say_error(x, "%s", why);
         return;
     }
     if (x->nrcpt >= TARGET_RCPT_MAX) {
@@ -398,7 +434,7 @@ static void do_data(struct rx *x, const char *arg)
     struct reply r;
 
     if (*arg) {
-        say(x, "501 5.5.4 Syntax: DATA");
+        say_error(x, "501 5.5.4 Syntax: DATA");
         return;
     }
     if (!data_acceptable(x))
@@ -441,6 +477,7 @@ static bool receive_one(struct rx *x)
     finish_data(x, &d, next);
     x->in_mail = false;
     x->nrcpt = 0;
+    x->rcpts_seen = 0;
     x->last_mail_ms = io_clock_ms();
     return next != NULL;
 }
@@ -545,12 +582,13 @@ static bool answer_group(struct rx *x, struct pipelined *p)
     send_reply(x, &p->g.mail_reply);
     x->in_mail = p->g.mail_reply.code / 100 == 2;
     x->nrcpt = 0;
+    x->rcpts_seen = p->nslot;
     for (size_t i = 0; i < p->nslot; i++) {
         const struct rcpt_slot *sl = &p->slot[i];
         if (!x->in_mail)
             say(x, "503 5.5.1 Need MAIL command");
         else if (sl->refused[0])
-            say(x, "%s", sl->refused);
+            say_error(x, "%s", sl->refused);
         else
             rcpt_answered(x, sl->addr, &p->sent[k].reply);
         k += !sl->refused[0];
@@ -620,13 +658,13 @@ static void dispatch(struct rx *x, const struct smtp_cmd *cmd)
         if (cmd->arg)
             do_mail(x, arg);
         else
-            say(x, "501 5.5.4 Syntax: MAIL FROM:<address>");
+            say_error(x, "501 5.5.4 Syntax: MAIL FROM:<address>");
         break;
     case SMTP_RCPT:
         if (cmd->arg)
             do_rcpt(x, arg);
         else
-            say(x, "501 5.5.4 Syntax: RCPT TO:<address>");
+            say_error(x, "501 5.5.4 Syntax: RCPT TO:<address>");
         break;
     case SMTP_DATA: do_data(x, arg); break;
     case SMTP_RSET:
@@ -757,7 +795,8 @@ static void serve(struct rx *x)
             say(x, "421 4.7.0 %s Too many errors", x->c->fqdn);
             fprintf(stderr, "odmr-fetch: too many bad commands from %s\n",
                     x->c->server);
-            x->status = EX_PROTOCOL;
+            if (x->status == 0)   /* mail deferred says more: try again */
+                x->status = EX_PROTOCOL;
             return;
         }
     }

@@ -1169,6 +1169,68 @@ def test_fetch_provider_junk_commands(env):
     check(got["quit"][0] == 221, "QUIT after 150 RSETs: %r" % (got["quit"],))
 
 
+def test_fetch_provider_protocol_errors_count(env):
+    """Commands odmrd never sends (bad syntax, a nested MAIL, parameters
+    not offered) count towards the 20 errors that end the session, as
+    unknown verbs do; and mail deferred before that keeps exit 75."""
+    got = {}
+
+    def syntax(c):
+        c.ehlo("fake.test")
+        check_reply(c.cmd("MAIL FROM:<s@remote.test>"), 250, what="MAIL")
+        bad = ["RCPT TO:<no-domain", "MAIL FROM:<again@remote.test>",
+               "RCPT TO:<u@example.org> NOTIFY=NEVER", "DATA now"]
+        for i in range(19):
+            r = c.cmd(bad[i % 4])
+            check(r[0] in (501, 503, 553, 555), "error %d: %r" % (i + 1, r))
+        check(c.cmd(bad[0])[0] == 501, "the 20th error")
+        got["last"] = c.reply()
+
+    def deferred_then_junk(c):
+        c.ehlo("fake.test")
+        check_reply(c.cmd("MAIL FROM:<s@remote.test>"), 250, what="MAIL")
+        check_reply(c.cmd("RCPT TO:<u@example.org>"), 250, what="RCPT")
+        check_reply(c.data(b"Subject: x\r\n\r\nx\r\n"), 451,
+                    what="the mda's exit 75")
+        for i in range(20):
+            check_reply(c.cmd("XYZZY"), 502, what="unknown verb %d" % i)
+        got["last"] = c.reply()
+
+    r, p = run_fake(env, syntax, "mda:cat >/dev/null")
+    expect(r, EX_PROTOCOL, "a provider sending syntax errors")
+    check(got["last"][0] == 421 and "Too many errors" in got["last"][1],
+          "after the 20th error: %r" % (got["last"],))
+    r, p = run_fake(env, deferred_then_junk, "mda:exit 75")
+    expect(r, EX_TEMPFAIL, "mail deferred, then too many errors")
+    check(got["last"][0] == 421, "after the 20th error: %r" % (got["last"],))
+
+
+def test_fetch_provider_looping_rcpt(env):
+    """RCPTs past 100 times the 1,000 a transaction takes end the
+    session: a provider cannot hold the run (and its lock) with RCPT."""
+    got = {}
+
+    def loop(c):
+        c.ehlo("fake.test")
+        check_reply(c.cmd("MAIL FROM:<s@remote.test>"), 250, what="MAIL")
+        n = 100000
+        for start in range(0, n, 5000):
+            c.send_raw("".join("RCPT TO:<u%d@example.org>\r\n" % i
+                               for i in range(start, start + 5000)))
+            for i in range(start, start + 5000):
+                r = c.reply()
+                check(r[0] == (250 if i < 1000 else 452),
+                      "RCPT %d: %r" % (i + 1, r))
+        got["last"] = c.cmd("RCPT TO:<over@example.org>")
+
+    r, p = run_fake(env, loop, "mda:cat >/dev/null")
+    # the 452s past 1,000 are deferred mail: 75
+    expect(r, EX_TEMPFAIL, "a provider looping RCPT")
+    check("more than 100000 RCPT" in r.stderr, "stderr: %r" % r.stderr)
+    check(got["last"][0] == 421 and "Too many recipients" in got["last"][1],
+          "RCPT 100,001 got %r" % (got["last"],))
+
+
 def test_fetch_linger_limit(env):
     """Lingering, a provider that keeps the session up with NOOPs past
     --linger and --timeout since the last message is told 421; the run
