@@ -220,13 +220,16 @@ static void do_mail(struct rx *x, const char *arg)
 }
 
 /* The checks of RCPT's argument made here; false with the reply in why.
- * addr receives the address formatted for the target. */
-static bool rcpt_acceptable(struct rx *x, const char *arg, struct rcpt_args *a,
+ * addr receives the address formatted for the target.  A UTF-8 address
+ * only in a transaction whose MAIL said SMTPUTF8 (RFC 6531 3.4), which
+ * needs the extension offered. */
+static bool rcpt_acceptable(struct rx *x, const struct mail_args *m,
+                            const char *arg, struct rcpt_args *a,
                             char addr[ADDR_MAX + 1], char *why, size_t n)
 {
     struct smtp_err err;
 
-    if (!smtp_parse_rcpt(arg, a, x->esmtp && x->t.caps.smtputf8, &err))
+    if (!smtp_parse_rcpt(arg, a, m->smtputf8, &err))
         str_copy(why, err.reply, n);
     else if (!x->t.caps.dsn && (a->notify || a->orcpt[0]))
         str_copy(why, "555 5.5.4 Unsupported parameter", n);
@@ -267,7 +270,7 @@ static void do_rcpt(struct rx *x, const char *arg)
         x->done = true;
         return;
     }
-    if (!rcpt_acceptable(x, arg, &a, addr, why, sizeof why)) {
+    if (!rcpt_acceptable(x, &x->mail, arg, &a, addr, why, sizeof why)) {
         say_error(x, "%s", why);
         return;
     }
@@ -539,7 +542,7 @@ static void add_rcpt(struct rx *x, struct pipelined *p, const char *arg)
     struct rcpt_slot *sl = &p->slot[p->nslot++];
 
     sl->refused[0] = '\0';
-    if (rcpt_acceptable(x, arg, &sl->args, sl->addr, sl->refused,
+    if (rcpt_acceptable(x, &p->mail, arg, &sl->args, sl->addr, sl->refused,
                         sizeof sl->refused))
         p->sent[p->g.nrcpt++] = (struct group_rcpt){&sl->args, sl->addr,
                                                     {0, ""}};

@@ -1205,6 +1205,29 @@ def test_fetch_provider_protocol_errors_count(env):
     check(got["last"][0] == 421, "after the 20th error: %r" % (got["last"],))
 
 
+def test_fetch_utf8_recipient_needs_smtputf8_in_mail(env):
+    """A UTF-8 recipient only in a transaction whose MAIL said SMTPUTF8
+    (RFC 6531 3.4), not merely because the extension was offered."""
+    got = {}
+
+    def s(c):
+        _, text = c.ehlo("fake.test")
+        got["offered"] = "SMTPUTF8" in text
+        c.cmd("MAIL FROM:<s@remote.test>")
+        got["plain"] = c.cmd("RCPT TO:<j\u00fcrgen@example.org>")
+        c.cmd("RSET")
+        c.cmd("MAIL FROM:<s@remote.test> SMTPUTF8")
+        got["utf8"] = c.cmd("RCPT TO:<j\u00fcrgen@example.org>")
+        c.cmd("QUIT")
+
+    r, p = run_fake(env, s, "mda:cat >/dev/null")
+    check(got["offered"], "the mda target does not offer SMTPUTF8")
+    check(got["plain"][0] in (501, 553), "UTF-8 RCPT without SMTPUTF8 in "
+          "MAIL: %r" % (got["plain"],))
+    check(got["utf8"][0] == 250, "UTF-8 RCPT with SMTPUTF8: %r"
+          % (got["utf8"],))
+
+
 def test_fetch_provider_looping_rcpt(env):
     """RCPTs past 100 times the 1,000 a transaction takes end the
     session: a provider cannot hold the run (and its lock) with RCPT."""
