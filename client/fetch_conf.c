@@ -209,6 +209,13 @@ static bool domains_add(struct fetch_conf *c, const char *list, char *err,
         snprintf(err, n, "domain list too long");
         return false;
     }
+    /* An empty list would mean bare ATRN, every domain of the account:
+     * `--domains "$D"` with D unset must not widen the request. */
+    if (!buf[strspn(buf, ", ")]) {
+        snprintf(err, n, "empty domain list (leave the option out to fetch "
+                         "every domain of the account)");
+        return false;
+    }
     for (char *d = strtok_r(buf, ", ", &save); d;
          d = strtok_r(NULL, ", ", &save)) {
         /* ATRN names domains in ASCII (RFC 2645): a U-label domain is
@@ -239,6 +246,28 @@ static bool domains_add(struct fetch_conf *c, const char *list, char *err,
     return true;
 }
 
+/* Every name in list is one of ALL_MECHS: a typo beside a valid name
+ * would otherwise be dropped without a word. */
+static bool mechs_known(const char *list, char *err, size_t n)
+{
+    char buf[sizeof ((struct fetch_conf *)0)->mechanisms], *save = NULL;
+    const char *all = " " ALL_MECHS " ";
+
+    if (!str_copy(buf, list, sizeof buf))
+        return false;
+    for (char *m = strtok_r(buf, ", ", &save); m;
+         m = strtok_r(NULL, ", ", &save)) {
+        char probe[sizeof buf + 2];
+        snprintf(probe, sizeof probe, " %s ", m);
+        if (!strstr(all, probe)) {
+            snprintf(err, n, "unknown SASL mechanism \"%.40s\" (%s)", m,
+                     ALL_MECHS);
+            return false;
+        }
+    }
+    return true;
+}
+
 static bool mechs_set(struct fetch_conf *c, const char *v, char *err,
                       size_t n)
 {
@@ -250,6 +279,8 @@ static bool mechs_set(struct fetch_conf *c, const char *v, char *err,
     }
     for (char *p = c->mechanisms; *p; p++)
         *p = (char)toupper((unsigned char)*p);
+    if (!mechs_known(c->mechanisms, err, n))
+        return false;
     /* Only the mechanisms we ever use count; the rest would silently
      * leave nothing to authenticate with. */
     if (c->mechanisms[0] &&

@@ -765,6 +765,23 @@ def test_fetch_config_file(env):
     expect(env.run([env.fetch_bin, "-u", "alice"]), EX_USAGE, "no server")
     expect(env.run([env.fetch_bin, "-s", "x", "-u", "a", "--deliver", "pop:x"]),
            EX_USAGE, "bad target")
+    # an empty domain list would widen the request to every domain, and a
+    # typo beside a valid mechanism would be dropped without a word
+    r = expect(env.run([env.fetch_bin, "-s", "x", "-u", "a", "--domains",
+                        ""]), EX_USAGE, "an empty --domains")
+    check("empty domain list" in r.stderr, "stderr: %r" % r.stderr)
+    expect(env.run([env.fetch_bin, "-s", "x", "-u", "a", "--domains",
+                    " , "]), EX_USAGE, "--domains of only separators")
+    r = expect(env.run([env.fetch_bin, "-s", "x", "-u", "a", "--mech",
+                        "SCRAM-SHA256 CRAM-MD5"]), EX_USAGE, "a mistyped "
+               "mechanism")
+    check('unknown SASL mechanism "SCRAM-SHA256"' in r.stderr,
+          "stderr: %r" % r.stderr)
+    conf = env.path("fetch-empty-domains.conf")
+    with open(conf, "w") as f:
+        f.write("server = x\nuser = a\ndomains = ,\n")
+    expect(env.run([env.fetch_bin, "-c", conf]), EX_CONFIG,
+           "an empty domains key")
     r = expect(env.run([env.fetch_bin, "--version"]), EX_OK, "--version")
     check(r.stdout.strip() == "odmr-fetch 0.1.0", "--version %r" % r.stdout)
     r = expect(env.run([env.fetch_bin, "--help"]), EX_OK, "--help")
