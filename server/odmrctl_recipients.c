@@ -171,7 +171,10 @@ static void print_result(struct ctl *c, const struct rdomain *d,
         printf("%s: %zu %s\n", d->shown, changed, verb);
 }
 
-/* Adds or removes the entries of l, IMPORT_BATCH per transaction. */
+/* Adds or removes the entries of l, IMPORT_BATCH per transaction.  A new
+ * list is switched on by the last batch only (recipients_change's hold):
+ * otherwise the addresses of the later batches would be refused while the
+ * import runs, or for good after a failure half way. */
 static int apply(struct ctl *c, const struct rdomain *d,
                  const struct strlist *l, bool add)
 {
@@ -185,7 +188,7 @@ static int apply(struct ctl *c, const struct rdomain *d,
         size_t n = l->n - i < IMPORT_BATCH ? l->n - i : IMPORT_BATCH, one = 0;
         enum acct_result r = recipients_change(
             c->conf.accounts_db, d->key, (const char *const *)l->v + i, n,
-            add, &one);
+            add, i + n < l->n, &one);
         total += one;
         if (r != ACCT_OK)
             rc = change_error(c, d, r, total);

@@ -232,88 +232,6 @@ enum rcpt_result recipients_check(const char *db, const char *domain,
     return r;
 }
 
-/* ------------------------------------------------------------ changes */
-
-static unsigned long list_count(const char *db, GDBM_FILE dbf, const char *lkey)
-{
-    size_t len;
-    enum acct_result r;
-    char *v = acctdb_fetch(db, dbf, lkey, &len, &r);
-    unsigned long count = 0;
-    if (v && !parse_ulong(v, ~0UL, &count))
-        count = 0;
-    free(v);
-    return count;
-}
-
-static enum acct_result set_count(const char *db, GDBM_FILE dbf, const char *lkey,
-                                  unsigned long count)
-{
-    char v[32];
-    if (count == 0)
-        return acctdb_exists(dbf, lkey) ? acctdb_delete(db, dbf, lkey) : ACCT_OK;
-    snprintf(v, sizeof v, "%lu", count);
-    return acctdb_store(db, dbf, lkey, v, strlen(v), GDBM_REPLACE);
-}
-
-static enum acct_result change_one(const char *db, GDBM_FILE dbf, const char *dkey,
-                                   const char *local, bool add, size_t *changed)
-{
-    char key[RKEY_MAX + 1];
-    if (!entry_key(key, sizeof key, dkey, local, strlen(local)))
-        return ACCT_NOTFOUND;
-    enum acct_result r = add ? acctdb_store(db, dbf, key, "", 0, GDBM_INSERT)
-                         : acctdb_exists(dbf, key) ? acctdb_delete(db, dbf, key)
-                                                   : ACCT_EXISTS;
-    if (r == ACCT_OK)
-        ++*changed;
-    return r == ACCT_EXISTS ? ACCT_OK : r;   /* already so: nothing to do */
-}
-
-enum acct_result recipients_change(const char *db, const char *domain,
-                                   const char *const *locals, size_t n,
-                                   bool add, size_t *changed)
-{
-    char lkey[RKEY_MAX + 1], dkey[IDNA_KEY_MAX + 1];
-    *changed = 0;
-    if (!list_key(lkey, sizeof lkey, domain, dkey))
-        return ACCT_NOTFOUND;
-    GDBM_FILE dbf;
-    enum acct_result r = acctdb_open(db, DB_WRITE, &dbf);
-    if (r != ACCT_OK)
-        return r;
-    if (owner_of(db, dbf, domain, NULL, 0) != RCPT_VALID)
-        r = ACCT_NOTFOUND;   /* lists belong to hosted domains only */
-    for (size_t i = 0; r == ACCT_OK && i < n; i++)
-        r = change_one(db, dbf, dkey, locals[i], add, changed);
-    if (r == ACCT_OK) {
-        unsigned long count = list_count(db, dbf, lkey);
-        count = add ? count + *changed : count > *changed ? count - *changed : 0;
-        r = set_count(db, dbf, lkey, count);
-    }
-    return acctdb_close_writer(db, dbf, r);
-}
-
-enum acct_result recipients_count(const char *db, const char *domain,
-                                  unsigned long *count)
-{
-    char lkey[RKEY_MAX + 1], dkey[IDNA_KEY_MAX + 1];
-    *count = 0;
-    if (!list_key(lkey, sizeof lkey, domain, dkey))
-        return ACCT_NOTFOUND;
-    GDBM_FILE dbf;
-    enum acct_result r = acctdb_open(db, DB_READ, &dbf);
-    if (r != ACCT_OK || !dbf)
-        return r == ACCT_OK || r == ACCT_NODB ? ACCT_NOTFOUND : r;
-    r = acctdb_exists(dbf, lkey) ? ACCT_OK : ACCT_NOTFOUND;
-    if (r == ACCT_OK)
-        *count = list_count(db, dbf, lkey);
-    acctdb_close_reader(dbf);
-    return r;
-}
-
-/* ------------------------------------------------------------ listing */
-
 struct local_list {
     char **v;
     size_t n, cap;
@@ -367,6 +285,115 @@ static enum acct_result collect(const char *db, GDBM_FILE dbf, const char *prefi
     }
     return ACCT_OK;
 }
+
+/* ------------------------------------------------------------ changes */
+
+static unsigned long list_count(const char *db, GDBM_FILE dbf, const char *lkey)
+{
+    size_t len;
+    enum acct_result r;
+    char *v = acctdb_fetch(db, dbf, lkey, &len, &r);
+    unsigned long count = 0;
+    if (v && !parse_ulong(v, ~0UL, &count))
+        count = 0;
+    free(v);
+    return count;
+}
+
+static enum acct_result set_count(const char *db, GDBM_FILE dbf, const char *lkey,
+                                  unsigned long count)
+{
+    char v[32];
+    if (count == 0)
+        return acctdb_exists(dbf, lkey) ? acctdb_delete(db, dbf, lkey) : ACCT_OK;
+    snprintf(v, sizeof v, "%lu", count);
+    return acctdb_store(db, dbf, lkey, v, strlen(v), GDBM_REPLACE);
+}
+
+static enum acct_result change_one(const char *db, GDBM_FILE dbf, const char *dkey,
+                                   const char *local, bool add, size_t *changed)
+{
+    char key[RKEY_MAX + 1];
+    if (!entry_key(key, sizeof key, dkey, local, strlen(local)))
+        return ACCT_NOTFOUND;
+    enum acct_result r = add ? acctdb_store(db, dbf, key, "", 0, GDBM_INSERT)
+                         : acctdb_exists(dbf, key) ? acctdb_delete(db, dbf, key)
+                                                   : ACCT_EXISTS;
+    if (r == ACCT_OK)
+        ++*changed;
+    return r == ACCT_EXISTS ? ACCT_OK : r;   /* already so: nothing to do */
+}
+
+/* The entries of a domain whose list is not on yet: those of held
+ * batches before this one count too. */
+static enum acct_result count_entries(const char *db, GDBM_FILE dbf,
+                                      const char *dkey, unsigned long *count)
+{
+    char prefix[RKEY_MAX + 1];
+    struct local_list l = {0};
+    snprintf(prefix, sizeof prefix, ENTRY_PREFIX "%s:", dkey);
+    enum acct_result r = collect(db, dbf, prefix, &l);
+    *count = l.n;
+    locals_free(&l);
+    return r;
+}
+
+static enum acct_result store_count(const char *db, GDBM_FILE dbf,
+                                    const char *lkey, const char *dkey,
+                                    bool add, size_t changed)
+{
+    unsigned long count = 0;
+    if (add && !acctdb_exists(dbf, lkey)) {
+        enum acct_result r = count_entries(db, dbf, dkey, &count);
+        if (r != ACCT_OK)
+            return r;
+    } else {
+        count = list_count(db, dbf, lkey);
+        count = add ? count + changed : count > changed ? count - changed : 0;
+    }
+    return set_count(db, dbf, lkey, count);
+}
+
+enum acct_result recipients_change(const char *db, const char *domain,
+                                   const char *const *locals, size_t n,
+                                   bool add, bool hold, size_t *changed)
+{
+    char lkey[RKEY_MAX + 1], dkey[IDNA_KEY_MAX + 1];
+    *changed = 0;
+    if (!list_key(lkey, sizeof lkey, domain, dkey))
+        return ACCT_NOTFOUND;
+    GDBM_FILE dbf;
+    enum acct_result r = acctdb_open(db, DB_WRITE, &dbf);
+    if (r != ACCT_OK)
+        return r;
+    if (owner_of(db, dbf, domain, NULL, 0) != RCPT_VALID)
+        r = ACCT_NOTFOUND;   /* lists belong to hosted domains only */
+    for (size_t i = 0; r == ACCT_OK && i < n; i++)
+        r = change_one(db, dbf, dkey, locals[i], add, changed);
+    if (r == ACCT_OK && !(hold && add && !acctdb_exists(dbf, lkey)))
+        r = store_count(db, dbf, lkey, dkey, add, *changed);
+    return acctdb_close_writer(db, dbf, r);
+}
+
+enum acct_result recipients_count(const char *db, const char *domain,
+                                  unsigned long *count)
+{
+    char lkey[RKEY_MAX + 1], dkey[IDNA_KEY_MAX + 1];
+    *count = 0;
+    if (!list_key(lkey, sizeof lkey, domain, dkey))
+        return ACCT_NOTFOUND;
+    GDBM_FILE dbf;
+    enum acct_result r = acctdb_open(db, DB_READ, &dbf);
+    if (r != ACCT_OK || !dbf)
+        return r == ACCT_OK || r == ACCT_NODB ? ACCT_NOTFOUND : r;
+    r = acctdb_exists(dbf, lkey) ? ACCT_OK : ACCT_NOTFOUND;
+    if (r == ACCT_OK)
+        *count = list_count(db, dbf, lkey);
+    acctdb_close_reader(dbf);
+    return r;
+}
+
+/* ------------------------------------------------------------ listing */
 
 static int cmp_str(const void *a, const void *b)
 {

@@ -44,10 +44,13 @@ enum rcpt_result recipients_check(const char *db, const char *domain,
 /* Adds (add) or removes entries of domain's list in one transaction;
  * *changed counts the entries that were not there (added) or were
  * (removed).  Removing the last entry removes the list: the domain is
- * catch-all again.  A local part that cannot be stored is ACCT_NOTFOUND. */
+ * catch-all again.  A local part that cannot be stored is ACCT_NOTFOUND.
+ * hold (adding to a domain with no list yet): the entries are stored but
+ * the list is not switched on, so that an import in several transactions
+ * refuses nobody until its last one, which counts every entry stored. */
 enum acct_result recipients_change(const char *db, const char *domain,
                                    const char *const *locals, size_t n,
-                                   bool add, size_t *changed);
+                                   bool add, bool hold, size_t *changed);
 
 /* fn(ctx, local) for each entry, sorted; ACCT_NOTFOUND when the domain
  * has no list. */

@@ -23,7 +23,7 @@ static size_t change(const char *domain, bool add, const char *a, const char *b)
 {
     const char *v[2] = {a, b};
     size_t changed = 99;
-    CHECK(recipients_change(db, domain, v, b ? 2 : 1, add, &changed) == ACCT_OK);
+    CHECK(recipients_change(db, domain, v, b ? 2 : 1, add, false, &changed) == ACCT_OK);
     return changed;
 }
 
@@ -88,11 +88,11 @@ static void test_list_and_removal(void)
     /* lists belong to hosted domains; bad local parts are refused */
     const char *v[1] = {"x"};
     size_t changed;
-    CHECK(recipients_change(db, "other.test", v, 1, true, &changed) == ACCT_NOTFOUND);
+    CHECK(recipients_change(db, "other.test", v, 1, true, false, &changed) == ACCT_NOTFOUND);
     v[0] = "";
-    CHECK(recipients_change(db, "example.org", v, 1, true, &changed) == ACCT_NOTFOUND);
+    CHECK(recipients_change(db, "example.org", v, 1, true, false, &changed) == ACCT_NOTFOUND);
     v[0] = "a b";
-    CHECK(recipients_change(db, "example.org", v, 1, true, &changed) == ACCT_NOTFOUND);
+    CHECK(recipients_change(db, "example.org", v, 1, true, false, &changed) == ACCT_NOTFOUND);
 }
 
 static void test_idn_spellings_and_drop(void)
@@ -103,6 +103,33 @@ static void test_idn_spellings_and_drop(void)
     CHECK(check_rcpt("\xc3\xbcn\xc3\xaf.test", "v") == RCPT_UNKNOWN_USER);
     CHECK(recipients_drop(db, "\xc3\xbcn\xc3\xaf.test") == ACCT_OK);
     CHECK(check_rcpt("xn--n-nga1b.test", "v") == RCPT_VALID);
+}
+
+/* An import in several transactions: the held batches switch nothing on,
+ * the last one counts them all (odmrctl recipient import). */
+static void test_held_batches(void)
+{
+    const char *ab[2] = {"a", "b"}, *c[1] = {"c"};
+    size_t changed = 0;
+    unsigned long count = 99;
+    CHECK(accounts_domain_add(db, "held.test", "alice") == ACCT_OK);
+    CHECK(recipients_change(db, "held.test", ab, 2, true, true, &changed) ==
+          ACCT_OK);
+    CHECK(changed == 2);
+    CHECK(recipients_count(db, "held.test", &count) == ACCT_NOTFOUND);
+    CHECK(check_rcpt("held.test", "zed") == RCPT_VALID);   /* not on yet */
+    CHECK(recipients_change(db, "held.test", c, 1, true, false, &changed) ==
+          ACCT_OK);
+    CHECK(recipients_count(db, "held.test", &count) == ACCT_OK);
+    CHECK(count == 3);
+    CHECK(check_rcpt("held.test", "zed") == RCPT_UNKNOWN_USER);
+    CHECK(check_rcpt("held.test", "a") == RCPT_VALID);
+    /* hold means nothing once the list is on */
+    const char *d[1] = {"d"};
+    CHECK(recipients_change(db, "held.test", d, 1, true, true, &changed) ==
+          ACCT_OK);
+    CHECK(recipients_count(db, "held.test", &count) == ACCT_OK);
+    CHECK(count == 4);
 }
 
 /* 100,000 entries: the check stays a few fetches (measured, printed). */
@@ -116,7 +143,7 @@ static void test_large_list(void)
         v[i] = names[i];
     }
     size_t changed;
-    CHECK(recipients_change(db, "example.net", v, N, true, &changed) == ACCT_OK);
+    CHECK(recipients_change(db, "example.net", v, N, true, false, &changed) == ACCT_OK);
     CHECK(changed == N);
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -143,6 +170,7 @@ int main(void)
     test_list_and_removal();
     test_idn_spellings_and_drop();
     test_large_list();
+    test_held_batches();
     unlink(db);
     rmdir(dir);
     CHECK_DONE();

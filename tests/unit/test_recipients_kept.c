@@ -34,7 +34,7 @@ static int child_list(const char *domain, const char *local, bool add)
     if (pid == 0) {
         const char *v[1] = {local};
         size_t changed;
-        _exit(recipients_change(db, domain, v, 1, add, &changed) == ACCT_OK ? 0 : 1);
+        _exit(recipients_change(db, domain, v, 1, add, false, &changed) == ACCT_OK ? 0 : 1);
     }
     int status = 0;
     waitpid(pid, &status, 0);
