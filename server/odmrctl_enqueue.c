@@ -17,6 +17,7 @@
 #include "../common/util.h"
 #include "envelope.h"
 #include "odmrctl.h"
+#include "recipients.h"
 
 /* RFC 5321 6.3: a message that went through this many hops is looping. */
 #define MAX_RECEIVED_HEADERS 50
@@ -146,6 +147,37 @@ static int add_recipient(struct ctl *c, struct submission *s, const char *arg)
     return EX_OK;
 }
 
+/* A recipient RCPT would refuse - sender routing, or a user missing from
+ * its domain's recipient list - is refused here too: queued, it would only
+ * come back as a bounce (backscatter, which the lists exist to stop). */
+static int check_listed(struct ctl *c, const struct envelope *e,
+                        const char *addr)
+{
+    struct mailbox mb;
+    const char *end;
+    char owner[ACCOUNT_NAME_MAX + 1];
+    if (addr_parse_path(addr, &end, &mb, ADDR_ALLOW_BARE | ADDR_ALLOW_UTF8) !=
+        ADDR_OK)
+        return fail(EX_DATAERR, "invalid recipient address \"%s\"", addr);
+    if (recipients_routed(mb.local))
+        return fail(EX_NOUSER, "%s: sender-specified routing (%%, ! or a "
+                    "quoted @) is refused, as over SMTP", addr);
+    switch (recipients_check(c->conf.accounts_db, e->domain, mb.local, owner,
+                             sizeof owner, NULL)) {
+    case RCPT_VALID:
+        return EX_OK;
+    case RCPT_UNKNOWN_USER:
+        return fail(EX_NOUSER, "%s: unknown user (not in the recipient list "
+                    "of %s)", addr, e->domain);
+    case RCPT_NO_DOMAIN:
+        return fail(EX_NOUSER, "%s: domain %s is not hosted here", addr,
+                    e->domain);
+    default:
+        return fail(EX_TEMPFAIL, "%s: the recipient list of %s cannot be "
+                    "read now", addr, e->domain);
+    }
+}
+
 /* Every recipient domain must be bound to an account: odmrd would refuse
  * the mail with 550 5.7.1 over SMTP, and nothing could ever dequeue it. */
 static int check_hosted(struct ctl *c, const struct submission *s)
@@ -159,6 +191,11 @@ static int check_hosted(struct ctl *c, const struct submission *s)
                         e->nrcpt ? e->rcpt[0].addr : e->domain, e->domain);
         if (r != ACCT_OK)
             return acct_status(c, r);
+        for (size_t k = 0; k < e->nrcpt; k++) {
+            int rc = check_listed(c, e, e->rcpt[k].addr);
+            if (rc != EX_OK)
+                return rc;
+        }
     }
     return EX_OK;
 }

@@ -286,6 +286,13 @@ static enum acct_result collect(const char *db, GDBM_FILE dbf, const char *prefi
     return ACCT_OK;
 }
 
+bool recipients_routed(const char *local)
+{
+    if (strpbrk(local, "%!"))
+        return true;
+    return local[0] == '"' && strchr(local, '@');
+}
+
 /* ------------------------------------------------------------ changes */
 
 static unsigned long list_count(const char *db, GDBM_FILE dbf, const char *lkey)

@@ -33,6 +33,12 @@ enum rcpt_result {
     RCPT_TEMPFAIL,         /* database trouble (logged) */
 };
 
+/* Sender-specified routing inside a hosted domain - "user%other@hosted",
+ * "a!b@hosted", "\"user@other\"@hosted" - asks the customer's MTA to relay
+ * on (many still honour the percent hack): refused like relaying, as
+ * Postfix does for clients it does not trust. */
+bool recipients_routed(const char *local);
+
 /* The RCPT check: which account owns domain and whether local is one of
  * its recipients, in one open of the database.  *has_list (may be NULL)
  * tells whether the domain has a list: without one, the answer is the

@@ -365,24 +365,13 @@ static bool over_quota(struct smtp *s, const char *domain, uint64_t extra)
     return bytes + extra > s->conf->domain_quota || bytes >= s->conf->domain_quota;
 }
 
-/* Sender-specified routing inside a hosted domain - "user%other@hosted",
- * "a!b@hosted", "\"user@other\"@hosted" - asks the customer's MTA to relay
- * on (many still honour the percent hack): refused like relaying, as
- * Postfix does for clients it does not trust. */
-static bool sender_routed(const char *local)
-{
-    if (strpbrk(local, "%!"))
-        return true;
-    return local[0] == '"' && strchr(local, '@');
-}
-
 /* Asks the account database about the recipient (sender routing is
  * refused without asking); false after replying when it is refused. */
 static enum rcpt_result recipient_status(struct smtp *s, const struct mailbox *to,
                                          const char *key, bool *has_list)
 {
     char owner[ACCOUNT_NAME_MAX + 1];
-    return to->literal || sender_routed(to->local) ? RCPT_NO_DOMAIN
+    return to->literal || recipients_routed(to->local) ? RCPT_NO_DOMAIN
            : recipients_check(s->conf->accounts_db, key, to->local, owner,
                               sizeof owner, has_list);
 }
@@ -448,7 +437,7 @@ static struct envelope *domain_envelope(struct smtp *s, const struct mailbox *to
         return NULL;
     }
     struct envelope *e = find_env(s, key);
-    if (e && !s->listed[e - s->envs] && !sender_routed(to->local))
+    if (e && !s->listed[e - s->envs] && !recipients_routed(to->local))
         return e;   /* looked up in this transaction: no list, nothing to ask */
     bool has_list = false;
     if (!recipient_ok(s, to, key, &has_list))

@@ -189,8 +189,22 @@ def test_enqueue_exit_codes(env):
                 "enqueue to an unhosted domain")
     expect_exit(enqueue(env, ["a@example.org", "x@unhosted.test"], msg),
                 EX_NOHOST, "enqueue to a hosted and an unhosted domain")
+    # what RCPT refuses: sender routing, a user not in the domain's list
+    # (queued, it would only come back as a bounce)
+    r = enqueue(env, ["a%other.test@example.org"], msg)
+    expect_exit(r, EX_NOHOST, "enqueue with sender routing")
+    check("sender-specified routing" in r.stderr, "stderr %r" % r.stderr)
+    env.odmrctl_ok("recipient", "add", "example.org", "a")
+    r = enqueue(env, ["nobody@example.org"], msg)
+    expect_exit(r, EX_NOHOST, "enqueue to a user not in the list")
+    check("unknown user" in r.stderr, "stderr %r" % r.stderr)
     check(env.queued() == [], "a failed enqueue queued something: %r"
           % env.queued())
+    expect_exit(enqueue(env, ["a@example.org"], msg), EX_OK,
+                "enqueue to a listed user")
+    env.odmrctl_ok("recipient", "del", "example.org", "a")
+    for d, q in env.queued():
+        env.odmrctl_ok("queue", "delete", q)
     # bad configuration
     bad = env.path("bad.conf")
     with open(bad, "w") as f:
