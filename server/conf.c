@@ -75,7 +75,10 @@ static bool parse_one_listen(const char *w, bool unix_ok, struct listen_addr *a,
     const char *colon;
     if (w[0] == '[') {
         const char *close = strchr(w, ']');
-        if (!close || close[1] != ':' || (size_t)(close - w - 1) >= sizeof a->host) {
+        /* "[]" too: an empty host would read as "not set" (a bounce_relay
+         * silently off) */
+        if (!close || close == w + 1 || close[1] != ':' ||
+            (size_t)(close - w - 1) >= sizeof a->host) {
             snprintf(err, n, "\"%s\": expected [IPV6]:PORT", w);
             return false;
         }
@@ -150,6 +153,12 @@ static bool set_path(char *dst, size_t n, const char *value, char *err,
 
 static bool valid_mechanisms(const char *v, char *err, size_t n)
 {
+    /* none at all would fail every AUTH, and so every ATRN */
+    if (!v[strspn(v, " ")]) {
+        snprintf(err, n, "no mechanism named (leave the key out for the "
+                 "default)");
+        return false;
+    }
     for (const char *p = v; *p; p++) {
         if (!isupper((unsigned char)*p) && !isdigit((unsigned char)*p) &&
             !strchr("-_ ", *p)) {

@@ -344,6 +344,8 @@ def test_odmrd_config_check(env):
         ("bad boolean", "require_tls = perhaps\n"),
         ("missing '='", "hostname mx.test\n"),
         ("ANONYMOUS", "sasl_mechanisms = ANONYMOUS PLAIN\n"),
+        ("no mechanism", "sasl_mechanisms =\n"),
+        ("empty bracketed host", "bounce_relay = []:25\n"),
         ("long socket path", "lmtp_listen = unix:/%s\n" % ("a" * 120)),
         ("NUL byte", "hostname = mx\0evil.test\n"),
         ("trailing comment", "queue_lifetime = 5d   # five days\n"),
