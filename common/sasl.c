@@ -512,11 +512,14 @@ bool sasl_glue_server_mechanisms(struct sasl_glue_server *s,
                                  size_t n)
 {
     char word[64];
+    /* From here on only the offer counts, and a failure offers nothing:
+     * falling back to all Cyrus has loaded would accept mechanisms the
+     * administrator never configured. */
+    s->have_offer = true;
+    s->offer[0] = '\0';
     if (n == 0)
         return false;
     out[0] = '\0';
-    s->have_offer = false;
-    s->offer[0] = '\0';
     const char *cyrus = server_cyrus_list(s);
     if (!cyrus)
         return false;
@@ -524,10 +527,11 @@ bool sasl_glue_server_mechanisms(struct sasl_glue_server *s,
         if (list_has(out, word) || !server_mech_permitted(s, cyrus, word))
             continue;
         if (!list_append(out, n, word) ||
-            !list_append(s->offer, sizeof s->offer, word))
+            !list_append(s->offer, sizeof s->offer, word)) {
+            out[0] = s->offer[0] = '\0';
             return false;
+        }
     }
-    s->have_offer = true;
     return true;
 }
 

@@ -128,6 +128,10 @@ static void test_offer(void)
                                       sizeof list));
     CHECK_STR(list, "");
     CHECK(!sasl_glue_server_mechanisms(s, CONFIGURED, list, 10));
+    /* a failed offer offers nothing, not everything Cyrus has */
+    char chal[512];
+    CHECK(sasl_glue_server_start(s, "CRAM-MD5", NULL, chal, sizeof chal) ==
+          SASL_GLUE_BADMECH);
     sasl_glue_server_free(s);
 
     s = new_server(true);
