@@ -647,8 +647,17 @@ static size_t unique_names(char **names, size_t n)
     return kept;
 }
 
+static void free_list(char **names, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(names[i]);
+    free(names);
+}
+
 /* Sorted non-dot names in dir, or with ids, the committed queue ids
- * (committed_id_len; each once). Caller frees. */
+ * (committed_id_len; each once). Caller frees.  NULL with errno when dir
+ * cannot be read or memory runs out: a list cut short would pass for the
+ * whole (a delete of a domain's mail exiting 0 with some left). */
 static char **list_dir(const char *dir, bool ids, size_t *count)
 {
     DIR *d = open_dir_nofollow(dir);
@@ -658,7 +667,8 @@ static char **list_dir(const char *dir, bool ids, size_t *count)
     size_t cap = 64, n = 0;
     char **names = malloc(cap * sizeof *names);
     struct dirent *de;
-    while (names && (de = readdir(d)) != NULL) {
+    bool short_of_memory = !names;
+    while (!short_of_memory && (de = readdir(d)) != NULL) {
         if (de->d_name[0] == '.')
             continue;
         size_t len = strlen(de->d_name), keep = len;
@@ -666,29 +676,29 @@ static char **list_dir(const char *dir, bool ids, size_t *count)
             continue;
         if (n == cap) {
             char **more = realloc(names, (cap *= 2) * sizeof *names);
-            if (!more)
+            if (!more) {
+                short_of_memory = true;
                 break;
+            }
             names = more;
         }
         names[n] = strndup(de->d_name, keep);
         if (names[n])
             n++;
+        else
+            short_of_memory = true;
     }
     closedir(d);
-    if (names) {
-        qsort(names, n, sizeof *names, cmp_str);
-        if (ids)
-            n = unique_names(names, n);
+    if (short_of_memory) {
+        free_list(names, n);
+        errno = ENOMEM;
+        return NULL;
     }
+    qsort(names, n, sizeof *names, cmp_str);
+    if (ids)
+        n = unique_names(names, n);
     *count = n;
     return names;
-}
-
-static void free_list(char **names, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        free(names[i]);
-    free(names);
 }
 
 /* fn for each name of dir (sorted; with ids, the committed ids) until it
