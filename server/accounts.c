@@ -649,6 +649,15 @@ enum acct_result accounts_domain_owner(const char *db, const char *domain,
     char *owner = read_record(db, key, &len, &r);
     if (!owner && r == ACCT_NOTFOUND && legacy_domain_key(legacy, domain, key))
         owner = read_record(db, legacy, &len, &r);
+    /* Sessions ask by the IDNA key (ATRN and the queue use it), which is
+     * not the UTF-8 spelling an older binding was stored under: that
+     * spelling is the key's Unicode form. */
+    if (!owner && r == ACCT_NOTFOUND) {
+        char shown[4 * ADDR_DOMAIN_MAX + 1];
+        idna_display(key + strlen(DOMAIN_PREFIX), shown, sizeof shown);
+        if (legacy_domain_key(legacy, shown, key))
+            owner = read_record(db, legacy, &len, &r);
+    }
     if (owner && account && n > 0 && !str_copy(account, owner, n)) {
         log_err("accounts database %s: account name of %s too long", db, key);
         r = ACCT_TEMPFAIL;

@@ -228,6 +228,25 @@ static void test_case_insensitive_domains(void)
     CHECK_STR(owner_of(db, "example.com"), "(not found)");
 }
 
+/* A binding an older version stored under its UTF-8 spelling is found by
+ * the IDNA key too, which is how ATRN and a lingering session ask. */
+static void test_legacy_utf8_binding(void)
+{
+    const char *db = db_path("legacy");
+    CHECK(accounts_user_add(db, "alice", "pw") == ACCT_OK);
+    GDBM_FILE f = gdbm_open(db, 0, GDBM_WRITER, 0600, NULL);
+    CHECK(f != NULL);
+    if (!f)
+        return;
+    char k[] = "d:b\xc3\xbc" "cher.example", v[] = "alice";
+    datum key = {k, (int)strlen(k)}, val = {v, (int)strlen(v)};
+    CHECK(gdbm_store(f, key, val, GDBM_REPLACE) == 0);
+    gdbm_close(f);
+    CHECK_STR(owner_of(db, "b\xc3\xbc" "cher.example"), "alice");
+    CHECK_STR(owner_of(db, "xn--bcher-kva.example"), "alice");
+    CHECK_STR(owner_of(db, "xn--nxasmq6b.example"), "(not found)");
+}
+
 static void test_user_del_cascade(void)
 {
     const char *db = db_path("cascade");
@@ -390,6 +409,7 @@ int main(void)
     test_invalid_names();
     test_domain_add();
     test_case_insensitive_domains();
+    test_legacy_utf8_binding();
     test_user_del_cascade();
     test_listing_order();
     test_empty_file();
