@@ -23,6 +23,7 @@
 #include "../common/log.h"
 #include "../common/smtp.h"
 #include "../common/util.h"
+#include "accounts.h"
 #include "bounce.h"
 #include "downgrade.h"
 #include "linger.h"
@@ -1061,12 +1062,33 @@ static void drop_locks(struct delivery_ctx *d, size_t n)
     }
 }
 
+/* A binding can change while a session lingers (odmrctl domain del, the
+ * domain moved to another account, user del): each pass asks again, as
+ * ATRN did, so new mail never goes to the account that had the domain.
+ * Database trouble leaves ATRN's answer standing. */
+static bool still_owned(const struct delivery_ctx *d, const char *domain)
+{
+    char owner[ACCOUNT_NAME_MAX + 1];
+    enum acct_result r = accounts_domain_owner(d->conf->accounts_db, domain,
+                                               owner, sizeof owner);
+    if (r == ACCT_OK)
+        return !strcmp(owner, d->account);
+    return r != ACCT_NOTFOUND;
+}
+
 /* One pass over domain i, under its delivery lock.  False on connection
- * failure; a busy lock leaves the pass due and sets a short retry. */
+ * failure, or when the domain is no longer the account's; a busy lock
+ * leaves the pass due and sets a short retry. */
 static bool push_domain(struct delivery_ctx *d, const struct caps *c,
                         struct lingering *L, char *const *domains, size_t i)
 {
     struct pushed *p = &L->dom[i];
+    if (!still_owned(d, domains[i])) {
+        log_info("%s: account=%s: %s is no longer a domain of the account",
+                 d->peer, d->account, domains[i]);
+        L->why_end = "a domain is no longer the account's";
+        return false;
+    }
     int fd = queue_lock_domain(d->q, domains[i]);
     if (fd == -2) {
         L->lock_retry_at = io_clock_ms() + LOCK_RETRY_MS;

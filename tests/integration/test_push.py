@@ -315,6 +315,27 @@ def test_unused_linger_slot_gives_back_its_inotify_instance(env):
                   "that did not linger" % n)
 
 
+def test_push_stops_when_the_domain_changes_hands(env):
+    """A domain moved to another account while its old owner lingers:
+    the next pass asks the database again, as ATRN did, and ends the
+    linger instead of pushing the new owner's mail to the old one."""
+    push_env(env)
+    root = env.path("maildir")
+    a = Pusher(env, linger=60, deliver="maildir:%s/%%d/%%u" % root)
+    wait_lingering(env)
+    env.odmrctl_ok("domain", "del", "example.org")
+    env.odmrctl_ok("domain", "add", "example.org", "bob")
+    send(env, "u1@example.org", b"Subject: for bob now\r\n\r\nx\r\n")
+    rc = a.wait(20)
+    check(rc == EX_OK, "exit %s:\n%s" % (rc, a.stderr()[-1500:]))
+    check("example.org is no longer a domain of the account" in env.log(),
+          env.log_tail())
+    check(maildir_new(root, "example.org", "u1") == [],
+          "bob's mail was pushed to alice")
+    check(len(env.queued_ids("example.org")) == 1,
+          "queue: %r" % env.queued())
+
+
 def test_push_max_lingering(env):
     """odmr_max_lingering reached: the next customer is served and QUITs
     as usual (and is told why); a second ATRN for a lingering domain gets
