@@ -1,4 +1,5 @@
 /* ownership.c - see ownership.h for what is guaranteed. */
+#define _GNU_SOURCE   /* O_PATH, AT_EMPTY_PATH */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -277,15 +278,44 @@ static void plan_entry(struct walk *w, const char *path, const struct stat *st)
         access_problem(w, path, st, false);
 }
 
+static void walk_error(struct walk *w, const char *path);
+static void change_opened(struct walk *w, int fd, const char *path,
+                          const struct stat *st);
+
 /* Second pass, as root.  The entry is looked at again by its directory's
  * descriptor, so a name swapped since the first pass gains nothing: a
  * file with several names must still be the one whose names were all
  * seen in the spool. */
 static void change_entry(struct walk *w, int dfd, const char *name,
-                         const char *path, const struct stat *st)
+                         const char *path, const struct stat *seen)
 {
-    if (owned(w, st))
+    if (owned(w, seen))
         return;
+    /* The change goes through a descriptor of the entry, checked after it
+     * was opened: by name, the entry could be swapped between the check
+     * and the chown (for a hard link to a file outside the spool). */
+    int fd = openat(dfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno != ENOENT)   /* removed meanwhile: nothing to give */
+            walk_error(w, path);
+        return;
+    }
+    struct stat now;
+    if (fstat(fd, &now) != 0 || now.st_dev != seen->st_dev ||
+        now.st_ino != seen->st_ino) {
+        close(fd);
+        say(w->r, OWN_PROBLEM, "%s: replaced while odmrd was giving the "
+            "spool to user %s; fix: start odmrd again", path, w->u->name);
+        w->stop = true;
+        return;
+    }
+    change_opened(w, fd, path, &now);
+    close(fd);
+}
+
+static void change_opened(struct walk *w, int fd, const char *path,
+                          const struct stat *st)
+{
     if (S_ISREG(st->st_mode) && st->st_nlink > 1 && !links_known(&w->links, st)) {
         say(w->r, OWN_PROBLEM, "%s: its hard links changed while odmrd was "
             "giving the spool to user %s; fix: start odmrd again", path,
@@ -293,9 +323,7 @@ static void change_entry(struct walk *w, int dfd, const char *name,
         w->stop = true;
         return;
     }
-    if (fchownat(dfd, name, w->u->uid, w->u->gid, AT_SYMLINK_NOFOLLOW) != 0) {
-        if (errno == ENOENT)   /* removed meanwhile: nothing to give */
-            return;
+    if (fchownat(fd, "", w->u->uid, w->u->gid, AT_EMPTY_PATH) != 0) {
         say(w->r, OWN_PROBLEM, "cannot give %s to %s:%s: %s; odmrd does not "
             "run on a spool it owns only in part: fix that, then start it "
             "again", path, w->u->name, w->u->group, strerror(errno));
