@@ -46,7 +46,7 @@ static void catch_signals(void (*handler)(int))
 static int read_password_line(char *pw, size_t n)
 {
     size_t len = 0;
-    bool too_long = false, control = false;
+    bool too_long = false, control = false, held_cr = false;
     for (;;) {
         char ch;
         ssize_t got = read(STDIN_FILENO, &ch, 1);
@@ -54,13 +54,19 @@ static int read_password_line(char *pw, size_t n)
             continue;
         if (got < 0) {
             explicit_bzero(pw, n);
-            return fail(EX_DATAERR, "cannot read the password: %s",
+            return fail(EX_TEMPFAIL, "cannot read the password: %s",
                         strerror(errno));
         }
         if (got == 0 || ch == '\n')
             break;
+        /* a CR right after a password of the full length may still be
+         * the line's CRLF */
+        too_long |= held_cr;
+        held_cr = false;
         if (len + 1 < n)
             pw[len++] = ch;
+        else if (ch == '\r')
+            held_cr = true;
         else
             too_long = true;
     }

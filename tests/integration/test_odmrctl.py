@@ -55,6 +55,13 @@ def test_users_and_domains(env):
     check(os.path.exists(env.db), "accounts_db %s not created" % env.db)
     mode = stat.S_IMODE(os.stat(env.db).st_mode)
     check(mode & 0o077 == 0, "accounts_db mode %o is readable by others" % mode)
+    # a password of the full 1,024 bytes, given with CRLF, fits; one more
+    # byte does not
+    env.odmrctl_ok("user", "add", "carol", input="p" * 1024 + "\r\n")
+    r = env.odmrctl("user", "add", "dave", input="p" * 1025 + "\r\n")
+    check(r.returncode == 65 and "too long" in r.stderr,
+          "a 1,025-byte password: exit %d %r" % (r.returncode, r.stderr))
+    env.odmrctl_ok("user", "del", "carol")
     r = env.odmrctl_ok("user", "list")
     lines = {l.split()[0]: l.split()[1:] for l in r.stdout.splitlines()
              if l.strip()}
