@@ -136,6 +136,8 @@ struct tls_cache {
     char settings[65];   /* SHA-256 hex of the verification settings */
     bool ready;          /* false: not kept (reported once) */
     int verbose;
+    long long full_at;   /* time of the full handshake behind the session
+                            loaded (0: none) */
 };
 
 /* Works out the file name and the settings' fingerprint. */

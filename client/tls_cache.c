@@ -10,10 +10,19 @@
  * the run lock serialises writers.  It is a cache: not fsynced, since a
  * torn file after a crash is just one more full handshake.
  *
+ * Every renewed ticket restarts OpenSSL's session time, so a site that
+ * polls daily would resume for ever on one certificate check; the file
+ * keeps the time of the full handshake behind its session, and a session
+ * whose chain of resumptions began more than TLS_CACHE_FULL_MAX ago (RFC
+ * 8446 4.6.1's seven days), or whose server certificate has expired
+ * since, is discarded.
+ *
  * Format (text):
- *   odmr-fetch TLS session 1
+ *   odmr-fetch TLS session 2
  *   verify <SHA-256 hex of the verification settings>
+ *   full <Unix time of the full handshake>
  *   -----BEGIN SSL SESSION PARAMETERS----- ... (PEM_write_SSL_SESSION)
+ * A file of format 1 (no "full" line) is discarded quietly.
  */
 #include "fetch.h"
 
@@ -31,8 +40,11 @@
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 
-#define CACHE_MAGIC "odmr-fetch TLS session 1\n"
+#define CACHE_MAGIC "odmr-fetch TLS session 2\n"
+#define CACHE_MAGIC_V1 "odmr-fetch TLS session 1\n"
 #define CACHE_VERIFY "verify "
+#define CACHE_FULL "full "
+#define TLS_CACHE_FULL_MAX (7 * 86400)
 #define CACHE_FILE_MAX 65536
 
 /* ---- where, and what verification depended on ------------------------ */
@@ -169,11 +181,16 @@ static int read_cache_file(const char *path, char *buf, size_t n,
 /* The session in text; NULL with why set (corrupt) or *stale set (made
  * under other verification settings). */
 static SSL_SESSION *parse_cache(const struct tls_cache *tc, const char *text,
-                                bool *stale, const char **why)
+                                bool *stale, long long *full_at,
+                                const char **why)
 {
     size_t ml = strlen(CACHE_MAGIC), vl = strlen(CACHE_VERIFY);
     const char *p = text + ml;
 
+    if (!strncmp(text, CACHE_MAGIC_V1, strlen(CACHE_MAGIC_V1))) {
+        *stale = true;   /* an older odmr-fetch's: no full handshake time */
+        return NULL;
+    }
     if (strncmp(text, CACHE_MAGIC, ml) != 0 ||
         strncmp(p, CACHE_VERIFY, vl) != 0 || strlen(p) < vl + 65 ||
         p[vl + 64] != '\n') {
@@ -184,7 +201,15 @@ static SSL_SESSION *parse_cache(const struct tls_cache *tc, const char *text,
         *stale = true;
         return NULL;
     }
-    BIO *bio = BIO_new_mem_buf(p + vl + 65, -1);
+    p += vl + 65;
+    char *end;
+    if (strncmp(p, CACHE_FULL, strlen(CACHE_FULL)) != 0 ||
+        (*full_at = strtoll(p + strlen(CACHE_FULL), &end, 10)) <= 0 ||
+        *end != '\n') {
+        *why = "no time of the full handshake";
+        return NULL;
+    }
+    BIO *bio = BIO_new_mem_buf(end + 1, -1);
     SSL_SESSION *s = bio ? PEM_read_bio_SSL_SESSION(bio, NULL, NULL, NULL)
                          : NULL;
     BIO_free(bio);
@@ -195,14 +220,19 @@ static SSL_SESSION *parse_cache(const struct tls_cache *tc, const char *text,
 }
 
 /* Whether s can be offered now: made by a verified handshake (it names a
- * peer certificate) and not past its lifetime. */
-static bool still_usable(SSL_SESSION *s)
+ * peer certificate that has not expired since), not past its lifetime,
+ * and resting on a full handshake less than TLS_CACHE_FULL_MAX ago. */
+static bool still_usable(SSL_SESSION *s, long long full_at)
 {
     long made = (long)SSL_SESSION_get_time(s);
     long life = (long)SSL_SESSION_get_timeout(s);
+    long long now = (long long)time(NULL);
+    X509 *peer = SSL_SESSION_get0_peer(s);
 
-    return SSL_SESSION_is_resumable(s) && SSL_SESSION_get0_peer(s) &&
-           made + life > (long)time(NULL);
+    return SSL_SESSION_is_resumable(s) && peer &&
+           X509_cmp_current_time(X509_get0_notAfter(peer)) > 0 &&
+           made + life > (long)now && full_at <= now &&
+           now - full_at < TLS_CACHE_FULL_MAX;
 }
 
 SSL_SESSION *tls_cache_load(struct tls_cache *tc)
@@ -217,18 +247,22 @@ SSL_SESSION *tls_cache_load(struct tls_cache *tc)
     int r = read_cache_file(tc->path, text, sizeof text, why, sizeof why);
     if (r == 0)
         return NULL;
-    SSL_SESSION *s = r > 0 ? parse_cache(tc, text, &stale, &bad) : NULL;
+    long long full_at = 0;
+    SSL_SESSION *s = r > 0 ? parse_cache(tc, text, &stale, &full_at, &bad)
+                           : NULL;
     if (r < 0)
         bad = why;
-    if (s && still_usable(s))
+    if (s && still_usable(s, full_at)) {
+        tc->full_at = full_at;
         return s;
+    }
     if (bad)
         fprintf(stderr, "odmr-fetch: ignoring TLS session file %s: %s; "
                         "doing a full handshake\n", tc->path, bad);
     else if (tc->verbose)
         fprintf(stderr, "odmr-fetch: saved TLS session %s; discarding it\n",
                 stale ? "was made under other verification settings"
-                      : "has expired");
+                      : "has expired (or its full handshake is a week old)");
     SSL_SESSION_free(s);
     tls_cache_discard(tc);
     return NULL;
@@ -257,12 +291,14 @@ static bool write_atomically(const char *path, const char *data, size_t len)
     return false;
 }
 
-static void save_session(const struct tls_cache *tc, SSL_SESSION *sess)
+static void save_session(const struct tls_cache *tc, SSL_SESSION *sess,
+                         long long full_at)
 {
     BIO *mem = BIO_new(BIO_s_mem());
     char *data = NULL;
     bool ok = mem && BIO_puts(mem, CACHE_MAGIC) > 0 &&
               BIO_printf(mem, "%s%s\n", CACHE_VERIFY, tc->settings) > 0 &&
+              BIO_printf(mem, "%s%lld\n", CACHE_FULL, full_at) > 0 &&
               PEM_write_bio_SSL_SESSION(mem, sess) == 1;
     long len = ok ? BIO_get_mem_data(mem, &data) : 0;
 
@@ -281,8 +317,12 @@ static int new_session(SSL *ssl, SSL_SESSION *sess)
     struct tls_cache *tc = SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl));
 
     if (tc && tc->ready && SSL_get_verify_result(ssl) == X509_V_OK &&
-        SSL_get0_peer_certificate(ssl) && SSL_SESSION_is_resumable(sess))
-        save_session(tc, sess);
+        SSL_get0_peer_certificate(ssl) && SSL_SESSION_is_resumable(sess)) {
+        /* a resumed session's tickets rest on the same full handshake */
+        if (!SSL_session_reused(ssl) || tc->full_at <= 0)
+            tc->full_at = (long long)time(NULL);
+        save_session(tc, sess, tc->full_at);
+    }
     return 0;   /* not kept: OpenSSL frees it */
 }
 

@@ -69,7 +69,8 @@ def test_second_run_resumes(env):
     check(mode == 0o600, "session file mode %o, not 600" % mode)
     with open(path) as f:
         text = f.read()
-    check(text.startswith("odmr-fetch TLS session 1\n") and
+    check(text.startswith("odmr-fetch TLS session 2\n") and
+          "\nfull %d" % (int(time.time()) // 1000) in text and
           "BEGIN SSL SESSION PARAMETERS" in text, "format: %r" % text[:200])
     check(not [n for n in os.listdir(env.dir) if ".tls-" in n and
                n != os.path.basename(path)], "temporary files left behind")
@@ -137,7 +138,10 @@ def test_corrupt_state_ignored(env):
     poll(env, cert, what="first run")
     path = state_file(env)
     for junk in ("garbage\n",
-                 "odmr-fetch TLS session 1\nverify %s\n-----BEGIN SSL SESSION "
+                 "odmr-fetch TLS session 2\nverify %s\nfull 1\n-----BEGIN SSL "
+                 "SESSION PARAMETERS-----\nAAAA\n-----END SSL SESSION "
+                 "PARAMETERS-----\n",
+                 "odmr-fetch TLS session 2\nverify %s\n-----BEGIN SSL SESSION "
                  "PARAMETERS-----\nAAAA\n-----END SSL SESSION PARAMETERS-----\n",
                  "\0\1\2binary"):
         with open(path) as f:
@@ -156,6 +160,32 @@ def test_corrupt_state_ignored(env):
     out = poll(env, cert, what="state file readable by others")
     check("ignoring TLS session file" in out and "(full handshake)" in out,
           "a world-readable session file was used: %r" % out)
+
+
+def test_resumption_rests_on_a_recent_full_handshake(env):
+    """Every resumption renews the ticket, so a site polling daily would
+    resume for ever on one certificate check: the file keeps the time of
+    the full handshake behind it, resumptions keep it, and once it is a
+    week old the next run does a full handshake (RFC 8446 4.6.1)."""
+    cert = started(env)
+    poll(env, cert, what="first run")
+    path = state_file(env)
+    full = lambda: int(open(path).read().split("\n")[2].split(" ")[1])
+    first = full()
+    time.sleep(1.1)
+    check(resumed(poll(env, cert, what="second run")), "no resumption")
+    check(full() == first, "a resumption moved the full handshake time: "
+          "%d -> %d" % (first, full()))
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace("\nfull %d\n" % first,
+                             "\nfull %d\n" % (first - 7 * 86400)))
+    out = poll(env, cert, what="a week later")
+    check("(full handshake)" in out, "resumed on a week-old full "
+          "handshake: %r" % out)
+    check(full() > first, "the new full handshake's time was not kept")
+    check(resumed(poll(env, cert, what="after")), "not saved anew")
 
 
 def test_tickets_survive_reload_not_restart(env):
