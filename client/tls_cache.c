@@ -85,6 +85,28 @@ static void describe_file(const char *path, char *buf, size_t n)
              st.st_mtim.tv_nsec);
 }
 
+/* describe_file for each directory of a colon-separated list, as OpenSSL
+ * reads SSL_CERT_DIR. */
+static void describe_dirs(const char *list, char *buf, size_t n)
+{
+    char one[PATH_MAX + 64];
+    size_t used = 0;
+
+    buf[0] = '\0';
+    while (list && used + 1 < n) {
+        const char *colon = strchr(list, ':');
+        size_t len = colon ? (size_t)(colon - list) : strlen(list);
+        char dir[PATH_MAX];
+        snprintf(dir, sizeof dir, "%.*s", (int)len, list);
+        describe_file(dir, one, sizeof one);
+        int w = snprintf(buf + used, n - used, "%s%s", used ? ";" : "", one);
+        if (w < 0)
+            break;
+        used += (size_t)w;
+        list = colon ? colon + 1 : NULL;
+    }
+}
+
 /* OpenSSL takes the system store from SSL_CERT_FILE and SSL_CERT_DIR
  * when they are set: a narrower store there must discard the session. */
 static const char *env_or(const char *name, const char *fallback)
@@ -106,7 +128,7 @@ static bool settings_hash(const struct fetch_conf *c, char hex[65])
     } else {   /* the system store, as SSL_CTX_set_default_verify_paths */
         describe_file(env_or(X509_get_default_cert_file_env(),
                              X509_get_default_cert_file()), a, sizeof a);
-        describe_file(env_or(X509_get_default_cert_dir_env(),
+        describe_dirs(env_or(X509_get_default_cert_dir_env(),
                              X509_get_default_cert_dir()), b, sizeof b);
     }
     /* v1: peer verification with the host name check, partial chains

@@ -105,11 +105,17 @@ def test_system_store_from_the_environment(env):
     with open(cert) as f, open(other, "w") as g:
         g.write(f.read())
 
+    d1, d2 = env.path("certs1"), env.path("certs2")
+    os.mkdir(d1)
+    os.mkdir(d2)
+    dirs = d1 + ":" + d2
+
     def run(store, what):
         r = expect(fetch(env, "-v", tls="require",
                          server="localhost:%d" % env.odmr_port,
                          deliver=NO_MAIL,
-                         env_extra={"SSL_CERT_FILE": store}), EX_OK, what)
+                         env_extra={"SSL_CERT_FILE": store,
+                                    "SSL_CERT_DIR": dirs}), EX_OK, what)
         return r.stderr
 
     check("(full handshake)" in run(cert, "first run"), "first run resumed?")
@@ -117,6 +123,13 @@ def test_system_store_from_the_environment(env):
     out = run(other, "SSL_CERT_FILE names another file")
     check("(full handshake)" in out, "resumed across another SSL_CERT_FILE: "
           "%r" % out)
+    check(resumed(run(other, "again")), "no resumption from the store")
+    # SSL_CERT_DIR is a list: a change in its second directory counts too
+    with open(os.path.join(d2, "new.pem"), "w") as f:
+        f.write("")
+    out = run(other, "a certificate added to SSL_CERT_DIR's second entry")
+    check("(full handshake)" in out, "resumed across a change in "
+          "SSL_CERT_DIR: %r" % out)
 
 
 def test_server_name_change_discards(env):
