@@ -70,17 +70,26 @@ struct data_state {
     unsigned long long bytes;
 };
 
+static void vsay(struct rx *x, const char *fmt, va_list ap)
+    PRINTF_LIKE(2, 0);
+
+static void vsay(struct rx *x, const char *fmt, va_list ap)
+{
+    char line[SMTP_REPLY_LINE_MAX];
+
+    vsnprintf(line, sizeof line - 2, fmt, ap);
+    net_send(x->io, WHO, line, NULL);
+}
+
 static void say(struct rx *x, const char *fmt, ...) PRINTF_LIKE(2, 3);
 
 static void say(struct rx *x, const char *fmt, ...)
 {
-    char line[SMTP_REPLY_LINE_MAX];
     va_list ap;
 
     va_start(ap, fmt);
-    vsnprintf(line, sizeof line - 2, fmt, ap);
+    vsay(x, fmt, ap);
     va_end(ap);
-    net_send(x->io, WHO, line, NULL);
 }
 
 /* A command odmrd never sends when it keeps to the protocol (bad syntax,
@@ -91,13 +100,11 @@ static void say_error(struct rx *x, const char *fmt, ...) PRINTF_LIKE(2, 3);
 
 static void say_error(struct rx *x, const char *fmt, ...)
 {
-    char line[SMTP_REPLY_LINE_MAX];
     va_list ap;
 
     va_start(ap, fmt);
-    vsnprintf(line, sizeof line - 2, fmt, ap);
+    vsay(x, fmt, ap);
     va_end(ap);
-    net_send(x->io, WHO, line, NULL);
     x->bad_commands++;
 }
 
