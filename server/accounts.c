@@ -119,6 +119,24 @@ static bool legacy_domain_key(char *key, const char *domain, const char *idna)
     return strcmp(key, idna) != 0;
 }
 
+/* Every key an older database may hold this domain's binding under: the
+ * spelling given, and the Unicode form of its IDNA key (sessions ask by
+ * the IDNA key, which is not how a UTF-8 binding was once stored).
+ * Returns how many (0 to 2), each different from key and from the other. */
+static int legacy_domain_keys(char keys[2][KEY_MAX + 1], const char *domain,
+                              const char *key)
+{
+    int n = legacy_domain_key(keys[0], domain, key) ? 1 : 0;
+    if (*key) {
+        char shown[4 * ADDR_DOMAIN_MAX + 1];
+        idna_display(key + strlen(DOMAIN_PREFIX), shown, sizeof shown);
+        if (legacy_domain_key(keys[n], shown, key) &&
+            (n == 0 || strcmp(keys[0], keys[1]) != 0))
+            n++;
+    }
+    return n;
+}
+
 static datum make_datum(const char *s, size_t len)
 {
     datum d = {(char *)s, (int)len};
@@ -641,23 +659,17 @@ static char *read_record(const char *db, const char *key, size_t *len,
 enum acct_result accounts_domain_owner(const char *db, const char *domain,
                                        char *account, size_t n)
 {
-    char key[KEY_MAX + 1], legacy[KEY_MAX + 1];
+    char key[KEY_MAX + 1], legacy[2][KEY_MAX + 1];
     if (!acctdb_domain_key(key, domain))
         return ACCT_NOTFOUND;
     size_t len;
     enum acct_result r;
     char *owner = read_record(db, key, &len, &r);
-    if (!owner && r == ACCT_NOTFOUND && legacy_domain_key(legacy, domain, key))
-        owner = read_record(db, legacy, &len, &r);
-    /* Sessions ask by the IDNA key (ATRN and the queue use it), which is
-     * not the UTF-8 spelling an older binding was stored under: that
-     * spelling is the key's Unicode form. */
-    if (!owner && r == ACCT_NOTFOUND) {
-        char shown[4 * ADDR_DOMAIN_MAX + 1];
-        idna_display(key + strlen(DOMAIN_PREFIX), shown, sizeof shown);
-        if (legacy_domain_key(legacy, shown, key))
-            owner = read_record(db, legacy, &len, &r);
-    }
+    int legacies = 0;
+    if (!owner && r == ACCT_NOTFOUND)
+        legacies = legacy_domain_keys(legacy, domain, key);
+    for (int i = 0; i < legacies && !owner && r == ACCT_NOTFOUND; i++)
+        owner = read_record(db, legacy[i], &len, &r);
     if (owner && account && n > 0 && !str_copy(account, owner, n)) {
         log_err("accounts database %s: account name of %s too long", db, key);
         r = ACCT_TEMPFAIL;
@@ -795,14 +807,11 @@ enum acct_result accounts_user_del(const char *db, const char *name)
     return acctdb_close_writer(db, dbf, r);
 }
 
-/* Binds dkey to name inside an open writer. */
-static enum acct_result bind_domain(const char *db, GDBM_FILE dbf,
-                                    const char *dkey, const char *name)
+/* ACCT_OK when dkey is bound to name, ACCT_EXISTS when to another
+ * account, ACCT_NOTFOUND when unbound. */
+static enum acct_result binding_of(const char *db, GDBM_FILE dbf,
+                                   const char *dkey, const char *name)
 {
-    char ukey[KEY_MAX + 1];
-    user_key(ukey, name);
-    if (!acctdb_exists(dbf, ukey))
-        return ACCT_NOTFOUND;
     size_t len;
     enum acct_result r;
     char *owner = acctdb_fetch(db, dbf, dkey, &len, &r);
@@ -811,8 +820,26 @@ static enum acct_result bind_domain(const char *db, GDBM_FILE dbf,
          * provisioning scripts may run twice. */
         r = strcmp(owner, name) == 0 ? ACCT_OK : ACCT_EXISTS;
         free(owner);
-        return r;
     }
+    return r;
+}
+
+/* Binds the domain (IDNA key dkey) to name inside an open writer.  A
+ * binding an older version stored under a legacy key counts as the
+ * domain's binding: otherwise the two would coexist, and removing the new
+ * one would hand the domain back to the old owner. */
+static enum acct_result bind_domain(const char *db, GDBM_FILE dbf,
+                                    const char *domain, const char *dkey,
+                                    const char *name)
+{
+    char ukey[KEY_MAX + 1], legacy[2][KEY_MAX + 1];
+    user_key(ukey, name);
+    if (!acctdb_exists(dbf, ukey))
+        return ACCT_NOTFOUND;
+    enum acct_result r = binding_of(db, dbf, dkey, name);
+    int legacies = legacy_domain_keys(legacy, domain, dkey);
+    for (int i = 0; i < legacies && r == ACCT_NOTFOUND; i++)
+        r = binding_of(db, dbf, legacy[i], name);
     if (r != ACCT_NOTFOUND)
         return r;
     return acctdb_store(db, dbf, dkey, name, strlen(name), GDBM_INSERT);
@@ -829,26 +856,38 @@ enum acct_result accounts_domain_add(const char *db, const char *domain,
     enum acct_result r = acctdb_open(db, DB_WRITE, &dbf);
     if (r != ACCT_OK)
         return r;
-    r = bind_domain(db, dbf, dkey, name);
+    r = bind_domain(db, dbf, domain, dkey, name);
     return acctdb_close_writer(db, dbf, r);
+}
+
+/* Deletes key; a key that was never there leaves *r as it was. */
+static void delete_binding_key(const char *db, GDBM_FILE dbf, const char *key,
+                               enum acct_result *r)
+{
+    enum acct_result d = acctdb_delete(db, dbf, key);
+    if (d == ACCT_TEMPFAIL || (d == ACCT_OK && *r == ACCT_NOTFOUND))
+        *r = d;
 }
 
 enum acct_result accounts_domain_del(const char *db, const char *domain)
 {
-    /* A legacy binding whose name is not valid IDNA has only its old key:
-     * it must still be removable. */
-    char key[KEY_MAX + 1] = "", legacy[KEY_MAX + 1];
+    /* Every key the binding may be under goes, legacy ones too: a legacy
+     * binding left behind would still route the domain.  One whose name
+     * is not valid IDNA has only its old key and must still be removable. */
+    char key[KEY_MAX + 1] = "", legacy[2][KEY_MAX + 1];
     bool has_key = acctdb_domain_key(key, domain);
-    bool has_legacy = legacy_domain_key(legacy, domain, key);
-    if (!has_key && !has_legacy)
+    int legacies = legacy_domain_keys(legacy, domain, key);
+    if (!has_key && legacies == 0)
         return ACCT_NOTFOUND;
     GDBM_FILE dbf;
     enum acct_result r = acctdb_open(db, DB_WRITE, &dbf);
     if (r != ACCT_OK)
         return r;
-    r = has_key ? acctdb_delete(db, dbf, key) : ACCT_NOTFOUND;
-    if (r == ACCT_NOTFOUND && has_legacy)
-        r = acctdb_delete(db, dbf, legacy);
+    r = ACCT_NOTFOUND;
+    if (has_key)
+        delete_binding_key(db, dbf, key, &r);
+    for (int i = 0; i < legacies; i++)
+        delete_binding_key(db, dbf, legacy[i], &r);
     return acctdb_close_writer(db, dbf, r);
 }
 

@@ -245,6 +245,18 @@ static void test_legacy_utf8_binding(void)
     CHECK_STR(owner_of(db, "b\xc3\xbc" "cher.example"), "alice");
     CHECK_STR(owner_of(db, "xn--bcher-kva.example"), "alice");
     CHECK_STR(owner_of(db, "xn--nxasmq6b.example"), "(not found)");
+    /* The legacy binding is the domain's binding: no second owner beside
+     * it, and removing the domain removes it under either spelling. */
+    CHECK(accounts_user_add(db, "bob", "pw") == ACCT_OK);
+    CHECK(accounts_domain_add(db, "xn--bcher-kva.example", "bob") == ACCT_EXISTS);
+    CHECK(accounts_domain_add(db, "B\xc3\xbc" "cher.example", "bob") == ACCT_EXISTS);
+    CHECK(accounts_domain_add(db, "xn--bcher-kva.example", "alice") == ACCT_OK);
+    CHECK(accounts_domain_del(db, "xn--bcher-kva.example") == ACCT_OK);
+    CHECK_STR(owner_of(db, "b\xc3\xbc" "cher.example"), "(not found)");
+    CHECK_STR(owner_of(db, "xn--bcher-kva.example"), "(not found)");
+    CHECK(accounts_domain_del(db, "b\xc3\xbc" "cher.example") == ACCT_NOTFOUND);
+    CHECK(accounts_domain_add(db, "xn--bcher-kva.example", "bob") == ACCT_OK);
+    CHECK_STR(owner_of(db, "b\xc3\xbc" "cher.example"), "bob");
 }
 
 static void test_user_del_cascade(void)
