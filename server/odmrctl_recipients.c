@@ -142,7 +142,7 @@ static int check_hosted(struct ctl *c, const struct rdomain *d)
 
 /* A failed batch; done entries were stored before it. */
 static int change_error(struct ctl *c, const struct rdomain *d,
-                        enum acct_result r, size_t done)
+                        enum acct_result r, bool add, size_t done)
 {
     int rc;
     if (r == ACCT_NOTFOUND || r == ACCT_NODB)
@@ -151,7 +151,14 @@ static int change_error(struct ctl *c, const struct rdomain *d,
                   "again)", d->shown);
     else
         rc = acct_status(c, r);
-    if (done > 0)
+    unsigned long n;
+    if (add && done > 0 && recipients_count(c->conf.accounts_db, d->key, &n) ==
+                        ACCT_NOTFOUND)
+        /* held batches of a new list: stored, refusing nobody yet */
+        fail(0, "%s: %zu entries were stored before the failure but the list "
+             "is not on: run the command again to switch it on (a recipient "
+             "add would switch it on with only these)", d->shown, done);
+    else if (done > 0)
         fail(0, "%s: %zu entries were changed before the failure; run the "
              "command again", d->shown, done);
     return rc;
@@ -191,7 +198,7 @@ static int apply(struct ctl *c, const struct rdomain *d,
             add, i + n < l->n, &one);
         total += one;
         if (r != ACCT_OK)
-            rc = change_error(c, d, r, total);
+            rc = change_error(c, d, r, add, total);
     }
     if (total > 0)
         log_info("recipient list of %s: %zu %s by uid %lu", d->key, total,

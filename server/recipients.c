@@ -235,6 +235,7 @@ enum rcpt_result recipients_check(const char *db, const char *domain,
 struct local_list {
     char **v;
     size_t n, cap;
+    bool count_only;   /* n counts the keys; nothing is kept */
 };
 
 static void locals_free(struct local_list *l)
@@ -246,6 +247,10 @@ static void locals_free(struct local_list *l)
 
 static bool locals_add(struct local_list *l, const char *s, size_t len)
 {
+    if (l->count_only) {
+        l->n++;
+        return true;
+    }
     if (l->n == l->cap) {
         size_t cap = l->cap ? l->cap * 2 : 64;
         char **v = realloc(l->v, cap * sizeof *v);
@@ -337,11 +342,10 @@ static enum acct_result count_entries(const char *db, GDBM_FILE dbf,
                                       const char *dkey, unsigned long *count)
 {
     char prefix[RKEY_MAX + 1];
-    struct local_list l = {0};
+    struct local_list l = {.count_only = true};
     snprintf(prefix, sizeof prefix, ENTRY_PREFIX "%s:", dkey);
     enum acct_result r = collect(db, dbf, prefix, &l);
     *count = l.n;
-    locals_free(&l);
     return r;
 }
 

@@ -16,6 +16,7 @@ only."""
 import os
 import re
 import statistics
+import subprocess
 import time
 
 from harness import check, check_reply, fail
@@ -412,6 +413,39 @@ def test_import_bad_lines_store_nothing(env):
     # an unhosted domain is 67, whatever the file says
     expect_exit(env.odmrctl("recipient", "import", "example.edu", "-",
                             input="bob\n"), EX_NOHOST, "import, unhosted")
+
+
+def test_import_failing_half_way_says_the_list_is_not_on(env):
+    """An import that fails after some batches (here the accounts
+    database's file system fills up) leaves those entries stored but the
+    list off, and says so: nobody is refused by half a list."""
+    fs = env.path("acctfs")
+    os.makedirs(fs)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700",
+                        "tmpfs", fs], capture_output=True, text=True)
+    if r.returncode != 0:
+        fail("cannot mount a small tmpfs for the accounts database (need "
+             "root): %s" % r.stderr.strip())
+    try:
+        env.db = os.path.join(fs, "accounts.db")
+        env.write_conf(accounts_db=env.db)
+        started(env)
+        path = env.path("big.txt")
+        write_lines(path, ["user%06d.%s" % (i, "x" * 40) for i in range(60000)])
+        r = env.odmrctl("recipient", "import", "example.org", path,
+                        timeout=120)
+        check(r.returncode == 75 and re.search(
+            r"example\.org: [1-9]\d* entries were stored before the failure "
+            r"but the list is not on: run the command again", r.stderr),
+            "import on a full file system: exit %d, stderr %r" % (
+                r.returncode, r.stderr[-600:]))
+        check(listing(env, "example.org") is None, "the list is on")
+        t = Transaction(env)
+        t.accepted("nobody@example.org", "half an import refuses nobody")
+        t.close()
+    finally:
+        env.stop()
+        subprocess.run(["umount", "-l", fs], capture_output=True)
 
 
 def test_domain_del_and_user_del_drop_the_lists(env):
