@@ -641,9 +641,11 @@ static size_t command_limit(int verb)
     return verb == SMTP_AUTH ? SIZE_MAX : SMTP_LINE_MAX;
 }
 
-/* Before the reversal an ATRN answered 453 or 450, and XLINGER, move no
- * mail and may be repeated as freely as NOOP: they count with it, or a
- * client could hold a connection (and a linger slot) for ever. */
+/* ATRN and XLINGER count with NOOP: an ATRN that does not reverse the
+ * connection (453 no mail, 450 busy, or refused) and XLINGER move no
+ * mail, and a client repeating them could hold a connection (and a linger
+ * slot) for ever.  Every ATRN counts: one that reverses ends the command
+ * loop, so its count is never looked at again. */
 static int junk_verb(const struct smtp_cmd *cmd, const char *line)
 {
     const char *arg;
