@@ -200,17 +200,18 @@ static int read_cache_file(const char *path, char *buf, size_t n,
     return 1;
 }
 
-/* The session in text; NULL with why set (corrupt) or *stale set (made
- * under other verification settings). */
+/* The session in text; NULL with why set (corrupt) or *stale set to why
+ * a sound file is of no use (other verification settings, older format). */
 static SSL_SESSION *parse_cache(const struct tls_cache *tc, const char *text,
-                                bool *stale, long long *full_at,
+                                const char **stale, long long *full_at,
                                 const char **why)
 {
     size_t ml = strlen(CACHE_MAGIC), vl = strlen(CACHE_VERIFY);
     const char *p = text + ml;
 
     if (!strncmp(text, CACHE_MAGIC_V1, strlen(CACHE_MAGIC_V1))) {
-        *stale = true;   /* an older odmr-fetch's: no full handshake time */
+        *stale = "was saved by an older odmr-fetch (without the time of its "
+                 "full handshake)";
         return NULL;
     }
     if (strncmp(text, CACHE_MAGIC, ml) != 0 ||
@@ -220,7 +221,7 @@ static SSL_SESSION *parse_cache(const struct tls_cache *tc, const char *text,
         return NULL;
     }
     if (memcmp(p + vl, tc->settings, 64) != 0) {
-        *stale = true;
+        *stale = "was made under other verification settings";
         return NULL;
     }
     p += vl + 65;
@@ -261,8 +262,7 @@ SSL_SESSION *tls_cache_load(struct tls_cache *tc)
 {
     static char text[CACHE_FILE_MAX];
     char why[128];
-    const char *bad = NULL;
-    bool stale = false;
+    const char *bad = NULL, *stale = NULL;
 
     if (!tc->ready)
         return NULL;
@@ -283,7 +283,7 @@ SSL_SESSION *tls_cache_load(struct tls_cache *tc)
                         "doing a full handshake\n", tc->path, bad);
     else if (tc->verbose)
         fprintf(stderr, "odmr-fetch: saved TLS session %s; discarding it\n",
-                stale ? "was made under other verification settings"
+                stale ? stale
                       : "has expired (or its full handshake is a week old)");
     SSL_SESSION_free(s);
     tls_cache_discard(tc);
