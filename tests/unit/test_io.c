@@ -419,7 +419,15 @@ static void test_deadline_with_input_waiting(void)
     char buf[512];
 
     io_init(&io, fd, 2000);
-    usleep(200 * 1000);   /* the whole line is in the socket by now */
+    /* wait (up to 5 s) for the whole line to be in the socket */
+    int waiting = 0;
+    for (int i = 0; i < 500 && waiting < 40000; i++) {
+        if (ioctl(fd, FIONREAD, &waiting) != 0)
+            break;
+        if (waiting < 40000)
+            usleep(10 * 1000);
+    }
+    CHECK(waiting >= 40000);
     io_set_deadline(&io, io_clock_ms() - 1);
     CHECK(io_getline(&io, buf, sizeof buf, NULL) == IO_DEADLINE);
     CHECK(io.status == IO_DEADLINE);
