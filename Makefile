@@ -91,7 +91,8 @@ $(B)/odmrctl: $(call obj,$(wildcard server/odmrctl*.c)) $(SERVER_LIB_OBJ) $(COMM
 $(B)/odmr-fetch: $(call obj,$(CLIENT_SRC)) $(COMMON_OBJ)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_SASL) $(LIBS_SSL) $(LIBS_IDN)
 
-$(B)/tests/%: tests/unit/%.c $(SERVER_LIB_OBJ) $(COMMON_OBJ)
+# client/lock.o: odmr-fetch's lock, the one client part with unit tests
+$(B)/tests/%: tests/unit/%.c $(SERVER_LIB_OBJ) $(COMMON_OBJ) $(B)/obj/client/lock.o
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LIBS_SASL) $(LIBS_SSL) $(LIBS_GDBM) $(LIBS_IDN)
 

@@ -18,6 +18,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <sysexits.h>
 
 #include "../common/connect.h"
@@ -91,9 +92,23 @@ bool hostport_parse(const char *s, unsigned default_port, char *host,
  * stays locked until exit), -2 when another process holds the lock, or
  * -1 with a reason in err. */
 int lock_take(const char *path, char *err, size_t n);
-/* The default lock file: $XDG_RUNTIME_DIR/odmr-fetch.lock, else
- * /tmp/odmr-fetch-UID.lock. */
+/* The default lock file (the TLS session is kept beside it), the first
+ * of: $XDG_RUNTIME_DIR/odmr-fetch.lock; /run/odmr-fetch/odmr-fetch.lock
+ * when that directory is ours and only ours to write (the systemd units'
+ * RuntimeDirectory); for root /run/odmr-fetch.lock; ~/.odmr-fetch.lock
+ * when the home directory (from the password database) is ours and only
+ * ours to write; else /tmp/odmr-fetch-UID.lock, in a shared directory. */
 void lock_default_path(char *buf, size_t n);
+/* lock_default_path's choice among given places (for the tests). */
+struct lock_places {
+    const char *runtime;   /* $XDG_RUNTIME_DIR, or NULL */
+    const char *run_dir;   /* /run/odmr-fetch */
+    const char *run;       /* /run, root's runtime directory */
+    const char *home;      /* the user's home directory, or NULL */
+    const char *tmp;       /* /tmp */
+    uid_t uid;
+};
+void lock_pick_path(char *buf, size_t n, const struct lock_places *p);
 
 /* ---- net.c ---- */
 

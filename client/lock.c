@@ -8,6 +8,7 @@
 #include "fetch.h"
 
 #include <errno.h>
+#include <pwd.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,16 +17,49 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+/* A directory only uid can write into (nobody else can plant or remove
+ * a lock file there). */
+static bool private_dir(const char *dir, uid_t uid)
+{
+    struct stat st;
+    return dir && dir[0] == '/' && stat(dir, &st) == 0 &&
+           S_ISDIR(st.st_mode) && st.st_uid == uid &&
+           !(st.st_mode & (S_IWGRP | S_IWOTH));
+}
+
+void lock_pick_path(char *buf, size_t n, const struct lock_places *p)
+{
+    /* The runtime directory is private to the user by definition. */
+    if (p->runtime && p->runtime[0] == '/' &&
+        str_fmt(buf, n, "%s/odmr-fetch.lock", p->runtime))
+        return;
+    /* The units' RuntimeDirectory: a manual run by their user finds it. */
+    if (private_dir(p->run_dir, p->uid) &&
+        str_fmt(buf, n, "%s/odmr-fetch.lock", p->run_dir))
+        return;
+    if (p->uid == 0 && p->run && str_fmt(buf, n, "%s/odmr-fetch.lock", p->run))
+        return;
+    if (private_dir(p->home, p->uid) &&
+        str_fmt(buf, n, "%s/.odmr-fetch.lock", p->home))
+        return;
+    /* /tmp is shared: the name carries the uid and lock_take checks the
+     * file it opens (a file planted there stops the runs, said clearly). */
+    snprintf(buf, n, "%s/odmr-fetch-%lu.lock", p->tmp, (unsigned long)p->uid);
+}
+
 void lock_default_path(char *buf, size_t n)
 {
-    const char *rt = getenv("XDG_RUNTIME_DIR");
-
-    /* The runtime directory is private to the user; /tmp is shared, so
-     * the name there carries the uid and the file is checked on open. */
-    if (rt && rt[0] == '/' &&
-        str_fmt(buf, n, "%s/odmr-fetch.lock", rt))
-        return;
-    snprintf(buf, n, "/tmp/odmr-fetch-%lu.lock", (unsigned long)getuid());
+    uid_t uid = geteuid();
+    const struct passwd *pw = getpwuid(uid);
+    struct lock_places p = {
+        .runtime = getenv("XDG_RUNTIME_DIR"),
+        .run_dir = "/run/odmr-fetch",
+        .run = "/run",
+        .home = pw ? pw->pw_dir : NULL,
+        .tmp = "/tmp",
+        .uid = uid,
+    };
+    lock_pick_path(buf, n, &p);
 }
 
 int lock_take(const char *path, char *err, size_t n)
