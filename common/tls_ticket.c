@@ -3,8 +3,9 @@
  * OpenSSL's own ticket keys are random per SSL_CTX, i.e. per process and
  * per reload: a ticket issued by one session worker would be useless to
  * the next, and every SIGHUP would void them all.  Deriving the keys from
- * one secret drawn before the fork gives every worker the same keys, with
- * nothing on disk and rotation for free (the period number is an input). */
+ * one secret drawn before the fork, moved forward by a one-way ratchet at
+ * each period, gives every worker the same keys, with nothing on disk and
+ * no way back to an earlier period's keys (tls_ticket.h). */
 #include "tls_ticket.h"
 
 #include <string.h>
@@ -20,25 +21,19 @@
 
 #define EPOCH_BYTES 8
 
-static unsigned char secret[TLS_TICKET_SECRET_LEN];
-static bool have_secret;
-/* The keys of the last two periods asked for: a ticket operation then
- * costs one AES and one HMAC, not three more HMACs to derive keys. */
-static struct tls_ticket_keys cached[2];
-static bool cached_valid[2];
+/* Periods a chain steps through one by one; a clock that jumps further
+ * (a machine whose clock was years off) is met with one jump step, so
+ * that nothing loops for ever on a wild time.  Workers at different
+ * periods then disagree about keys: a full handshake, once. */
+#define CHAIN_STEPS_MAX 1000
+
+static struct tls_ticket_chain chain;
+static bool have_chain;
 
 static void put_be64(unsigned char *p, uint64_t v)
 {
     for (int i = EPOCH_BYTES - 1; i >= 0; i--, v >>= 8)
         p[i] = (unsigned char)(v & 0xff);
-}
-
-static uint64_t get_be64(const unsigned char *p)
-{
-    uint64_t v = 0;
-    for (int i = 0; i < EPOCH_BYTES; i++)
-        v = v << 8 | p[i];
-    return v;
 }
 
 /* HMAC-SHA256(secret, label || be64(epoch)) into out (32 bytes).  The
@@ -69,37 +64,78 @@ bool tls_ticket_derive(const unsigned char key[TLS_TICKET_SECRET_LEN],
         !derive_one(key, "odmrd ticket aes", epoch, k->aes) ||
         !derive_one(key, "odmrd ticket mac", epoch, k->hmac))
         return false;
-    /* The period in clear lets a lookup find the key without trying
-     * each; the MAC part makes foreign names fail the comparison. */
+    /* The period in clear, then a MAC part: names of two periods never
+     * collide, and a foreign name fails the comparison. */
     put_be64(k->name, epoch);
     memcpy(k->name + EPOCH_BYTES, tag, TLS_TICKET_NAME_LEN - EPOCH_BYTES);
     return true;
 }
 
-/* Whether a ticket's period (the clear first half of its name) is the
- * current or the previous one. */
-static enum tls_ticket_match period_match(const unsigned char *name,
-                                          uint64_t now_epoch, uint64_t *epoch)
+/* The next secret from s (period epoch, under label), s wiped. */
+static bool ratchet(unsigned char s[TLS_TICKET_SECRET_LEN], const char *label,
+                    uint64_t epoch)
 {
-    *epoch = get_be64(name);
-    if (*epoch == now_epoch)
-        return TICKET_CURRENT;
-    if (now_epoch != 0 && *epoch == now_epoch - 1)
-        return TICKET_RENEW;
-    return TICKET_UNKNOWN;
+    unsigned char next[32];
+    bool ok = derive_one(s, label, epoch, next);
+    OPENSSL_cleanse(s, TLS_TICKET_SECRET_LEN);
+    if (ok)
+        memcpy(s, next, TLS_TICKET_SECRET_LEN);
+    OPENSSL_cleanse(next, sizeof next);
+    return ok;
+}
+
+bool tls_ticket_chain_start(struct tls_ticket_chain *c,
+                            const unsigned char key[TLS_TICKET_SECRET_LEN],
+                            uint64_t epoch)
+{
+    memset(c, 0, sizeof *c);
+    c->epoch = epoch;
+    memcpy(c->secret, key, TLS_TICKET_SECRET_LEN);
+    c->valid = tls_ticket_derive(c->secret, epoch, &c->cur);
+    if (!c->valid)
+        OPENSSL_cleanse(c, sizeof *c);
+    return c->valid;
+}
+
+/* One period forward: the keys of the period left become prev. */
+static bool chain_step(struct tls_ticket_chain *c, uint64_t to, const char *label)
+{
+    if (!ratchet(c->secret, label, c->epoch))
+        return false;
+    c->prev = c->cur;
+    c->have_prev = to == c->epoch + 1;   /* a jump leaves no prev period */
+    c->epoch = to;
+    return tls_ticket_derive(c->secret, to, &c->cur);
+}
+
+bool tls_ticket_chain_advance(struct tls_ticket_chain *c, uint64_t now_epoch)
+{
+    bool ok = c->valid;
+    if (ok && now_epoch > c->epoch && now_epoch - c->epoch > CHAIN_STEPS_MAX)
+        ok = chain_step(c, now_epoch - 1, "odmrd ticket jump");
+    while (ok && c->epoch < now_epoch)
+        ok = chain_step(c, c->epoch + 1, "odmrd ticket ratchet");
+    if (!ok)
+        OPENSSL_cleanse(c, sizeof *c);   /* valid false: no ticket found */
+    return ok;
 }
 
 enum tls_ticket_match
-tls_ticket_lookup(const unsigned char key[TLS_TICKET_SECRET_LEN],
-                  const unsigned char name[TLS_TICKET_NAME_LEN],
-                  uint64_t now_epoch, struct tls_ticket_keys *k)
+tls_ticket_chain_lookup(const struct tls_ticket_chain *c,
+                        const unsigned char name[TLS_TICKET_NAME_LEN],
+                        struct tls_ticket_keys *k)
 {
-    uint64_t epoch;
-    enum tls_ticket_match m = period_match(name, now_epoch, &epoch);
-
-    if (m == TICKET_UNKNOWN || !tls_ticket_derive(key, epoch, k) ||
-        CRYPTO_memcmp(k->name, name, TLS_TICKET_NAME_LEN) != 0)
-        return TICKET_UNKNOWN;
+    enum tls_ticket_match m = TICKET_UNKNOWN;
+    if (!c->valid)
+        return m;
+    if (CRYPTO_memcmp(c->cur.name, name, TLS_TICKET_NAME_LEN) == 0) {
+        *k = c->cur;
+        m = TICKET_CURRENT;
+    } else if (c->have_prev &&
+               CRYPTO_memcmp(c->prev.name, name, TLS_TICKET_NAME_LEN) == 0) {
+        *k = c->prev;
+        m = TICKET_RENEW;
+    }
     return m;
 }
 
@@ -109,32 +145,13 @@ static uint64_t current_epoch(void)
     return now > 0 ? (uint64_t)now / TLS_TICKET_PERIOD_S : 0;
 }
 
-static bool keys_for(uint64_t epoch, struct tls_ticket_keys *k)
+void tls_ticket_tick(void)
 {
-    size_t slot = (size_t)(epoch & 1);
-
-    if (!cached_valid[slot] || cached[slot].epoch != epoch) {
-        cached_valid[slot] = tls_ticket_derive(secret, epoch, &cached[slot]);
-        if (!cached_valid[slot])
-            return false;
+    if (have_chain && !tls_ticket_chain_advance(&chain, current_epoch())) {
+        have_chain = false;
+        log_warn("TLS: cannot derive session ticket keys; not issuing "
+                 "tickets until odmrd restarts");
     }
-    *k = cached[slot];
-    return true;
-}
-
-/* tls_ticket_lookup under our secret, from the cache: a resumption then
- * derives nothing (three HMACs per ticket were 7% of a resumed
- * handshake's CPU in odmrd). */
-static enum tls_ticket_match cached_lookup(const unsigned char *name,
-                                           struct tls_ticket_keys *k)
-{
-    uint64_t epoch;
-    enum tls_ticket_match m = period_match(name, current_epoch(), &epoch);
-
-    if (m == TICKET_UNKNOWN || !keys_for(epoch, k) ||
-        CRYPTO_memcmp(k->name, name, TLS_TICKET_NAME_LEN) != 0)
-        return TICKET_UNKNOWN;
-    return m;
 }
 
 static bool set_mac_key(EVP_MAC_CTX *hctx, unsigned char *key)
@@ -156,7 +173,11 @@ static int ticket_issue(unsigned char *name, unsigned char *iv,
     struct tls_ticket_keys k;
     int iv_len = EVP_CIPHER_iv_length(EVP_aes_256_cbc());
 
-    if (!keys_for(current_epoch(), &k) || RAND_bytes(iv, iv_len) != 1 ||
+    tls_ticket_tick();
+    if (!have_chain)
+        return 0;
+    k = chain.cur;
+    if (RAND_bytes(iv, iv_len) != 1 ||
         EVP_EncryptInit_ex(cctx, EVP_aes_256_cbc(), NULL, k.aes, iv) != 1 ||
         !set_mac_key(hctx, k.hmac)) {
         log_warn("TLS: cannot set up a session ticket; not issuing one");
@@ -179,7 +200,9 @@ static int ticket_accept(const unsigned char *name, const unsigned char *iv,
                          EVP_CIPHER_CTX *cctx, EVP_MAC_CTX *hctx)
 {
     struct tls_ticket_keys k;
-    enum tls_ticket_match m = cached_lookup(name, &k);
+    tls_ticket_tick();
+    enum tls_ticket_match m = have_chain ? tls_ticket_chain_lookup(&chain, name, &k)
+                                         : TICKET_UNKNOWN;
     if (m != TICKET_UNKNOWN &&
         (EVP_DecryptInit_ex(cctx, EVP_aes_256_cbc(), NULL, k.aes, iv) != 1 ||
          !set_mac_key(hctx, k.hmac)))
@@ -192,8 +215,6 @@ static int ticket_cb(SSL *ssl, unsigned char *name, unsigned char *iv,
                      EVP_CIPHER_CTX *cctx, EVP_MAC_CTX *hctx, int enc)
 {
     (void)ssl;
-    if (!have_secret)
-        return 0;
     return enc ? ticket_issue(name, iv, cctx, hctx)
                : ticket_accept(name, iv, cctx, hctx);
 }
@@ -202,10 +223,13 @@ bool tls_ticket_enable(SSL_CTX *ctx)
 {
     static const unsigned char sid_ctx[] = "odmrd";
 
-    if (!have_secret) {
-        if (RAND_priv_bytes(secret, sizeof secret) != 1)
+    if (!have_chain) {
+        unsigned char secret[TLS_TICKET_SECRET_LEN];
+        have_chain = RAND_priv_bytes(secret, sizeof secret) == 1 &&
+                     tls_ticket_chain_start(&chain, secret, current_epoch());
+        OPENSSL_cleanse(secret, sizeof secret);
+        if (!have_chain)
             return false;
-        have_secret = true;
     }
     SSL_CTX_clear_options(ctx, SSL_OP_NO_TICKET);
     /* Workers are separate processes: a server-side session cache would

@@ -28,6 +28,7 @@
 #include "../common/io.h"
 #include "../common/log.h"
 #include "../common/sasl.h"
+#include "../common/tls_ticket.h"
 #include "../common/util.h"
 #include "auxprop.h"
 #include "conf.h"
@@ -636,6 +637,7 @@ static void main_loop(void)
             handle_events(ev, rc);
         resume_accepting_when_due();
         pool_expire_idle();
+        tls_ticket_tick();   /* never hold an old period's secret */
         if (got_usr1 || now_ms() >= next_maint) {
             got_usr1 = 0;
             run_maintenance();

@@ -43,23 +43,69 @@ static void test_derivation(void)
 
 static void test_window(void)
 {
+    struct tls_ticket_chain c, other;
     struct tls_ticket_keys k, got;
 
-    CHECK(tls_ticket_derive(secret_a, 500, &k));
-    CHECK(tls_ticket_lookup(secret_a, k.name, 500, &got) == TICKET_CURRENT);
+    CHECK(tls_ticket_chain_start(&c, secret_a, 500));
+    k = c.cur;
+    CHECK(tls_ticket_chain_lookup(&c, k.name, &got) == TICKET_CURRENT);
     CHECK(memcmp(got.aes, k.aes, sizeof k.aes) == 0);
-    CHECK(tls_ticket_lookup(secret_a, k.name, 501, &got) == TICKET_RENEW);
+    CHECK(tls_ticket_chain_advance(&c, 500) && c.epoch == 500);
+    CHECK(tls_ticket_chain_advance(&c, 501) && c.epoch == 501);
+    CHECK(tls_ticket_chain_lookup(&c, k.name, &got) == TICKET_RENEW);
     CHECK(memcmp(got.hmac, k.hmac, sizeof k.hmac) == 0);
-    CHECK(tls_ticket_lookup(secret_a, k.name, 502, &got) == TICKET_UNKNOWN);
-    CHECK(tls_ticket_lookup(secret_a, k.name, 499, &got) == TICKET_UNKNOWN);
+    /* a clock that goes back leaves the chain where it is */
+    CHECK(tls_ticket_chain_advance(&c, 499) && c.epoch == 501);
+    CHECK(tls_ticket_chain_lookup(&c, k.name, &got) == TICKET_RENEW);
+    CHECK(tls_ticket_chain_advance(&c, 502));
+    CHECK(tls_ticket_chain_lookup(&c, k.name, &got) == TICKET_UNKNOWN);
     /* another secret (a restarted odmrd): not ours */
-    CHECK(tls_ticket_lookup(secret_b, k.name, 500, &got) == TICKET_UNKNOWN);
-    /* a forged name with the right period */
+    CHECK(tls_ticket_chain_start(&other, secret_b, 500));
+    CHECK(tls_ticket_chain_lookup(&other, k.name, &got) == TICKET_UNKNOWN);
+    /* a forged name */
     unsigned char forged[TLS_TICKET_NAME_LEN];
+    CHECK(tls_ticket_chain_start(&c, secret_a, 500));
     memcpy(forged, k.name, sizeof forged);
     forged[15] ^= 1;
-    CHECK(tls_ticket_lookup(secret_a, forged, 500, &got) == TICKET_UNKNOWN);
-    CHECK(tls_ticket_lookup(secret_a, k.name, 0, &got) == TICKET_UNKNOWN);
+    CHECK(tls_ticket_chain_lookup(&c, forged, &got) == TICKET_UNKNOWN);
+    /* a new chain knows no period before its first */
+    struct tls_ticket_keys before;
+    CHECK(tls_ticket_derive(secret_a, 499, &before));
+    CHECK(tls_ticket_chain_lookup(&c, before.name, &got) == TICKET_UNKNOWN);
+}
+
+/* Workers forked at different times reach the same keys; what a chain
+ * holds after two periods cannot make the keys it started with. */
+static void test_ratchet(void)
+{
+    struct tls_ticket_chain a, b, jump;
+    struct tls_ticket_keys k0, again;
+
+    CHECK(tls_ticket_chain_start(&a, secret_a, 700));
+    CHECK(tls_ticket_chain_start(&b, secret_a, 700));
+    k0 = a.cur;
+    for (uint64_t e = 701; e <= 705; e++)
+        CHECK(tls_ticket_chain_advance(&a, e));
+    CHECK(tls_ticket_chain_advance(&b, 705));
+    CHECK(memcmp(&a.cur, &b.cur, sizeof a.cur) == 0);
+    CHECK(memcmp(&a.prev, &b.prev, sizeof a.prev) == 0);
+    CHECK(memcmp(a.secret, b.secret, sizeof a.secret) == 0);
+    CHECK(a.have_prev && a.prev.epoch == 704 && a.cur.epoch == 705);
+    /* the secret moved on: neither it nor the derivation under the old
+     * secret's place gives the first period's keys back */
+    CHECK(memcmp(a.secret, secret_a, sizeof a.secret) != 0);
+    CHECK(tls_ticket_derive(a.secret, 700, &again));
+    CHECK(memcmp(again.aes, k0.aes, sizeof k0.aes) != 0);
+    CHECK(memcmp(again.hmac, k0.hmac, sizeof k0.hmac) != 0);
+    CHECK(tls_ticket_derive(secret_a, 705, &again));
+    CHECK(memcmp(again.aes, a.cur.aes, sizeof again.aes) != 0);
+    /* a wild clock: one jump, not billions of steps */
+    CHECK(tls_ticket_chain_start(&jump, secret_a, 700));
+    CHECK(tls_ticket_chain_advance(&jump, UINT64_MAX / 2));
+    CHECK(jump.epoch == UINT64_MAX / 2 && jump.cur.epoch == jump.epoch);
+    CHECK(tls_ticket_chain_lookup(&jump, k0.name, &again) == TICKET_UNKNOWN);
+    CHECK(tls_ticket_chain_lookup(&jump, jump.cur.name, &again) ==
+          TICKET_CURRENT);
 }
 
 /* ---- a real resumption over a socketpair ---- */
@@ -163,6 +209,7 @@ int main(void)
     signal(SIGPIPE, SIG_IGN);   /* a refused peer closes early */
     test_derivation();
     test_window();
+    test_ratchet();
     if (!mkdtemp(dir) || !make_cert()) {
         printf("FAIL cannot make a test certificate\n");
         CHECK(0);
