@@ -1,22 +1,41 @@
-/* log.c - syslog (facility mail) plus stderr in the foreground. */
+/* log.c - syslog (facility mail) plus stderr in the foreground (unless
+ * stderr is the systemd journal, which syslog reaches already). */
 #include "log.h"
 
 #include <paths.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
 #include <syslog.h>
 #include <time.h>
 #include <unistd.h>
 
 static bool log_stderr;
+static bool log_journal;   /* stderr is the journal */
 static bool log_debugging;
 static const char *log_ident = "odmr";
+
+/* Under systemd stderr may be a stream to the journal, which then names
+ * its device and inode in JOURNAL_STREAM (systemd.exec(5)). */
+static bool stderr_is_journal(void)
+{
+    const char *js = getenv("JOURNAL_STREAM");
+    unsigned long long dev, ino;
+    struct stat st;
+    char end;
+    return js && sscanf(js, "%llu:%llu%c", &dev, &ino, &end) == 2 &&
+           fstat(STDERR_FILENO, &st) == 0 &&
+           (unsigned long long)st.st_dev == dev &&
+           (unsigned long long)st.st_ino == ino;
+}
 
 void log_open(const char *ident, bool to_stderr, bool debug)
 {
     log_ident = ident;
     log_stderr = to_stderr;
+    log_journal = to_stderr && stderr_is_journal();
     log_debugging = debug;
     openlog(ident, LOG_PID | LOG_NDELAY, LOG_MAIL);
 }
@@ -54,9 +73,12 @@ static void log_v(int prio, const char *level, const char *fmt, va_list ap)
         if ((unsigned char)*p < 32)
             *p = '?';
     /* skipped only while stderr gets the line: nothing is lost */
-    if (!log_stderr || syslog_present())
+    bool to_syslog = !log_stderr || syslog_present();
+    if (to_syslog)
         syslog(prio, "%s%s", level, line);
-    if (log_stderr)
+    /* The journal has the syslog copy, with facility mail and the
+     * priority: a stderr copy would show every line twice. */
+    if (log_stderr && !(log_journal && to_syslog))
         fprintf(stderr, "%s[%ld]: %s%s\n", log_ident, (long)getpid(), level,
                 line);
 }
