@@ -93,9 +93,10 @@ bool hostport_parse(const char *s, unsigned default_port, char *host,
  * -1 with a reason in err. */
 int lock_take(const char *path, char *err, size_t n);
 /* The default lock file (the TLS session is kept beside it), the first
- * of: $XDG_RUNTIME_DIR/odmr-fetch.lock; /run/odmr-fetch/odmr-fetch.lock
- * when that directory is ours and only ours to write (the systemd units'
- * RuntimeDirectory); for root /run/odmr-fetch.lock; ~/.odmr-fetch.lock
+ * of: /run/odmr-fetch/odmr-fetch.lock when that directory is ours and
+ * only ours to write (the systemd units' RuntimeDirectory);
+ * $XDG_RUNTIME_DIR/odmr-fetch.lock; for root /run/odmr-fetch.lock (when
+ * /run is root's and only root's to write); ~/.odmr-fetch.lock
  * when the home directory (from the password database) is ours and only
  * ours to write; else /tmp/odmr-fetch-UID.lock, in a shared directory. */
 void lock_default_path(char *buf, size_t n);

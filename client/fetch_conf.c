@@ -61,7 +61,7 @@ static void usage(FILE *f)
 "      --linger SEC       stay connected up to SEC and take mail as it\n"
 "                         arrives (push delivery; default 0, off)\n"
 "      --lock FILE        one run at a time (default: odmr-fetch.lock in\n"
-"                         $XDG_RUNTIME_DIR, /run/odmr-fetch or (root) /run,\n"
+"                         /run/odmr-fetch, $XDG_RUNTIME_DIR or (root) /run,\n"
 "                         else ~/.odmr-fetch.lock or /tmp/odmr-fetch-UID.lock)\n"
 "  -v, -vv, --verbose     summary line / protocol trace on stderr\n"
 "  -h, --help, --version\n\n"

@@ -29,15 +29,18 @@ static bool private_dir(const char *dir, uid_t uid)
 
 void lock_pick_path(char *buf, size_t n, const struct lock_places *p)
 {
+    /* The units' RuntimeDirectory first: a manual run by their user, from
+     * a login session too (which has an XDG_RUNTIME_DIR of its own),
+     * then shares their lock. */
+    if (private_dir(p->run_dir, p->uid) &&
+        str_fmt(buf, n, "%s/odmr-fetch.lock", p->run_dir))
+        return;
     /* The runtime directory is private to the user by definition. */
     if (p->runtime && p->runtime[0] == '/' &&
         str_fmt(buf, n, "%s/odmr-fetch.lock", p->runtime))
         return;
-    /* The units' RuntimeDirectory: a manual run by their user finds it. */
-    if (private_dir(p->run_dir, p->uid) &&
-        str_fmt(buf, n, "%s/odmr-fetch.lock", p->run_dir))
-        return;
-    if (p->uid == 0 && p->run && str_fmt(buf, n, "%s/odmr-fetch.lock", p->run))
+    if (p->uid == 0 && private_dir(p->run, 0) &&
+        str_fmt(buf, n, "%s/odmr-fetch.lock", p->run))
         return;
     if (private_dir(p->home, p->uid) &&
         str_fmt(buf, n, "%s/.odmr-fetch.lock", p->home))

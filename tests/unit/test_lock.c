@@ -1,6 +1,8 @@
 /* test_lock.c - odmr-fetch's run lock (client/lock.c): where the default
  * lock file goes (never a directory others can write into when a private
- * one exists), and that lock_take refuses a file someone else planted. */
+ * one exists), and that lock_take refuses what someone else planted (a
+ * link; a file of theirs, checked when the tests run as root, as CI
+ * does). */
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,44 +33,70 @@ static void make_dir(char *path, const char *name, mode_t mode)
     CHECK(chmod(path, mode) == 0);   /* past the umask */
 }
 
+static void expect_pick(const char *runtime, const char *rdir, const char *h,
+                        uid_t uid, const char *want)
+{
+    CHECK_STR(pick(runtime, rdir, h, uid), want);
+}
+
+/* dir/name, in one of four buffers (so that a call may use two) */
+static const char *in(const char *dir, const char *name)
+{
+    static char b[4][PATH_MAX + 64];
+    static int i;
+    i = (i + 1) % 4;
+    snprintf(b[i], sizeof b[i], "%s/%s", dir, name);
+    return b[i];
+}
+
+static const char *tmp_lock(uid_t uid)
+{
+    char name[64];
+    snprintf(name, sizeof name, "odmr-fetch-%lu.lock", (unsigned long)uid);
+    return in(tmp, name);
+}
+
 static void test_default_path(void)
 {
-    char want[PATH_MAX + 32];
     uid_t me = geteuid();
+    const char *xdg = "/run/user/1000/odmr-fetch.lock";
 
     make_dir(run_dir, "run-odmr-fetch", 0755);
     make_dir(run, "run", 0755);
     make_dir(home, "home", 0700);
     make_dir(tmp, "tmp", 01777);
 
-    /* XDG_RUNTIME_DIR first; a relative one is ignored */
-    CHECK_STR(pick("/run/user/1000", run_dir, home, me),
-              "/run/user/1000/odmr-fetch.lock");
-    snprintf(want, sizeof want, "%s/odmr-fetch.lock", run_dir);
-    CHECK_STR(pick("run/user", run_dir, home, me), want);
-    CHECK_STR(pick(NULL, run_dir, home, me), want);
-    /* the units' directory only when it is ours and only ours */
+    /* the units' directory first, even in a login session */
+    expect_pick("/run/user/1000", run_dir, home, me, in(run_dir, "odmr-fetch.lock"));
+    expect_pick(NULL, run_dir, home, me, in(run_dir, "odmr-fetch.lock"));
+    /* ... only when it is ours and only ours: else XDG_RUNTIME_DIR */
     CHECK(chmod(run_dir, 0775) == 0);
-    snprintf(want, sizeof want, me == 0 ? "%s/odmr-fetch.lock"
-                                        : "%s/.odmr-fetch.lock",
-             me == 0 ? run : home);
-    CHECK_STR(pick(NULL, run_dir, home, me), want);
+    expect_pick("/run/user/1000", run_dir, home, me, xdg);
+    CHECK(chmod(run_dir, 0757) == 0);
+    expect_pick("/run/user/1000", run_dir, home, me, xdg);
     CHECK(chmod(run_dir, 0755) == 0);
-    /* root: /run; others: a home of their own, else /tmp with the uid */
-    snprintf(want, sizeof want, "%s/odmr-fetch.lock", run);
-    CHECK_STR(pick(NULL, NULL, home, 0), want);
-    snprintf(want, sizeof want, "%s/.odmr-fetch.lock", home);
-    CHECK_STR(pick(NULL, NULL, home, me), me == 0 ? pick(NULL, NULL, home, 0)
-                                                  : want);
+    expect_pick("/run/user/1000", run_dir, home, me + 1, xdg);
+    /* a relative XDG_RUNTIME_DIR is ignored: root gets /run, others a
+     * home of their own */
+    expect_pick("run/user", NULL, home, me,
+                me == 0 ? in(run, "odmr-fetch.lock") : in(home, ".odmr-fetch.lock"));
+    /* root's /run only when it is root's and only root's to write (the
+     * stand-in directory is root's when the tests run as root) */
+    if (me == 0) {
+        CHECK(chmod(run, 0775) == 0);
+        expect_pick(NULL, NULL, home, 0, in(home, ".odmr-fetch.lock"));
+    } else {
+        expect_pick(NULL, NULL, "/nonexistent", 0, tmp_lock(0));
+    }
     /* another user's directories are skipped */
-    snprintf(want, sizeof want, "%s/odmr-fetch-%lu.lock", tmp,
-             (unsigned long)me + 1);
-    CHECK_STR(pick(NULL, run_dir, home, me + 1), want);
+    expect_pick(NULL, run_dir, home, me + 1, tmp_lock(me + 1));
+    /* so is a home others may write into (and /run, for root, as above) */
     CHECK(chmod(home, 0770) == 0);
-    snprintf(want, sizeof want, "%s/odmr-fetch-4242.lock", tmp);
-    CHECK_STR(pick(NULL, NULL, home, 4242), want);
-    CHECK_STR(pick(NULL, NULL, "relative", 4242), want);
-    CHECK_STR(pick(NULL, "/nonexistent", "/nonexistent", 4242), want);
+    expect_pick(NULL, NULL, home, me, tmp_lock(me));
+    CHECK(chmod(home, 0702) == 0);
+    expect_pick(NULL, NULL, home, me, tmp_lock(me));
+    expect_pick(NULL, NULL, "relative", 4242, tmp_lock(4242));
+    expect_pick(NULL, "/nonexistent", "/nonexistent", 4242, tmp_lock(4242));
 }
 
 static void test_take(void)
@@ -90,6 +118,17 @@ static void test_take(void)
     CHECK(symlink(path, link) == 0);
     CHECK(lock_take(link, err, sizeof err) == -1);
     CHECK(strstr(err, "cannot open lock file") != NULL);
+    /* a file of somebody else's (only root can make one here) */
+    if (geteuid() == 0) {
+        char planted[PATH_MAX + 32];
+        snprintf(planted, sizeof planted, "%s/planted.lock", tmp);
+        int pf = open(planted, O_CREAT | O_WRONLY, 0666);
+        CHECK(pf >= 0 && fchown(pf, 4242, 4242) == 0);
+        if (pf >= 0)
+            close(pf);
+        CHECK(lock_take(planted, err, sizeof err) == -1);
+        CHECK(strstr(err, "is not a regular file of ours") != NULL);
+    }
     /* a directory is not a lock file */
     CHECK(lock_take(tmp, err, sizeof err) == -1);
 }
