@@ -39,7 +39,7 @@
 #define DATA_MIN_RATE 500
 /* RCPTs in one transaction before the session ends: odmrd sends every
  * recipient of a message (those beyond our TARGET_RCPT_MAX get 452 and
- * come in the next transaction), and its max_recipients may be set up to
+ * stay queued for the next run), and its max_recipients may be set up to
  * 1,000,000.  A lower cap would cut such an envelope every run, and its
  * mail would never move; only a provider looping RCPT goes past it. */
 #define RCPT_SEEN_MAX 1000000

@@ -152,7 +152,7 @@ static int change_error(struct ctl *c, const struct rdomain *d,
     else
         rc = acct_status(c, r);
     unsigned long n;
-    if (add && done > 0 && recipients_count(c->conf.accounts_db, d->key, &n) ==
+    if (add && done > 0 && r == ACCT_TEMPFAIL && recipients_count(c->conf.accounts_db, d->key, &n) ==
                         ACCT_NOTFOUND)
         /* held batches of a new list: stored, refusing nobody yet */
         fail(0, "%s: %zu entries were stored before the failure but the list "

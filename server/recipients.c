@@ -349,6 +349,19 @@ static enum acct_result count_entries(const char *db, GDBM_FILE dbf,
     return r;
 }
 
+/* After a batch failed half way on a list that is on: the entries it did
+ * change are not in the stored count, and running it again would not
+ * count them (they are there, or gone, already).  A count left too low
+ * would switch the list off while entries remain, one too high leave an
+ * empty list on.  Best effort: the batch has failed already. */
+static void recount(const char *db, GDBM_FILE dbf, const char *lkey,
+                    const char *dkey)
+{
+    unsigned long count;
+    if (count_entries(db, dbf, dkey, &count) == ACCT_OK)
+        set_count(db, dbf, lkey, count);
+}
+
 static enum acct_result store_count(const char *db, GDBM_FILE dbf,
                                     const char *lkey, const char *dkey,
                                     bool add, size_t changed)
@@ -383,6 +396,8 @@ enum acct_result recipients_change(const char *db, const char *domain,
         r = change_one(db, dbf, dkey, locals[i], add, changed);
     if (r == ACCT_OK && !(hold && add && !acctdb_exists(dbf, lkey)))
         r = store_count(db, dbf, lkey, dkey, add, *changed);
+    else if (r != ACCT_OK && *changed > 0 && acctdb_exists(dbf, lkey))
+        recount(db, dbf, lkey, dkey);
     return acctdb_close_writer(db, dbf, r);
 }
 

@@ -435,7 +435,7 @@ def test_import_failing_half_way_says_the_list_is_not_on(env):
         r = env.odmrctl("recipient", "import", "example.org", path,
                         timeout=120)
         check(r.returncode == 75 and re.search(
-            r"example\.org: [1-9]\d* entries were stored before the failure "
+            r"example\.org: [1-9]\d{4,} entries were stored before the failure "
             r"but the list is not on: run the command again", r.stderr),
             "import on a full file system: exit %d, stderr %r" % (
                 r.returncode, r.stderr[-600:]))

@@ -132,6 +132,32 @@ static void test_held_batches(void)
     CHECK(count == 4);
 }
 
+/* A batch that fails half way on a list that is on: the count still
+ * matches the entries, so neither a later removal of the last real
+ * entry leaves an empty list on, nor does the list go off too early. */
+static void test_failed_batch_keeps_the_count(void)
+{
+    const char *x[1] = {"x"}, *add[3] = {"a", "b", "a b"}, *del[2] = {"a", "a b"};
+    size_t changed = 0;
+    unsigned long count = 0;
+    CHECK(accounts_domain_add(db, "half.test", "alice") == ACCT_OK);
+    CHECK(recipients_change(db, "half.test", x, 1, true, false, &changed) ==
+          ACCT_OK);
+    CHECK(recipients_change(db, "half.test", add, 3, true, false, &changed) ==
+          ACCT_NOTFOUND);
+    CHECK(changed == 2);
+    CHECK(recipients_count(db, "half.test", &count) == ACCT_OK && count == 3);
+    CHECK(recipients_change(db, "half.test", del, 2, false, false, &changed) ==
+          ACCT_NOTFOUND);
+    CHECK(changed == 1);
+    CHECK(recipients_count(db, "half.test", &count) == ACCT_OK && count == 2);
+    const char *rest[2] = {"x", "b"};
+    CHECK(recipients_change(db, "half.test", rest, 2, false, false, &changed) ==
+          ACCT_OK);
+    CHECK(recipients_count(db, "half.test", &count) == ACCT_NOTFOUND);
+    CHECK(check_rcpt("half.test", "anybody") == RCPT_VALID);
+}
+
 /* 100,000 entries: the check stays a few fetches (measured, printed). */
 static void test_large_list(void)
 {
@@ -171,6 +197,7 @@ int main(void)
     test_idn_spellings_and_drop();
     test_large_list();
     test_held_batches();
+    test_failed_batch_keeps_the_count();
     unlink(db);
     rmdir(dir);
     CHECK_DONE();
