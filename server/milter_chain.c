@@ -398,7 +398,9 @@ static void exchange_once(struct milter_chain *c, struct milter_conn *m,
         conn_failed(c, m, st->name, err, r);
         return;
     }
-    if (m->neg.version >= 6 && (m->neg.steps & st->noreply_flag)) {
+    /* By the flags alone, as libmilter decides: a milter of any version
+     * that took a no-reply flag odmrd offered stays silent there. */
+    if (m->neg.steps & st->noreply_flag) {
         if (!st->batch && !flush_out(m, deadline, err, sizeof err))
             conn_failed(c, m, st->name, err, r);
         return;
@@ -860,8 +862,10 @@ struct new_body {
     bool cr;
 };
 
-/* Appends a replacement body chunk, bare LF made CRLF (the queue holds
- * CRLF lines), to an unlinked file in tmp_dir. */
+/* Appends a replacement body chunk, bare LF and bare CR made CRLF (the
+ * queue holds CRLF lines, and a bare CR passed on to the customer is the
+ * stuff of SMTP smuggling), to an unlinked file in tmp_dir.  A NUL is
+ * refused, as in a client's message. */
 static bool add_body_chunk(struct new_body *e, const char *tmp_dir,
                            uint64_t max, const uint8_t *p, size_t len,
                            char *err, size_t n)
@@ -879,6 +883,12 @@ static bool add_body_chunk(struct new_body *e, const char *tmp_dir,
     static char out[2 * MILTER_PACKET_MAX];
     size_t o = 0;
     for (size_t i = 0; i < len; i++) {
+        if (p[i] == '\0') {
+            snprintf(err, n, "replacement body contains a NUL octet");
+            return false;
+        }
+        if (e->cr && p[i] != '\n')
+            out[o++] = '\n';   /* a bare CR ends its line */
         if (p[i] == '\n' && !e->cr)
             out[o++] = '\r';
         out[o++] = (char)p[i];
@@ -994,6 +1004,20 @@ static void edits_rollback(struct milter_edits *e, const struct edits_mark *k,
     body->fd = -1;
 }
 
+/* A replacement body that ends in a bare CR: that CR ends a line too. */
+static bool finish_body(struct new_body *e, char *err, size_t n)
+{
+    if (e->fd < 0 || !e->cr)
+        return true;
+    if (!write_all(e->fd, "\n", 1)) {
+        snprintf(err, n, "replacement body: %s", strerror(errno));
+        return false;
+    }
+    e->size++;
+    e->cr = false;
+    return true;
+}
+
 /* A milter that finished well: its body replaces any earlier one. */
 static void edits_keep_body(struct milter_edits *e, struct new_body *body)
 {
@@ -1053,6 +1077,10 @@ static void eom_one(struct milter_chain *c, struct milter_conn *m,
     bool ok = eom_replies(c, m, tmp_dir, e, &body, &rep, r);
     if (ok && (!take_final(m, &ST_EOM, &rep, r) || rep.cmd == SMFIR_SKIP)) {
         conn_failed(c, m, ST_EOM.name, "reply not allowed at end of message", r);
+        ok = false;
+    }
+    if (ok && !finish_body(&body, err, sizeof err)) {
+        conn_failed(c, m, ST_EOM.name, err, r);
         ok = false;
     }
     if (ok)

@@ -456,6 +456,32 @@ def test_milter_replaces_body(env):
               "size from the result: %r vs %d" % (e.get("size"), len(data)))
 
 
+def test_milter_replacement_body_bare_cr_and_nul(env):
+    """A bare CR in a replacement body ends its line (CRLF), also across
+    chunks and at the very end: it must never reach the customer bare.
+    A NUL is a broken milter (milter_default_action, tempfail here)."""
+    def eom(data, m):
+        return [packet("b", b"one\rtwo\r"), packet("b", b"\nthree\r"),
+                packet("b", b"four\r"), packet("c")]
+    with ScriptedMilter(on={"E": eom}) as m:
+        started(env, m.spec)
+        check_reply(send(env), 250, what="end of data")
+        qid, data = only_message(env)
+        head, body = split_message(data)
+        check(body == b"one\r\ntwo\r\nthree\r\nfour\r\n",
+              "bare CRs made line ends: %r" % body)
+    env.stop()
+
+    def eom_nul(data, m):
+        return [packet("b", b"text\0more\r\n"), packet("c")]
+    with ScriptedMilter(on={"E": eom_nul}) as m:
+        env.write_conf(milters=m.spec)
+        env.start()
+        check_reply(send(env), 451, what="end of data, NUL in the body")
+        check("replacement body contains a NUL octet" in env.log(),
+              "no log line:\n%s" % env.log_tail())
+
+
 def test_milter_replacement_body_over_max_message_size(env):
     """A replacement body must fit max_message_size like a client's: a
     milter streaming more is a broken milter (milter_default_action,
@@ -493,6 +519,24 @@ def test_milter_no_reply_steps_and_skipped_stages(env):
         check("H" not in m.cmds(), "HELO skipped: %r" % m.cmds())
         check(m.errors == [], "milter errors: %r" % m.errors)
         only_message(env)
+
+
+def test_milter_no_reply_steps_below_version_6(env):
+    """libmilter leaves a step unanswered when the no-reply flag for it was
+    offered and taken, whatever protocol version was agreed: odmrd must not
+    wait for those replies from a version 2 or 4 milter either."""
+    steps = NR_CONN | NR_MAIL | NR_RCPT | NR_HDR | NR_EOH | NR_BODY
+    env.setup_accounts()
+    for n, version in enumerate((2, 4), 1):
+        with ScriptedMilter(steps=steps, version=version) as m:
+            env.write_conf(milters=m.spec, milter_command_timeout="3s",
+                           milter_content_timeout="3s")
+            env.start()
+            check_reply(send(env), 250, what="end of data, version %d with "
+                        "no-reply steps" % version)
+            check(m.errors == [], "milter errors: %r" % m.errors)
+            check(len(env.queued()) == n, "queued: %r" % env.queued())
+            env.stop()
 
 
 def test_milter_batched_headers_fill_the_buffer_exactly(env):
@@ -731,6 +775,25 @@ def test_milter_adds_and_removes_recipients(env):
               "the refused addition is logged: %s" % env.log_tail())
 
 
+def test_milter_adds_recipient_with_a_long_orcpt(env):
+    """An added recipient's ORCPT may be as long as a client's (500
+    characters, the address and arguments over 530): it is kept whole,
+    not cut with the recipient dropped."""
+    ADDRCPT_PAR = 0x80
+    orcpt = "rfc822;carol+2B" + "x" * 473 + "@example.com"
+    def eom(data, m):
+        return [packet("2", b"<bob@example.com>\0NOTIFY=FAILURE ORCPT=" +
+                       orcpt.encode() + b"\0"), packet("c")]
+    with ScriptedMilter(actions=ADDRCPT_PAR, on={"E": eom}) as m:
+        started(env, m.spec)
+        reply = send(env)
+        check_reply(reply, 250, what="end of data")
+        qid = queue_id_of(reply[1])
+        rc = env.envelope("example.com", qid)["rcpts"]
+        check([(r["addr"], r["orcpt"]) for r in rc] ==
+              [("bob@example.com", orcpt)], "added: %r" % rc)
+
+
 def test_milter_adds_recipient_with_esmtp_args(env):
     """SMFIR_ADDRCPT_PAR: NOTIFY= and ORCPT= reach the added recipient's
     envelope record; an unknown arg and a bad NOTIFY are logged and
@@ -830,6 +893,30 @@ def test_milter_removes_every_recipient(env):
         started(env, m.spec)
         check_reply(send(env), 250, what="end of data")
         check_nothing_queued(env, "no recipient left")
+
+
+def test_milter_quarantine_reason_without_control_characters(env):
+    """The reason is shown by odmrctl queue quarantine and logged: a
+    milter's escape sequence must not reach the operator's terminal (the
+    queue writes the reason file printable, server/queue.c)."""
+    QUARANTINE = 0x20
+    def eom(data, m):
+        return [packet("q", b"evil\x1b]0;owned\x07 \x1b[2J\0"), packet("c")]
+    with ScriptedMilter(actions=QUARANTINE, on={"E": eom}) as m:
+        started(env, m.spec)
+        check_reply(send(env), 250, what="end of data")
+    out = env.odmrctl_ok("queue", "quarantine").stdout
+    check("\x1b" not in out and "\x07" not in out and
+          "reason: evil?]0;owned? ?[2J" in out, "listing: %r" % out)
+    check("\x1b" not in env.log(), "log: %r" % env.log_tail())
+    # nor the reason file, which other tools may print
+    held = os.path.join(env.spool, "quarantine", "example.org")
+    whys = [f for f in os.listdir(held) if f.endswith(".why")]
+    check(len(whys) == 1, "reason files: %r" % whys)
+    with open(os.path.join(held, whys[0]), "rb") as f:
+        why = f.read()
+    check(b"\x1b" not in why and b"\x07" not in why and
+          b"evil?]0;owned? ?[2J" in why, "reason file: %r" % why)
 
 
 def test_milter_quarantine_list_release_delete(env):
