@@ -733,11 +733,19 @@ static bool milter_apply(struct smtp *s, struct queue_in *in,
 static bool milter_add_rcpt(struct smtp *s, const char *id,
                             const struct milter_rcpt_edit *r)
 {
-    char arg[ADDR_MAX + 4], key[IDNA_KEY_MAX + 1], addr[ADDR_MAX + 1];
+    /* SMFIR_ADDRCPT_PAR's text carries NOTIFY= and ORCPT= after the
+     * address: room for a whole RCPT argument, or the ORCPT is cut */
+    char arg[SMTP_MAILRCPT_LINE_MAX + 3], key[IDNA_KEY_MAX + 1], addr[ADDR_MAX + 1];
     struct rcpt_args ra;
     struct smtp_err err;
     bool has_list = false;
-    snprintf(arg, sizeof arg, r->addr[0] == '<' ? "%s" : "<%s>", r->addr);
+    int len = snprintf(arg, sizeof arg, r->addr[0] == '<' ? "%s" : "<%s>",
+                       r->addr);
+    if (len < 0 || (size_t)len >= sizeof arg) {
+        log_warn("%s: milter %s: recipient %.300s not added: too long", id,
+                 r->by, r->addr);
+        return false;
+    }
     if (!smtp_parse_rcpt(arg, &ra, s->mail.smtputf8, &err) || ra.to.literal ||
         idna_domain_key(ra.to.domain, key, sizeof key, NULL) != IDNA_OK ||
         recipient_status(s, &ra.to, key, &has_list) != RCPT_VALID) {
