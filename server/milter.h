@@ -308,6 +308,7 @@ struct milter_chain {
      * thousand headers just within milter_content_timeout would hold
      * the session for days. */
     int64_t content_left_ms;
+    int64_t eom_until;          /* io_clock_ms(): the chain's end of message */
     uint8_t body[MILTER_CHUNK];
     size_t blen;
     uint8_t *pkt;               /* MILTER_PACKET_MAX, allocated once */

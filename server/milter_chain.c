@@ -3,8 +3,9 @@
  * Every exchange has a deadline (milter_connect_timeout for connecting and
  * OPTNEG, milter_command_timeout for the SMTP stages,
  * milter_content_timeout for headers, body and end of message, and
- * EOM_TIMEOUTS_MAX of them for a message's headers and body together) and
- * every wait is bounded by it; nothing a milter sends is used before
+ * EOM_TIMEOUTS_MAX of them for a message's headers and body together, and
+ * as many for the whole chain's end of message, never over EOM_CHAIN_MAX_S)
+ * and every wait is bounded by it; nothing a milter sends is used before
  * milter_parse_reply has checked it. */
 #include "milter.h"
 
@@ -27,6 +28,17 @@
 /* SMFIR_PROGRESS restarts the content timeout, but the end of a message
  * never takes more than this many content timeouts. */
 #define EOM_TIMEOUTS_MAX 4
+/* The whole chain's end of message ends by then however many milters
+ * there are: a client waits 10 minutes for the reply to its final dot
+ * (RFC 5321 4.5.3.2.6), and mail accepted after it has gone comes again
+ * when it retries - a duplicate.  Past it, a milter counts as failed
+ * (milter_default_action). */
+#define EOM_CHAIN_MAX_S 540
+
+static int64_t earlier(int64_t a, int64_t b)
+{
+    return a < b ? a : b;
+}
 
 enum stage_kind { STAGE_SESSION, STAGE_MESSAGE };
 
@@ -1039,7 +1051,8 @@ static bool eom_replies(struct milter_chain *c, struct milter_conn *m,
 {
     char err[ERR_MAX];
     int64_t start = io_clock_ms(), span = c->conf->milter_content_timeout * 1000;
-    int64_t deadline = start + span, last = start + EOM_TIMEOUTS_MAX * span;
+    int64_t last = earlier(start + EOM_TIMEOUTS_MAX * span, c->eom_until);
+    int64_t deadline = earlier(start + span, last);
     for (;;) {
         if (!recv_reply(c, m, deadline, rep, err, sizeof err)) {
             conn_failed(c, m, ST_EOM.name, err, r);
@@ -1067,7 +1080,9 @@ static void eom_one(struct milter_chain *c, struct milter_conn *m,
     struct new_body body = {-1, 0, false};
     struct edits_mark mark;
     edits_mark(e, &mark);
-    int64_t deadline = io_clock_ms() + c->conf->milter_content_timeout * 1000;
+    int64_t deadline = earlier(io_clock_ms() +
+                               c->conf->milter_content_timeout * 1000,
+                               c->eom_until);
     if (!put_packet(m, SMFIC_MACRO, b->data, b->len, deadline, err,
                     sizeof err) ||
         !put_packet(m, SMFIC_BODYEOB, "", 0, deadline, err, sizeof err)) {
@@ -1108,6 +1123,9 @@ void milter_chain_end_of_message(struct milter_chain *c,
     macro_begin(&b, SMFIC_BODYEOB);
     macro_add(&b, "i", mm->queue_id);
     c->queue_id = mm->queue_id ? mm->queue_id : "-";
+    c->eom_until = io_clock_ms() +
+                   earlier(EOM_TIMEOUTS_MAX * c->conf->milter_content_timeout,
+                           EOM_CHAIN_MAX_S) * 1000;
     for (size_t i = 0; i < c->n && r->verdict == MILTER_CONTINUE; i++) {
         struct milter_conn *m = &c->conn[i];
         if (m->broken)

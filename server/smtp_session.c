@@ -506,6 +506,7 @@ static void do_rcpt(struct smtp *s, const char *arg)
 struct data_state {
     struct data_stream st;        /* the data's lines and their faults */
     int64_t start_ms;             /* io_clock_ms() when DATA began */
+    int64_t milter_ms;            /* spent waiting for milters since */
     unsigned long long start_in;  /* io bytes_in then */
     /* for milters: where the headers and the body are in the queue file */
     uint64_t prefix;              /* odmrd's Received: */
@@ -572,15 +573,20 @@ static bool data_piece(struct smtp *s, struct queue_in *in, struct data_state *d
     if (data_stream_piece(&d->st, p, len, complete, &t))
         return true;
     if (!data_stream_refused(&d->st)) {
-        if (s->milter)
+        if (s->milter) {
+            /* the milters' time is not the client's (set_data_deadline) */
+            int64_t t0 = io_clock_ms();
             milter_feed(s, d, in, &t);
+            d->milter_ms += io_clock_ms() - t0;
+        }
         queue_in_write(in, t.p, t.len);
     }
     return false;
 }
 
 /* Postfix's smtpd_min_data_rate: the whole DATA phase may last `timeout`
- * plus one second per data_min_rate bytes received.  The per-read timeout
+ * plus one second per data_min_rate bytes received, plus the time odmrd
+ * spent waiting for its milters (a slow milter is not a slow client).  The per-read timeout
  * alone would let a client sending a byte every few seconds hold the
  * session forever; a client that really sends data keeps moving its
  * deadline forward. */
@@ -596,7 +602,7 @@ static void set_data_deadline(struct smtp *s, const struct data_state *d)
     unsigned long long got = s->io.bytes_in - d->start_in;
     if (got > s->conf->max_message_size)
         got = s->conf->max_message_size;
-    io_set_deadline(&s->io, d->start_ms + s->io.timeout_ms +
+    io_set_deadline(&s->io, d->start_ms + d->milter_ms + s->io.timeout_ms +
                                 (int64_t)(got * 1000 / rate));
 }
 
@@ -607,6 +613,7 @@ static bool read_data(struct smtp *s, struct queue_in *in, struct data_state *d)
     char piece[DATA_STREAM_PIECE_MAX];
     size_t plen = 0;
     d->start_ms = io_clock_ms();
+    d->milter_ms = 0;
     d->start_in = s->io.bytes_in;
     for (;;) {
         bool complete = false;

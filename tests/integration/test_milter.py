@@ -539,6 +539,24 @@ def test_milter_no_reply_steps_below_version_6(env):
             env.stop()
 
 
+def test_slow_milter_does_not_count_against_the_client(env):
+    """The data deadline (timeout + bytes / data_min_rate) is the
+    client's: time odmrd spends waiting for a milter that is slow but
+    within its own timeouts must not end the session as a slow client."""
+    def slow(data, m):
+        time.sleep(3)
+        return [packet("c")]
+    body = MESSAGE + ("y" * 76 + "\n") * 20000
+    with ScriptedMilter(on={"N": slow}) as m:
+        # a fast minimum rate: the 1.5 MB still to read after the headers
+        # earn almost no time of their own
+        started(env, m.spec, timeout="2s", data_min_rate="1000000")
+        check_reply(send(env, body=body), 250,
+                    what="end of data after a 3 s milter")
+        only_message(env)
+        check("data rate" not in env.log(), env.log_tail())
+
+
 def test_milter_batched_headers_fill_the_buffer_exactly(env):
     """With no-reply headers odmrd gathers the header packets in one
     8 KB buffer.  Ten messages whose first header grows by one byte each
@@ -1119,6 +1137,31 @@ def test_opendkim_signs(env):
         check(b"d=example.org" in sig and b"s=t" in sig, "domain and selector")
     finally:
         stop_by_pid(proc)
+
+
+def test_end_of_message_has_one_deadline_for_the_chain(env):
+    """Each milter within its own content timeout, the chain together
+    past EOM_TIMEOUTS_MAX (4) of them: the milter still going then counts
+    as failed (milter_default_action, tempfail here) rather than odmrd
+    answering the final dot after the client has given up (a client
+    waits 10 minutes; mail accepted later comes again)."""
+    def slow(data, m):
+        time.sleep(0.8)
+        return [packet("c")]
+    milters = [ScriptedMilter(on={"E": slow}) for _ in range(6)]
+    try:
+        started(env, " ".join(m.spec for m in milters),
+                milter_content_timeout="1s")
+        t0 = time.monotonic()
+        reply = send(env)
+        took = time.monotonic() - t0
+        check_reply(reply, 451, what="end of data, six 0.8 s milters")
+        check(took < 4.7, "the final dot's reply took %.1f s" % took)
+        check("end of message" in env.log(), env.log_tail())
+        check_nothing_queued(env, "the chain ran out of time")
+    finally:
+        for m in milters:
+            m.close()
 
 
 def test_two_milters_in_order_and_half_changes_dropped(env):
