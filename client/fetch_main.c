@@ -48,6 +48,10 @@ static void signals(void)
     sigaction(SIGHUP, &sa, NULL);
     /* Peers that reset the connection show up as I/O errors (io.h). */
     signal(SIGPIPE, SIG_IGN);
+    /* Ignored SIGCHLD is inherited across exec and makes the kernel reap
+     * the delivery command itself: its exit status, which decides
+     * between 250 and 451, would be lost. */
+    signal(SIGCHLD, SIG_DFL);
 }
 
 static void summary(const struct fetch_conf *c, const struct fetch_stats *st,

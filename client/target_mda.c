@@ -32,8 +32,11 @@
 
 #include "../common/addr.h"
 
-/* The quoted recipient list; well below ARG_MAX (2 MB on Linux). */
-#define MDA_RCPTS_MAX (256 * 1024)
+/* The quoted recipient list.  The whole command line is one argument of
+ * sh -c, and Linux takes at most 128 KiB in one (MAX_ARG_STRLEN): past
+ * that, exec fails every run and the message never moves.  96 KiB leaves
+ * room for the template and the sender. */
+#define MDA_RCPTS_MAX (96 * 1024)
 #define MDA_BUF 65536
 #define MDA_EXEC_FAILED 75     /* our child could not exec: temporary */
 #define WAIT_STEP_MS 10
@@ -50,6 +53,7 @@ struct mda {
     int fd;                            /* the command's stdin */
     bool broken;                       /* it stopped reading */
     bool stalled;                      /* ... without exiting (timeout) */
+    bool status_lost;                  /* waitpid failed: outcome unknown */
     char buf[MDA_BUF];
     size_t blen;
 };
@@ -84,6 +88,12 @@ static void mda_mail(struct target *t, const struct mail_args *ma,
     size_t len = 0;
 
     addr_format(&ma->from, from, sizeof from);
+    if (from[0] == '-') {
+        reply_set(r, 553, "5.1.7 A sender starting with '-' is not handed to "
+                          "a delivery command (it would read it as an "
+                          "option)");
+        return;
+    }
     if (!shell_quote_append(m->sender_q, sizeof m->sender_q, &len, from)) {
         reply_set(r, 501, "5.1.7 Sender address too long");
         return;
@@ -101,6 +111,15 @@ static void mda_rcpt(struct target *t, const struct rcpt_args *a,
     bool ok = len + 2 <= MDA_RCPTS_MAX;
 
     (void)a;
+    if (addr[0] == '-') {
+        /* quoting stops the shell, not the command's option parser:
+         * RCPT TO:<-X/path@domain> would be sendmail's -X (Postfix
+         * refuses such addresses by default, allow_min_user) */
+        reply_set(r, 553, "5.1.3 A recipient starting with '-' is not "
+                          "handed to a delivery command (it would read it "
+                          "as an option)");
+        return;
+    }
     if (ok && len)
         m->rcpts_q[len++] = ' ';
     if (!ok || !shell_quote_append(m->rcpts_q, MDA_RCPTS_MAX, &len, addr)) {
@@ -214,6 +233,7 @@ static void mda_data(struct target *t, struct reply *r)
     fcntl(m->fd, F_SETFL, fcntl(m->fd, F_GETFL) | O_NONBLOCK);
     m->broken = false;
     m->stalled = false;
+    m->status_lost = false;
     m->blen = 0;
     reply_set(r, 354, "Go ahead");
 }
@@ -262,7 +282,9 @@ static bool mda_write(struct target *t, const char *p, size_t len)
     return !m->broken;
 }
 
-/* Waits for the command; false when it had to be killed. */
+/* Waits for the command; false when it had to be killed, or when its
+ * status cannot be had (then *status says failure, never success: a
+ * delivery whose outcome is unknown is not a delivery). */
 static bool wait_child(struct target *t, int *status)
 {
     struct mda *m = M(t);
@@ -271,8 +293,17 @@ static bool wait_child(struct target *t, int *status)
 
     for (;;) {
         pid_t w = waitpid(m->pid, status, WNOHANG);
-        if (w == m->pid || (w < 0 && errno != EINTR))
+        if (w == m->pid)
             break;
+        if (w < 0 && errno != EINTR) {
+            fprintf(stderr, "odmr-fetch: cannot learn how the delivery "
+                            "command ended: %s\n", strerror(errno));
+            kill_command(m->pid);
+            m->pid = -1;
+            running_pid = 0;
+            m->status_lost = true;
+            return false;
+        }
         if (now_ms() > deadline) {
             kill_command(m->pid);
             while (waitpid(m->pid, status, 0) < 0 && errno == EINTR)
@@ -336,6 +367,8 @@ static void mda_end(struct target *t, bool abort, struct reply *r)
     if (!abort && m->stalled)
         reply_set(r, 451, "4.4.7 Delivery command stopped reading its "
                           "input for %ld s", t->conf->timeout);
+    else if (!exited && m->status_lost)
+        reply_set(r, 451, "4.3.0 Delivery command's exit status is unknown");
     else if (!exited)
         reply_set(r, 451, "4.4.7 Delivery command timed out");
     else

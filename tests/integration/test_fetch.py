@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import hmac
 import os
+import sys
 import re
 import select
 import socket
@@ -1048,6 +1049,63 @@ def up_to_data(c):
     check_reply(c.cmd("MAIL FROM:<s@remote.test>"), 250, what="MAIL")
     check_reply(c.cmd("RCPT TO:<u1@example.org>"), 250, what="RCPT")
     check_reply(c.cmd("DATA"), 354, what="DATA")
+
+
+def test_fetch_mda_status_kept_with_sigchld_ignored(env):
+    """odmr-fetch started with SIGCHLD ignored (a parent's setting, kept
+    across exec): the kernel would reap the delivery command itself and
+    its exit status, 250 or not, would be lost.  A failing command must
+    still not be answered 250."""
+    real = env.fetch_bin
+    wrapper = env.path("ignore-sigchld")
+    with open(wrapper, "w") as f:
+        f.write("#!%s\nimport os, signal, sys\n"
+                "signal.signal(signal.SIGCHLD, signal.SIG_IGN)\n"
+                "os.execv(%r, [%r] + sys.argv[1:])\n"
+                % (sys.executable, real, real))
+    os.chmod(wrapper, 0o755)
+    got = {}
+
+    def s(c):
+        up_to_data(c)
+        c.send_raw(b"Subject: t\r\n\r\nbody\r\n.\r\n")
+        got["dot"] = c.reply()
+        c.cmd("QUIT")
+
+    env.fetch_bin = wrapper
+    try:
+        for cmd, code in (("exit 1", 554), ("exit 75", 451), ("cat >/dev/null", 250)):
+            r, p = run_fake(env, s, "mda:" + cmd)
+            check(got["dot"][0] == code, "mda:%s with SIGCHLD ignored: %r "
+                  "(stderr %r)" % (cmd, got["dot"], r.stderr[-500:]))
+    finally:
+        env.fetch_bin = real
+
+
+def test_fetch_mda_refuses_addresses_that_look_like_options(env):
+    """Shell quoting stops the shell, not the command's option parser:
+    RCPT TO:<-X/tmp/log@example.org> handed to sendmail would be its -X.
+    Such a recipient (and sender) gets 553, the others are delivered."""
+    out = env.path("args")
+    got = {}
+
+    def s(c):
+        c.ehlo("fake.test")
+        check_reply(c.cmd("MAIL FROM:<s@remote.test>"), 250, what="MAIL")
+        got["opt"] = c.cmd("RCPT TO:<-X/tmp/log@example.org>")
+        check_reply(c.cmd("RCPT TO:<u1@example.org>"), 250, what="RCPT")
+        got["dot"] = c.data(b"Subject: t\r\n\r\nbody\r\n")
+        check_reply(c.cmd("MAIL FROM:<-oQ/tmp@remote.test>"), 553,
+                    "5.1.7", "MAIL with an option-like sender")
+        c.cmd("QUIT")
+
+    r, p = run_fake(env, s, "mda:printf '%%s\\n' %r > " + out)
+    check(got["opt"][0] == 553 and got["opt"][1].startswith("5.1.3"),
+          "option-like recipient: %r" % (got["opt"],))
+    check(got["dot"][0] == 250, "the other recipient: %r" % (got["dot"],))
+    with open(out) as f:
+        text = f.read()
+    check(text == "u1@example.org\n", "the command got %r" % text)
 
 
 def test_fetch_mda_stops_reading(env):
