@@ -145,13 +145,18 @@ static uint64_t current_epoch(void)
     return now > 0 ? (uint64_t)now / TLS_TICKET_PERIOD_S : 0;
 }
 
-void tls_ticket_tick(void)
+bool tls_ticket_tick(void)
 {
-    if (have_chain && !tls_ticket_chain_advance(&chain, current_epoch())) {
+    if (!have_chain)
+        return false;
+    uint64_t was = chain.epoch;
+    if (!tls_ticket_chain_advance(&chain, current_epoch())) {
         have_chain = false;
         log_warn("TLS: cannot derive session ticket keys; not issuing "
-                 "tickets until odmrd restarts");
+                 "tickets until the next reload or restart");
+        return false;
     }
+    return chain.epoch != was;
 }
 
 static bool set_mac_key(EVP_MAC_CTX *hctx, unsigned char *key)

@@ -17,8 +17,9 @@
  * is drawn from the CSPRNG once per process image, in the master before
  * it forks; the ratchet is deterministic, so every session worker reaches
  * the same keys without talking to the others, whenever it was forked.
- * The master advances its own copy at least once a second, a worker on
- * each ticket it issues or accepts.  A reload (a new SSL_CTX in the same
+ * The master advances its own copy at least once a second and then
+ * replaces its idle workers (busy ones after their session), a worker
+ * advances on each ticket it issues or accepts.  A reload (a new SSL_CTX in the same
  * process) keeps the chain, so tickets survive SIGHUP; a restart draws a
  * new secret, so every earlier ticket falls back to a full handshake. */
 #ifndef ODMR_TLS_TICKET_H
@@ -45,9 +46,12 @@ struct tls_ticket_keys {
  * first use.  False (with OpenSSL's error queue set) on failure. */
 bool tls_ticket_enable(SSL_CTX *ctx);
 
-/* Advances the process's chain to the current period (the master calls
- * this from its loop, so that it never holds an old secret). */
-void tls_ticket_tick(void);
+/* Advances the process's chain to the current period; true when it moved
+ * to a new one.  The master calls this from its loop, so that it never
+ * holds an old secret, and renews its pool of workers when it returns
+ * true, so that no idle worker does (a worker ticks only when it issues
+ * or accepts a ticket). */
+bool tls_ticket_tick(void);
 
 /* ---- the logic, exposed for tests/unit/test_tls_ticket.c ---- */
 

@@ -637,7 +637,8 @@ static void main_loop(void)
             handle_events(ev, rc);
         resume_accepting_when_due();
         pool_expire_idle();
-        tls_ticket_tick();   /* never hold an old period's secret */
+        if (tls_ticket_tick())   /* a new ticket period: no old secret */
+            pool_renew();        /* left in an idle worker either */
         if (got_usr1 || now_ms() >= next_maint) {
             got_usr1 = 0;
             run_maintenance();

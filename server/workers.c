@@ -451,6 +451,16 @@ void pool_retire_all(void)
     }
 }
 
+void pool_renew(void)
+{
+    for (size_t i = 0; i < nworkers; i++) {
+        if (workers[i].busy)
+            workers[i].retire = true;
+        else
+            retire(&workers[i]);
+    }
+}
+
 void pool_shutdown(int wait_s)
 {
     for (size_t i = 0; i < nworkers; i++)

@@ -118,6 +118,11 @@ bool pool_reaped(pid_t pid, int status);
 /* After a reload: workers finish their session and then exit, so new
  * sessions run with the new configuration. */
 void pool_retire_all(void);
+/* Idle workers exit now, busy ones when their session ends (a lingering
+ * one is left to end on its own): the next sessions run in processes
+ * forked from the master as it is now.  At each ticket period, so that
+ * no worker keeps an old period's ticket secret (tls_ticket.h). */
+void pool_renew(void);
 /* SIGTERM to all workers, wait up to wait_s for them, then SIGKILL. */
 void pool_shutdown(int wait_s);
 size_t pool_busy(void);
