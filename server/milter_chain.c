@@ -1104,6 +1104,20 @@ static void eom_one(struct milter_chain *c, struct milter_conn *m,
         edits_rollback(e, &mark, &body);
 }
 
+/* The chain's end of message has no time left for m: the verdict is
+ * milter_default_action's, but m has not failed - it is not asked, hears
+ * the abort, and keeps its connection for the session's next message.
+ * Returns true. */
+static bool eom_out_of_time(struct milter_chain *c, struct milter_conn *m,
+                            struct milter_result *r)
+{
+    log_warn("milter %s: end of message: not asked, the milters' time for it "
+             "is spent (milter_default_action = %s)", m->addr->name,
+             default_name(c->conf->milter_default_action));
+    apply_default(c, m, r);
+    return true;
+}
+
 void milter_chain_end_of_message(struct milter_chain *c,
                                  const struct milter_macros *mm,
                                  const char *tmp_dir, struct milter_edits *e,
@@ -1112,6 +1126,12 @@ void milter_chain_end_of_message(struct milter_chain *c,
     static struct macro_buf b;
     memset(e, 0, sizeof *e);
     e->body_fd = -1;
+    /* From the final dot: the last piece of body still to send counts */
+    c->eom_until = io_clock_ms() +
+                   earlier(EOM_TIMEOUTS_MAX * c->conf->milter_content_timeout,
+                           EOM_CHAIN_MAX_S) * 1000;
+    c->content_left_ms = earlier(c->content_left_ms,
+                                 c->eom_until - io_clock_ms());
     milter_chain_end_of_headers(c, mm);   /* a message without a body */
     flush_body(c);
     clear_result(r);
@@ -1123,18 +1143,20 @@ void milter_chain_end_of_message(struct milter_chain *c,
     macro_begin(&b, SMFIC_BODYEOB);
     macro_add(&b, "i", mm->queue_id);
     c->queue_id = mm->queue_id ? mm->queue_id : "-";
-    c->eom_until = io_clock_ms() +
-                   earlier(EOM_TIMEOUTS_MAX * c->conf->milter_content_timeout,
-                           EOM_CHAIN_MAX_S) * 1000;
+    bool late = false;
     for (size_t i = 0; i < c->n && r->verdict == MILTER_CONTINUE; i++) {
         struct milter_conn *m = &c->conn[i];
         if (m->broken)
             apply_default(c, m, r);
+        else if (m->fd >= 0 && !m->done_with_message &&
+                 io_clock_ms() >= c->eom_until)
+            late = eom_out_of_time(c, m, r);
         else if (m->fd >= 0 && !m->done_with_message)
             eom_one(c, m, &b, tmp_dir, e, r);
     }
-    if (r->verdict != MILTER_CONTINUE)
-        milter_chain_abort(c);   /* the ones after it heard nothing yet */
+    /* the ones after it (or not asked) heard nothing of the end yet */
+    if (r->verdict != MILTER_CONTINUE || late)
+        milter_chain_abort(c);
     c->in_message = false;
 }
 
