@@ -32,11 +32,13 @@
 
 #include "../common/addr.h"
 
-/* The quoted recipient list.  The whole command line is one argument of
- * sh -c, and Linux takes at most 128 KiB in one (MAX_ARG_STRLEN): past
- * that, exec fails every run and the message never moves.  96 KiB leaves
- * room for the template and the sender. */
+/* The quoted recipient list. */
 #define MDA_RCPTS_MAX (96 * 1024)
+/* The whole command line is one argument of sh -c, and Linux takes at
+ * most 128 KiB in one (MAX_ARG_STRLEN, the NUL included): past that,
+ * exec fails every run and the message never moves.  Checked against
+ * the expanded command, whatever number of %r it has. */
+#define MDA_ARG_MAX (128 * 1024 - 1)
 #define MDA_BUF 65536
 #define MDA_EXEC_FAILED 75     /* our child could not exec: temporary */
 #define WAIT_STEP_MS 10
@@ -103,6 +105,18 @@ static void mda_mail(struct target *t, const struct mail_args *ma,
     reply_set(r, 250, "2.1.0 Ok");
 }
 
+/* The length of tmpl with %f, %r and %% replaced. */
+static size_t expanded_len(const char *tmpl, size_t from_len, size_t rcpts_len)
+{
+    size_t len = 0;
+    for (const char *p = tmpl; *p; p++) {
+        bool sub = p[0] == '%' && (p[1] == 'f' || p[1] == 'r' || p[1] == '%');
+        len += !sub ? 1 : p[1] == 'f' ? from_len : p[1] == 'r' ? rcpts_len : 1;
+        p += sub;
+    }
+    return len;
+}
+
 static void mda_rcpt(struct target *t, const struct rcpt_args *a,
                      const char *addr, struct reply *r)
 {
@@ -122,7 +136,8 @@ static void mda_rcpt(struct target *t, const struct rcpt_args *a,
     }
     if (ok && len)
         m->rcpts_q[len++] = ' ';
-    if (!ok || !shell_quote_append(m->rcpts_q, MDA_RCPTS_MAX, &len, addr)) {
+    if (!ok || !shell_quote_append(m->rcpts_q, MDA_RCPTS_MAX, &len, addr) ||
+        expanded_len(t->spec->arg, strlen(m->sender_q), len) > MDA_ARG_MAX) {
         m->rcpts_q[m->rcpts_len] = '\0';
         reply_set(r, 452, "4.5.3 Too many recipients for one delivery "
                           "command");
@@ -135,10 +150,7 @@ static void mda_rcpt(struct target *t, const struct rcpt_args *a,
 /* The command line with %f, %r and %% replaced; malloc'ed or NULL. */
 static char *expand(const char *tmpl, const char *from, const char *rcpts)
 {
-    size_t need = 1;
-    for (const char *p = tmpl; *p; p++)
-        need += p[0] == '%' && p[1] == 'f' ? strlen(from)
-                : p[0] == '%' && p[1] == 'r' ? strlen(rcpts) : 1;
+    size_t need = expanded_len(tmpl, strlen(from), strlen(rcpts)) + 1;
     char *out = malloc(need), *o = out;
     if (!out)
         return NULL;
@@ -298,7 +310,9 @@ static bool wait_child(struct target *t, int *status)
         if (w < 0 && errno != EINTR) {
             fprintf(stderr, "odmr-fetch: cannot learn how the delivery "
                             "command ended: %s\n", strerror(errno));
-            kill_command(m->pid);
+            /* ECHILD: reaped already, its pid may be another process's */
+            if (errno != ECHILD)
+                kill_command(m->pid);
             m->pid = -1;
             running_pid = 0;
             m->status_lost = true;

@@ -1097,15 +1097,47 @@ def test_fetch_mda_refuses_addresses_that_look_like_options(env):
         got["dot"] = c.data(b"Subject: t\r\n\r\nbody\r\n")
         check_reply(c.cmd("MAIL FROM:<-oQ/tmp@remote.test>"), 553,
                     "5.1.7", "MAIL with an option-like sender")
+        # the null sender (odmrd's own bounces) is not one
+        check_reply(c.cmd("MAIL FROM:<>"), 250, what="MAIL FROM:<>")
+        check_reply(c.cmd("RCPT TO:<u2@example.org>"), 250, what="RCPT")
+        got["bounce"] = c.data(b"Subject: b\r\n\r\nbounce\r\n")
         c.cmd("QUIT")
 
-    r, p = run_fake(env, s, "mda:printf '%%s\\n' %r > " + out)
+    r, p = run_fake(env, s, "mda:printf '%%s\\n' %r >> " + out)
     check(got["opt"][0] == 553 and got["opt"][1].startswith("5.1.3"),
           "option-like recipient: %r" % (got["opt"],))
-    check(got["dot"][0] == 250, "the other recipient: %r" % (got["dot"],))
+    check(got["dot"][0] == 250 and got["bounce"][0] == 250,
+          "the other recipient, the null sender: %r %r" % (got["dot"],
+                                                           got["bounce"]))
     with open(out) as f:
         text = f.read()
-    check(text == "u1@example.org\n", "the command got %r" % text)
+    check(text == "u1@example.org\nu2@example.org\n",
+          "the commands got %r" % text)
+
+
+def test_fetch_mda_command_line_within_the_argument_limit(env):
+    """The expanded command is one argument of sh -c, at most 128 KiB on
+    Linux: with %r twice, recipients past that get 452 (they come next
+    run) instead of an exec that fails on every run."""
+    got = {}
+
+    def s(c):
+        c.ehlo("fake.test")
+        check_reply(c.cmd("MAIL FROM:<s@remote.test>"), 250, what="MAIL")
+        codes = []
+        for i in range(1000):
+            codes.append(c.cmd("RCPT TO:<%s%04d@example.org>" % ("u" * 60, i))[0])
+        got["codes"] = codes
+        got["dot"] = c.data(b"Subject: t\r\n\r\nbody\r\n")
+        c.cmd("QUIT")
+
+    r, p = run_fake(env, s, "mda:cat >/dev/null; : %r %r")
+    codes = got["codes"]
+    n = codes.count(250)
+    check(0 < n < 1000 and codes == [250] * n + [452] * (1000 - n),
+          "RCPT replies: %d accepted, then %r" % (n, sorted(set(codes[n:]))))
+    check(got["dot"][0] == 250, "the message for the first %d: %r (stderr %r)"
+          % (n, got["dot"], r.stderr[-300:]))
 
 
 def test_fetch_mda_stops_reading(env):
