@@ -198,6 +198,22 @@ static void set_private_mode(GDBM_FILE dbf)
  * For DB_READ, *dbf may be NULL with ACCT_OK: the file exists but is empty
  * (a writer is creating it right now, or it was created by hand), which
  * means "no entries". */
+/* An accounts file of 0 bytes: a writer creating it has not written its
+ * header yet (no entries), or - once it has stayed empty for
+ * EMPTY_SETTLE_S - it was truncated (a full disk, a slip of the shell).
+ * Then every AUTH would be 535 and count towards the failure limits, and
+ * every ATRN 450: a temporary failure with a clear line instead. */
+#define EMPTY_SETTLE_S 5
+
+static enum acct_result empty_file(const char *db, const struct stat *st)
+{
+    if (time(NULL) - st->st_mtim.tv_sec < EMPTY_SETTLE_S)
+        return ACCT_OK;
+    log_err("accounts database %s is empty (0 bytes) and nothing is writing "
+            "it: restore it from a backup (every lookup fails until then)", db);
+    return ACCT_TEMPFAIL;
+}
+
 enum acct_result acctdb_open(const char *db, enum db_mode mode,
                                 GDBM_FILE *dbf)
 {
@@ -218,7 +234,7 @@ enum acct_result acctdb_open(const char *db, enum db_mode mode,
             return ACCT_OK;
         }
         if (mode == DB_READ && gerr == GDBM_EMPTY_DATABASE)
-            return ACCT_OK;
+            return stat(db, &st) == 0 ? empty_file(db, &st) : ACCT_OK;
         if (!lock_busy(gerr, err))
             return open_failure(db, gerr, err);
         if (waited >= LOCK_WAIT_TOTAL_MS) {
@@ -566,16 +582,16 @@ static enum acct_result kept_open(const char *db)
         close(fd);
         return open_errno(db, err);
     }
-    if (kept.st.st_size == 0) {   /* a writer is creating it: no entries */
+    if (kept.st.st_size == 0) {   /* a writer creating it, or truncated */
         close(fd);
-        return ACCT_OK;
+        return empty_file(db, &kept.st);
     }
     kept.dbf = gdbm_fd_open(fd, db, 0, GDBM_READER | GDBM_NOLOCK |
                                            GDBM_NOMMAP | GDBM_CLOEXEC, NULL);
     if (!kept.dbf) {
         int gerr = gdbm_errno, err = errno;
         close(fd);
-        return gerr == GDBM_EMPTY_DATABASE ? ACCT_OK
+        return gerr == GDBM_EMPTY_DATABASE ? empty_file(db, &kept.st)
                                            : open_failure(db, gerr, err);
     }
     kept.pid = getpid();

@@ -1942,3 +1942,21 @@ def test_drop_at_the_dot_settles_nothing_else(env):
         check(files_of(env, "example.org", q) == before[q],
               "queued message %s changed" % q)
 
+
+
+def test_truncated_accounts_db_is_a_temporary_failure(env):
+    """An accounts file of 0 bytes that nothing is writing (a full disk, a
+    slip of the shell) must not read as "no accounts": every AUTH would get
+    535 and count towards the failure limits.  It is a temporary failure,
+    with a line that says what is wrong."""
+    env.setup_accounts()
+    open(env.db, "w").close()
+    past = time.time() - 60
+    os.utime(env.db, (past, past))
+    env.start()
+    with SMTP(env.odmr_port) as s:
+        check_reply(s.cmd("EHLO site.test"), 250, what="EHLO")
+        r = cram_md5(s, "alice", "secret")
+        check(400 <= r[0] < 500, "AUTH with an empty accounts file: %r" % (r,))
+    check("is empty (0 bytes) and nothing is writing it" in env.log(),
+          env.log_tail())
