@@ -154,7 +154,7 @@ bool tls_ticket_tick(void)
         have_chain = false;
         log_warn("TLS: cannot derive session ticket keys; not issuing "
                  "tickets until the next reload or restart");
-        return false;
+        return true;   /* renew the workers all the same: none goes on */
     }
     return chain.epoch != was;
 }

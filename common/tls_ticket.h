@@ -47,7 +47,7 @@ struct tls_ticket_keys {
 bool tls_ticket_enable(SSL_CTX *ctx);
 
 /* Advances the process's chain to the current period; true when it moved
- * to a new one.  The master calls this from its loop, so that it never
+ * to a new one (or failed, and issues no tickets from now on).  The master calls this from its loop, so that it never
  * holds an old secret, and renews its pool of workers when it returns
  * true, so that no idle worker does (a worker ticks only when it issues
  * or accepts a ticket). */

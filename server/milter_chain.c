@@ -1098,10 +1098,12 @@ static void eom_one(struct milter_chain *c, struct milter_conn *m,
         conn_failed(c, m, ST_EOM.name, err, r);
         ok = false;
     }
-    if (ok)
+    if (ok) {
         edits_keep_body(e, &body);
-    else
+        m->aborted = true;   /* done with it: a later abort is not for m */
+    } else {
         edits_rollback(e, &mark, &body);
+    }
 }
 
 /* The chain's end of message has no time left for m: the verdict is

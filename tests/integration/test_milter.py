@@ -1165,6 +1165,16 @@ def test_end_of_message_has_one_deadline_for_the_chain(env):
               "end of message: not asked, the milters' time for it is spent"
               in log, env.log_tail())
         only_message(env)
+        # the ones not asked heard the abort and kept their connection to
+        # the session's end (its QUIT); the one cut off was closed
+        for i, m in enumerate(milters):
+            wait_for(lambda: i == 4 or "Q" in m.cmds(),
+                     what="milter %d's QUIT" % (i + 1))
+        cmds = [m.cmds() for m in milters]
+        check(all("E" in c and "A" not in c for c in cmds[:4]) and
+              "E" in cmds[4] and "Q" not in cmds[4] and
+              all("E" not in c and "A" in c for c in cmds[5:]),
+              "what each milter heard: %r" % cmds)
     finally:
         for m in milters:
             m.close()
