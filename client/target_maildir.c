@@ -1,7 +1,7 @@
 /* target_maildir.c - maildir:PATH, one file per recipient.
  *
  * PATH may hold %d and %u, the recipient's domain and local part (both
- * lower-cased; a local part with '/', a leading '.' or control characters
+ * lower-cased, quoting that adds nothing removed: "bob" is bob; a local part with '/', a leading '.' or control characters
  * is refused, so an address can never climb out of the tree).  With %u
  * the maildir must exist - a missing one is an unknown user, 550 5.1.1 -
  * otherwise it is created (mode 0700) as needed.
@@ -200,7 +200,10 @@ static bool rcpt_dir(struct target *t, const struct mailbox *mb,
     const char *tmpl = t->spec->arg;
     bool per_user = strstr(tmpl, "%u") != NULL;
 
-    lower_copy(local, mb->local, sizeof local);
+    char plain[ADDR_LOCAL_MAX + 1];
+    if (!addr_local_plain(mb->local, plain, sizeof plain))
+        plain[0] = '\0';   /* cannot happen: a local part fits */
+    lower_copy(local, plain, sizeof local);
     addr_domain_key(mb->domain, domain, sizeof domain);
     if ((per_user && !component_ok(local)) ||
         (strstr(tmpl, "%d") && !component_ok(domain))) {

@@ -18,6 +18,8 @@
 
 #include <string.h>
 
+#include "util.h"
+
 #define LABEL_MAX 63 /* RFC 1035 2.3.4 */
 
 /* A Mailbox located inside the input, not yet copied. */
@@ -59,6 +61,39 @@ static unsigned char to_lower(unsigned char c)
 static bool is_atext(unsigned char c)
 {
     return is_alnum(c) || (c != '\0' && strchr("!#$%&'*+-/=?^_`{|}~", c));
+}
+
+/* A dot-atom: atext runs (or UTF-8, already validated by the parser)
+ * joined by single dots. */
+static bool is_dot_atom(const char *s)
+{
+    if (!*s || *s == '.')
+        return false;
+    for (const char *p = s; *p; p++) {
+        unsigned char c = (unsigned char)*p;
+        if (c == '.' ? p[1] == '.' || p[1] == '\0' : !(is_atext(c) || c >= 0x80))
+            return false;
+    }
+    return true;
+}
+
+bool addr_local_plain(const char *local, char *out, size_t n)
+{
+    size_t len = strlen(local);
+    if (len >= 2 && local[0] == '"' && local[len - 1] == '"' &&
+        len - 2 <= ADDR_LOCAL_MAX) {
+        char plain[ADDR_LOCAL_MAX + 1];
+        size_t o = 0;
+        for (size_t i = 1; i + 1 < len; i++) {
+            if (local[i] == '\\' && i + 2 < len)
+                i++;   /* a quoted-pair stands for its character */
+            plain[o++] = local[i];
+        }
+        plain[o] = '\0';
+        if (is_dot_atom(plain))
+            return str_copy(out, plain, n);
+    }
+    return str_copy(out, local, n);
 }
 
 /* RFC 5321 qtextSMTP: printable ASCII and space, minus '"' and '\'. */

@@ -63,6 +63,9 @@ static void check_mailbox(const struct mailbox *mb, bool utf8_allowed)
                      : addr_valid_domain(mb->domain, utf8_allowed));
     const char *domain = addr_domain_of(formatted);
     must(domain != NULL && !strcmp(domain, mb->domain));
+    char plain[ADDR_LOCAL_MAX + 1];
+    must(addr_local_plain(mb->local, plain, sizeof plain));
+    must(strlen(plain) <= llen && plain[0] != '\0');
 }
 
 static void check_mail(const char *arg, bool utf8_ok)

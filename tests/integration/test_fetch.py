@@ -951,6 +951,30 @@ def test_fetch_receiver_protocol(env):
     check(os.listdir(os.path.join(box, "tmp")) == [], "tmp/ not cleaned")
 
 
+def test_fetch_maildir_quoted_local_part_is_the_same_mailbox(env):
+    """"bob"@example.org is bob@example.org (quoting that adds nothing):
+    it goes to bob's maildir, not to a missing one named "bob" (550, a
+    bounce).  Quoting that is needed still names its own mailbox."""
+    root = env.path("maildirs")
+    box = make_maildir(root, "example.org", "bob")
+
+    def script(c):
+        c.ehlo("fake.test")
+        check_reply(c.cmd("MAIL FROM:<s@remote.test>"), 250, what="MAIL")
+        check_reply(c.cmd('RCPT TO:<"Bob"@example.org>'), 250, what="RCPT")
+        check_reply(c.cmd('RCPT TO:<"b ob"@example.org>'), 550, "5.1",
+                    "RCPT of a mailbox that needs its quotes")
+        check_reply(c.data(b"Subject: q\r\n\r\nquoted\r\n"), 250,
+                    what="end of data")
+        c.cmd("QUIT")
+
+    r, p = run_fake(env, script, "maildir:%s/%%d/%%u" % root)
+    expect(r, EX_OK, "quoted local part")
+    files = maildir_files(box)
+    check(len(files) == 1 and b'Delivered-To: "Bob"@example.org\n' in
+          read(files[0]), "bob's maildir: %r" % [read(f)[:80] for f in files])
+
+
 def test_fetch_receiver_follows_target(env):
     """EHLO offers what the smtp target offers; a 421 of the target is
     never passed on as 421; SIZE is enforced."""

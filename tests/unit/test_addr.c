@@ -613,6 +613,34 @@ static void random_input(char *buf, size_t cap)
         buf[0] = '<';
 }
 
+/* Quoting that adds nothing names the same mailbox (a maildir's %u). */
+static void test_local_plain(void)
+{
+    char out[ADDR_LOCAL_MAX + 1];
+    CHECK(addr_local_plain("\"bob\"", out, sizeof out));
+    CHECK_STR(out, "bob");
+    CHECK(addr_local_plain("\"b\\ob.smith\"", out, sizeof out));
+    CHECK_STR(out, "bob.smith");
+    CHECK(addr_local_plain("\"j\xc3\xbcrgen\"", out, sizeof out));
+    CHECK_STR(out, "j\xc3\xbcrgen");
+    /* quoting that is needed stays */
+    CHECK(addr_local_plain("\"a b\"", out, sizeof out));
+    CHECK_STR(out, "\"a b\"");
+    CHECK(addr_local_plain("\"a..b\"", out, sizeof out));
+    CHECK_STR(out, "\"a..b\"");
+    CHECK(addr_local_plain("\".bob\"", out, sizeof out));
+    CHECK_STR(out, "\".bob\"");
+    CHECK(addr_local_plain("\"bob.\"", out, sizeof out));
+    CHECK_STR(out, "\"bob.\"");
+    CHECK(addr_local_plain("\"a\\\"b\"", out, sizeof out));
+    CHECK_STR(out, "\"a\\\"b\"");
+    CHECK(addr_local_plain("\"\"", out, sizeof out));
+    CHECK_STR(out, "\"\"");
+    CHECK(addr_local_plain("plain", out, sizeof out));
+    CHECK_STR(out, "plain");
+    CHECK(!addr_local_plain("\"bob\"", out, 3));
+}
+
 static void test_fuzz(void)
 {
     static const char pieces[] = "a.b\"c d\"\\@[x]:,\xc3\xbc";
@@ -669,6 +697,7 @@ int main(void)
     test_literals();
     test_utf8();
     test_helpers();
+    test_local_plain();
     test_fuzz();
     CHECK_DONE();
 }
