@@ -178,6 +178,13 @@ static int ensure_maildir(char *dir, bool may_create)
         int e = mkdir_synced(path);
         if (e && e != EEXIST)
             return e;
+        /* Run as root into maildirs users own, a tmp/ or new/ that a user
+         * made a symbolic link would have root write mail wherever it
+         * points (a directory that takes any file name as configuration,
+         * say).  Root follows no such link. */
+        if (e == EEXIST && geteuid() == 0 &&
+            (lstat(path, &st) != 0 || S_ISLNK(st.st_mode)))
+            return ELOOP;
     }
     return 0;
 }

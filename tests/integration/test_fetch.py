@@ -975,6 +975,33 @@ def test_fetch_maildir_quoted_local_part_is_the_same_mailbox(env):
           read(files[0]), "bob's maildir: %r" % [read(f)[:80] for f in files])
 
 
+def test_fetch_maildir_as_root_follows_no_symlinked_subdirectory(env):
+    """Run as root (as the tests are) into a maildir a user could own, a
+    new/ that is a symbolic link is refused (451, the mail stays at the
+    provider) rather than followed: root would write the message wherever
+    it points."""
+    check(os.geteuid() == 0, "this test needs root, as CI runs it")
+    root = env.path("maildirs")
+    box = make_maildir(root, "example.org", "bob")
+    elsewhere = env.path("elsewhere")
+    os.mkdir(elsewhere)
+    os.rmdir(os.path.join(box, "new"))
+    os.symlink(elsewhere, os.path.join(box, "new"))
+    got = {}
+
+    def script(c):
+        c.ehlo("fake.test")
+        check_reply(c.cmd("MAIL FROM:<s@remote.test>"), 250, what="MAIL")
+        got["rcpt"] = c.cmd("RCPT TO:<bob@example.org>")
+        c.cmd("QUIT")
+
+    r, p = run_fake(env, script, "maildir:%s/%%d/%%u" % root)
+    check(got["rcpt"][0] == 451, "RCPT into a maildir whose new/ is a link: %r"
+          % (got["rcpt"],))
+    check(os.listdir(elsewhere) == [], "written through the link: %r"
+          % os.listdir(elsewhere))
+
+
 def test_fetch_receiver_follows_target(env):
     """EHLO offers what the smtp target offers; a 421 of the target is
     never passed on as 421; SIZE is enforced."""
