@@ -163,6 +163,9 @@ static int ensure_maildir(char *dir, bool may_create)
     struct stat st;
     char path[PATH_MAX];
 
+    /* as root, the maildir itself is no link either (below) */
+    if (geteuid() == 0 && lstat(dir, &st) == 0 && S_ISLNK(st.st_mode))
+        return ELOOP;
     if (stat(dir, &st) != 0) {
         if (errno != ENOENT || !may_create)
             return errno;

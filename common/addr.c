@@ -63,15 +63,17 @@ static bool is_atext(unsigned char c)
     return is_alnum(c) || (c != '\0' && strchr("!#$%&'*+-/=?^_`{|}~", c));
 }
 
-/* A dot-atom: atext runs (or UTF-8, already validated by the parser)
- * joined by single dots. */
+/* An ASCII dot-atom: atext runs joined by single dots.  The same rule
+ * as odmrd's recipient lists (server/recipients.c), so that a quoted
+ * spelling finds the mailbox at the site exactly when it finds the entry
+ * at the provider. */
 static bool is_dot_atom(const char *s)
 {
     if (!*s || *s == '.')
         return false;
     for (const char *p = s; *p; p++) {
         unsigned char c = (unsigned char)*p;
-        if (c == '.' ? p[1] == '.' || p[1] == '\0' : !(is_atext(c) || c >= 0x80))
+        if (c == '.' ? p[1] == '.' || p[1] == '\0' : !is_atext(c))
             return false;
     }
     return true;
@@ -83,13 +85,8 @@ bool addr_local_plain(const char *local, char *out, size_t n)
     if (len >= 2 && local[0] == '"' && local[len - 1] == '"' &&
         len - 2 <= ADDR_LOCAL_MAX) {
         char plain[ADDR_LOCAL_MAX + 1];
-        size_t o = 0;
-        for (size_t i = 1; i + 1 < len; i++) {
-            if (local[i] == '\\' && i + 2 < len)
-                i++;   /* a quoted-pair stands for its character */
-            plain[o++] = local[i];
-        }
-        plain[o] = '\0';
+        memcpy(plain, local + 1, len - 2);
+        plain[len - 2] = '\0';   /* a quoted-pair's '\\' is no atext */
         if (is_dot_atom(plain))
             return str_copy(out, plain, n);
     }

@@ -51,10 +51,10 @@ bool addr_valid_literal(const char *s);
 bool addr_format(const struct mailbox *mb, char *buf, size_t n);
 
 /* The local part as its plain form into out (n bytes): a quoted string
- * whose content is a dot-atom ("bob" or "b\ob") is the same mailbox
- * unquoted (the quoting adds nothing, RFC 5322 3.2.4), so it names the
- * same maildir.  Any other local part is copied as it is.  False when out
- * is too small. */
+ * whose content is an ASCII dot-atom ("bob") is the same mailbox unquoted
+ * (the quoting adds nothing, RFC 5322 3.2.4), so it names the same
+ * maildir; odmrd's recipient lists use the same rule.  Any other local
+ * part is copied as it is.  False when out is too small. */
 bool addr_local_plain(const char *local, char *out, size_t n);
 
 /* Lower-cased copy of a domain, for lookups and queue names. */

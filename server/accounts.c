@@ -205,9 +205,16 @@ static void set_private_mode(GDBM_FILE dbf)
  * every ATRN 450: a temporary failure with a clear line instead. */
 #define EMPTY_SETTLE_S 5
 
+static bool empty_means_none;
+
+void accounts_empty_means_none(void)
+{
+    empty_means_none = true;
+}
+
 static enum acct_result empty_file(const char *db, const struct stat *st)
 {
-    if (time(NULL) - st->st_mtim.tv_sec < EMPTY_SETTLE_S)
+    if (empty_means_none || time(NULL) - st->st_mtim.tv_sec < EMPTY_SETTLE_S)
         return ACCT_OK;
     log_err("accounts database %s is empty (0 bytes) and nothing is writing "
             "it: restore it from a backup (every lookup fails until then)", db);

@@ -31,6 +31,12 @@ bool account_name_valid(const char *name);
 /* Which account a domain (any case) is bound to. */
 enum acct_result accounts_domain_owner(const char *db, const char *domain,
                                        char *account, size_t n);
+/* For odmrctl: an accounts file of 0 bytes is a database without entries
+ * (its first write starts a new one), not the temporary failure sessions
+ * see once it has stayed empty a while (a truncated file must not read as
+ * "no accounts" to them: every AUTH would be 535). */
+void accounts_empty_means_none(void);
+
 enum acct_result accounts_password(const char *db, const char *name,
                                    char *password, size_t n);
 

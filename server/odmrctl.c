@@ -430,6 +430,7 @@ int main(int argc, char **argv)
                     argv[i]);
     umask(077);
     log_open("odmrctl", false, false);
+    accounts_empty_means_none();   /* user add starts a truncated file anew */
     rc = cmd->run(&ctl, argc - i - 1, argv + i + 1);
     return finish(rc);
 }

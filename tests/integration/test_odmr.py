@@ -1957,6 +1957,15 @@ def test_truncated_accounts_db_is_a_temporary_failure(env):
     with SMTP(env.odmr_port) as s:
         check_reply(s.cmd("EHLO site.test"), 250, what="EHLO")
         r = cram_md5(s, "alice", "secret")
-        check(400 <= r[0] < 500, "AUTH with an empty accounts file: %r" % (r,))
+        check(r[0] == 454, "AUTH with an empty accounts file: %r" % (r,))
+    # inbound mail for a hosted domain waits too (not 550 relay denied)
+    with SMTP(env.smtp_port) as s:
+        check_reply(s.cmd("EHLO client.test"), 250, what="EHLO")
+        check_reply(s.cmd("MAIL FROM:<s@remote.test>"), 250, what="MAIL")
+        r = s.cmd("RCPT TO:<u1@example.org>")
+        check(r[0] == 451, "RCPT with an empty accounts file: %r" % (r,))
     check("is empty (0 bytes) and nothing is writing it" in env.log(),
           env.log_tail())
+    # odmrctl reads it as a database without entries: user add starts anew
+    env.odmrctl_ok("user", "add", "carol", input="pw\n")
+    check(os.path.getsize(env.db) > 0, "user add on the empty file")

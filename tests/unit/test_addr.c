@@ -624,9 +624,11 @@ static void plain_is(const char *local, const char *want)
 static void test_local_plain(void)
 {
     plain_is("\"bob\"", "bob");
-    plain_is("\"b\\ob.smith\"", "bob.smith");
-    plain_is("\"j\xc3\xbcrgen\"", "j\xc3\xbcrgen");
-    /* quoting that is needed stays */
+    plain_is("\"bob.smith\"", "bob.smith");
+    /* quoting that is needed stays, and what odmrd's recipient lists
+     * would not unquote either (a quoted-pair, UTF-8) */
+    plain_is("\"b\\ob\"", "\"b\\ob\"");
+    plain_is("\"j\xc3\xbcrgen\"", "\"j\xc3\xbcrgen\"");
     plain_is("\"a b\"", "\"a b\"");
     plain_is("\"a..b\"", "\"a..b\"");
     plain_is("\".bob\"", "\".bob\"");
