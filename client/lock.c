@@ -18,13 +18,17 @@
 #include <unistd.h>
 
 /* A directory only uid can write into (nobody else can plant or remove
- * a lock file there). */
+ * a lock file there), and that this process can write into now (a home
+ * of mode 0500, a read-only file system, ProtectHome=read-only: the next
+ * place, not exit 78 every run). */
 static bool private_dir(const char *dir, uid_t uid)
 {
     struct stat st;
     return dir && dir[0] == '/' && stat(dir, &st) == 0 &&
            S_ISDIR(st.st_mode) && st.st_uid == uid &&
-           !(st.st_mode & (S_IWGRP | S_IWOTH));
+           !(st.st_mode & (S_IWGRP | S_IWOTH)) &&
+           (uid != geteuid() ||
+            faccessat(AT_FDCWD, dir, W_OK | X_OK, AT_EACCESS) == 0);
 }
 
 void lock_pick_path(char *buf, size_t n, const struct lock_places *p)

@@ -163,8 +163,9 @@ static int ensure_maildir(char *dir, bool may_create)
     struct stat st;
     char path[PATH_MAX];
 
-    /* as root, the maildir itself is no link either (below) */
-    if (geteuid() == 0 && lstat(dir, &st) == 0 && S_ISLNK(st.st_mode))
+    /* as root, the maildir itself is no user's link either (below) */
+    if (geteuid() == 0 && lstat(dir, &st) == 0 && S_ISLNK(st.st_mode) &&
+        st.st_uid != 0)
         return ELOOP;
     if (stat(dir, &st) != 0) {
         if (errno != ENOENT || !may_create)
@@ -184,9 +185,10 @@ static int ensure_maildir(char *dir, bool may_create)
         /* Run as root into maildirs users own, a tmp/ or new/ that a user
          * made a symbolic link would have root write mail wherever it
          * points (a directory that takes any file name as configuration,
-         * say).  Root follows no such link. */
+         * say).  Root follows no such link; its own (an administrator's)
+         * it does. */
         if (e == EEXIST && geteuid() == 0 &&
-            (lstat(path, &st) != 0 || S_ISLNK(st.st_mode)))
+            (lstat(path, &st) != 0 || (S_ISLNK(st.st_mode) && st.st_uid != 0)))
             return ELOOP;
     }
     return 0;

@@ -991,6 +991,12 @@ def test_fetch_maildir_as_root_follows_no_symlinked_subdirectory(env):
     os.rmdir(os.path.join(box, "new"))
     os.symlink(elsewhere, os.path.join(box, "new"))
     os.symlink(alice, os.path.join(root, "example.org", "carol"))
+    # links a user made (root's own, an administrator's, are followed)
+    for link in (os.path.join(box, "new"),
+                 os.path.join(root, "example.org", "carol")):
+        os.lchown(link, 4242, 4242)
+    dave = make_maildir(root, "example.org", "dave-real")
+    os.symlink(dave, os.path.join(root, "example.org", "dave"))
     got = {}
 
     def script(c):
@@ -998,8 +1004,9 @@ def test_fetch_maildir_as_root_follows_no_symlinked_subdirectory(env):
         check_reply(c.cmd("MAIL FROM:<s@remote.test>"), 250, what="MAIL")
         got["bob"] = c.cmd("RCPT TO:<bob@example.org>")
         got["carol"] = c.cmd("RCPT TO:<carol@example.org>")
-        if 250 in (got["bob"][0], got["carol"][0]):
-            c.data(b"Subject: t\r\n\r\nthrough a link\r\n")
+        check_reply(c.cmd("RCPT TO:<dave@example.org>"), 250,
+                    what="RCPT through root's own link")
+        c.data(b"Subject: t\r\n\r\nthrough a link\r\n")
         c.cmd("QUIT")
 
     r, p = run_fake(env, script, "maildir:%s/%%d/%%u" % root)
@@ -1009,6 +1016,7 @@ def test_fetch_maildir_as_root_follows_no_symlinked_subdirectory(env):
     check(os.listdir(elsewhere) == [] and maildir_files(alice) == [],
           "written through a link: %r %r" % (os.listdir(elsewhere),
                                               maildir_files(alice)))
+    check(len(maildir_files(dave)) == 1, "dave's maildir, through root's link")
 
 
 def test_fetch_receiver_follows_target(env):

@@ -95,6 +95,11 @@ static void test_default_path(void)
     expect_pick(NULL, NULL, home, me, tmp_lock(me));
     CHECK(chmod(home, 0702) == 0);
     expect_pick(NULL, NULL, home, me, tmp_lock(me));
+    /* a home this process cannot write into (root can, always) */
+    char ro_home[PATH_MAX];
+    make_dir(ro_home, "ro-home", 0500);
+    expect_pick(NULL, NULL, ro_home, me,
+                me == 0 ? in(ro_home, ".odmr-fetch.lock") : tmp_lock(me));
     expect_pick(NULL, NULL, "relative", 4242, tmp_lock(4242));
     expect_pick(NULL, "/nonexistent", "/nonexistent", 4242, tmp_lock(4242));
 }
