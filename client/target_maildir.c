@@ -1,8 +1,9 @@
 /* target_maildir.c - maildir:PATH, one file per recipient.
  *
  * PATH may hold %d and %u, the recipient's domain and local part (both
- * lower-cased, quoting that adds nothing removed: "bob" is bob; a local part with '/', a leading '.' or control characters
- * is refused, so an address can never climb out of the tree).  With %u
+ * lower-cased, quoting that adds nothing removed: "bob" is bob; a local
+ * part with '/', a leading '.' or control characters is refused, so an
+ * address can never climb out of the tree).  With %u
  * the maildir must exist - a missing one is an unknown user, 550 5.1.1 -
  * otherwise it is created (mode 0700) as needed.
  *

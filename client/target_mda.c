@@ -295,8 +295,8 @@ static bool mda_write(struct target *t, const char *p, size_t len)
 }
 
 /* Waits for the command; false when it had to be killed, or when its
- * status cannot be had (then *status says failure, never success: a
- * delivery whose outcome is unknown is not a delivery). */
+ * status cannot be had (status_lost: a delivery whose outcome is unknown
+ * is not a delivery). */
 static bool wait_child(struct target *t, int *status)
 {
     struct mda *m = M(t);
@@ -308,10 +308,11 @@ static bool wait_child(struct target *t, int *status)
         if (w == m->pid)
             break;
         if (w < 0 && errno != EINTR) {
+            int e = errno;
             fprintf(stderr, "odmr-fetch: cannot learn how the delivery "
-                            "command ended: %s\n", strerror(errno));
+                            "command ended: %s\n", strerror(e));
             /* ECHILD: reaped already, its pid may be another process's */
-            if (errno != ECHILD)
+            if (e != ECHILD)
                 kill_command(m->pid);
             m->pid = -1;
             running_pid = 0;

@@ -18,8 +18,6 @@
 
 #include <string.h>
 
-#include "util.h"
-
 #define LABEL_MAX 63 /* RFC 1035 2.3.4 */
 
 /* A Mailbox located inside the input, not yet copied. */
@@ -63,34 +61,31 @@ static bool is_atext(unsigned char c)
     return is_alnum(c) || (c != '\0' && strchr("!#$%&'*+-/=?^_`{|}~", c));
 }
 
-/* An ASCII dot-atom: atext runs joined by single dots.  The same rule
- * as odmrd's recipient lists (server/recipients.c), so that a quoted
- * spelling finds the mailbox at the site exactly when it finds the entry
- * at the provider. */
-static bool is_dot_atom(const char *s)
+void addr_local_unquote(const char **local, size_t *len)
 {
-    if (!*s || *s == '.')
-        return false;
-    for (const char *p = s; *p; p++) {
-        unsigned char c = (unsigned char)*p;
-        if (c == '.' ? p[1] == '.' || p[1] == '\0' : !is_atext(c))
-            return false;
+    const char *s = *local;
+    size_t n = *len;
+    if (n < 3 || s[0] != '"' || s[n - 1] != '"' || s[1] == '.' || s[n - 2] == '.')
+        return;
+    for (size_t i = 1; i + 1 < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        /* atext or a single dot; a quoted-pair's '\\' is neither */
+        if (c == '.' ? s[i + 1] == '.' : !is_atext(c))
+            return;
     }
-    return true;
+    *local = s + 1;
+    *len = n - 2;
 }
 
 bool addr_local_plain(const char *local, char *out, size_t n)
 {
     size_t len = strlen(local);
-    if (len >= 2 && local[0] == '"' && local[len - 1] == '"' &&
-        len - 2 <= ADDR_LOCAL_MAX) {
-        char plain[ADDR_LOCAL_MAX + 1];
-        memcpy(plain, local + 1, len - 2);
-        plain[len - 2] = '\0';   /* a quoted-pair's '\\' is no atext */
-        if (is_dot_atom(plain))
-            return str_copy(out, plain, n);
-    }
-    return str_copy(out, local, n);
+    addr_local_unquote(&local, &len);
+    if (len >= n)
+        return false;
+    memcpy(out, local, len);
+    out[len] = '\0';
+    return true;
 }
 
 /* RFC 5321 qtextSMTP: printable ASCII and space, minus '"' and '\'. */

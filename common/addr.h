@@ -50,11 +50,14 @@ bool addr_valid_literal(const char *s);
 /* "local@domain" (or "" for the null path) into buf. */
 bool addr_format(const struct mailbox *mb, char *buf, size_t n);
 
-/* The local part as its plain form into out (n bytes): a quoted string
- * whose content is an ASCII dot-atom ("bob") is the same mailbox unquoted
- * (the quoting adds nothing, RFC 5322 3.2.4), so it names the same
- * maildir; odmrd's recipient lists use the same rule.  Any other local
- * part is copied as it is.  False when out is too small. */
+/* "\"john\"" and "john" are one mailbox (RFC 5321 4.1.2): a quoted
+ * local part (local, len bytes) whose content is an ASCII dot-atom is
+ * narrowed to that content; any other is left as it is.  odmrd's
+ * recipient lists and odmr-fetch's maildir %u both use it, so a quoted
+ * spelling finds the mailbox at the site exactly when it finds the entry
+ * at the provider. */
+void addr_local_unquote(const char **local, size_t *len);
+/* The same into out (n bytes); false when out is too small. */
 bool addr_local_plain(const char *local, char *out, size_t n);
 
 /* Lower-cased copy of a domain, for lookups and queue names. */

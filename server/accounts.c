@@ -194,10 +194,6 @@ static void set_private_mode(GDBM_FILE dbf)
         log_warn("accounts database: cannot set mode 0600: %s", strerror(errno));
 }
 
-/* Opens db, retrying while another process holds a conflicting lock.
- * For DB_READ, *dbf may be NULL with ACCT_OK: the file exists but is empty
- * (a writer is creating it right now, or it was created by hand), which
- * means "no entries". */
 /* An accounts file of 0 bytes: a writer creating it has not written its
  * header yet (no entries), or - once it has stayed empty for
  * EMPTY_SETTLE_S - it was truncated (a full disk, a slip of the shell).
@@ -221,6 +217,11 @@ static enum acct_result empty_file(const char *db, const struct stat *st)
     return ACCT_TEMPFAIL;
 }
 
+/* Opens db, retrying while another process holds a conflicting lock.
+ * For DB_READ, *dbf may be NULL with ACCT_OK: the file exists but is empty
+ * (a writer is creating it right now, or odmrctl reading it), which means
+ * "no entries"; empty for longer in a session, it is ACCT_TEMPFAIL
+ * (empty_file). */
 enum acct_result acctdb_open(const char *db, enum db_mode mode,
                                 GDBM_FILE *dbf)
 {

@@ -31,8 +31,9 @@
 /* The whole chain's end of message ends by then however many milters
  * there are: a client waits 10 minutes for the reply to its final dot
  * (RFC 5321 4.5.3.2.6), and mail accepted after it has gone comes again
- * when it retries - a duplicate.  Past it, a milter counts as failed
- * (milter_default_action). */
+ * when it retries - a duplicate.  Past it, the milter still answering
+ * counts as failed and the ones after it are not asked
+ * (milter_default_action for the message either way). */
 #define EOM_CHAIN_MAX_S 540
 
 static int64_t earlier(int64_t a, int64_t b)
@@ -1108,16 +1109,14 @@ static void eom_one(struct milter_chain *c, struct milter_conn *m,
 
 /* The chain's end of message has no time left for m: the verdict is
  * milter_default_action's, but m has not failed - it is not asked, hears
- * the abort, and keeps its connection for the session's next message.
- * Returns true. */
-static bool eom_out_of_time(struct milter_chain *c, struct milter_conn *m,
+ * the abort, and keeps its connection for the session's next message. */
+static void eom_out_of_time(struct milter_chain *c, struct milter_conn *m,
                             struct milter_result *r)
 {
     log_warn("milter %s: end of message: not asked, the milters' time for it "
              "is spent (milter_default_action = %s)", m->addr->name,
              default_name(c->conf->milter_default_action));
     apply_default(c, m, r);
-    return true;
 }
 
 void milter_chain_end_of_message(struct milter_chain *c,
@@ -1150,11 +1149,14 @@ void milter_chain_end_of_message(struct milter_chain *c,
         struct milter_conn *m = &c->conn[i];
         if (m->broken)
             apply_default(c, m, r);
-        else if (m->fd >= 0 && !m->done_with_message &&
-                 io_clock_ms() >= c->eom_until)
-            late = eom_out_of_time(c, m, r);
-        else if (m->fd >= 0 && !m->done_with_message)
+        else if (m->fd < 0 || m->done_with_message)
+            continue;
+        else if (io_clock_ms() >= c->eom_until) {
+            eom_out_of_time(c, m, r);
+            late = true;
+        } else {
             eom_one(c, m, &b, tmp_dir, e, r);
+        }
     }
     /* the ones after it (or not asked) heard nothing of the end yet */
     if (r->verdict != MILTER_CONTINUE || late)

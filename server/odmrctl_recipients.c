@@ -152,8 +152,9 @@ static int change_error(struct ctl *c, const struct rdomain *d,
     else
         rc = acct_status(c, r);
     unsigned long n;
-    if (add && done > 0 && r == ACCT_TEMPFAIL && recipients_count(c->conf.accounts_db, d->key, &n) ==
-                        ACCT_NOTFOUND)
+    bool held = add && done > 0 && r == ACCT_TEMPFAIL &&
+                recipients_count(c->conf.accounts_db, d->key, &n) == ACCT_NOTFOUND;
+    if (held)
         /* held batches of a new list: stored, refusing nobody yet */
         fail(0, "%s: %zu entries were stored before the failure but the list "
              "is not on: run the command again to switch it on (a recipient "

@@ -26,30 +26,12 @@ static bool list_key(char *buf, size_t n, const char *domain, char *dkey)
            str_fmt(buf, n, LIST_PREFIX "%s", dkey);
 }
 
-/* "\"john\"" and "john" are one mailbox (RFC 5321 4.1.2): quotes around
- * a plain dot-atom go, so either spelling finds the entry. */
-static void strip_needless_quotes(const char **local, size_t *len)
-{
-    const char *s = *local;
-    size_t n = *len;
-    if (n < 3 || s[0] != '"' || s[n - 1] != '"' || s[1] == '.' || s[n - 2] == '.')
-        return;
-    for (size_t i = 1; i + 1 < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if (c <= ' ' || c >= 0x7f || strchr("\"\\(),:;<>@[]", c) ||
-            (c == '.' && s[i + 1] == '.'))
-            return;
-    }
-    *local = s + 1;
-    *len = n - 2;
-}
-
 /* "r:<domain key>:<local, ASCII lower-cased>"; false for a local part that
  * cannot be one (empty, too long, control characters). */
 static bool entry_key(char *buf, size_t n, const char *dkey, const char *local,
                       size_t len)
 {
-    strip_needless_quotes(&local, &len);
+    addr_local_unquote(&local, &len);
     if (len == 0 || len > ADDR_LOCAL_MAX)
         return false;
     int head = snprintf(buf, n, ENTRY_PREFIX "%s:", dkey);
